@@ -1,0 +1,213 @@
+"""Typed configs: dataclasses loaded from YAML, with dotted command-line overrides.
+
+Every command and workflow declares its settings as (nested) dataclasses. ``load_config``
+reads a YAML file, applies overrides such as ``train.lr=1e-5``, and builds the dataclass,
+checking each key against the declared fields and types. A typo, a wrong type or an
+out-of-range value raises ``UserError`` with one line that names the key, where it came
+from, and for a typo the closest valid key, so the CLI can exit 2 without a traceback.
+
+Ranges are declared next to the field with ``bounded(default, ge=..., le=...)``; choices
+with ``typing.Literal``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from probe_dpo.errors import UserError
+
+T = TypeVar("T")
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with an inclusive/exclusive numeric range checked on load."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return dataclasses.field(default=default, metadata={"bounds": bounds})
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
+    """Build ``cls`` from an optional YAML file plus ``key.sub=value`` overrides."""
+    data: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise UserError(f"config file {path}: cannot read it ({exc.strerror or exc})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"config file {path}: not valid YAML{at}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"config file {path}: the top level must be a mapping of keys, not {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides:
+        _apply_override(cls, data, item)
+    return from_dict(cls, data, source)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix: str = "") -> T:
+    """Build a dataclass from a plain mapping, checking keys, types and ranges."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: key {prefix.rstrip('.') or '<top>'} must be a mapping, got {_describe(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise UserError(f"{source}: unknown key {prefix}{key}{_suggest(key, fields, prefix)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], source, f"{prefix}{name}")
+        _check_bounds(fields[name], kwargs[name], source, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # raised by a __post_init__ cross-field check
+        raise UserError(f"{source}: {exc}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML-ready mapping of a config (for saving it next to the run it produced)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _apply_override(cls: type, data: dict[str, Any], item: str) -> None:
+    where = f"override {item!r}"
+    if "=" not in item:
+        raise UserError(f"{where}: expected key=value, for example train.lr=1e-5")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node, node_cls = data, cls
+    for depth, key in enumerate(keys):
+        prefix = ".".join(keys[:depth])
+        prefix = prefix + "." if prefix else ""
+        if node_cls is None or not dataclasses.is_dataclass(node_cls):
+            raise UserError(f"{where}: {prefix.rstrip('.')} has no sub-keys")
+        fields = {f.name: f for f in dataclasses.fields(node_cls) if f.init}
+        if key not in fields:
+            raise UserError(f"{where}: unknown key {prefix}{key}{_suggest(key, fields, prefix)}")
+        hint = get_type_hints(node_cls)[key]
+        if depth == len(keys) - 1:
+            try:
+                node[key] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                node[key] = raw
+            return
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node, node_cls = child, _dataclass_in(hint)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    if dataclasses.is_dataclass(hint):
+        return hint
+    for arg in get_args(hint):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _suggest(key: str, fields: dict[str, Any], prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {prefix}{close[0]}?)"
+    return f" (valid keys: {', '.join(prefix + name for name in fields)})"
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
+    """Check ``value`` against the type hint, with the few coercions YAML needs."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, source, key)
+            except UserError:
+                continue
+        raise UserError(f"{source}: key {key} must be {_type_name(hint)}, got {_describe(value)}")
+    if origin is Literal:
+        if value in get_args(hint):
+            return value
+        choices = ", ".join(repr(a) for a in get_args(hint))
+        raise UserError(f"{source}: key {key} must be one of {choices}, got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, source, key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{source}: key {key} must be a list, got {_describe(value)}")
+        args = get_args(hint)
+        item_hint = args[0] if args else Any
+        items = [_convert(v, item_hint, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: key {key} must be a mapping, got {_describe(value)}")
+        _, vhint = get_args(hint) or (str, Any)
+        return {str(k): _convert(v, vhint, source, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(value, hint):
+        return value
+    raise UserError(f"{source}: key {key} must be {_type_name(hint)}, got {_describe(value)}")
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    if hint is type(None):
+        return "null"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_bounds(field: dataclasses.Field, value: Any, source: str, key: str) -> None:
+    bounds = field.metadata.get("bounds")
+    if not bounds or value is None:
+        return
+    tests = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
+             "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+    for name, bound in bounds.items():
+        ok, sign = tests[name]
+        if not ok(value, bound):
+            raise UserError(f"{source}: key {key} must be {sign} {bound}, got {value!r}")

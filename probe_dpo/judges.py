@@ -1,0 +1,200 @@
+"""Toxicity judges that no one here wrote: classifiers from other projects that run offline.
+
+A ``Judge`` has a ``name`` and ``score(texts) -> np.ndarray``: one float in [0, 1] per text,
+computed in batches. Two ship in installed PyPI packages (see ASSETS.md):
+
+- ``toxic-comment-classifier``: the Jigsaw-trained BiLSTM of the ``toxic-comment-classifier``
+  package, run on Keras 3 with the torch backend (no TensorFlow). The score is its ``toxic``
+  output. Loaded lazily, once per process.
+- ``profanity-check``: ``alt-profanity-check``'s TF-IDF + linear SVM, ``predict_prob``.
+
+Good practice is to label training data with one judge and evaluate with the other, so a drop
+in toxicity is not only the model learning to fool its own judge.
+
+Judges are used as they ship: nothing here re-trains, re-thresholds or otherwise alters them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from probe_dpo.errors import UserError
+
+TOXIC_COMMENT_CLASSIFIER = "toxic-comment-classifier"
+PROFANITY_CHECK = "profanity-check"
+JUDGE_NAMES: tuple[str, ...] = (TOXIC_COMMENT_CLASSIFIER, PROFANITY_CHECK)
+
+
+class Judge:
+    """Scores texts for toxicity: one float in [0, 1] per text (higher = more toxic)."""
+
+    name: str = ""
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+def package_dir(name: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"package {name!r} is not installed (it carries files this judge needs)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _as_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("score() takes a sequence of texts, not one string")
+    return ["" if t is None else str(t) for t in texts]
+
+
+# ---------------------------------------------------------------------------------------------
+# toxic-comment-classifier (BiLSTM, Keras 3 on torch)
+
+_TCC_MAXLEN = 100
+_TCC_VOCAB = 20000
+_TCC_EMBED = 50
+_TCC_LABELS = ("toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate")
+
+# What the package's tokenizer pickle may construct: the Keras tokenizer class, the two
+# containers it holds, and plain builtin types. Anything else (os.system, builtins.eval, ...)
+# is refused.
+_SAFE_BUILTINS = frozenset({"int", "float", "str", "bool", "dict", "list", "tuple", "set",
+                            "frozenset", "bytes", "complex", "NoneType"})
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("collections", "defaultdict"),
+}
+_KERAS_TOKENIZER_MODULES = frozenset({
+    "keras.src.legacy.preprocessing.text",
+    "keras.preprocessing.text",
+    "keras_preprocessing.text",
+    "tensorflow.keras.preprocessing.text",
+    "keras.src.preprocessing.text",
+})
+
+
+class _TokenizerUnpickler(pickle.Unpickler):
+    """Unpickles only a Keras text ``Tokenizer`` and builtin containers."""
+
+    def find_class(self, module: str, name: str):
+        if module == "builtins" and name in _SAFE_BUILTINS:
+            return super().find_class(module, name)
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module in _KERAS_TOKENIZER_MODULES and name == "Tokenizer":
+            from keras.src.legacy.preprocessing.text import Tokenizer
+
+            return Tokenizer
+        raise pickle.UnpicklingError(f"tokenizer pickle refers to {module}.{name}, which is not allowed")
+
+
+def _ensure_keras_torch_backend() -> None:
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = "torch"
+        return
+    import keras
+
+    if keras.backend.backend() != "torch":
+        raise UserError(f"keras was already imported with the {keras.backend.backend()!r} backend; "
+                        "the toxic-comment-classifier judge needs KERAS_BACKEND=torch set before keras is imported")
+
+
+class ToxicCommentClassifier(Judge):
+    """The Jigsaw-trained BiLSTM of ``toxic-comment-classifier`` (MIT); score = ``toxic`` column.
+
+    The model is rebuilt exactly as the package builds it and its shipped weights loaded, on
+    Keras 3 with the torch backend. The package's word tokenizer ships only as a pickle file:
+    it is read with a restricted unpickler whose ``find_class`` allows the Keras ``Tokenizer``
+    class and a few builtin containers, nothing else. This is the one pickle this project
+    reads, and only because it is another package's file; our own artifacts never use pickle.
+    """
+
+    name = TOXIC_COMMENT_CLASSIFIER
+    _lock = threading.Lock()
+    _loaded: tuple | None = None  # (tokenizer, model), shared by all instances in the process
+
+    def __init__(self, batch_size: int = 512):
+        self.batch_size = batch_size
+
+    @classmethod
+    def _load(cls):
+        with cls._lock:
+            if cls._loaded is None:
+                _ensure_keras_torch_backend()
+                import keras
+                from keras.layers import (LSTM, Bidirectional, Dense, Dropout, Embedding,
+                                          GlobalMaxPooling1D, Input)
+
+                d = package_dir("toxic_classifier") / "model"
+                with open(d / "tokenizer.pickle", "rb") as handle:
+                    tokenizer = _TokenizerUnpickler(handle).load()
+                inp = Input(shape=(_TCC_MAXLEN,))
+                h = Embedding(_TCC_VOCAB, _TCC_EMBED, trainable=False)(inp)
+                h = Bidirectional(LSTM(50, return_sequences=True, dropout=0.1, recurrent_dropout=0.1))(h)
+                h = GlobalMaxPooling1D()(h)
+                h = Dropout(0.1)(Dense(50, activation="relu")(h))
+                model = keras.Model(inp, Dense(len(_TCC_LABELS), activation="sigmoid")(h))
+                model.load_weights(str(d / "model.weights.h5"))
+                cls._loaded = (tokenizer, model)
+            return cls._loaded
+
+    def scores_all(self, texts: Sequence[str]) -> np.ndarray:
+        """All six Jigsaw outputs, shape (n, 6), columns in ``_TCC_LABELS`` order."""
+        texts = _as_texts(texts)
+        if not texts:
+            return np.zeros((0, len(_TCC_LABELS)), dtype=np.float64)
+        tokenizer, model = self._load()
+        from keras.utils import pad_sequences
+
+        x = pad_sequences(tokenizer.texts_to_sequences(texts), maxlen=_TCC_MAXLEN)
+        out = model.predict(x, batch_size=self.batch_size, verbose=0)
+        return np.clip(np.asarray(out, dtype=np.float64), 0.0, 1.0)
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        return self.scores_all(texts)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# alt-profanity-check (TF-IDF + linear SVM)
+
+class ProfanityCheck(Judge):
+    """``alt-profanity-check`` (MIT): a TF-IDF + calibrated linear SVM; score = ``predict_prob``."""
+
+    name = PROFANITY_CHECK
+
+    def __init__(self, batch_size: int = 4096):
+        self.batch_size = batch_size
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        texts = _as_texts(texts)
+        if not texts:
+            return np.zeros(0, dtype=np.float64)
+        from profanity_check import predict_prob
+
+        parts = [np.asarray(predict_prob(texts[i:i + self.batch_size]), dtype=np.float64)
+                 for i in range(0, len(texts), self.batch_size)]
+        return np.clip(np.concatenate(parts), 0.0, 1.0)
+
+
+_FACTORIES = {TOXIC_COMMENT_CLASSIFIER: ToxicCommentClassifier, PROFANITY_CHECK: ProfanityCheck}
+
+
+def get_judge(name: str) -> Judge:
+    """A judge by name: one of ``JUDGE_NAMES``."""
+    try:
+        factory = _FACTORIES[name]
+    except (KeyError, TypeError):
+        raise UserError(f"unknown judge {name!r} (valid judges: {', '.join(JUDGE_NAMES)})") from None
+    return factory()
