@@ -1,0 +1,558 @@
+"""Extracting pooled hidden states: in-process (``extract``) or sharded over Ray actors.
+
+Inputs are either plain ``texts`` or ``prompts`` + ``completions``. For the latter the
+prompt and the completion are tokenized separately and concatenated (prompt with the
+tokenizer's special tokens, completion without), which is the token sequence the model
+saw when it generated the completion; the *response span* is the completion's tokens.
+
+Pooling (per layer, all requested layers in ONE forward pass):
+- ``mean``: mean over the span's tokens (padding never counts),
+- ``last``: the last real token,
+- ``none``: the span's per-token states (a list of ``[tokens, hidden]`` tensors).
+
+``span="response"`` (the default when completions are given, and what probes are trained
+on) pools over the completion's tokens only; ``span="all"`` over every token. A completion
+with no tokens (the model stopped at once) falls back to the last prompt token, the state
+that produced the stop; ``stats["empty_spans"]`` counts them.
+
+Inputs are sorted by length into batches (less padding) and returned in input order.
+Padding is on the right, so positions and causal attention of real tokens are unchanged.
+By default the forward pass stops after the deepest requested layer.
+
+``extract_sharded`` splits the inputs into contiguous shards and runs them on a pool of Ray
+actors (one GPU each on a GPU cluster, else ``threads_per_actor`` CPUs each). Each shard is
+written by its actor as one safetensors file (atomically, via ``storage.write_bytes``) in
+the output folder; the folder's ``_MANIFEST.json`` (storage's artifact format, written
+last) lists the shards, layers, pooling, model hash and data hash. A restart skips shards
+already written by the same job (their metadata carries the job's fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from probe_dpo.errors import UserError
+
+Pooling = Literal["mean", "last", "none"]
+Span = Literal["response", "all"]
+POOLINGS = ("mean", "last", "none")
+SPANS = ("response", "all")
+Features = dict[int, Any]  # layer -> Tensor [n, hidden] (mean/last) or list of [tokens, hidden] (none)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _check_inputs(texts, prompts, completions, span) -> tuple[str, int]:
+    if texts is not None and (prompts is not None or completions is not None):
+        raise UserError("give either texts or prompts + completions, not both")
+    if texts is None:
+        if prompts is None or completions is None:
+            raise UserError("give texts, or both prompts and completions")
+        if len(prompts) != len(completions):
+            raise UserError(f"{len(prompts)} prompts but {len(completions)} completions")
+        n = len(prompts)
+        span = span or "response"
+    else:
+        n = len(texts)
+        span = span or "all"
+        if span == "response":
+            raise UserError("span 'response' needs prompts and completions (columns prompt and completion), "
+                            "not plain texts")
+    if span not in SPANS:
+        raise UserError(f"unknown span {span!r}: use one of {', '.join(SPANS)}")
+    return span, n
+
+
+def tokenize(tokenizer, texts: Sequence[str] | None = None, *, prompts: Sequence[str] | None = None,
+             completions: Sequence[str] | None = None, span: str | None = None,
+             max_length: int = 512) -> list[tuple[list[int], int]]:
+    """Token ids and the start of the pooled span for each input: ``[(ids, span_start)]``.
+
+    Plain texts keep their first ``max_length`` tokens. Prompt + completion pairs keep
+    their last ``max_length`` tokens (the completion matters most); the span start moves
+    with the cut.
+    """
+    span, _ = _check_inputs(texts, prompts, completions, span)
+    if max_length < 1:
+        raise UserError(f"max_length must be >= 1, got {max_length}")
+    if texts is not None:
+        ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        out = []
+        for row in ids:
+            row = list(row[:max_length]) or _fallback_ids(tokenizer)
+            out.append((row, 0))
+        return out
+    p_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    out = []
+    for p, c in zip(p_ids, c_ids):
+        row = list(p) + list(c)
+        start = len(p) if span == "response" else 0
+        if not row:
+            row, start = _fallback_ids(tokenizer), 0
+        cut = max(0, len(row) - max_length)
+        out.append((row[cut:], max(0, start - cut)))
+    return out
+
+
+def _fallback_ids(tokenizer) -> list[int]:
+    """One token for an empty text (so every input has a state)."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, 0):
+        if tid is not None:
+            return [int(tid)]
+    return [0]
+
+
+def inputs_hash(texts=None, prompts=None, completions=None) -> str:
+    """sha256 (16 hex) of the inputs, in order."""
+    digest = hashlib.sha256()
+    for name, values in (("texts", texts), ("prompts", prompts), ("completions", completions)):
+        if values is None:
+            continue
+        digest.update(name.encode())
+        for value in values:
+            data = str(value).encode()
+            digest.update(len(data).to_bytes(8, "little"))
+            digest.update(data)
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process extraction
+
+
+def _device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def extract(model, tokenizer, texts: Sequence[str] | None = None, *,
+            prompts: Sequence[str] | None = None, completions: Sequence[str] | None = None,
+            layers: Sequence[int], pooling: str = "mean", span: str | None = None,
+            batch_size: int = 16, max_length: int = 512, stop_early: bool = True,
+            stats: dict | None = None) -> Features:
+    """Pooled residual-stream states of ``layers`` for every input, in input order.
+
+    Returns ``{layer: Tensor[n, hidden]}`` (float32, CPU) for ``mean``/``last`` pooling and
+    ``{layer: [Tensor[span_tokens, hidden], ...]}`` for ``none``. Layers may be negative;
+    the keys are the resolved (non-negative) indices. ``stats`` (a dict) receives token
+    counts and timing.
+    """
+    from probe_dpo.model import resolve_layers
+
+    if pooling not in POOLINGS:
+        raise UserError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    layer_ids = resolve_layers(model, layers)
+    span, n = _check_inputs(texts, prompts, completions, span)
+    t0 = time.perf_counter()
+    encoded = tokenize(tokenizer, texts, prompts=prompts, completions=completions, span=span,
+                       max_length=max_length)
+    return _extract_encoded(model, encoded, layer_ids, pooling, batch_size, stop_early,
+                            _pad_id(tokenizer), stats, t0)
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _extract_encoded(model, encoded: list[tuple[list[int], int]], layer_ids: list[int], pooling: str,
+                     batch_size: int, stop_early: bool, pad_id: int, stats: dict | None,
+                     t0: float) -> Features:
+    from probe_dpo.model import forward_until, hidden_size
+
+    n = len(encoded)
+    device = _device_of(model)
+    width = hidden_size(model)
+    order = sorted(range(n), key=lambda i: -len(encoded[i][0]))
+    pooled = {layer: torch.zeros(n, width) for layer in layer_ids} if pooling != "none" else None
+    tokens: dict[int, list[Any]] = {layer: [None] * n for layer in layer_ids} if pooling == "none" else {}
+    empty = 0
+    padded = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for b in range(0, n, batch_size):
+                idx = order[b:b + batch_size]
+                lengths = [len(encoded[i][0]) for i in idx]
+                longest = max(lengths)
+                padded += longest * len(idx)
+                ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), longest), dtype=torch.long)
+                span_mask = torch.zeros((len(idx), longest), dtype=torch.bool)
+                for row, i in enumerate(idx):
+                    seq, start = encoded[i]
+                    ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                    mask[row, :len(seq)] = 1
+                    if start < len(seq):
+                        span_mask[row, start:len(seq)] = True
+                    else:  # empty response: the last prompt token stands in
+                        span_mask[row, len(seq) - 1] = True
+                        empty += 1
+                states = forward_until(model, layer_ids, stop_early=stop_early,
+                                       input_ids=ids.to(device), attention_mask=mask.to(device))
+                last = torch.tensor(lengths, device=device) - 1
+                span_dev = span_mask.to(device)
+                for layer in layer_ids:
+                    h = states[layer].float()
+                    if pooling == "mean":
+                        w = span_dev.unsqueeze(-1).to(h.dtype)
+                        pooled[layer][idx] = ((h * w).sum(1) / w.sum(1)).cpu()
+                    elif pooling == "last":
+                        pooled[layer][idx] = h[torch.arange(len(idx), device=device), last].cpu()
+                    else:
+                        for row, i in enumerate(idx):
+                            tokens[layer][i] = h[row][span_dev[row]].cpu().clone()
+    finally:
+        model.train(was_training)
+    if stats is not None:
+        real = sum(len(seq) for seq, _ in encoded)
+        stats.update(texts=n, tokens=real, padded_tokens=padded, empty_spans=empty,
+                     seconds=time.perf_counter() - t0)
+    return pooled if pooling != "none" else tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded extraction on Ray actors
+
+
+class _Extractor:
+    """A Ray actor holding one copy of the model; runs shards and writes them to storage."""
+
+    def __init__(self, model: str, dtype: str, threads: int, use_gpu: bool):
+        import os
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        torch.set_num_threads(max(1, threads))
+        from probe_dpo.model import hidden_size, load_model, load_tokenizer, model_hash, num_layers
+
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = load_model(model, dtype=dtype, device=device)
+        self.tokenizer = load_tokenizer(model)
+        self.info_ = {"model_hash": model_hash(self.model), "num_layers": num_layers(self.model),
+                      "hidden_size": hidden_size(self.model), "device": device,
+                      "threads": torch.get_num_threads()}
+
+    def info(self) -> dict:
+        return self.info_
+
+    def run(self, task: dict) -> dict:
+        from safetensors.torch import save
+
+        from probe_dpo import storage
+
+        stats: dict = {}
+        t0 = time.perf_counter()
+        encoded = tokenize(self.tokenizer, task.get("texts"), prompts=task.get("prompts"),
+                           completions=task.get("completions"), span=task["span"],
+                           max_length=task["max_length"])
+        feats = _extract_encoded(self.model, encoded, task["layers"], task["pooling"], task["batch_size"],
+                                 task["stop_early"], _pad_id(self.tokenizer), stats, t0)
+        data = save(_to_tensors(feats, task["pooling"]),
+                    metadata={"fingerprint": task["fingerprint"], "start": str(task["start"]),
+                              "end": str(task["end"])})
+        storage.write_bytes(task["uri"], data)
+        return {"name": task["name"], "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                "tokens": stats["tokens"], "padded_tokens": stats["padded_tokens"],
+                "empty_spans": stats["empty_spans"], "seconds": time.perf_counter() - t0}
+
+
+def _to_tensors(feats: Features, pooling: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for layer, value in feats.items():
+        if pooling == "none":
+            out[f"layer.{layer}"] = torch.cat(value, 0).contiguous() if value else torch.zeros(0, 0)
+            if "offsets" not in out:
+                out["offsets"] = torch.tensor([0] + [len(v) for v in value]).cumsum(0)
+        else:
+            out[f"layer.{layer}"] = value.contiguous()
+    return out
+
+
+def _from_tensors(tensors: dict[str, torch.Tensor], layers: Sequence[int], pooling: str) -> Features:
+    out: Features = {}
+    for layer in layers:
+        value = tensors[f"layer.{layer}"]
+        if pooling == "none":
+            offsets = tensors["offsets"].tolist()
+            out[layer] = [value[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        else:
+            out[layer] = value
+    return out
+
+
+def _config_layer_count(model: str) -> int | None:
+    from probe_dpo.model import _config_dict
+
+    try:
+        config = _config_dict(model)
+    except UserError:
+        return None
+    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+class ExtractorPool:
+    """Ray actors each holding a copy of ``model``, reusable across ``extract_sharded`` calls.
+
+    Starting an actor (a process importing torch and loading the model) costs seconds, so
+    extracting several splits through one pool pays it once. Use it as a context manager or
+    call ``close()``: the actors hold their CPUs/GPUs until then. On a cluster with GPUs each
+    actor takes one GPU (``actors`` defaults to the GPU count); otherwise
+    ``threads_per_actor`` CPUs (``actors`` defaults to 2).
+    """
+
+    def __init__(self, model: str, *, actors: int | None = None, threads_per_actor: int = 1,
+                 use_gpu: bool | None = None, address: str | None = None, dtype: str = "float32"):
+        import ray
+
+        from probe_dpo.ray_utils import cluster_gpus, init_ray, unwrap_ray_error
+
+        if threads_per_actor < 1:
+            raise UserError(f"threads_per_actor must be >= 1, got {threads_per_actor}")
+        if actors is not None and actors < 1:
+            raise UserError(f"actors must be >= 1, got {actors}")
+        init_ray(address)
+        if use_gpu is None:
+            use_gpu = cluster_gpus() > 0
+        if actors is None:
+            actors = max(1, cluster_gpus()) if use_gpu else 2
+        self.model, self.dtype, self.use_gpu = str(model), dtype, use_gpu
+        self.threads_per_actor = threads_per_actor
+        t0 = time.perf_counter()
+        remote_cls = ray.remote(num_cpus=0 if use_gpu else threads_per_actor,
+                                num_gpus=1 if use_gpu else 0)(_Extractor)
+        self.actors = [remote_cls.remote(self.model, dtype, threads_per_actor, use_gpu) for _ in range(actors)]
+        try:
+            infos = ray.get([a.info.remote() for a in self.actors])
+        except Exception as exc:  # noqa: BLE001 - a UserError raised while loading the model
+            self.close()
+            raise unwrap_ray_error(exc) from None
+        if len({i["model_hash"] for i in infos}) != 1:
+            self.close()
+            raise UserError(f"the actors loaded different models from {model}: it changed during start-up")
+        self.info = infos[0]
+        self.startup_s = time.perf_counter() - t0
+
+    def close(self) -> None:
+        import ray
+
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> "ExtractorPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def extract_sharded(model: str, out: str, texts: Sequence[str] | None = None, *,
+                    prompts: Sequence[str] | None = None, completions: Sequence[str] | None = None,
+                    layers: Sequence[int], pooling: str = "mean", span: str | None = None,
+                    batch_size: int = 16, max_length: int = 512, shard_size: int = 512,
+                    actors: int | None = None, threads_per_actor: int = 1, use_gpu: bool | None = None,
+                    address: str | None = None, dtype: str = "float32", stop_early: bool = True,
+                    overwrite: bool = False, load: bool = True, pool: ExtractorPool | None = None,
+                    progress: Callable[[dict], None] | None = None) -> Features | dict:
+    """``extract`` split over a pool of Ray actors, streamed to ``out`` as safetensors shards.
+
+    ``model`` is a model folder or URI (each actor loads its own copy). Ray is started or
+    joined at ``address`` (``None``: reuse the running one, else start a local one). The
+    actors come from ``pool`` (an ``ExtractorPool`` of the same model, kept open) or are
+    started for this call (``actors``, ``threads_per_actor``, ``use_gpu``: see
+    ``ExtractorPool``) and stopped at its end. Shards already written by the same job are
+    skipped; a complete folder from the same job is loaded as it is. A complete folder from
+    a different job needs ``overwrite=True``.
+
+    Returns the features (same layout as ``extract``), or with ``load=False`` the manifest
+    (with ``"reused": True`` when the folder was already complete). ``progress`` is called
+    with each finished shard's info.
+    """
+    from ray.util import ActorPool
+
+    from probe_dpo import storage
+    from probe_dpo.model import resolve_layers
+    from probe_dpo.ray_utils import unwrap_ray_error
+
+    if pooling not in POOLINGS:
+        raise UserError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    span, n = _check_inputs(texts, prompts, completions, span)
+    if n == 0:
+        raise UserError("nothing to extract: no inputs")
+    count = _config_layer_count(model)
+    layer_ids = resolve_layers(count, layers) if count is not None else list(layers)
+    if pool is not None and (pool.model != str(model) or pool.dtype != dtype):
+        raise UserError(f"the extractor pool holds {pool.model} ({pool.dtype}), not {model} ({dtype})")
+    stamp = _model_stamp(str(model))
+    data_hash = inputs_hash(texts, prompts, completions)
+    if count is not None and stamp is not None and storage.is_complete(out):
+        # Already complete for this very model folder (unchanged files) and job: no actors needed.
+        manifest = storage.read_manifest(out)
+        old = manifest.get("metadata", {})
+        same = {"data_hash": data_hash, "layers": layer_ids, "pooling": pooling, "span": span,
+                "max_length": max_length, "shard_size": shard_size, "dtype": dtype, "n": n,
+                "model": str(model), "model_stamp": stamp}
+        if all(old.get(k) == v for k, v in same.items()):
+            return load_activations(out)[0] if load else {**manifest, "reused": True}
+    t_start = time.perf_counter()
+    own_pool = pool is None
+    if own_pool:
+        pool = ExtractorPool(str(model), actors=actors, threads_per_actor=threads_per_actor, use_gpu=use_gpu,
+                             address=address, dtype=dtype)
+    try:
+        info = pool.info
+        n_shards = math.ceil(n / shard_size)
+        layer_ids = resolve_layers(info["num_layers"], layer_ids)
+        settings = {"model_hash": info["model_hash"], "data_hash": data_hash,
+                    "layers": layer_ids, "pooling": pooling, "span": span, "max_length": max_length,
+                    "shard_size": shard_size, "dtype": dtype, "n": n}
+        fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        shards = [{"name": f"shard-{k:05d}.safetensors", "start": k * shard_size,
+                   "end": min(n, (k + 1) * shard_size)} for k in range(n_shards)]
+        metadata = {"kind": "activations", **settings, "fingerprint": fingerprint, "model": str(model),
+                    "model_stamp": stamp, "hidden_size": info["hidden_size"], "shards": shards}
+        if storage.is_complete(out):
+            old = storage.read_manifest(out).get("metadata", {})
+            if old.get("fingerprint") == fingerprint:
+                return load_activations(out)[0] if load else {**storage.read_manifest(out), "reused": True}
+            if not overwrite:
+                raise UserError(f"{out} already holds activations of another extraction (model, data or "
+                                f"settings differ): choose another output or pass overwrite")
+            storage.remove(storage.join(out, storage.MANIFEST_NAME))
+        files: dict[str, dict] = {}
+        existing = set(storage.list_dir(out))
+        tasks = []
+        for shard in shards:
+            uri = storage.join(out, shard["name"])
+            if shard["name"] in existing:
+                done = _shard_file_entry(uri, fingerprint)
+                if done is not None:
+                    files[shard["name"]] = done
+                    continue
+            task = {**shard, "uri": uri, "fingerprint": fingerprint, "layers": layer_ids, "pooling": pooling,
+                    "span": span, "max_length": max_length, "batch_size": batch_size, "stop_early": stop_early}
+            sl = slice(shard["start"], shard["end"])
+            if texts is not None:
+                task["texts"] = list(texts[sl])
+            else:
+                task["prompts"], task["completions"] = list(prompts[sl]), list(completions[sl])
+            tasks.append(task)
+        skipped = len(files)
+        totals = {"tokens": 0, "padded_tokens": 0, "empty_spans": 0}
+        try:
+            for result in ActorPool(pool.actors).map_unordered(lambda a, t: a.run.remote(t), tasks):
+                files[result["name"]] = {"bytes": result["bytes"], "sha256": result["sha256"]}
+                for key in totals:
+                    totals[key] += result[key]
+                if progress is not None:
+                    progress(result)
+        except Exception as exc:  # noqa: BLE001
+            raise unwrap_ray_error(exc) from None
+        metadata["run"] = {"actors": len(pool.actors), "threads_per_actor": pool.threads_per_actor,
+                           "use_gpu": pool.use_gpu, "device": info["device"], "shards_written": len(tasks),
+                           "shards_skipped": skipped, "actor_startup_s": round(pool.startup_s, 3),
+                           "seconds": round(time.perf_counter() - t_start, 3), **totals}
+        import datetime
+
+        manifest = {"files": {name: files[name] for name in sorted(files)}, "metadata": metadata,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        storage.write_json(storage.join(out, storage.MANIFEST_NAME), manifest)
+    finally:
+        if own_pool:
+            pool.close()
+    return load_activations(out)[0] if load else manifest
+
+
+def _model_stamp(model: str) -> str | None:
+    """A cheap identity of a model folder's files (names, sizes, mtimes; a remote artifact's
+    manifest); None for a hub id. Lets a complete extraction be recognised without actors."""
+    import os
+
+    from probe_dpo import storage
+
+    try:
+        if "://" in model:
+            if not storage.is_complete(model):
+                return None
+            files = storage.read_manifest(model)["files"]
+            return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+        if not os.path.isdir(model):
+            return None
+        entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(model) if e.is_file())
+        return hashlib.sha256(json.dumps([os.path.abspath(model), entries]).encode()).hexdigest()[:16]
+    except (OSError, UserError):
+        return None
+
+
+def _shard_file_entry(uri: str, fingerprint: str) -> dict | None:
+    """``{"bytes", "sha256"}`` of a shard written by the job ``fingerprint``; None otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    from probe_dpo import storage
+
+    data = storage.read_bytes(uri)
+    try:
+        meta = _safetensors_metadata(data)
+        load(data)
+    except (SafetensorError, ValueError, KeyError):
+        return None
+    if meta.get("fingerprint") != fingerprint:
+        return None
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    return header.get("__metadata__", {}) or {}
+
+
+def load_activations(uri: str, layers: Sequence[int] | None = None) -> tuple[Features, dict]:
+    """The features (in input order) and the manifest metadata of a complete extraction."""
+    from safetensors.torch import load
+
+    from probe_dpo import storage
+
+    manifest = storage.read_manifest(uri)
+    meta = manifest.get("metadata", {})
+    if meta.get("kind") != "activations":
+        raise UserError(f"{uri} is not an activations folder (its manifest has kind {meta.get('kind')!r})")
+    wanted = list(meta["layers"]) if layers is None else [int(x) for x in layers]
+    missing = [x for x in wanted if x not in meta["layers"]]
+    if missing:
+        raise UserError(f"{uri} has no activations for layer(s) {missing}: it holds layers {meta['layers']}")
+    parts: list[Features] = []
+    for shard in meta["shards"]:
+        tensors = load(storage.read_bytes(storage.join(uri, shard["name"])))
+        parts.append(_from_tensors(tensors, wanted, meta["pooling"]))
+    feats: Features = {}
+    for layer in wanted:
+        if meta["pooling"] == "none":
+            feats[layer] = [t for part in parts for t in part[layer]]
+        else:
+            feats[layer] = torch.cat([part[layer] for part in parts], 0)
+    return feats, meta

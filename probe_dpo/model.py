@@ -1,0 +1,310 @@
+"""Loading models and reaching into their residual stream.
+
+Decoder layers are found by index for the common causal-LM layouts (Llama/Qwen/Mistral
+``model.layers``, GPT-2 ``transformer.h``, GPT-NeoX ``gpt_neox.layers``, and a few more),
+through the wrappers training puts around a model: PEFT (``get_base_model``), DeepSpeed
+engines and DDP (``.module``) and ``torch.compile`` (``_orig_mod``).
+
+"The residual stream at layer i" is the output of decoder layer i (0-based; negative
+indices count from the end), read with a forward hook. This is ``hidden_states[i + 1]``
+of ``output_hidden_states=True`` except for the last layer, where Hugging Face applies the
+final norm and the hook does not.
+
+``model_hash`` fingerprints a model (architecture + a sample of its weights) so a probe
+card records which model it was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from probe_dpo.errors import UserError
+
+# Attribute paths, tried in order, from the unwrapped model to its decoder-layer list.
+LAYER_PATHS = (
+    "model.layers",            # Llama, Mistral, Qwen2/3, Gemma, Phi-3, OLMo, SmolLM
+    "transformer.h",           # GPT-2, GPT-J, GPT-Neo, Falcon, BLOOM
+    "gpt_neox.layers",         # GPT-NeoX, Pythia
+    "model.decoder.layers",    # OPT
+    "model.language_model.layers",  # multimodal wrappers around a text decoder
+    "transformer.blocks",      # MPT
+    "layers",                  # a bare decoder (LlamaModel, ...)
+    "h",                       # a bare GPT2Model
+)
+
+# Config keys that describe the architecture (not the weights) in the hash.
+_ARCH_KEYS = ("model_type", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer",
+              "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "n_inner",
+              "vocab_size", "max_position_embeddings", "n_positions", "rope_theta", "tie_word_embeddings")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def unwrap_model(model: Any) -> nn.Module:
+    """The plain Hugging Face model inside PEFT / DeepSpeed / DDP / torch.compile wrappers."""
+    for _ in range(10):
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()          # peft.PeftModel -> the (LoRA-injected) base
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod                  # torch.compile
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module                     # DeepSpeedEngine, DistributedDataParallel
+        else:
+            return model
+    return model
+
+
+def get_layers(model: Any) -> nn.ModuleList:
+    """The decoder-layer list of a causal LM (wrappers are looked through)."""
+    base = unwrap_model(model)
+    for path in LAYER_PATHS:
+        node: Any = base
+        for attr in path.split("."):
+            node = getattr(node, attr, None)
+            if node is None:
+                break
+        if isinstance(node, nn.ModuleList) and len(node) > 0:
+            return node
+    raise UserError(f"cannot find the decoder layers of {type(base).__name__}: "
+                    f"none of {', '.join(LAYER_PATHS)} is a list of layers")
+
+
+def num_layers(model: Any) -> int:
+    return len(get_layers(model))
+
+
+def hidden_size(model: Any) -> int:
+    config = getattr(unwrap_model(model), "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    embed = unwrap_model(model).get_input_embeddings()
+    return int(embed.weight.shape[1])
+
+
+def resolve_layer(model_or_count: Any, index: int) -> int:
+    """A layer index (negative counts from the end) as a non-negative index, or a UserError."""
+    count = model_or_count if isinstance(model_or_count, int) else num_layers(model_or_count)
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise UserError(f"layer {index!r} is not an integer index")
+    if not -count <= index < count:
+        raise UserError(f"layer {index} is out of range: the model has {count} layers "
+                        f"(valid indices 0..{count - 1}, or -{count}..-1 from the end)")
+    return index % count
+
+
+def resolve_layers(model_or_count: Any, indices: Iterable[int]) -> list[int]:
+    """Resolved, de-duplicated layer indices in the order given."""
+    out: list[int] = []
+    for index in indices:
+        layer = resolve_layer(model_or_count, index)
+        if layer not in out:
+            out.append(layer)
+    if not out:
+        raise UserError("no layers given: name at least one layer index")
+    return out
+
+
+def get_layer(model: Any, index: int) -> nn.Module:
+    layers = get_layers(model)
+    return layers[resolve_layer(len(layers), index)]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the deepest needed layer has run."""
+
+
+@contextlib.contextmanager
+def residual_hooks(model: Any, layers: Iterable[int], *, detach: bool = True,
+                   stop_after: bool = False, only_with_grad: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the residual stream (output of decoder layer i) of each forward pass.
+
+    Yields a dict ``{layer: tensor [batch, seq, hidden]}`` refreshed by every forward pass
+    of the model. ``detach=False`` keeps the graph (for a differentiable penalty);
+    ``only_with_grad`` records only passes run with gradients enabled (skips a reference
+    model's no-grad pass in DPO). ``stop_after`` raises ``StopForward`` once the deepest
+    requested layer has run: wrap the forward call in ``try/except StopForward`` (what
+    ``forward_until`` does) to skip the layers above it.
+    """
+    all_layers = get_layers(model)
+    wanted = resolve_layers(len(all_layers), layers)
+    deepest = max(wanted)
+    store: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(index: int):
+        def hook(_module, _inputs, output):
+            if only_with_grad and not torch.is_grad_enabled():
+                return
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            store[index] = hidden.detach() if detach else hidden
+            if stop_after and index == deepest:
+                raise StopForward
+        return hook
+
+    try:
+        for index in wanted:
+            handles.append(all_layers[index].register_forward_hook(make_hook(index)))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_until(model: Any, layers: Iterable[int], stop_early: bool = True,
+                  **inputs: Any) -> dict[int, torch.Tensor]:
+    """Run the model on ``inputs`` and return the residual stream of ``layers``.
+
+    With ``stop_early`` the layers above the deepest requested one (and the LM head) are
+    skipped. Call it inside ``torch.inference_mode()`` for extraction.
+    """
+    base = unwrap_model(model)
+    # The decoder body (no LM head) when the model exposes one: saves the vocab projection.
+    runner = base.get_decoder() if _has_decoder(base) else base
+    with residual_hooks(model, layers, stop_after=stop_early) as store:
+        try:
+            runner(**inputs, use_cache=False)
+        except StopForward:
+            pass
+    return dict(store)
+
+
+def _has_decoder(base: nn.Module) -> bool:
+    try:
+        decoder = base.get_decoder()
+    except Exception:  # noqa: BLE001 - some models raise instead of returning None
+        return False
+    return isinstance(decoder, nn.Module) and decoder is not base
+
+
+def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "float32",
+               device: str | torch.device | None = None) -> nn.Module:
+    """A causal LM from a ``save_pretrained`` folder, an s3:// URI of one, or a hub id.
+
+    Failures (missing folder, no weights, an unknown architecture) are a UserError that
+    names the path. The model is returned in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from transformers.utils import logging as hf_logging
+
+    local = _local_model_path(path_or_id)
+    torch_dtype = _dtype(dtype)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr: errors stay one line
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError, EnvironmentError) as exc:
+        raise UserError(f"cannot load a model from {path_or_id}: {_first_line(exc)}") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(path_or_id: str | os.PathLike):
+    """The tokenizer saved with a model (UserError naming the path when there is none)."""
+    from transformers import AutoTokenizer
+
+    local = _local_model_path(path_or_id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot load a tokenizer from {path_or_id}: {_first_line(exc)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def _local_model_path(path_or_id: str | os.PathLike) -> str:
+    text = str(path_or_id)
+    if "://" in text:
+        from probe_dpo import storage
+
+        if not storage.exists(text):
+            raise UserError(f"cannot load a model from {text}: nothing is stored there")
+        return str(storage.fetch_dir(text))
+    local = os.path.expanduser(text)
+    if text.startswith((".", "/", "~")) and not os.path.isdir(local):
+        raise UserError(f"cannot load a model from {text}: no such folder")
+    return local
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def arch_hash(model_or_dir: Any) -> str:
+    """A short hash of the architecture only (config keys that fix the shapes)."""
+    config = _config_dict(model_or_dir)
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    arch = {key: text_config.get(key) for key in _ARCH_KEYS if key in text_config}
+    return hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_hash(model_or_dir: Any, *, max_elements: int = 1 << 16) -> str:
+    """A fingerprint of a model: its architecture, parameter names/shapes and weight samples.
+
+    Takes a module (wrappers are looked through) or a model folder/URI (loaded on CPU).
+    Values are rounded to bfloat16 before hashing so the same checkpoint loaded in fp32 or
+    bf16 gives the same hash; any real weight change (a fine-tuning step) changes it. The
+    embeddings and the first, middle and last decoder layers are sampled (a strided
+    slice of at most ``max_elements`` values per tensor), so hashing costs milliseconds.
+    """
+    model = model_or_dir
+    if not isinstance(model_or_dir, nn.Module):
+        model = load_model(model_or_dir)
+    base = unwrap_model(model)
+    digest = hashlib.sha256(arch_hash(base).encode())
+    layers = get_layers(base)
+    picks = sorted({0, len(layers) // 2, len(layers) - 1})
+    tensors: list[tuple[str, torch.Tensor]] = [("embed", base.get_input_embeddings().weight)]
+    for i in picks:
+        for name, param in sorted(layers[i].named_parameters()):
+            tensors.append((f"layer{i}.{name.replace('.base_layer', '')}", param))
+    shapes = [(name, tuple(t.shape)) for name, t in tensors]
+    digest.update(json.dumps(shapes).encode())
+    with torch.no_grad():
+        for name, tensor in tensors:
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // max_elements)
+            sample = flat[::step][:max_elements].to("cpu", torch.float32).to(torch.bfloat16)
+            digest.update(name.encode())
+            digest.update(sample.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _config_dict(model_or_dir: Any) -> dict[str, Any]:
+    if isinstance(model_or_dir, nn.Module):
+        config = getattr(unwrap_model(model_or_dir), "config", None)
+        if config is None:
+            raise UserError(f"{type(model_or_dir).__name__} has no config to fingerprint")
+        return config.to_dict()
+    local = Path(_local_model_path(model_or_dir))
+    try:
+        return json.loads((local / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {local / 'config.json'}: {_first_line(exc)}") from None
