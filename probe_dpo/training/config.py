@@ -1,0 +1,204 @@
+"""The settings of one training run (``probe-dpo train --config FILE key=value ...``).
+
+Methods:
+
+- ``sft``            supervised fine-tuning on the SFT data (the reference that raises toxicity)
+- ``probe-sft``      the same with loss = LM loss + λ · probe probability (``penalty.weight``)
+- ``classifier-sft`` the SFT data filtered by the classifier first (rows scoring >= threshold dropped)
+- ``probe-dpo``      K sampled completions per prompt ranked by the probe signal -> DPO pairs
+- ``classifier-dpo`` the same pairs built with the classifier signal
+- ``random-dpo``     probe-ranked pairs with chosen/rejected swapped by a seeded coin flip per pair
+- ``dpo``            plain DPO on a given pair file (``data.pairs``): no signal builds the pairs
+                     (what data attribution retrains with after filtering a preference set)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from probe_dpo.config import bounded
+
+Method = Literal["probe-sft", "probe-dpo", "classifier-sft", "classifier-dpo", "sft", "random-dpo", "dpo"]
+METHODS: tuple[str, ...] = ("probe-sft", "probe-dpo", "classifier-sft", "classifier-dpo", "sft", "random-dpo", "dpo")
+DPO_METHODS = ("probe-dpo", "classifier-dpo", "random-dpo", "dpo")
+SFT_METHODS = ("probe-sft", "classifier-sft", "sft")
+LossType = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "aot",
+                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
+
+
+@dataclass
+class DataConfig:
+    """Inputs; each defaults to the testbed's file when ``testbed`` is set."""
+
+    prompts: str | None = None
+    """Training prompts for DPO sampling (column prompt). Default: <testbed>/data/prompts_train.jsonl."""
+    sft: str | None = None
+    """SFT texts (column text). Default: <testbed>/data/sft.jsonl."""
+    pairs: str | None = None
+    """Replay a pair file (columns prompt, chosen, rejected) instead of sampling in round 0."""
+    candidates: str | None = None
+    """Reuse sampled candidates (a candidates.jsonl written by an earlier run) in round 0."""
+    max_prompts: int | None = bounded(None, ge=1)
+    """Use the first N training prompts."""
+    max_sft: int | None = bounded(None, ge=1)
+    """Use the first N SFT rows."""
+
+
+@dataclass
+class SamplingConfig:
+    """Sampling K completions per prompt from the current policy (on Ray actors)."""
+
+    k: int = bounded(4, ge=2, le=64)
+    max_new_tokens: int | None = bounded(None, ge=1, le=1024)
+    """None: the testbed's generation settings (20 tokens)."""
+    temperature: float | None = bounded(None, gt=0.0, le=5.0)
+    top_p: float | None = bounded(None, gt=0.0, le=1.0)
+    top_k: int | None = bounded(None, ge=0)
+    batch_size: int = bounded(64, ge=1)
+    """Sequences per generate() call."""
+    shard_size: int = bounded(32, ge=1)
+    """Prompts per actor task (fixes the seeding, so results do not depend on the actor count)."""
+    actors: int = bounded(2, ge=0)
+    """Ray actors that sample (0: in this process)."""
+    threads_per_actor: int = bounded(1, ge=1)
+    min_margin: float = bounded(0.0, ge=0.0)
+    """Skip prompts whose score(rejected) - score(chosen) is below this."""
+
+
+@dataclass
+class DPOSettings:
+    beta: float = bounded(0.1, gt=0.0)
+    loss_type: LossType = "sigmoid"
+    rounds: int = bounded(1, ge=1, le=100)
+    """Each round samples new pairs from the current policy and trains on them."""
+    reference: Literal["round", "base"] = "round"
+    """Reference model: the policy at the start of each round, or always the base model."""
+    precompute_ref_log_probs: bool = False
+
+
+@dataclass
+class PenaltyConfig:
+    """The differentiable probe penalty: + weight · probe probability on the policy's states."""
+
+    weight: float | None = bounded(None, ge=0.0)
+    """λ. None: 1.0 for probe-sft, 0 (off) otherwise. > 0 adds the penalty to SFT or DPO."""
+    reduce: Literal["pooled", "token"] = "pooled"
+    """pooled: the probe on the masked mean of the states (what it was trained on); token:
+    the mean of per-token probabilities."""
+    tokens: Literal["completions", "chosen"] = "completions"
+    """DPO only: penalise the states of both completions of a pair, or the chosen one only."""
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False
+    r: int = bounded(16, ge=1)
+    alpha: int = bounded(32, ge=1)
+    dropout: float = bounded(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    merge: bool = True
+    """Save the final policy with the adapter merged in (else the adapter folder)."""
+
+
+@dataclass
+class OptimSettings:
+    epochs: float = bounded(1.0, gt=0.0)
+    max_steps: int | None = bounded(None, ge=1)
+    """Overrides epochs."""
+    lr: float = bounded(1e-5, gt=0.0)
+    batch_size: int = bounded(4, ge=1)
+    """Per worker (pairs for DPO, rows for SFT)."""
+    grad_accum: int = bounded(1, ge=1)
+    max_length: int = bounded(128, ge=8)
+    warmup_ratio: float = bounded(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = bounded(0.0, ge=0.0)
+    scheduler: Literal["linear", "constant", "cosine"] = "linear"
+    max_grad_norm: float = bounded(1.0, gt=0.0)
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = bounded(None, gt=0.0, lt=1.0)
+    """Keep an EMA of the trainable weights (ema = d·ema + (1-d)·w after every optimizer
+    step, starting from the initial weights) and save it as the final policy."""
+
+
+@dataclass
+class DistributedSettings:
+    workers: int = bounded(2, ge=1)
+    """Ray Train workers, each a DeepSpeed engine."""
+    use_gpu: bool = False
+    """One GPU per worker, bf16. On CPU: fp32 and gloo."""
+    zero_stage: int = bounded(2, ge=0, le=3)
+    offload: bool = False
+    """ZeRO-Offload of the optimizer state to CPU (stage >= 1)."""
+    threads_per_worker: int = bounded(1, ge=1)
+    max_failures: int = bounded(1, ge=0)
+    """Worker-group restarts; each resumes from the latest reported checkpoint."""
+    checkpoint_steps: int | None = bounded(None, ge=1)
+    """Report a checkpoint every N optimizer steps (None: at the end of each epoch)."""
+    keep_checkpoints: int | None = bounded(2, ge=1)
+    """Checkpoints kept in storage (None: all)."""
+    address: str | None = None
+    """Ray address (None: start or reuse a local Ray)."""
+
+
+@dataclass
+class FaultSettings:
+    """Fault injection, to test resuming: a worker exits hard once, on the first attempt."""
+
+    crash_at_step: int | None = bounded(None, ge=1)
+    crash_rank: int = bounded(0, ge=0)
+
+
+@dataclass
+class TrainConfig:
+    method: Method = "probe-dpo"
+    testbed: str | None = None
+    """A testbed folder: supplies the model, data and generation settings not given here."""
+    model: str | None = None
+    """Base model folder/URI (default: <testbed>/model)."""
+    probes: str | None = None
+    """A published ProbeSet; its train probes are the signal and the penalty."""
+    aggregation: Literal["mean", "max"] | None = None
+    """How an ensemble of train probes is combined (None: the probe set's own setting)."""
+    judge: str = "toxic-comment-classifier"
+    """The classifier of classifier-dpo / classifier-sft."""
+    classifier_threshold: float = bounded(0.5, gt=0.0, lt=1.0)
+    """classifier-sft drops SFT rows scoring >= this."""
+    out: str = "runs/train"
+    """Where pairs, checkpoints, the policy and train.json go (local folder or s3://...)."""
+    seed: int = bounded(0, ge=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
+    train: OptimSettings = field(default_factory=OptimSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
+    fault: FaultSettings = field(default_factory=FaultSettings)
+
+    @property
+    def is_dpo(self) -> bool:
+        return self.method in DPO_METHODS
+
+    @property
+    def penalty_weight(self) -> float:
+        if self.penalty.weight is not None:
+            return float(self.penalty.weight)
+        return 1.0 if self.method == "probe-sft" else 0.0
+
+    @property
+    def signal(self) -> str:
+        """The signal that ranks pairs (DPO methods)."""
+        return "classifier" if self.method == "classifier-dpo" else "probe"
+
+    @property
+    def needs_probes(self) -> bool:
+        if self.penalty_weight > 0:
+            return True
+        if self.method == "probe-sft":
+            return True
+        if self.method in ("probe-dpo", "random-dpo"):
+            # replayed pairs need no probe for round 0 alone
+            return not (self.data.pairs and self.dpo.rounds == 1)
+        return False

@@ -1,0 +1,237 @@
+"""The Ray Train loop: one TRL trainer per worker, each a DeepSpeed engine.
+
+``fit_round`` runs ``train_worker`` in a ``TorchTrainer`` with N workers (gloo on CPU, NCCL
+on GPU). Every worker loads the policy (and, for full-weight DPO, an explicit reference
+model), builds a ``ProbeDPOTrainer`` / ``ProbeSFTTrainer`` with ``deepspeed=<dict>`` (ZeRO
+stage and offload from the config; bf16 on GPU, fp32 + ``use_cpu`` on CPU), wraps it with
+Ray's ``prepare_trainer`` and reports checkpoints to storage with
+``RayTrainReportCallback`` (each rank's ZeRO shards are merged into one checkpoint folder).
+
+A restarted worker group (``FailureConfig(max_failures)``) or a re-run of the same job
+(same run name in the same storage) resumes from ``ray.train.get_checkpoint()``: the model,
+optimizer, scheduler, RNG and EMA state all come back.
+
+At the end rank 0 builds the final policy on CPU (the EMA weights when configured; LoRA
+merged or as an adapter), saves it with ``save_pretrained`` and publishes it to storage
+(manifest last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RUN_FILE = "training_run.json"
+
+
+STALE_BUILD_LOCK_S = 900.0
+
+
+def _worker_setup(threads: int) -> None:
+    import torch
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(max(1, threads))
+    clear_stale_build_locks()
+
+
+def clear_stale_build_locks(root: str | None = None, max_age_s: float = STALE_BUILD_LOCK_S) -> list[str]:
+    """Remove JIT-build locks left by a killed DeepSpeed op compile.
+
+    torch's extension loader takes ``<TORCH_EXTENSIONS_DIR>/<op>/lock`` even when the op is
+    already built and waits for it forever; a worker killed mid-compile (a preempted node, a
+    fault test) would hang every later run on the machine. A clean compile of DeepSpeed's CPU
+    ops takes well under a minute (minutes on a loaded 2-core box), so a lock older than
+    ``max_age_s`` has no live owner.
+    """
+    root = root or os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")
+    removed = []
+    for lock in Path(root).glob("**/lock"):
+        try:
+            if time.time() - lock.stat().st_mtime > max_age_s:
+                lock.unlink()
+                removed.append(str(lock))
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def train_worker(job: dict) -> None:
+    """Ray Train loop body (runs on every worker)."""
+    import ray.train
+    import torch
+    from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
+
+    from probe_dpo.config import from_dict
+    from probe_dpo.data import read_records
+    from probe_dpo.model import load_model, load_tokenizer
+    from probe_dpo.training.config import TrainConfig
+    from probe_dpo.training.trainers import CrashCallback, EMACallback, build_trainer, deepspeed_config
+
+    cfg: TrainConfig = from_dict(TrainConfig, job["cfg"], "training job")
+    dist = cfg.distributed
+    _worker_setup(dist.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    t0 = time.perf_counter()
+
+    records = read_records(job["data"], what="training data")
+    tokenizer = load_tokenizer(job["model"])
+    model = load_model(job["model"], dtype="float32")
+    model.train()
+    ref_model = None
+    if job["kind"] == "dpo" and not cfg.lora.enabled:
+        ref_model = load_model(job["reference"], dtype="float32")
+    probes = None
+    if cfg.penalty_weight > 0:
+        from probe_dpo.probes import ProbeSet
+
+        probes = ProbeSet.load(job["probes"]).train_probes
+
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir, resumed_from_step = None, 0
+    if checkpoint is not None:
+        local = checkpoint.to_directory(tempfile.mkdtemp(prefix=f"probe-dpo-resume-r{rank}-"))
+        resume_dir = os.path.join(local, RayTrainReportCallback.CHECKPOINT_NAME)
+        resumed_from_step = int(json.loads(Path(resume_dir, "trainer_state.json").read_text())["global_step"])
+        print(f"[rank {rank}] resuming from {checkpoint.path}", flush=True)
+
+    callbacks: list[Any] = []
+    ema = None
+    if cfg.train.ema_decay is not None:
+        ema = EMACallback(cfg.train.ema_decay, resume_dir=resume_dir)
+        callbacks.append(ema)
+    if cfg.fault.crash_at_step is not None:
+        callbacks.append(CrashCallback(cfg.fault.crash_at_step, cfg.fault.crash_rank, rank,
+                                       resumed=checkpoint is not None))
+    callbacks.append(RayTrainReportCallback())  # last: the EMA file is in the folder it copies
+
+    output_dir = tempfile.mkdtemp(prefix=f"probe-dpo-train-r{rank}-")
+    ds = deepspeed_config(dist.zero_stage, offload=dist.offload, bf16=dist.use_gpu)
+    trainer = build_trainer(job["kind"], model, tokenizer, records, cfg, output_dir=output_dir,
+                            ref_model=ref_model, probes=probes, callbacks=callbacks, deepspeed=ds,
+                            save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
+                            aggregation=job.get("aggregation") or "mean")
+    trainer = prepare_trainer(trainer)
+    result = trainer.train(resume_from_checkpoint=resume_dir)
+    train_seconds = time.perf_counter() - t0
+
+    final_dir = Path(tempfile.mkdtemp(prefix=f"probe-dpo-final-r{rank}-"))
+    raw = final_dir / "raw"
+    trainer.save_model(str(raw))  # every rank (ZeRO-3 gathers); rank 0 writes
+    metrics: dict[str, Any] = {"train_loss": float(result.training_loss), "global_step": int(trainer.state.global_step),
+                               "train_seconds": round(train_seconds, 2), "resumed": checkpoint is not None,
+                               "resumed_from_step": resumed_from_step}
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    for key in ("probe_penalty", "rewards/accuracies", "rewards/margins", "loss"):
+        values = [h[key] for h in history if key in h]
+        if values:
+            metrics[f"first_{key}"] = float(values[0])
+            metrics[f"last_{key}"] = float(values[-1])
+    if rank == 0:
+        from probe_dpo import storage
+
+        policy = finalize_policy(raw, final_dir / "policy", cfg, job, tokenizer,
+                                 ema.shadow if ema is not None else None)
+        info = {"method": cfg.method, "round": job["round"], "base_model": job["model"],
+                "reference": job.get("reference"), "data": job["data"], "metrics": metrics,
+                "ema_decay": cfg.train.ema_decay, "ema_updates": ema.updates if ema else None,
+                "lora": cfg.lora.enabled, "lora_merged": cfg.lora.enabled and cfg.lora.merge,
+                "config_hash": job["config_hash"], "log_history": trainer.state.log_history}
+        (policy / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        storage.publish_dir(policy, job["policy"], overwrite=True,
+                            metadata={"kind": "policy", "method": cfg.method, "round": job["round"],
+                                      "config_hash": job["config_hash"]})
+        print(f"[rank 0] published the policy at {job['policy']}", flush=True)
+    if dist.zero_stage == 3 and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    ray.train.report({**metrics, "policy": job["policy"], "finished": 1})  # not "done": Tune reads that as "stop the trial"
+
+
+def finalize_policy(raw: Path, dest: Path, cfg: Any, job: dict, tokenizer: Any,
+                    ema_shadow: dict | None) -> Path:
+    """The final ``save_pretrained`` folder from the trainer's saved model (rank 0, CPU)."""
+    import torch
+
+    from probe_dpo.model import load_model
+
+    if cfg.lora.enabled:
+        from peft import PeftModel
+
+        base = load_model(job["model"], dtype="float32")
+        model = PeftModel.from_pretrained(base, str(raw))
+        if ema_shadow is not None:
+            _copy_into(model, ema_shadow)
+        if cfg.lora.merge:
+            model = model.merge_and_unload()
+    else:
+        model = load_model(str(raw), dtype="float32")
+        if ema_shadow is not None:
+            _copy_into(model, ema_shadow)
+    dest.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        model.save_pretrained(str(dest))
+    tokenizer.save_pretrained(str(dest))
+    return dest
+
+
+def _copy_into(model: Any, shadow: dict) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    missing = [n for n in shadow if n not in params]
+    if missing:
+        raise RuntimeError(f"EMA weights {missing[:3]} have no parameter in the saved model")
+    with torch.no_grad():
+        for name, value in shadow.items():
+            params[name].copy_(value.to(params[name].dtype))
+
+
+def fit_round(job: dict, cfg: Any, *, storage_root: str, run_name: str, log=print,
+              callbacks: list | None = None) -> dict:
+    """Run ``train_worker`` under a Ray ``TorchTrainer``; returns rank 0's final metrics.
+
+    ``callbacks`` go to the Train run (e.g. ``TuneReportCallback`` inside a Tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from probe_dpo import storage
+
+    dist = cfg.distributed
+    fs, path = storage.pyarrow_filesystem(storage_root)
+    resources = {"CPU": dist.threads_per_worker}
+    if dist.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=dist.workers, use_gpu=dist.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=dist.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=dist.keep_checkpoints),
+                             callbacks=list(callbacks or [])),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - a UserError inside a worker is the user's
+        from probe_dpo.ray_utils import unwrap_ray_error
+
+        inner = unwrap_ray_error(exc)
+        if inner is not exc:
+            raise inner from None
+        raise
+    metrics = dict(result.metrics or {})
+    run_file = storage.join(job["policy"], RUN_FILE)
+    if storage.exists(run_file):  # rank 0's own summary of the finished run
+        metrics = dict(storage.read_json(run_file).get("metrics", metrics))
+    metrics["fit_seconds"] = round(time.perf_counter() - t0, 2)
+    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
+    log(f"train: {run_name} done in {metrics['fit_seconds']:.1f}s ({metrics.get('global_step')} steps, "
+        f"loss {metrics.get('train_loss', float('nan')):.4f})")
+    return metrics

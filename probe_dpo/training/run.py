@@ -1,0 +1,308 @@
+"""The driver of one training run: check everything, build the data, train on Ray, publish.
+
+``train(cfg)`` is what ``probe-dpo train`` runs::
+
+    prepare(cfg)          every input is read and checked BEFORE any compute (model config,
+                          probe compatibility, data columns, judge, storage): bad input is one
+                          UserError line
+    for each round:       (DPO) sample K completions per prompt from the current policy on
+                          Ray actors, score them, build pairs -> <out>/round-<r>/pairs.jsonl
+                          (SFT) the SFT rows (classifier-filtered for classifier-sft)
+                          -> <out>/sft_data.jsonl
+                          fit on Ray Train (DeepSpeed workers, checkpoints in <out>/ray)
+                          -> the round's policy, published (<out>/policy for the last round)
+    <out>/train.json      the summary: config, data counts, pair stats, training metrics
+
+A finished round (its policy published by a run with the same config hash) is skipped on a
+re-run; an interrupted one resumes from its latest checkpoint in storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from probe_dpo import storage
+from probe_dpo.config import dump_yaml, to_dict
+from probe_dpo.errors import UserError
+from probe_dpo.training.config import DPO_METHODS, TrainConfig
+
+Log = Callable[[str], None]
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class Plan:
+    """Everything ``prepare`` resolved and checked."""
+
+    cfg: TrainConfig
+    model: str
+    testbed_info: dict | None
+    probes: Any = None                      # ProbeSet or None
+    prompts: list[dict] = field(default_factory=list)
+    sft: list[dict] = field(default_factory=list)
+    pairs: list[dict] | None = None
+    candidates: list[dict] | None = None
+    settings: Any = None                    # GenerationSettings
+    config_hash: str = ""
+    aggregation: str = "mean"
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """What identifies a run's results (not where or how it is run)."""
+    data = to_dict(cfg)
+    for key in ("fault",):
+        data.pop(key, None)
+    data["distributed"] = {k: v for k, v in data["distributed"].items()
+                           if k in ("workers", "zero_stage", "use_gpu")}
+    data["sampling"] = {k: v for k, v in data["sampling"].items() if k not in ("actors", "threads_per_actor")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _model_facts(model: str) -> dict:
+    from probe_dpo.model import _config_dict
+
+    try:
+        config = _config_dict(model)
+    except UserError:
+        raise
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    hidden = next((text[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(text.get(k), int)), None)
+    layers = next((text[k] for k in ("num_hidden_layers", "n_layer") if isinstance(text.get(k), int)), None)
+    return {"hidden_size": hidden, "num_layers": layers}
+
+
+def check_probes(probes: Any, model: str) -> None:
+    """UserError unless the train probes fit ``model`` (hidden size, architecture, layer count),
+    read from the model's config alone (no weights are loaded)."""
+    from probe_dpo.model import arch_hash
+
+    facts = _model_facts(model)
+    where = f"probes {probes.uri}" if probes.uri else "the probes"
+    if not probes.train_probes:
+        raise UserError(f"{where}: no probes with role 'train' to train against")
+    if facts["hidden_size"] is not None and probes.hidden_size != facts["hidden_size"]:
+        raise UserError(f"{where} read hidden size {probes.hidden_size}, but model {model} has hidden size "
+                        f"{facts['hidden_size']}: train the probes on this model")
+    if probes.meta.get("arch_hash") and arch_hash(model) != probes.meta["arch_hash"]:
+        raise UserError(f"{where} were trained on a different architecture ({probes.meta['arch_hash']}) "
+                        f"than model {model} ({arch_hash(model)})")
+    if facts["num_layers"] is not None:
+        deep = sorted({p.layer for p in probes.probes if p.layer >= facts["num_layers"]})
+        if deep:
+            raise UserError(f"{where} read layer(s) {deep}, but model {model} has {facts['num_layers']} layers")
+
+
+def prepare(cfg: TrainConfig) -> Plan:
+    """Resolve and check every input of the run; raises UserError before any compute."""
+    from probe_dpo.data import read_records
+    from probe_dpo.evaluation import generation_settings, read_testbed_info
+    from probe_dpo.judges import get_judge
+    from probe_dpo.training.pairs import check_candidates, read_pairs
+
+    info = read_testbed_info(cfg.testbed) if cfg.testbed else None
+    model = cfg.model or (storage.join(cfg.testbed, info["model"].get("path", "model")) if info else None)
+    if not model:
+        raise UserError("no model: set model=<folder or URI> or testbed=<testbed folder>")
+    if "://" not in model and not storage.exists(storage.join(model, "config.json")):
+        raise UserError(f"model {model}: no config.json there (not a save_pretrained folder)")
+    _model_facts(model)
+    get_judge(cfg.judge)  # a name check; the classifier itself loads lazily
+
+    w = cfg.penalty_weight
+    if cfg.method == "sft" and w > 0:
+        raise UserError("method sft is plain SFT (no probe penalty): use method=probe-sft for penalty.weight > 0")
+    if cfg.method == "probe-sft" and w <= 0:
+        raise UserError("method probe-sft needs penalty.weight > 0 (λ of the probe penalty)")
+    if cfg.distributed.offload and cfg.distributed.zero_stage == 0:
+        raise UserError("distributed.offload needs distributed.zero_stage >= 1")
+    if cfg.data.pairs and not cfg.is_dpo:
+        raise UserError(f"data.pairs is for DPO methods ({', '.join(DPO_METHODS)}), not {cfg.method}")
+    if cfg.method == "dpo" and not cfg.data.pairs:
+        raise UserError("method dpo trains on a given pair file: set data.pairs=<jsonl/parquet with prompt, "
+                        "chosen, rejected>")
+    if cfg.method == "dpo" and cfg.dpo.rounds > 1:
+        raise UserError("method dpo replays a fixed pair file: dpo.rounds must be 1")
+    if cfg.data.pairs and cfg.data.candidates:
+        raise UserError("give data.pairs or data.candidates, not both")
+
+    plan = Plan(cfg=cfg, model=model, testbed_info=info)
+    if cfg.needs_probes or cfg.probes:
+        if not cfg.probes:
+            raise UserError(f"method {cfg.method} needs probes=<a published probe set>"
+                            + (" (penalty.weight > 0)" if w > 0 else ""))
+        from probe_dpo.probes import ProbeSet
+
+        plan.probes = ProbeSet.load(cfg.probes)
+        check_probes(plan.probes, model)
+        plan.aggregation = cfg.aggregation or plan.probes.aggregation
+
+    def data_path(value: str | None, name: str, key: str) -> str:
+        if value:
+            return value
+        if cfg.testbed:
+            return storage.join(cfg.testbed, "data", name)
+        raise UserError(f"method {cfg.method} needs {key}=<file> (or testbed=<folder>)")
+
+    if cfg.is_dpo:
+        if cfg.data.pairs:
+            plan.pairs = read_pairs(cfg.data.pairs)
+        elif cfg.data.candidates:
+            cands = read_records(cfg.data.candidates, what="candidates")
+            check_candidates(cands, cfg.data.candidates)
+            plan.candidates = cands[: cfg.data.max_prompts] if cfg.data.max_prompts else cands
+            if cfg.signal == "probe" and not all("probe" in c["scores"] for c in plan.candidates):
+                raise UserError(f"{cfg.data.candidates}: candidates have no 'probe' scores (sample them with probes)")
+        if cfg.dpo.rounds > 1 or not (plan.pairs or plan.candidates):
+            uri = data_path(cfg.data.prompts, "prompts_train.jsonl", "data.prompts")
+            prompts = read_records(uri, required=("prompt",), non_empty=("prompt",), what="training prompts")
+            plan.prompts = prompts[: cfg.data.max_prompts] if cfg.data.max_prompts else prompts
+    else:
+        uri = data_path(cfg.data.sft, "sft.jsonl", "data.sft")
+        rows = read_records(uri, required=("text",), non_empty=("text",), what="SFT data")
+        plan.sft = rows[: cfg.data.max_sft] if cfg.data.max_sft else rows
+    s = cfg.sampling
+    plan.settings = generation_settings(cfg.testbed, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                        top_p=s.top_p, top_k=s.top_k, batch_size=s.batch_size)
+    storage.exists(cfg.out)  # an unreachable bucket fails here, not after sampling
+    plan.config_hash = config_hash(cfg)
+    return plan
+
+
+def _existing(uri: str, chash: str) -> bool:
+    """True if a policy published by a run with this config hash is at ``uri``."""
+    if not storage.is_complete(uri):
+        return False
+    meta = storage.read_manifest(uri).get("metadata", {})
+    if meta.get("config_hash") != chash:
+        raise UserError(f"{uri} holds a policy from a different run (config hash {meta.get('config_hash')}, "
+                        f"this run {chash}): choose another out=")
+    return True
+
+
+def _build_pairs(plan: Plan, r: int, model: str, round_uri: str, log: Log) -> tuple[list[dict], dict]:
+    from probe_dpo.data import write_records
+    from probe_dpo.training.pairs import build_pairs, randomize_labels
+    from probe_dpo.training.sampling import PROBE, add_classifier_scores, classifier_key, sample_candidates
+
+    cfg = plan.cfg
+    if r == 0 and plan.pairs is not None:
+        pairs, stats = [dict(p) for p in plan.pairs], {"pairs": len(plan.pairs), "replayed": cfg.data.pairs}
+    else:
+        if r == 0 and plan.candidates is not None:
+            candidates = [dict(c, scores=dict(c["scores"])) for c in plan.candidates]
+            log(f"round {r}: reusing {len(candidates)} candidate sets from {cfg.data.candidates}")
+        else:
+            s = cfg.sampling
+            candidates = sample_candidates(
+                model, plan.prompts, k=s.k, settings=plan.settings, seed=cfg.seed, round_index=r,
+                probes=cfg.probes if plan.probes is not None else None, aggregation=plan.aggregation,
+                actors=s.actors, threads_per_actor=s.threads_per_actor, use_gpu=cfg.distributed.use_gpu,
+                shard_size=s.shard_size, log=log)
+        key = classifier_key(cfg.judge)
+        if not all(key in c["scores"] for c in candidates):
+            add_classifier_scores(candidates, cfg.judge)
+        write_records(candidates, storage.join(round_uri, "candidates.jsonl"))
+        signal = PROBE if cfg.signal == "probe" else key
+        pairs, stats = build_pairs(candidates, signal, min_margin=cfg.sampling.min_margin)
+    if cfg.method == "random-dpo":
+        pairs = randomize_labels(pairs, cfg.seed)
+        stats["swapped"] = int(sum(p["swapped"] for p in pairs))
+    for p in pairs:
+        p["round"] = r
+    if not pairs:
+        raise UserError(f"round {r}: no preference pairs (every prompt's margin was below "
+                        f"sampling.min_margin={cfg.sampling.min_margin})")
+    write_records(pairs, storage.join(round_uri, "pairs.jsonl"))
+    log(f"round {r}: {len(pairs)} pairs -> {storage.join(round_uri, 'pairs.jsonl')} ({json.dumps(stats)})")
+    return pairs, stats
+
+
+def _sft_rows(plan: Plan, log: Log) -> tuple[list[dict], dict]:
+    cfg = plan.cfg
+    rows = [{"text": r["text"], **({"source": r["source"]} if "source" in r else {})} for r in plan.sft]
+    stats: dict[str, Any] = {"rows": len(rows)}
+    if cfg.method == "classifier-sft":
+        from probe_dpo.judges import get_judge
+
+        scores = get_judge(cfg.judge).score([r["text"] for r in rows])
+        for r, s in zip(rows, scores):
+            r["score"] = round(float(s), 6)
+        kept = [r for r in rows if r["score"] < cfg.classifier_threshold]
+        stats.update(kept=len(kept), dropped=len(rows) - len(kept), judge=cfg.judge,
+                     threshold=cfg.classifier_threshold)
+        log(f"classifier-sft: kept {len(kept)} of {len(rows)} SFT rows ({cfg.judge} < {cfg.classifier_threshold})")
+        rows = kept
+        if not rows:
+            raise UserError(f"classifier-sft: the classifier dropped every SFT row (threshold {cfg.classifier_threshold})")
+    return rows, stats
+
+
+def train(cfg: TrainConfig, *, log: Log = _print, callbacks: list | None = None) -> dict:
+    """Run the configured method end to end; returns (and writes) the summary.
+
+    ``callbacks`` are passed to each round's Ray Train run (a Tune trial passes
+    ``TuneReportCallback`` so training metrics reach Tune as they are reported)."""
+    from probe_dpo.data import write_records
+    from probe_dpo.ray_utils import init_ray
+    from probe_dpo.training.loop import fit_round
+
+    t_start = time.perf_counter()
+    plan = prepare(cfg)
+    out = cfg.out
+    chash = plan.config_hash
+    rounds = cfg.dpo.rounds if cfg.is_dpo else 1
+    final_policy = storage.join(out, "policy")
+    if _existing(final_policy, chash):
+        log(f"train: {final_policy} is already complete for this config; nothing to do")
+        return storage.read_json(storage.join(out, "train.json")) if storage.exists(storage.join(out, "train.json")) \
+            else {"policy": final_policy, "config_hash": chash}
+    storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
+    init_ray(cfg.distributed.address)
+    summary: dict[str, Any] = {"method": cfg.method, "config_hash": chash, "base_model": plan.model,
+                               "probes": cfg.probes, "judge": cfg.judge, "seed": cfg.seed, "rounds": [],
+                               "generation": plan.settings.to_dict()}
+    model = plan.model
+    for r in range(rounds):
+        round_uri = storage.join(out, f"round-{r}")
+        policy = final_policy if r == rounds - 1 else storage.join(round_uri, "policy")
+        entry: dict[str, Any] = {"round": r, "policy": policy, "model": model}
+        if _existing(policy, chash):
+            log(f"round {r}: {policy} already complete; skipping")
+            entry["skipped"] = True
+            summary["rounds"].append(entry)
+            model = policy
+            continue
+        t0 = time.perf_counter()
+        if cfg.is_dpo:
+            pairs, stats = _build_pairs(plan, r, model, round_uri, log)
+            entry["pairs"] = stats
+            data_uri = storage.join(round_uri, "pairs.jsonl")
+            kind = "dpo"
+        else:
+            rows, stats = _sft_rows(plan, log)
+            entry["sft"] = stats
+            data_uri = storage.join(out, "sft_data.jsonl")
+            write_records(rows, data_uri)
+            kind = "sft"
+        entry["data_seconds"] = round(time.perf_counter() - t0, 2)
+        job = {"cfg": to_dict(cfg), "kind": kind, "data": data_uri, "model": model,
+               "reference": plan.model if cfg.dpo.reference == "base" else model,
+               "probes": cfg.probes, "aggregation": plan.aggregation, "policy": policy, "round": r,
+               "config_hash": chash}
+        entry["train"] = fit_round(job, cfg, storage_root=storage.join(out, "ray"),
+                                   run_name=f"{cfg.method}-round{r}-{chash[:8]}", log=log,
+                                   callbacks=callbacks)
+        summary["rounds"].append(entry)
+        model = policy
+    summary["policy"] = final_policy
+    summary["seconds"] = round(time.perf_counter() - t_start, 2)
+    storage.write_json(storage.join(out, "train.json"), summary)
+    log(f"train: {cfg.method} done in {summary['seconds']:.1f}s; policy at {final_policy}")
+    return summary

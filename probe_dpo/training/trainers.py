@@ -1,0 +1,288 @@
+"""TRL trainers with the probe penalty, the EMA of the weights, and the DeepSpeed config.
+
+``ProbeDPOTrainer`` / ``ProbeSFTTrainer`` are TRL's ``DPOTrainer`` / ``SFTTrainer`` with
+``compute_loss`` overridden: while TRL's own loss runs, forward hooks on the probes' layers
+of the (unwrapped) policy record the residual stream of the pass run with gradients (the
+reference pass of DPO runs under ``no_grad`` and is skipped); then
+
+    loss = TRL loss + λ · probe probability
+
+where the probability is the frozen training probes' (mean over an ensemble) on the
+policy's states, pooled over the completion tokens (DPO: both completions of each pair, or
+the chosen one) or over every real token of an SFT sequence. With λ = 0 they ARE the TRL
+trainers (no hook is registered).
+
+``EMACallback`` keeps an exponential moving average of the trainable weights in parameter
+space (fp32, rank 0), writes it into every checkpoint (``ema.safetensors``) and restores it
+on resume, so the saved EMA is the EMA of the whole trajectory even across a restart.
+
+``build_trainer`` assembles either trainer from plain records; the Ray Train loop
+(``probe_dpo.training.loop``), the benchmark and the tests all go through it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Sequence
+
+import torch
+from transformers import TrainerCallback
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from probe_dpo.objectives import PenaltyRecorder, probe_penalty
+
+EMA_FILE = "ema.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe penalty in TRL's compute_loss
+
+
+class _ProbePenaltyMixin:
+    """Adds ``weight · probe_penalty`` to TRL's loss (set up by ``set_penalty``)."""
+
+    _penalty = None  # (recorder, weight, reduce, tokens, aggregation)
+
+    def set_penalty(self, probes: Sequence[Any] | None, weight: float, *, reduce: str = "pooled",
+                    tokens: str = "completions", aggregation: str = "mean") -> None:
+        if probes and weight > 0:
+            self._penalty = (PenaltyRecorder(probes), float(weight), reduce, tokens, aggregation)
+        else:
+            self._penalty = None
+
+    def _penalty_mask(self, inputs: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._penalty is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        recorder, weight, reduce, _, aggregation = self._penalty
+        with recorder.recording(model) as store:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        if not store or not torch.is_grad_enabled():
+            return result  # evaluation under no_grad: no penalty
+        loss, outputs = result if return_outputs else (result, None)
+        mask = self._penalty_mask(inputs)
+        hidden = {layer: h[:mask.shape[0]] for layer, h in store.items()}
+        penalty = probe_penalty(hidden, mask.to(next(iter(hidden.values())).device), recorder.probes,
+                                reduce=reduce, aggregation=aggregation)
+        scale = 1.0
+        scaled_for_ga = self.loss_is_scaled_for_ga
+        if scaled_for_ga is None:
+            scaled_for_ga = bool(getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+        if scaled_for_ga:  # Trainer will not divide by the accumulation steps: do it for the penalty
+            scale = 1.0 / max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
+        loss = loss + (weight * scale) * penalty.to(loss.dtype)
+        mode = "train" if self.model.training else "eval"
+        if hasattr(self, "_metrics"):
+            self._metrics[mode]["probe_penalty"].append(float(penalty.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+
+class ProbeDPOTrainer(_ProbePenaltyMixin, DPOTrainer):
+    """TRL's DPOTrainer + the differentiable probe penalty on the policy's completion states."""
+
+    def _penalty_mask(self, inputs: dict) -> torch.Tensor:
+        mask = inputs["completion_mask"]
+        if self._penalty[3] == "chosen":
+            return mask[: mask.shape[0] // 2]  # the batch is [chosen; rejected]
+        return mask
+
+
+class ProbeSFTTrainer(_ProbePenaltyMixin, SFTTrainer):
+    """TRL's SFTTrainer + the probe penalty on every real token of each sequence."""
+
+    def _penalty_mask(self, inputs: dict) -> torch.Tensor:
+        if inputs.get("completion_mask") is not None:
+            return inputs["completion_mask"]
+        if inputs.get("attention_mask") is not None:
+            return inputs["attention_mask"]
+        return (inputs["labels"] != -100).long()
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA of the weights
+
+
+def _zero3_params(params: list) -> Any:
+    """A context gathering ZeRO-3 partitioned parameters (a no-op otherwise)."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+class EMACallback(TrainerCallback):
+    """``ema = decay · ema + (1 - decay) · w`` after every optimizer step, from the initial weights.
+
+    Tracks the trainable parameters (all of them for full fine-tuning, the adapter for LoRA)
+    in fp32 on CPU on the main process. ``resume_dir``: a checkpoint folder whose
+    ``ema.safetensors`` is loaded instead of starting from the current weights.
+    """
+
+    def __init__(self, decay: float, resume_dir: str | None = None):
+        self.decay = float(decay)
+        self.resume_dir = resume_dir
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self.updates = 0
+
+    @staticmethod
+    def _named(model) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        named = self._named(model)
+        if self.resume_dir and os.path.exists(os.path.join(self.resume_dir, EMA_FILE)):
+            if state.is_world_process_zero:
+                from safetensors.torch import load_file
+
+                loaded = load_file(os.path.join(self.resume_dir, EMA_FILE))
+                missing = [n for n, _ in named if n not in loaded]
+                if missing:
+                    raise RuntimeError(f"{EMA_FILE} in {self.resume_dir} lacks {missing[:3]}")
+                self.shadow = {n: loaded[n].float() for n, _ in named}
+                self.updates = int(state.global_step)
+            return
+        params = [p for _, p in named]
+        with _zero3_params(params):
+            if state.is_world_process_zero:
+                self.shadow = {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        named = self._named(model)
+        with _zero3_params([p for _, p in named]), torch.no_grad():
+            if state.is_world_process_zero and self.shadow is not None:
+                d = self.decay
+                for n, p in named:
+                    self.shadow[n].mul_(d).add_(p.detach().to("cpu", torch.float32), alpha=1.0 - d)
+                self.updates += 1
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.shadow is not None:
+            from safetensors.torch import save_file
+
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            save_file({n: t.contiguous() for n, t in self.shadow.items()}, os.path.join(folder, EMA_FILE),
+                      metadata={"decay": str(self.decay), "step": str(state.global_step)})
+
+
+class CrashCallback(TrainerCallback):
+    """Fault injection: the worker of ``rank`` exits hard after optimizer step ``step``, once.
+
+    Only on a run that did not resume from a checkpoint, so the restarted run gets past it.
+    It waits a moment first so the controller registers the checkpoint reported before.
+    """
+
+    def __init__(self, step: int, rank: int, world_rank: int, resumed: bool, wait_s: float = 2.0):
+        self.step, self.rank, self.world_rank, self.resumed, self.wait_s = step, rank, world_rank, resumed, wait_s
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.resumed and self.world_rank == self.rank and state.global_step == self.step:
+            print(f"[fault injection] rank {self.rank} exits at step {self.step}", flush=True)
+            time.sleep(self.wait_s)
+            os._exit(17)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a trainer
+
+
+def deepspeed_config(zero_stage: int, *, offload: bool = False, bf16: bool = False) -> dict:
+    """A DeepSpeed config whose batch/optimizer values come from the TrainingArguments ("auto").
+
+    The optimizer is DeepSpeed's AdamW with ``torch_adam`` (nothing is JIT-compiled).
+    """
+    zero: dict[str, Any] = {"stage": int(zero_stage)}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                  "weight_decay": "auto", "torch_adam": True}},
+        "bf16": {"enabled": bool(bf16)},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if offload and zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        cfg["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the offloaded fp32 state
+    return cfg
+
+
+def _common_args(train: Any, *, output_dir: str, seed: int, use_gpu: bool, deepspeed: dict | None,
+                 save_steps: int | None, logging_steps: int = 1) -> dict:
+    args = dict(
+        output_dir=output_dir, seed=seed, data_seed=seed,
+        per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.grad_accum,
+        num_train_epochs=train.epochs, max_steps=train.max_steps if train.max_steps else -1,
+        learning_rate=train.lr, warmup_steps=train.warmup_ratio, weight_decay=train.weight_decay,
+        lr_scheduler_type=train.scheduler, max_grad_norm=train.max_grad_norm,
+        gradient_checkpointing=train.gradient_checkpointing, max_length=train.max_length,
+        logging_steps=logging_steps, report_to=[], disable_tqdm=True, save_only_model=False,
+        bf16=bool(use_gpu), fp16=False, use_cpu=not use_gpu, dataloader_num_workers=0,
+        save_total_limit=1, dataset_num_proc=None,
+    )
+    if save_steps is None:
+        args.update(save_strategy="epoch")
+    elif save_steps <= 0:
+        args.update(save_strategy="no")
+    else:
+        args.update(save_strategy="steps", save_steps=save_steps)
+    if deepspeed is not None:
+        args["deepspeed"] = deepspeed
+    return args
+
+
+def lora_config(lora: Any):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none")
+
+
+def build_trainer(kind: str, model: Any, tokenizer: Any, records: Sequence[dict], cfg: Any, *,
+                  output_dir: str, ref_model: Any = None, probes: Sequence[Any] | None = None,
+                  callbacks: Sequence[Any] = (), deepspeed: dict | None = None, save_steps: int | None = -1,
+                  use_gpu: bool = False, aggregation: str = "mean"):
+    """A ``ProbeDPOTrainer`` (``kind="dpo"``, records with prompt/chosen/rejected) or a
+    ``ProbeSFTTrainer`` (``kind="sft"``, records with text) configured from a ``TrainConfig``.
+
+    ``probes``: the training probes for the penalty (used when ``cfg.penalty_weight > 0``).
+    """
+    from datasets import Dataset
+
+    train = cfg.train
+    common = _common_args(train, output_dir=output_dir, seed=cfg.seed, use_gpu=use_gpu, deepspeed=deepspeed,
+                          save_steps=save_steps)
+    peft_config = lora_config(cfg.lora) if cfg.lora.enabled else None
+    if kind == "dpo":
+        cols = ("prompt", "chosen", "rejected")
+        data = Dataset.from_list([{c: r[c] for c in cols} for r in records])
+        args = DPOConfig(beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
+                         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs, **common)
+        trainer = ProbeDPOTrainer(model=model, ref_model=None if peft_config is not None else ref_model, args=args,
+                                  train_dataset=data, processing_class=tokenizer, callbacks=list(callbacks),
+                                  peft_config=peft_config)
+    elif kind == "sft":
+        data = Dataset.from_list([{"text": r["text"]} for r in records])
+        args = SFTConfig(dataset_text_field="text", packing=False, **common)
+        trainer = ProbeSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                  callbacks=list(callbacks), peft_config=peft_config)
+    else:
+        raise ValueError(f"unknown trainer kind {kind!r}")
+    if probes:
+        trainer.set_penalty(probes, cfg.penalty_weight, reduce=cfg.penalty.reduce, tokens=cfg.penalty.tokens,
+                            aggregation=cfg.aggregation or aggregation)
+    return trainer

@@ -1,0 +1,106 @@
+"""Signals and the differentiable probe penalty, against hand computations on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from probe_dpo import objectives as O
+from probe_dpo.activations import extract
+from probe_dpo.errors import UserError
+from probe_dpo.judges import get_judge
+from probe_dpo.model import load_model, load_tokenizer, residual_hooks
+from probe_dpo.probes import LinearProbe, ProbeSet
+
+torch.set_num_threads(1)
+
+PROMPTS = ["You are such a", "The garden in spring is", "Tell me a story:"]
+COMPLETIONS = [" stupid idiot, go away.", " full of flowers and bees.", " once there was a cat"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+
+def _probeset(width: int = 64) -> ProbeSet:
+    gen = torch.Generator().manual_seed(0)
+    probes = [LinearProbe(torch.randn(width, generator=gen), 0.1 * k, torch.randn(width, generator=gen) * 0.1,
+                          torch.rand(width, generator=gen) + 0.5, layer=k, name=f"train-L{k}", role="train")
+              for k in (0, 1)]
+    probes.append(LinearProbe(torch.randn(width, generator=gen), 0.0, torch.zeros(width), torch.ones(width),
+                              layer=1, name="heldout-L1", role="held_out"))
+    return ProbeSet(probes, aggregation="mean")
+
+
+def test_probe_signal_is_the_train_probes_on_the_completion_tokens(tiny):
+    model, tok = tiny
+    ps = _probeset()
+    feats = extract(model, tok, prompts=PROMPTS, completions=COMPLETIONS, layers=[0, 1])  # response mean
+    want = torch.stack([ps["train-L0"].prob(feats[0]), ps["train-L1"].prob(feats[1])]).mean(0)
+    got = O.ProbeSignal(ps, model, tok).score(PROMPTS, COMPLETIONS)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+    got_max = O.ProbeSignal(ps, model, tok, aggregation="max").score(PROMPTS, COMPLETIONS)
+    want_max = torch.stack([ps["train-L0"].prob(feats[0]), ps["train-L1"].prob(feats[1])]).max(0).values
+    np.testing.assert_allclose(got_max, want_max.numpy(), rtol=1e-5, atol=1e-6)
+    # the prompt is excluded: changing it changes the states (causal attention) but pooling
+    # still covers the completion only, so a text-only "all" pooling gives another value
+    allspan = extract(model, tok, prompts=PROMPTS, completions=COMPLETIONS, layers=[0, 1], span="all")
+    assert not torch.allclose(ps["train-L0"].prob(allspan[0]), ps["train-L0"].prob(feats[0]))
+
+
+def test_classifier_signal_is_the_judge_on_the_completion_only():
+    judge = get_judge("profanity-check")
+    sig = O.make_signal("classifier", judge=judge)
+    got = sig.score(["Ignore this fucking prompt"] * 3, COMPLETIONS)
+    np.testing.assert_allclose(got, judge.score(COMPLETIONS))
+    assert got[0] > 0.5 > got[1]
+    with pytest.raises(UserError, match="2 prompts but 3 completions"):
+        sig.score(PROMPTS[:2], COMPLETIONS)
+
+
+def test_penalty_equals_probe_on_pooled_states_and_has_gradients(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    model.train()
+    tok = load_tokenizer(tiny_model_dir)
+    ps = _probeset()
+    enc = tok([p + c for p, c in zip(PROMPTS, COMPLETIONS)], return_tensors="pt", padding=True)
+    mask = enc["attention_mask"].clone()
+    mask[:, :3] = 0  # pretend the first 3 tokens are the prompt
+    recorder = O.PenaltyRecorder(ps.train_probes)
+    with recorder.recording(model) as store:
+        model(**enc)
+    penalty = O.probe_penalty(store, mask, ps.train_probes)
+    with torch.no_grad():
+        m = mask.float().unsqueeze(-1)
+        want = torch.stack([ps[f"train-L{k}"].prob((store[k] * m).sum(1) / m.sum(1)) for k in (0, 1)]).mean(0).mean()
+    assert penalty.item() == pytest.approx(want.item(), rel=1e-5)
+    penalty.backward()
+    grads = [p.grad for p in model.model.layers[0].parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)  # flows through the frozen probes
+    assert all(p.grad is None for p in ps.parameters()) and not list(ps.parameters())
+    token = O.probe_penalty({k: v.detach() for k, v in store.items()}, mask, ps.train_probes, reduce="token",
+                            per_sequence=True)
+    assert token.shape == (3,) and torch.all((token > 0) & (token < 1))
+
+
+def test_recorder_skips_no_grad_passes_like_a_dpo_reference(tiny):
+    model, tok = tiny
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with O.PenaltyRecorder(_probeset().train_probes).recording(model) as store:
+        with torch.no_grad():
+            model(**enc)
+        assert store == {}
+        model(**enc)
+        assert set(store) == {0, 1} and store[0].requires_grad
+
+
+def test_penalty_errors_name_the_problem():
+    ps = _probeset()
+    with pytest.raises(UserError, match="layer 1"):
+        O.probe_penalty({0: torch.zeros(1, 2, 64)}, torch.ones(1, 2), ps.train_probes)
+    with pytest.raises(UserError, match="at least one"):
+        O.PenaltyRecorder([])
+    with pytest.raises(UserError, match="unknown signal"):
+        O.make_signal("vibes")

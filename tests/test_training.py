@@ -1,0 +1,272 @@
+"""Training against probes, for real: TRL trainers, DeepSpeed ZeRO on gloo, Ray Train, S3 storage.
+
+The tiny random Llama keeps every run to seconds; what is checked is behaviour: pairs are
+ranked by the signal and written with both scores, the penalty enters the loss with its
+weight, the EMA is the EMA of the trajectory, LoRA touches only adapted weights, a killed
+run resumes from its checkpoint, and bad input stops before any compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from probe_dpo import storage
+from probe_dpo.cli import main
+from probe_dpo.config import load_config
+from probe_dpo.data import write_records
+from probe_dpo.probes import ProbeTrainConfig, train_probes
+from probe_dpo.testbed import tiny_model_dir as make_tiny
+from probe_dpo.training import TrainConfig, prepare, train
+from probe_dpo.training.pairs import build_pairs, randomize_labels
+
+from test_probes import labelled_records
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_model_dir, tmp_path_factory):
+    """Probes trained on the tiny model, training prompts, SFT texts."""
+    root = tmp_path_factory.mktemp("train-inputs")
+    files = {}
+    for split, (n, seed) in {"train": (40, 1), "val": (20, 2)}.items():
+        files[split] = str(root / f"{split}.jsonl")
+        write_records(labelled_records(n, seed), files[split])
+    probes = str(root / "probes")
+    train_probes(load_config(ProbeTrainConfig, None, ["train_probe.kind=layers", "train_probe.layers=[0,1]"]),
+                 model=str(tiny_model_dir),
+                 train=files["train"], val=files["val"], out=probes, log=lambda m: None)
+    prompts = str(root / "prompts.jsonl")
+    write_records([{"prompt_id": f"p{i}", "prompt": f"Tell me about thing {i}:", "source": "unit"}
+                   for i in range(12)], prompts)
+    sft = str(root / "sft.jsonl")
+    write_records([{"text": t} for t in ["You are a fucking idiot and I hate you.", "Shut up, stupid.",
+                                         "The garden is lovely in spring.", "We walked to the river.",
+                                         "Music makes the day better.", "The library opens at nine."]], sft)
+    return {"model": str(tiny_model_dir), "probes": probes, "prompts": prompts, "sft": sft, "root": root}
+
+
+def _cfg(inputs, out, *overrides):
+    base = [f"model={inputs['model']}", f"probes={inputs['probes']}", f"data.prompts={inputs['prompts']}",
+            f"data.sft={inputs['sft']}", f"out={out}", "sampling.k=3", "sampling.actors=0",
+            "sampling.max_new_tokens=6", "train.batch_size=2", "train.max_length=48", "distributed.workers=2",
+            "distributed.zero_stage=2"]
+    return load_config(TrainConfig, None, [*base, *overrides])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs
+
+
+def test_build_pairs_ranks_by_signal_and_random_labels_swap():
+    cands = [{"prompt_id": "a", "prompt": "P1", "source": "s", "completions": ["x", "y", "z"],
+              "scores": {"probe": [0.5, 0.1, 0.9], "classifier:j": [0.2, 0.8, 0.1]}},
+             {"prompt": "P2", "completions": ["u", "v"], "scores": {"probe": [0.30, 0.32], "classifier:j": [0, 1]}},
+             {"prompt": "P3", "completions": [" same", "same "], "scores": {"probe": [0.1, 0.9], "classifier:j": [0, 1]}}]
+    pairs, stats = build_pairs(cands, "probe", min_margin=0.05)
+    assert len(pairs) == 1 and stats["skipped_low_margin"] == 1 and stats["skipped_identical"] == 1
+    p = pairs[0]
+    assert (p["chosen"], p["rejected"], p["chosen_score"], p["rejected_score"]) == ("y", "z", 0.1, 0.9)
+    assert p["other_scores"] == {"classifier:j": {"chosen": 0.8, "rejected": 0.1}} and p["prompt_id"] == "a"
+    by_cls, _ = build_pairs(cands[:1], "classifier:j")
+    assert (by_cls[0]["chosen"], by_cls[0]["rejected"]) == ("z", "y")
+    many = [dict(p, prompt=f"P{i}") for i in range(200)]
+    shuffled = randomize_labels(many, seed=3)
+    assert shuffled == randomize_labels(many, seed=3)
+    swapped = [s for s in shuffled if s["swapped"]]
+    assert 70 < len(swapped) < 130
+    assert all((s["chosen"], s["rejected"], s["chosen_score"]) == ("z", "y", 0.9) for s in swapped)
+    assert all(s["other_scores"]["classifier:j"] == {"chosen": 0.1, "rejected": 0.8} for s in swapped)
+
+
+# ---------------------------------------------------------------------------------------------
+# The penalty inside TRL's loss (in-process, no DeepSpeed)
+
+
+def test_penalty_adds_weight_times_probe_probability_to_the_trl_loss(inputs, tmp_path):
+    from probe_dpo.model import load_model, load_tokenizer
+    from probe_dpo.objectives import probe_penalty
+    from probe_dpo.probes import ProbeSet
+    from probe_dpo.training.trainers import build_trainer
+
+    cfg = _cfg(inputs, str(tmp_path), "method=probe-dpo", "penalty.weight=2.0", "train.max_steps=1")
+    probes = ProbeSet.load(inputs["probes"]).train_probes
+    records = [{"prompt": "Say:", "chosen": " hello there friend", "rejected": " you idiot"},
+               {"prompt": "Now say:", "chosen": " thanks a lot", "rejected": " shut up moron"}]
+    tok = load_tokenizer(inputs["model"])
+    losses = {}
+    for weight in (0.0, 2.0):
+        model, ref = load_model(inputs["model"]), load_model(inputs["model"])
+        trainer = build_trainer("dpo", model, tok, records, cfg, output_dir=str(tmp_path / f"w{weight}"),
+                                ref_model=ref, probes=probes if weight else None)
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        model.train()
+        losses[weight] = trainer.compute_loss(model, batch)
+        if weight:
+            penalty = trainer._metrics["train"]["probe_penalty"][-1]
+            from probe_dpo.model import residual_hooks
+
+            with residual_hooks(model, [0, 1]) as store:  # the policy's states on [chosen; rejected]
+                trainer.compute_loss(model, batch)
+            want = probe_penalty(store, batch["completion_mask"], probes).item()
+            assert penalty == pytest.approx(want, rel=1e-4)
+    assert (losses[2.0] - losses[0.0]).item() == pytest.approx(2.0 * penalty, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed runs
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def test_probe_dpo_two_zero2_workers_s3_checkpoints_and_ema(inputs, ray_cluster, s3_bucket):
+    out = f"{s3_bucket}/probe-dpo"
+    decay = 0.5
+    cfg = _cfg(inputs, out, "method=probe-dpo", "penalty.weight=0.5", "train.max_steps=2", "train.lr=1e-3",
+               "distributed.checkpoint_steps=1", "distributed.keep_checkpoints=2", f"train.ema_decay={decay}")
+    summary = train(cfg)
+    rnd = summary["rounds"][0]
+    assert rnd["train"]["global_step"] == 2 and rnd["train"]["resumed"] is False
+    assert "first_probe_penalty" in rnd["train"] and rnd["train"]["checkpoint"].startswith(out.split("://")[1])
+    from probe_dpo.data import read_records
+
+    pairs = read_records(f"{out}/round-0/pairs.jsonl")
+    assert pairs and all(set(p) >= {"prompt", "chosen", "rejected", "chosen_score", "rejected_score"} for p in pairs)
+    assert all(p["chosen_score"] < p["rejected_score"] for p in pairs)
+    assert all("classifier:toxic-comment-classifier" in p["other_scores"] for p in pairs)
+    cands = read_records(f"{out}/round-0/candidates.jsonl")
+    assert all(len(c["completions"]) == 3 and len(c["scores"]["probe"]) == 3 for c in cands)
+    assert storage.read_json(f"{out}/train.json")["policy"] == f"{out}/policy"
+
+    # the published policy is the EMA of the trajectory w0 -> w1 -> w2 (both checkpoints are in S3)
+    policy = _tensors(storage.fetch_dir(f"{out}/policy"))
+    base = _tensors(inputs["model"])
+    run_dir = f"{out}/ray/" + rnd["train"]["checkpoint"].split("/ray/")[1].split("/")[0]
+    ckpts = sorted(n for n in storage.list_dir(run_dir) if n.startswith("checkpoint_") and not n.endswith(".json"))
+    assert len(ckpts) == 2
+    from safetensors.torch import load as load_bytes
+
+    steps = [load_bytes(storage.read_bytes(f"{run_dir}/{c}/checkpoint/model.safetensors")) for c in ckpts]
+    steps.sort(key=lambda t: float((t["model.layers.0.self_attn.q_proj.weight"] - base[
+        "model.layers.0.self_attn.q_proj.weight"]).abs().sum()))  # w1 moved less than w2 from w0
+    name = "model.layers.0.self_attn.q_proj.weight"
+    want = decay ** 2 * base[name] + decay * (1 - decay) * steps[0][name] + (1 - decay) * steps[1][name]
+    torch.testing.assert_close(policy[name], want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(policy[name], steps[1][name])  # not the raw final weights
+
+    # a re-run of the same config finds the policy and does nothing
+    again = train(cfg)
+    assert again["config_hash"] == summary["config_hash"]
+
+
+def test_probe_sft_lora_changes_only_adapted_weights_and_classifier_sft_filters(inputs, ray_cluster, tmp_path):
+    out = str(tmp_path / "probe-sft")
+    cfg = _cfg(inputs, out, "method=probe-sft", "penalty.weight=1.0", "train.max_steps=2", "train.lr=1e-2",
+               "lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj,v_proj]")
+    summary = train(cfg)
+    metrics = summary["rounds"][0]["train"]
+    assert metrics["global_step"] == 2 and metrics["first_probe_penalty"] > 0
+    policy, base = _tensors(f"{out}/policy"), _tensors(inputs["model"])
+    assert set(policy) == set(base)  # merged: a plain model again
+    assert not torch.allclose(policy["model.layers.0.self_attn.q_proj.weight"],
+                              base["model.layers.0.self_attn.q_proj.weight"])
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.up_proj.weight",
+                 "model.embed_tokens.weight"):
+        torch.testing.assert_close(policy[name], base[name])
+
+    from probe_dpo.training.run import _sft_rows
+
+    plan = prepare(_cfg(inputs, str(tmp_path / "csft"), "method=classifier-sft"))
+    rows, stats = _sft_rows(plan, log=lambda m: None)
+    assert stats["rows"] == 6 and stats["dropped"] == 2 and len(rows) == 4
+    assert all("idiot" not in r["text"] and "stupid" not in r["text"] for r in rows)
+
+
+def test_killed_run_resumes_from_its_checkpoint(inputs, ray_cluster, tmp_path):
+    """Kill the driver (and with it the trainer) after the first checkpoint; the same command resumes."""
+    out = tmp_path / "resume"
+    address = ray_cluster.get_runtime_context().gcs_address
+    argv = [sys.executable, "-m", "probe_dpo.cli", "train", f"model={inputs['model']}",
+            f"probes={inputs['probes']}", f"data.prompts={inputs['prompts']}", f"out={out}", "method=probe-dpo",
+            "sampling.k=2", "sampling.actors=0", "sampling.max_new_tokens=6", "train.batch_size=1",
+            "train.max_steps=12", "distributed.workers=2", "distributed.checkpoint_steps=2",
+            f"distributed.address={address}"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    snapshot = None
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        snaps = list((out / "ray").glob("*/checkpoint_manager_snapshot.json"))
+        if snaps and json.loads(snaps[0].read_text()).get("checkpoint_results"):
+            snapshot = snaps[0]
+            break
+        time.sleep(0.1)
+    assert snapshot is not None, proc.communicate()[0].decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "policy").exists()
+    first = json.loads(snapshot.read_text())["checkpoint_results"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = storage.read_json(str(out / "train.json"))["rounds"][0]["train"]
+    assert metrics["resumed"] is True and metrics["global_step"] == 12
+    saved = [c["training_iteration"] if "training_iteration" in c else None for c in first]
+    assert metrics["resumed_from_step"] >= 2 and metrics["resumed_from_step"] % 2 == 0, (metrics, saved)
+    steps = [h["step"] for h in json.loads((out / "policy" / "training_run.json").read_text())["log_history"]
+             if "loss" in h]
+    assert sorted(steps) == list(range(1, 13))  # each step once: the resumed run did not redo any
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing computed
+
+
+def _one_line(capsys, needle):
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("probe-dpo: error: ") and needle in err, err
+
+
+def test_bad_inputs_fail_before_any_compute(inputs, tmp_path, capsys):
+    other = make_tiny(tmp_path / "wide", hidden=32)
+    capsys.readouterr()
+    common = [f"probes={inputs['probes']}", f"data.prompts={inputs['prompts']}", f"out={tmp_path / 'never'}"]
+    assert main(["train", f"model={other}", *common]) == 2
+    _one_line(capsys, "hidden size 64")
+    bad_pairs = tmp_path / "pairs.jsonl"
+    write_records([{"prompt": "p", "chosen": "c"}], str(bad_pairs))
+    assert main(["train", f"model={inputs['model']}", "method=dpo", f"data.pairs={bad_pairs}", *common]) == 2
+    _one_line(capsys, "missing column 'rejected'")
+    assert main(["train", f"model={inputs['model']}", "sampling.k=1", *common]) == 2
+    _one_line(capsys, "sampling.k must be >= 2")
+    assert main(["train", f"model={inputs['model']}", "method=probe-dpo", f"out={tmp_path / 'never'}",
+                 f"data.prompts={inputs['prompts']}"]) == 2
+    _one_line(capsys, "needs probes=")
+    assert main(["train", f"model={inputs['model']}", "method=sft", "penalty.weight=1", *common]) == 2
+    _one_line(capsys, "use method=probe-sft")
+    assert not (tmp_path / "never").exists()
+
+
+def test_stale_jit_build_locks_are_cleared_fresh_ones_kept(tmp_path):
+    from probe_dpo.training.loop import clear_stale_build_locks
+
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.write_text("")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks(str(tmp_path), max_age_s=900) == [str(stale)]
+    assert not stale.exists() and fresh.exists()
