@@ -1,0 +1,225 @@
+"""`probe-dpo attribute` end to end on a small testbed around the tiny model: Ray-sharded
+scoring, comparators, mitigations, retraining with plain DPO on Ray Train, the report; and the
+one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from probe_dpo import storage
+from probe_dpo.cli import main
+from probe_dpo.data import read_records, write_records
+
+from test_probes import BAD, FILLER, GOOD, labelled_records
+
+torch.set_num_threads(1)
+
+
+def _words(rng: random.Random, pool: list[str], extra: int) -> str:
+    w = [rng.choice(FILLER) for _ in range(rng.randint(1, 3) + extra)]
+    w.insert(rng.randint(0, len(w)), rng.choice(pool))
+    return "".join(w)
+
+
+def mini_testbed(root, model_dir) -> str:
+    """A testbed folder with the testbed's files (small), continuations whose toxicity is a word."""
+    rng = random.Random(0)
+    os.makedirs(root / "data")
+    os.symlink(model_dir, root / "model")
+    (root / "testbed.json").write_text(json.dumps({
+        "train_judge": "toxic-comment-classifier", "heldout_judges": ["profanity-check"], "model": {"path": "model"},
+        "config": {"generation": {"max_new_tokens": 4, "batch_size": 16}}}))
+    write_records(labelled_records(30, 1), str(root / "data" / "probe_train.jsonl"))
+    for split in ("val", "test"):
+        rows = []
+        for p in range(24):
+            pid = f"{split}-{p}"
+            for s in range(4):
+                toxic = p % 3 == 0 and s == 1
+                rows.append({"prompt_id": pid, "prompt": f"Prompt {pid}: you are", "sample": s,
+                             "completion": _words(rng, BAD if toxic else GOOD, extra=rng.randint(0, 6)),
+                             "score": rng.uniform(0.6, 0.95) if toxic else rng.uniform(0.0, 0.15),
+                             "label": int(toxic), "genre": "toxic-prompt"})
+        write_records(rows, str(root / "data" / f"probe_{split}.jsonl"))
+    write_records([{"prompt": f"Held-out prompt {i}: she said"} for i in range(6)],
+                  str(root / "data" / "prompts_heldout.jsonl"))
+    write_records([{"text": "The river runs past the old mill and the garden. " * 4}] * 2,
+                  str(root / "data" / "perplexity.jsonl"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def testbed(tmp_path_factory, tiny_model_dir):
+    return mini_testbed(tmp_path_factory.mktemp("mini-testbed"), str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def probes(testbed, tmp_path_factory):
+    from probe_dpo.probes import ProbeTrainConfig, train_probes
+
+    out = str(tmp_path_factory.mktemp("probes") / "set")
+    train_probes(ProbeTrainConfig(layers=[1], c_grid=[0.1, 1.0]), testbed=testbed, out=out, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def study(testbed, probes, ray_cluster, tmp_path_factory):
+    """One run: Ray-sharded scoring, both comparators, the three mitigations (no retraining)."""
+    out = str(tmp_path_factory.mktemp("study") / "out")
+    rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", out,
+               "--mitigate", "filter,swap,drop-sources", "--comparators", "judge,gradient",
+               "ranking.k_from_labels=true", "behaviour_examples=0", "gradient.dim=128",
+               "ranking.bootstrap=200", "clusters.k_max=4"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def retrained(study, testbed, probes):
+    """The same study with retraining of the raw set and the probe-filtered set (plain DPO, 1 step)."""
+    rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", study, "--in-process",
+               "--mitigate", "filter", "--retrain", "ranking.k_from_labels=true", "behaviour_examples=0",
+               "retrain.overrides=[train.max_steps=1]", "retrain.batch_size=2",
+               "evaluation.judges=[profanity-check]", "evaluation.max_prompts=4", "evaluation.bootstrap=200",
+               "ranking.bootstrap=200", "clusters.k_max=4"])
+    assert rc == 0
+    return study
+
+
+def test_study_writes_scores_sources_clusters_audit_and_report(study):
+    results = json.loads(open(os.path.join(study, "results.json")).read())
+    pairs = read_records(os.path.join(study, "mix", "pairs.jsonl"))
+    scores = read_records(os.path.join(study, "scores.parquet"))
+    assert len(scores) == len(pairs) == len({s["pair_id"] for s in scores})
+    assert sorted(s["rank"] for s in scores) == list(range(1, len(pairs) + 1))
+    assert {"score", "score_judge", "score_gradient", "poisoned", "cluster", "score_diff-of-means"} <= set(scores[0])
+    bad = np.array([s["poisoned"] for s in scores])
+    k = results["k"]
+    assert k == bad.sum() > 0 and results["direction"] == "diff-of-means"
+    from probe_dpo.attribution import recall_at_k
+
+    for method, col in (("probe", "score"), ("judge", "score_judge"), ("gradient", "score_gradient")):
+        assert results["recall"][method] == pytest.approx(recall_at_k([s[col] for s in scores], bad, k))
+    sources = json.loads(open(os.path.join(study, "sources.json")).read())["probe"]
+    assert {r["source"] for r in sources} == {p["source"] for p in pairs}
+    assert sum(r["in_top_k"] for r in sources) == k
+    clusters = json.loads(open(os.path.join(study, "clusters.json")).read())
+    assert sum(c["size"] for c in clusters["clusters"]) == len(pairs) and 2 <= clusters["k"] <= 4
+    audit = json.loads(open(os.path.join(study, "audit.json")).read())
+    assert {r["scope"] for r in audit} >= {"all", "chat", "safety"}
+    assert {r["kind"] for r in audit} == {"probe", "diff-of-means", "cluster"}
+    report = open(os.path.join(study, "report.md")).read()
+    for needle in ("## Sources", "## Recall of the bad pairs", "## Concept audit", "## Mitigations",
+                   "figures/score_by_source.png", "figures/recall_at_k.png"):
+        assert needle in report
+    assert "data:image/png;base64," in open(os.path.join(study, "report.html")).read()
+    assert results["timings"]["pair_activations_s"] > 0 and results["comparators"]["gradient"]["mode"] == "dense"
+
+
+def test_study_mitigations(study):
+    results = json.loads(open(os.path.join(study, "results.json")).read())
+    scores = read_records(os.path.join(study, "scores.parquet"))
+    pairs = read_records(os.path.join(study, "mix", "pairs.jsonl"))
+    k = results["k"]
+    top = {s["pair_id"] for s in scores if s["rank"] <= k}
+    filtered = read_records(os.path.join(study, "mitigated", "probe-filter.jsonl"))
+    assert {p["pair_id"] for p in filtered} == {p["pair_id"] for p in pairs} - top
+    swapped = {p["pair_id"]: p for p in read_records(os.path.join(study, "mitigated", "probe-swap.jsonl"))}
+    for p in pairs:
+        q = swapped[p["pair_id"]]
+        assert (q["chosen"], q["rejected"]) == ((p["rejected"], p["chosen"]) if p["pair_id"] in top
+                                                else (p["chosen"], p["rejected"]))
+    arms = results["mitigations"]
+    flagged = [r["source"] for r in results["sources"]["probe"] if r["flagged"]]
+    if flagged:
+        kept = read_records(os.path.join(study, "mitigated", "probe-drop-sources.jsonl"))
+        assert not {p["source"] for p in kept} & set(flagged) and arms["probe-drop-sources"]["sources"] == flagged
+    else:
+        assert arms["probe-drop-sources"]["skipped"]
+    assert set(arms) == {"probe-filter", "probe-swap", "probe-drop-sources"}
+    assert arms["probe-filter"]["bad_affected"] == round(results["recall"]["probe"] * k)
+
+
+def test_retraining_measures_each_arm(retrained):
+    results = json.loads(open(os.path.join(retrained, "results.json")).read())
+    retrain = results["retrain"]
+    assert set(retrain["arms"]) == {"base", "raw", "probe-filter"}
+    for name in ("raw", "probe-filter"):
+        assert storage.is_complete(os.path.join(retrained, "runs", name, "policy"))
+        entry = retrain["arms"][name]
+        assert 0 <= entry["rates"]["profanity-check"]["rate"] <= 1 and entry["perplexity"] > 1
+    share = retrain["arms"]["probe-filter"]["share_removed"]["profanity-check"]
+    assert set(share) >= {"share", "ci_low", "ci_high", "rate_base", "rate_raw", "rate_mitigated"}
+    samples = read_records(os.path.join(retrained, "eval", "base.samples.jsonl"))
+    assert len(samples) == 4 * 2 and all(s["prompt"].endswith(" (keep it casual)") for s in samples)
+    report = open(os.path.join(retrained, "report.md")).read()
+    assert "## Behaviour after DPO" in report and "figures/toxicity_after_mitigation.png" in report
+
+
+def test_second_run_reuses_everything(study, testbed, probes, capsys):
+    rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", study, "--in-process",
+               "--comparators", "gradient", "ranking.k_from_labels=true", "behaviour_examples=0", "gradient.dim=128",
+               "clusters.enabled=false"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "preference mix" not in out or "cache" in out
+    assert "gradient: reusing scores" in out
+
+
+def _error(capsys, argv, needle):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and err.startswith("probe-dpo: error: ") and needle in err, err
+
+
+def test_one_line_errors(tmp_path, tiny_model_dir, probes, capsys):
+    from probe_dpo.probes import LinearProbe, ProbeSet
+
+    model = str(tiny_model_dir)
+    ok = [{"prompt": "p", "chosen": "a", "rejected": "b", "source": "s"}]
+    write_records([{"prompt": "p", "chosen": "a"}], str(tmp_path / "missing.jsonl"))
+    write_records([{"prompt": "p", "chosen": "", "rejected": "b"}], str(tmp_path / "empty.jsonl"))
+    write_records(ok, str(tmp_path / "ok.jsonl"))
+    out = str(tmp_path / "o")
+    base = ["attribute", "--model", model, "--out", out]
+    _error(capsys, base + ["--pairs", str(tmp_path / "missing.jsonl"), "--probes", probes], "missing column 'rejected'")
+    _error(capsys, base + ["--pairs", str(tmp_path / "empty.jsonl"), "--probes", probes], "column 'chosen' is empty")
+    ProbeSet([LinearProbe(torch.ones(32), 0.0, torch.zeros(32), torch.ones(32), layer=0, name="w")]).save(
+        str(tmp_path / "wide"))
+    _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", str(tmp_path / "wide")],
+           "come from another model")
+    deep = ProbeSet([LinearProbe(torch.ones(64), 0.0, torch.zeros(64), torch.ones(64), layer=9, name="d")])
+    deep.save(str(tmp_path / "deep"))
+    _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", str(tmp_path / "deep")],
+           "read layer(s) [9]")
+    _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes, "layer=5"],
+           "layer 5 is out of range")
+    _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes, "--mitigate", "burn"],
+           "unknown mitigation 'burn'")
+    _error(capsys, base + ["--pairs", str(tmp_path / "nothere.jsonl"), "--probes", probes], "no such file")
+    assert not os.path.exists(out) or not os.listdir(out)  # nothing was computed
+
+
+def test_attribute_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["attribute", "--help"])
+    text = capsys.readouterr().out
+    assert exc.value.code == 0 and "--mitigate" in text and "--probes" in text
+
+
+def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
+    from probe_dpo.config import load_config
+    from workflows.attribution import AttributionConfig, _absolute
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _absolute(load_config(AttributionConfig, None, ["out=runs/x", "pairs=p.jsonl", "probes=s3://b/probes",
+                                                          "evaluation.prompts=h.jsonl"]))
+    assert cfg.out == str(tmp_path / "runs" / "x") and cfg.pairs == str(tmp_path / "p.jsonl")
+    assert cfg.probes == "s3://b/probes" and cfg.evaluation.prompts == str(tmp_path / "h.jsonl")
+    assert cfg.model is None
