@@ -1,0 +1,156 @@
+"""The main job as a Ray job on a real local Ray head, with a crash of its driver.
+
+A head is started with ``ray start --head --block`` on 127.0.0.1 (its own cluster, separate
+from the session's), the experiment is submitted with ``cluster/submit.sh`` (the runtime env
+carries the S3 settings by value, the checkout is the working dir), its driver is SIGKILLed
+once the first trial is complete, the job is submitted again and must finish the remaining
+trials without redoing the first; results and the report are read back from the local S3
+server. The head is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from probe_dpo import storage
+
+from test_workflow_toxicity import tiny_config
+
+ARMS = ["probe-dpo-single", "classifier-sft", "random-dpo"]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(s3_server, tmp_path):
+    """A real Ray head (dashboard + job server) on 127.0.0.1; stopped by ending its --block process."""
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             "--disable-usage-stats",
+                             # the agents' fixed default ports are taken by any other Ray on this machine
+                             # (the test session's own cluster runs one): give this head free ones
+                             f"--dashboard-agent-listen-port={_free_port()}",
+                             f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                             f"--metrics-export-port={_free_port()}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except OSError:
+            if head.poll() is not None:
+                pytest.fail(head.stdout.read().decode()[-3000:])
+            time.sleep(0.5)
+    else:
+        pytest.fail("the Ray head's job server did not come up in 120 s")
+    yield url, env
+    head.send_signal(signal.SIGTERM)  # --block: stops every process this head started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def _submit(url: str, env: dict, config: Path, run: str) -> str:
+    argv = ["bash", "cluster/submit.sh", "--address", url, "--no-wait", "--", "probe-dpo", "experiment",
+            "--config", str(config), "--storage", run]
+    for _ in range(20):  # a fresh head's job agent comes up a little after its dashboard
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(1)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "testing" not in done.stdout + done.stderr  # the dummy secret values never show
+    return re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0)
+
+
+def _wait(client, job: str, states, timeout: float):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in states:
+            return status
+        time.sleep(1)
+    raise AssertionError(f"job {job} still {client.get_job_status(job)}:\n{client.get_job_logs(job)[-4000:]}")
+
+
+def test_experiment_as_a_ray_job_survives_a_killed_driver(tiny_model_dir, ray_head, s3_bucket, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    url, env = ray_head
+    run = f"{s3_bucket}/job"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(str(tiny_model_dir), run, ARMS)))
+    env = {**env, "PROBE_DPO_CACHE": str(tmp_path / "cache")}
+    client = JobSubmissionClient(url)
+
+    first_job = _submit(url, env, config, run)
+    first = f"{ARMS[0]}-s0"
+    deadline = time.time() + 600
+    while time.time() < deadline and not storage.is_complete(f"{run}/trials/{first}/eval"):
+        assert client.get_job_status(first_job) not in (JobStatus.FAILED, JobStatus.STOPPED), \
+            client.get_job_logs(first_job)[-4000:]
+        time.sleep(1)
+    assert storage.is_complete(f"{run}/trials/{first}/eval"), client.get_job_logs(first_job)[-4000:]
+    pid = client.get_job_info(first_job).driver_info.pid
+    os.kill(int(pid), signal.SIGKILL)  # the Tune driver crashes mid-experiment
+    assert _wait(client, first_job, {JobStatus.FAILED, JobStatus.STOPPED}, 120) != JobStatus.SUCCEEDED
+    before = storage.read_manifest(f"{run}/trials/{first}/eval")
+    assert not storage.is_complete(f"{run}/trials/{ARMS[-1]}-s0/eval")
+
+    second_job = _submit(url, env, config, run)
+    assert _wait(client, second_job, {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}, 900) == \
+        JobStatus.SUCCEEDED, client.get_job_logs(second_job)[-4000:]
+    logs = client.get_job_logs(second_job)
+    assert f"1 of {len(ARMS)} trials already complete: skipping them" in logs
+    assert storage.read_manifest(f"{run}/trials/{first}/eval") == before  # not redone
+
+    rows = storage.read_json(f"{run}/results.json")["rows"]
+    assert sorted(r["arm"] for r in rows) == sorted(ARMS)
+    for row in rows:
+        for judge in ("toxic-comment-classifier", "profanity-check"):
+            assert 0.0 <= row[f"toxicity.{judge}.rate"] <= 1.0
+        assert row["perplexity"] > 1 and row["kl_to_base"] >= 0
+        assert 0.0 <= row["auroc.train"] <= 1.0 and "auroc.held_out" in row
+        assert any(k.startswith("auroc.retrained.") for k in row)
+    m = storage.read_json(f"{run}/trials/{first}/eval/metrics.json")
+    assert {"base_rate", "rate", "ci_low", "ci_high"} <= set(m["toxicity"]["toxic-comment-classifier"]["change"])
+    det = m["detection"]
+    assert det["aggregate"]["train"]["ci_low"] <= det["aggregate"]["train"]["auroc"] <= det["aggregate"]["train"]["ci_high"]
+    assert "delta" in det["aggregate"]["held_out"] and det["retrained"]
+    pairs = storage.read_text(f"{run}/trials/{first}/train/round-0/pairs.jsonl").splitlines()
+    assert pairs and {"chosen_score", "rejected_score"} <= set(json.loads(pairs[0]))
+
+    md = storage.read_text(f"{run}/report.md")
+    assert "## Arms" in md and "## What the runs say" in md and "**base model**" in md
+    for arm in ARMS:
+        assert f"| {arm} |" in md
+    assert "How much does detection drop" in md and "retraining" in md and "standard error" in md
+    assert storage.read_text(f"{run}/report.html").count("data:image/png;base64,") == 3
+
+    from probe_dpo.cli import main
+
+    assert main(["report", run]) == 0  # rebuilt from storage alone
