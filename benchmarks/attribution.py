@@ -1,0 +1,271 @@
+"""Probe attribution vs its comparators, side by side in ONE run, on the same model and data.
+
+Model: the testbed's SmolLM2-135M-Instruct (the model before DPO). Data: the poisoned
+preference mix built from the testbed (``probe_dpo.preference_mix``; which pairs are poisoned
+is used for scoring the rankings only). Behaviour examples: the same seeded sample of the
+testbed's probe_train split for every method (``--behaviour-examples`` per class).
+
+Methods, each in a FRESH child process (so peak memory is its own; wall time includes
+loading the model):
+
+- ``probe``: the workflow's default path: pair activations on 2 Ray actors (1 torch thread
+  each) through ``ExtractorPool`` + ``extract_sharded``, the difference-of-means direction
+  from the behaviour examples (same actors), cos(v_d, v_b). Also scored: the trained probe's
+  direction (``--probes``), from the same activations. Peak memory = driver + actors.
+- ``probe-in-process``: the same in one process with 2 torch threads (``extract``).
+- ``judge``: judge(chosen) - judge(rejected) with the judge that did NOT select the poison.
+- ``gradient``: LESS-style per-pair DPO-loss gradients (one pair at a time) of the
+  ``GradientConfig`` parameter subset, Rademacher-projected chunk-wise; behaviour gradient of
+  the positives' log-likelihood; cosine. 2 torch threads.
+- ``gradient-factorized``: LoGra-style per-example gradients of every linear layer through
+  hooks, Kronecker-factored Gaussian projection, batched. 2 torch threads.
+
+Reports wall time, peak RSS, recall of the poisoned pairs at k (k = their number), the
+source ranking, the ratios gradient / probe, and, when ``--study`` points at a finished
+``workflows/attribution`` run on the same mix with retraining, the toxicity after filtering
+with each ranking. Prints a table and ``RESULT {json}`` (last line); writes
+benchmarks/results/attribution.json.
+
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/attribution.py --testbed /tmp/tb \\
+        --probes /tmp/probes-tb --study runs/attribution-tb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("probe", "probe-in-process", "judge", "gradient", "gradient-factorized")
+
+
+def _rss_peak_bytes() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+def _inputs(spec: dict):
+    from probe_dpo.data import read_records
+    from workflows.attribution import _sample_behaviour
+
+    pairs = read_records(spec["pairs"])
+    behaviour = _sample_behaviour(read_records(spec["behaviour"]), spec["behaviour_examples"], spec["seed"])
+    return pairs, behaviour
+
+
+def worker(method: str, spec: dict) -> dict:
+    """Run one method in this (fresh) process; returns scores and costs."""
+    import tracemalloc
+
+    t_import = time.perf_counter()
+    import torch
+
+    from probe_dpo import attribution as A
+
+    pairs, behaviour = _inputs(spec)
+    import_s = time.perf_counter() - t_import
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    out: dict = {"method": method}
+    model = spec["model"]
+    layer = spec["layer"]
+    extra: dict = {}
+    if method in ("probe", "probe-in-process"):
+        if method == "probe":
+            from probe_dpo.activations import ExtractorPool
+            from probe_dpo.ray_utils import init_ray
+
+            t_ray = time.perf_counter()
+            init_ray(None, num_cpus=2)
+            extra["ray_init_s"] = round(time.perf_counter() - t_ray, 2)  # a cluster is started once: not counted
+            t0 = time.perf_counter()
+            pool = ExtractorPool(model, actors=2, threads_per_actor=1)
+            tmp = tempfile.mkdtemp(prefix="bench-attr-")
+            try:
+                feats = A.pair_features(model, pairs, [layer], pool=pool, activations=f"{tmp}/pairs",
+                                        batch_size=16, max_length=256)
+                direction = A.behaviour_direction(model, behaviour, layer, pool=pool, activations=f"{tmp}/beh",
+                                                  batch_size=16, max_length=256)
+                import ray
+
+                actor_rss = ray.get([a.__ray_call__.remote(lambda self: _rss_peak_bytes()) for a in pool.actors])
+            finally:
+                pool.close()
+            extra["actor_peak_rss_bytes"] = [int(x) for x in actor_rss]
+            extra["actor_startup_s"] = round(pool.startup_s, 2)
+        else:
+            torch.set_num_threads(2)
+            from probe_dpo.model import load_model, load_tokenizer
+
+            lm, tok = load_model(model), load_tokenizer(model)
+            feats = A.pair_features(lm, pairs, [layer], tokenizer=tok, batch_size=16, max_length=256)
+            direction = A.behaviour_direction(lm, behaviour, layer, tokenizer=tok, batch_size=16, max_length=256)
+        scores = A.cosine_scores(feats.diffs(layer), direction)
+        if spec.get("probes"):
+            from probe_dpo.probes import ProbeSet
+
+            for d in A.probe_directions(ProbeSet.load(spec["probes"])):
+                if d.layer == layer:
+                    out.setdefault("other_scores", {})[d.name] = A.cosine_scores(feats.diffs(layer), d).tolist()
+    elif method == "judge":
+        scores = A.judge_scores(pairs, spec["judge"])
+    elif method in ("gradient", "gradient-factorized"):
+        torch.set_num_threads(2)
+        from probe_dpo.model import load_model, load_tokenizer
+
+        lm, tok = load_model(model), load_tokenizer(model)
+        cfg = A.GradientConfig(mode="dense" if method == "gradient" else "factorized", **spec.get("gradient", {}))
+        positives = [r for r in behaviour if float(r["label"]) > 0.5]
+        scores, info = A.gradient_scores(lm, tok, pairs, positives, cfg)
+        extra["gradient"] = info
+    else:
+        raise SystemExit(f"unknown method {method}")
+    wall = time.perf_counter() - t0
+    _, py_peak = tracemalloc.get_traced_memory()
+    out.update({"seconds": round(wall, 2), "import_and_read_s": round(import_s, 2), "scores": [float(s) for s in scores],
+                "peak_rss_bytes": _rss_peak_bytes(), "python_heap_peak_bytes": int(py_peak),
+                "torch_threads": torch.get_num_threads(), **extra})
+    if "actor_peak_rss_bytes" in out:
+        out["driver_peak_rss_bytes"] = out["peak_rss_bytes"]
+        out["peak_rss_bytes"] = out["peak_rss_bytes"] + sum(out["actor_peak_rss_bytes"])
+    return out
+
+
+def run_child(method: str, spec: dict) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench-attr-child-") as tmp:
+        spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_file.write_text(json.dumps(spec))
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--worker", method, "--spec", str(spec_file),
+                               "--result", str(result_file)], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{method} failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(result_file.read_text())
+        result["process_seconds"] = round(time.perf_counter() - t0, 2)
+        return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--testbed", default="/tmp/tb")
+    parser.add_argument("--probes", default=None, help="a ProbeSet on the testbed model (its layer is used)")
+    parser.add_argument("--layer", type=int, default=None, help="layer when no probes are given")
+    parser.add_argument("--mix", default=None, help="where the poisoned mix is built (default: a cache folder)")
+    parser.add_argument("--study", default=None, help="a finished workflows/attribution run (toxicity after filtering)")
+    parser.add_argument("--behaviour-examples", type=int, default=256)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS / "attribution.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = worker(args.worker, json.loads(Path(args.spec).read_text()))
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    import numpy as np
+
+    from probe_dpo import attribution as A
+    from probe_dpo.evaluation import read_testbed_info
+    from probe_dpo.preference_mix import build_preference_mix, read_poison_labels
+
+    info = read_testbed_info(args.testbed)
+    mix_dir = args.mix or os.path.join(os.path.expanduser("~/.cache/probe_dpo"), "attribution-bench-mix")
+    mix = build_preference_mix(args.testbed, mix_dir)
+    pairs_uri = os.path.join(mix_dir, "pairs.jsonl")
+    pairs = A.read_pair_file(pairs_uri)
+    bad = read_poison_labels(os.path.join(mix_dir, "poison_labels.jsonl"), pairs)
+    layer = args.layer
+    if args.probes:
+        from probe_dpo.probes import ProbeSet
+
+        ps = ProbeSet.load(args.probes)
+        layer = (ps.train_probes or list(ps.probes))[0].layer if layer is None else layer
+    if layer is None:
+        raise SystemExit("give --probes or --layer")
+    judge = next(j for j in ("profanity-check", "toxic-comment-classifier") if j != mix["train_judge"])
+    spec = {"pairs": pairs_uri, "behaviour": os.path.join(args.testbed, "data", "probe_train.jsonl"),
+            "behaviour_examples": args.behaviour_examples, "seed": args.seed,
+            "model": os.path.join(args.testbed, "model"), "layer": layer, "probes": args.probes, "judge": judge}
+    methods = [m for m in args.methods.split(",") if m]
+    k = int(bad.sum())
+    results: dict[str, dict] = {}
+    for method in methods:
+        print(f"[bench] {method} ...", file=sys.stderr, flush=True)
+        r = run_child(method, spec)
+        scores = np.asarray(r.pop("scores"))
+        r["recall_at_k"] = A.recall_at_k(scores, bad, k)
+        r["recall_curve"] = A.recall_curve(scores, bad, [k // 2, k, 2 * k])
+        table = A.source_table(scores, A.pair_sources(pairs), k, n_boot=1000, seed=args.seed)
+        r["source_ranking"] = [t["source"] for t in table]
+        r["sources"] = [{x: t[x] for x in ("source", "mean_score", "ci_low", "ci_high", "in_top_k", "flagged")}
+                        for t in table]
+        for name, other in (r.pop("other_scores", None) or {}).items():
+            r.setdefault("other_directions", {})[name] = {"recall_at_k": A.recall_at_k(np.asarray(other), bad, k)}
+        results[method] = r
+        print(f"[bench] {method}: {r['seconds']:.1f}s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB, "
+              f"recall@{k} {r['recall_at_k']:.3f}, sources {r['source_ranking']}", file=sys.stderr, flush=True)
+
+    ratios = {}
+    for probe in ("probe", "probe-in-process"):
+        for grad in ("gradient", "gradient-factorized"):
+            if probe in results and grad in results:
+                ratios[f"{grad}/{probe}"] = {
+                    "wall_time": results[grad]["seconds"] / results[probe]["seconds"],
+                    "peak_rss": results[grad]["peak_rss_bytes"] / results[probe]["peak_rss_bytes"],
+                    "recall_probe_minus_gradient": results[probe]["recall_at_k"] - results[grad]["recall_at_k"]}
+    toxicity = None
+    if args.study and os.path.exists(os.path.join(args.study, "results.json")):
+        study = json.loads(Path(args.study, "results.json").read_text())
+        retrain = study.get("retrain") or {}
+        toxicity = {"study": args.study, "k": study.get("k"), "arms": {}}
+        for name, entry in (retrain.get("arms") or {}).items():
+            toxicity["arms"][name] = {"rates": {j: entry["rates"][j]["rate"] for j in entry["rates"]},
+                                      "share_removed": {j: v["share"] for j, v in (entry.get("share_removed") or {}).items()},
+                                      "perplexity": entry["perplexity"]}
+    summary = {
+        "benchmark": "attribution", "testbed": args.testbed, "model": spec["model"], "layer": layer,
+        "pairs": len(pairs), "poisoned": k, "k": k, "behaviour_examples_per_class": args.behaviour_examples,
+        "judge": judge, "poison_selected_by": mix["train_judge"],
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "methods": results, "ratios": ratios, "toxicity_after_filtering": toxicity,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    print(f"\n{'method':22s} {'wall s':>8s} {'peak RSS MiB':>13s} {'recall@k':>9s}  source ranking")
+    for m, r in results.items():
+        print(f"{m:22s} {r['seconds']:8.1f} {r['peak_rss_bytes'] / 2**20:13.0f} {r['recall_at_k']:9.3f}  "
+              f"{' > '.join(r['source_ranking'])}")
+    for name, v in ratios.items():
+        print(f"{name}: wall time x{v['wall_time']:.1f}, peak RSS x{v['peak_rss']:.2f}, "
+              f"recall probe - gradient {v['recall_probe_minus_gradient']:+.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print("RESULT " + json.dumps({"pairs": len(pairs), "k": k,
+                                  "recall": {m: round(r["recall_at_k"], 4) for m, r in results.items()},
+                                  "seconds": {m: r["seconds"] for m, r in results.items()},
+                                  "peak_rss_mib": {m: round(r["peak_rss_bytes"] / 2**20) for m, r in results.items()},
+                                  "ratios": {n: {k2: round(v2, 3) for k2, v2 in v.items()} for n, v in ratios.items()},
+                                  "json": args.out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())
