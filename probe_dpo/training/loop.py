@@ -60,6 +60,23 @@ def clear_stale_build_locks(root: str | None = None, max_age_s: float = STALE_BU
     return removed
 
 
+def prebuild_deepspeed_ops(offload: bool) -> None:
+    """Compile DeepSpeed's JIT ops for the CPU accelerator once, in the driver.
+
+    Every worker of a CPU group would otherwise race for the same build lock at start-up,
+    and a worker killed while holding it (a fault, a killed job) leaves a lock that torch's
+    loader waits on forever. Built here first, the workers on this node only load the cached
+    library. Called for CPU runs only: GPU workers use other ops and usually other nodes.
+    """
+    clear_stale_build_locks()
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+    if offload:
+        get_accelerator().create_op_builder("CPUAdamBuilder").load()
+
+
 def train_worker(job: dict) -> None:
     """Ray Train loop body (runs on every worker)."""
     import ray.train
@@ -202,6 +219,8 @@ def fit_round(job: dict, cfg: Any, *, storage_root: str, run_name: str, log=prin
     from probe_dpo import storage
 
     dist = cfg.distributed
+    if not dist.use_gpu:
+        prebuild_deepspeed_ops(dist.offload)
     fs, path = storage.pyarrow_filesystem(storage_root)
     resources = {"CPU": dist.threads_per_worker}
     if dist.use_gpu:
