@@ -376,21 +376,27 @@ def _detection_plot(arms, rows, base_det):
 
 
 def _tradeoff_plot(arms, rows, base_m, judges):
+    """One panel per judge. Arms are told apart by colour (SFT arms hollow) and a shared legend:
+    text labels next to the points piled on top of each other where arms land close together."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(judges), figsize=(5 * len(judges), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(judges), figsize=(4.6 * len(judges) + 1.8, 3.8), squeeze=False)
+    colours = plt.get_cmap("tab10").colors
     for ax, j in zip(axes[0], judges):
-        ax.scatter([0], [base_m["toxicity"][j]["rate"]], marker="*", s=150, color="black", label="base")
-        for arm in arms:
+        ax.scatter([0], [base_m["toxicity"][j]["rate"]], marker="*", s=150, color="black", label="base", zorder=3)
+        for i, arm in enumerate(arms):
             t = rows[arm][f"tox:{j}"]
             lo, hi = t["base_rate"] * (1 + t["ci_low"]), t["base_rate"] * (1 + t["ci_high"])
             yerr = [[max(0.0, t["rate"] - lo)], [max(0.0, hi - t["rate"])]] if lo == lo and hi == hi else None
-            ax.errorbar(100 * rows[arm]["ppl_change"], t["rate"], yerr=yerr, fmt="o", capsize=2)
-            ax.annotate(arm, (100 * rows[arm]["ppl_change"], t["rate"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            colour = colours[i % len(colours)]
+            ax.errorbar(100 * rows[arm]["ppl_change"], t["rate"], yerr=yerr, fmt="o", capsize=2, color=colour,
+                        mfc="white" if "sft" in arm else colour, label=arm)
         ax.set_xlabel("perplexity change on benign text (%)")
         ax.set_ylabel(f"toxic rate ({j})")
         ax.set_title(j)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.8 / (4.6 * len(judges) + 1.8), 1))
     return fig
 
 
