@@ -42,13 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from _bench import RESULTS  # noqa: E402 - sets the offline environment first
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("probe", "probe-in-process", "judge", "gradient", "gradient-factorized")
 
 
@@ -183,10 +179,8 @@ def main() -> int:
     import numpy as np
 
     from probe_dpo import attribution as A
-    from probe_dpo.evaluation import read_testbed_info
     from probe_dpo.preference_mix import build_preference_mix, read_poison_labels
 
-    info = read_testbed_info(args.testbed)
     mix_dir = args.mix or os.path.join(os.path.expanduser("~/.cache/probe_dpo"), "attribution-bench-mix")
     mix = build_preference_mix(args.testbed, mix_dir)
     pairs_uri = os.path.join(mix_dir, "pairs.jsonl")

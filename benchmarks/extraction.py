@@ -35,12 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _bench import publish  # noqa: E402 - sets the offline environment first
 
 
 def workload(n: int, seed: int = 0) -> tuple[list[str], list[str], str]:
@@ -193,9 +188,7 @@ def main() -> None:
                   "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                   "load_average_at_end": os.getloadavg()},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "extraction.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("RESULT " + json.dumps({k: v for k, v in result.items() if k not in ("runs", "ours_stop_early_run")}))
+    publish("extraction", result, {k: v for k, v in result.items() if k not in ("runs", "ours_stop_early_run")})
 
 
 if __name__ == "__main__":

@@ -18,22 +18,15 @@ with ``actors>0 activations=...``) when it holds the layers, else extracted into
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from _bench import publish  # noqa: E402 - sets the offline environment first
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load_features(testbed: str, activations: str, layers: list[int]):
@@ -158,9 +151,7 @@ def main() -> None:
                   "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                   "load_average_at_end": os.getloadavg()},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "probe_fit.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "per_layer"}))
+    publish("probe_fit", result, {k: v for k, v in result.items() if k != "per_layer"})
 
 
 if __name__ == "__main__":

@@ -38,11 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _bench import RESULTS, publish  # noqa: E402 - sets the offline environment first
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # --- GPU assumptions (estimates only) --------------------------------------------------------
 H100_BF16_DENSE_FLOPS = 989e12      # H100 SXM bf16 dense peak (no sparsity)
@@ -321,8 +318,6 @@ def main() -> int:
                   "load_average_before": load_before, "load_average_after": os.getloadavg(),
                   "wall_s": time.perf_counter() - t0},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
     m = measured
     summary = {"extraction_tokens_per_cpu_s_135m": m["extraction"]["tokens_per_cpu_s"],
                "sft_step_cpu_s_135m": m["sft_step"]["median_cpu_s"], "dpo_step_cpu_s_135m": m["dpo_step"]["median_cpu_s"],
@@ -334,7 +329,7 @@ def main() -> int:
                "extraction_tokens_per_s_per_h100_estimate": {k: v["extraction_tokens_per_s_per_gpu"]
                                                              for k, v in result["estimates_h100"].items()}}
     print(markdown_table(result))
-    print("RESULT " + json.dumps(summary))
+    publish("scale", result, summary)
     return 0
 
 

@@ -24,11 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from _bench import publish  # noqa: E402 - sets the offline environment first
 
 
 def _pairs(n: int) -> list[dict]:
@@ -162,9 +158,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": len(os.sched_getaffinity(0))},
         "all_step_s": {v: [r["step_s"] for r in rs] for v, rs in runs.items()},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_step.json").write_text(json.dumps(result, indent=2) + "\n")
-    print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "all_step_s"}))
+    publish("train_step", result, {k: v for k, v in result.items() if k != "all_step_s"})
 
 
 if __name__ == "__main__":
