@@ -37,6 +37,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 
 Pooling = Literal["mean", "last", "none"]
@@ -429,7 +430,7 @@ def extract_sharded(model: str, out: str, texts: Sequence[str] | None = None, *,
         settings = {"model_hash": info["model_hash"], "data_hash": data_hash,
                     "layers": layer_ids, "pooling": pooling, "span": span, "max_length": max_length,
                     "shard_size": shard_size, "dtype": dtype, "n": n}
-        fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        fingerprint = json_digest(settings)
         shards = [{"name": f"shard-{k:05d}.safetensors", "start": k * shard_size,
                    "end": min(n, (k + 1) * shard_size)} for k in range(n_shards)]
         metadata = {"kind": "activations", **settings, "fingerprint": fingerprint, "model": str(model),
@@ -498,11 +499,11 @@ def _model_stamp(model: str) -> str | None:
             if not storage.is_complete(model):
                 return None
             files = storage.read_manifest(model)["files"]
-            return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+            return json_digest(files)
         if not os.path.isdir(model):
             return None
         entries = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(model) if e.is_file())
-        return hashlib.sha256(json.dumps([os.path.abspath(model), entries]).encode()).hexdigest()[:16]
+        return json_digest([os.path.abspath(model), entries])
     except (OSError, UserError):
         return None
 

@@ -92,6 +92,12 @@ def check_labels(records: Sequence[dict], column: str = "label", what: str = "da
         raise UserError(f"{what}: column '{column}' has a single class ({classes[0]}); a probe needs both")
 
 
+def json_digest(obj: Any) -> str:
+    """First 16 hex chars of the sha256 of ``obj`` as JSON with sorted keys: the cache keys and
+    fingerprints of settings (values JSON cannot write are hashed by ``str``)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def content_hash(records: Sequence[dict], columns: Sequence[str] | None = None) -> str:
     """First 16 hex chars of the sha256 of a canonical JSON of the records (order matters).
 

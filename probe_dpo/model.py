@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 
 # Attribute paths, tried in order, from the unwrapped model to its decoder-layer list.
@@ -262,7 +263,7 @@ def arch_hash(model_or_dir: Any) -> str:
     config = _config_dict(model_or_dir)
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     arch = {key: text_config.get(key) for key in _ARCH_KEYS if key in text_config}
-    return hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(arch)
 
 
 def model_hash(model_or_dir: Any, *, max_elements: int = 1 << 16) -> str:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import math
 import sys
 import time
@@ -37,6 +35,7 @@ import numpy as np
 from probe_dpo import storage
 from probe_dpo.attribution import MITIGATIONS, GradientConfig
 from probe_dpo.config import bounded, to_dict
+from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.preference_mix import PreferenceMixConfig
 
@@ -310,10 +309,6 @@ def prepare(cfg: AttributionConfig, log: Log = _print) -> Inputs:
 # Scoring
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def score_all(inp: Inputs, log: Log = _print) -> dict:
     """Directions, pair scores, clusters, the audit and the comparators (with their costs)."""
     import torch
@@ -398,7 +393,7 @@ def score_all(inp: Inputs, log: Log = _print) -> dict:
             continue
         gcfg = dataclasses.replace(cfg.gradient, mode="dense" if name == "gradient" else "factorized")
         positives = [r for r in inp.behaviour if float(r["label"]) > 0.5]
-        key = _fingerprint({"model": _model_key(inp.model), "pairs": [(p["prompt"], p["chosen"], p["rejected"])
+        key = json_digest({"model": _model_key(inp.model), "pairs": [(p["prompt"], p["chosen"], p["rejected"])
                                                                       for p in inp.pairs],
                             "behaviour": [(r["prompt"], r["completion"]) for r in positives],
                             "cfg": dataclasses.asdict(gcfg)})
@@ -537,7 +532,7 @@ def train_arm(inp: Inputs, name: str, pairs_uri: str, log: Log = _print) -> str:
 
 def _policy_key(model: str) -> Any:
     if storage.is_complete(model):
-        return _fingerprint(storage.read_manifest(model)["files"])
+        return json_digest(storage.read_manifest(model)["files"])
     return _model_key(model)
 
 
@@ -553,7 +548,7 @@ def evaluate_model(inp: Inputs, name: str, model: str, log: Log = _print) -> dic
     prompts_uri = ev.prompts or storage.join(inp.cfg.testbed, "data", "prompts_heldout.jsonl")
     ppl_uri = ev.perplexity or storage.join(inp.cfg.testbed, "data", "perplexity.jsonl")
     settings = generation_settings(inp.cfg.testbed)
-    key = _fingerprint({"model": _policy_key(model), "eval": dataclasses.asdict(ev), "trigger": inp.trigger,
+    key = json_digest({"model": _policy_key(model), "eval": dataclasses.asdict(ev), "trigger": inp.trigger,
                         "settings": settings.to_dict(), "prompts": prompts_uri, "ppl": ppl_uri})
     meta_uri = storage.join(inp.cfg.out, "eval", f"{name}.json")
     samples_uri = storage.join(inp.cfg.out, "eval", f"{name}.samples.jsonl")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -39,6 +38,7 @@ from typing import Any, Literal
 
 from probe_dpo import storage
 from probe_dpo.config import bounded, dump_yaml, load_config, to_dict
+from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.testbed import TestbedConfig
 from probe_dpo.training.config import DistributedSettings, DPOSettings, LoraSettings, OptimSettings
@@ -171,10 +171,6 @@ def _log(msg: str) -> None:
     print(f"[experiment {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _publish_json(uri: str, files: dict[str, Any], metadata: dict) -> None:
     """Publish a folder of JSON / JSON-lines files as one artifact (manifest last)."""
     from probe_dpo.probes import json_text
@@ -205,7 +201,7 @@ def _sample(rows: list[dict], n: int | None, seed: int, tag: str) -> list[dict]:
         return rows
     import numpy as np
 
-    rng = np.random.default_rng(int(_hash([seed, tag]), 16) % 2**32)
+    rng = np.random.default_rng(int(json_digest([seed, tag]), 16) % 2**32)
     return [rows[i] for i in sorted(rng.choice(len(rows), n, replace=False))]
 
 
@@ -254,7 +250,7 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
     from probe_dpo.training.pairs import build_pairs
 
     p = cfg.probes
-    key = _hash([tb["info"]["content_hash"], to_dict(p), to_dict(cfg.pairs), cfg.judge])
+    key = json_digest([tb["info"]["content_hash"], to_dict(p), to_dict(cfg.pairs), cfg.judge])
     uris = {"ensemble": storage.join(run, "probes", "ensemble"), "single": storage.join(run, "probes", "single")}
     pairs_uri = {s: storage.join(run, "shared", f"pairs-{s}.jsonl") for s in ("single", "ensemble", "classifier")}
     marker = storage.join(run, "shared", "probes-and-pairs")
@@ -478,9 +474,9 @@ def run_trial(config: dict) -> None:
     spec, ctx, paths = config["spec"], config["ctx"], config["paths"]
     cfg = from_dict(ExperimentConfig, config["experiment"], "experiment config")
     if spec.get("overrides"):
-        spec = {**spec, "id": f"search-{spec['arm']}-{_hash(spec['overrides'])[:8]}"}
+        spec = {**spec, "id": f"search-{spec['arm']}-{json_digest(spec['overrides'])[:8]}"}
     tdict = train_config_dict(cfg, ctx, paths, spec)
-    key = _hash([tdict, ctx["eval"], config["base_key"]])
+    key = json_digest([tdict, ctx["eval"], config["base_key"]])
     eval_uri = storage.join(ctx["run"], "trials", spec["id"], "eval")
     if not _cached(eval_uri, key, f"trial {spec['id']}"):
         tcfg = from_dict(TrainConfig, tdict, f"trial {spec['id']}")
@@ -623,7 +619,7 @@ def run(cfg: ExperimentConfig) -> dict:
     ctx = eval_context(cfg, run_uri, tb, probes)
     storage.write_json(storage.join(run_uri, "shared", "context.json"), {**ctx, "arms": cfg.arms, "seeds": cfg.seeds,
                                                                          "probes_summary": probes})
-    base_key = _hash([probes["ensemble"], tb["info"]["content_hash"], ctx["eval"], ctx["generation"]])
+    base_key = json_digest([probes["ensemble"], tb["info"]["content_hash"], ctx["eval"], ctx["generation"]])
     base_evaluation(ctx, base_key)
     write_results(run_uri)
     paths = {"single": probes["single"], "ensemble": probes["ensemble"], "pairs": probes["pairs"]}

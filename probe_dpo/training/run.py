@@ -19,7 +19,6 @@ re-run; an interrupted one resumes from its latest checkpoint in storage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any, Callable
 
 from probe_dpo import storage
 from probe_dpo.config import dump_yaml, to_dict
+from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.training.config import DPO_METHODS, TrainConfig
 
@@ -62,7 +62,7 @@ def config_hash(cfg: TrainConfig) -> str:
     data["distributed"] = {k: v for k, v in data["distributed"].items()
                            if k in ("workers", "zero_stage", "use_gpu")}
     data["sampling"] = {k: v for k, v in data["sampling"].items() if k not in ("actors", "threads_per_actor")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return json_digest(data)
 
 
 def _model_facts(model: str) -> dict:
