@@ -9,7 +9,6 @@ transformers) happen inside the command so ``--help`` stays instant. Bad input r
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable
 

@@ -218,7 +218,7 @@ def experiment_report(run: str) -> Report:
 
     from probe_dpo import storage
     from probe_dpo.data import read_records
-    from probe_dpo.evaluation import auroc_with_ci, paired_relative_change, rate_with_ci
+    from probe_dpo.evaluation import auroc_with_ci, paired_relative_change
 
     ctx = storage.read_json(storage.join(run, "shared", "context.json"))
     e = ctx["eval"]

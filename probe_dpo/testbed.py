@@ -48,7 +48,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import unicodedata
 import uuid
@@ -797,7 +796,6 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
     h_scores = _score_all(h_completions)  # the base rate is always about the continuation itself
     lap("judge")
 
-    train_col = score_column(cfg.train_judge)
     records = []
     for i, (it, comp) in enumerate(zip(items, completions)):
         s = float(scores[cfg.train_judge][i])
