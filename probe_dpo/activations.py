@@ -29,11 +29,13 @@ already written by the same job (their metadata carries the job's fingerprint).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import tempfile
 import time
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 
@@ -365,6 +367,20 @@ class ExtractorPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def shards_folder(out: str | None, prefix: str = "probe-dpo-activations-") -> Iterator[str]:
+    """``out`` when the caller keeps the shards, else a temporary folder removed afterwards.
+
+    ``extract_sharded`` returns the features in memory; its shards only need to outlive the
+    call when someone wants to resume or inspect them.
+    """
+    if out is not None:
+        yield out
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield tmp
 
 
 def extract_sharded(model: str, out: str, texts: Sequence[str] | None = None, *,

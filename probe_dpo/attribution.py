@@ -270,7 +270,7 @@ def pair_features(model: Any, pairs: Sequence[dict], layers: Sequence[int], *, t
     ``activations`` (a temporary folder by default; a restart reuses complete shards), or
     in-process with ``in_process=True``. One extraction covers both responses of every pair.
     """
-    from probe_dpo.activations import extract, extract_sharded
+    from probe_dpo.activations import extract, extract_sharded, shards_folder
 
     n = len(pairs)
     prompts = [p["prompt"] for p in pairs] * 2
@@ -288,12 +288,11 @@ def pair_features(model: Any, pairs: Sequence[dict], layers: Sequence[int], *, t
                         span="response", batch_size=batch_size, max_length=max_length)
         how = "in-process"
     else:
-        if activations is None:
-            activations = tempfile.mkdtemp(prefix="probe-dpo-pair-activations-")
-        feats = extract_sharded(str(model), activations, prompts=prompts, completions=completions, layers=layers,
-                                pooling="mean", span="response", batch_size=batch_size, max_length=max_length,
-                                shard_size=shard_size, pool=pool, actors=actors, threads_per_actor=threads_per_actor,
-                                address=address, overwrite=True)
+        with shards_folder(activations, "probe-dpo-pair-activations-") as where:
+            feats = extract_sharded(str(model), where, prompts=prompts, completions=completions, layers=layers,
+                                    pooling="mean", span="response", batch_size=batch_size, max_length=max_length,
+                                    shard_size=shard_size, pool=pool, actors=actors,
+                                    threads_per_actor=threads_per_actor, address=address, overwrite=True)
         how = "sharded"
     return PairFeatures({L: v[:n] for L, v in feats.items()}, {L: v[n:] for L, v in feats.items()},
                         time.perf_counter() - t0, how)
@@ -304,7 +303,7 @@ def behaviour_direction(model: Any, records: Sequence[dict], layer: int, *, toke
                         label_column: str = "label", batch_size: int = 16, max_length: int = 256,
                         name: str = "diff-of-means") -> Direction:
     """The difference-of-means direction at ``layer`` from labelled (prompt, completion) records."""
-    from probe_dpo.activations import extract, extract_sharded
+    from probe_dpo.activations import extract, extract_sharded, shards_folder
     from probe_dpo.data import check_columns, check_labels
 
     check_columns(records, ("prompt", "completion", label_column), where="behaviour data")
@@ -321,10 +320,9 @@ def behaviour_direction(model: Any, records: Sequence[dict], layer: int, *, toke
         feats = extract(lm, tok, layers=[layer], pooling="mean", span="response", batch_size=batch_size,
                         max_length=max_length, **cols)
     else:
-        if activations is None:
-            activations = tempfile.mkdtemp(prefix="probe-dpo-behaviour-activations-")
-        feats = extract_sharded(str(model), activations, layers=[layer], pooling="mean", span="response",
-                                batch_size=batch_size, max_length=max_length, pool=pool, overwrite=True, **cols)
+        with shards_folder(activations, "probe-dpo-behaviour-activations-") as where:
+            feats = extract_sharded(str(model), where, layers=[layer], pooling="mean", span="response",
+                                    batch_size=batch_size, max_length=max_length, pool=pool, overwrite=True, **cols)
     x = feats[layer]
     mask = torch.as_tensor(labels)
     return diff_of_means(x[mask], x[~mask], layer=layer, name=name, meta={"examples": len(records)})

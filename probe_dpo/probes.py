@@ -572,7 +572,7 @@ def extract_records(model_path: str, model, tokenizer, records: list[dict], laye
     With a pool the shards go to ``activations/name`` (a temporary folder by default), so a
     restarted run skips the shards it already has.
     """
-    from probe_dpo.activations import extract, extract_sharded
+    from probe_dpo.activations import extract, extract_sharded, shards_folder
 
     cols = _inputs(records, ProbeTrainConfig(span=span))  # type: ignore[arg-type]
     if pool is None:
@@ -580,11 +580,10 @@ def extract_records(model_path: str, model, tokenizer, records: list[dict], laye
                        max_length=max_length, **cols)
     from probe_dpo import storage
 
-    if activations is None:
-        activations = tempfile.mkdtemp(prefix="probe-dpo-activations-")
-    return extract_sharded(model_path, storage.join(activations, name), layers=layers, pooling=pooling, span=span,
-                           batch_size=batch_size, max_length=max_length, pool=pool, dtype=dtype,
-                           shard_size=max(64, batch_size * 8), **cols)
+    with shards_folder(activations) as where:
+        return extract_sharded(model_path, storage.join(where, name), layers=layers, pooling=pooling, span=span,
+                               batch_size=batch_size, max_length=max_length, pool=pool, dtype=dtype,
+                               shard_size=max(64, batch_size * 8), **cols)
 
 
 def _group_ids(records: list[dict]) -> list[Any]:

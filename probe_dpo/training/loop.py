@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -78,7 +79,20 @@ def prebuild_deepspeed_ops(offload: bool) -> None:
 
 
 def train_worker(job: dict) -> None:
-    """Ray Train loop body (runs on every worker)."""
+    """Ray Train loop body (runs on every worker).
+
+    Everything a worker writes locally (the resumed checkpoint, the trainer's output folder,
+    the final policy before it is published) lives in one scratch folder that is removed at
+    the end: a full-weight run leaves ~1.2 GB there, and an experiment runs dozens.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="probe-dpo-worker-"))
+    try:
+        _train(job, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(job: dict, scratch: Path) -> None:
     import ray.train
     import torch
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
@@ -112,7 +126,7 @@ def train_worker(job: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     resume_dir, resumed_from_step = None, 0
     if checkpoint is not None:
-        local = checkpoint.to_directory(tempfile.mkdtemp(prefix=f"probe-dpo-resume-r{rank}-"))
+        local = checkpoint.to_directory(str(scratch / "resume"))
         resume_dir = os.path.join(local, RayTrainReportCallback.CHECKPOINT_NAME)
         resumed_from_step = int(json.loads(Path(resume_dir, "trainer_state.json").read_text())["global_step"])
         print(f"[rank {rank}] resuming from {checkpoint.path}", flush=True)
@@ -127,7 +141,7 @@ def train_worker(job: dict) -> None:
                                        resumed=checkpoint is not None))
     callbacks.append(RayTrainReportCallback())  # last: the EMA file is in the folder it copies
 
-    output_dir = tempfile.mkdtemp(prefix=f"probe-dpo-train-r{rank}-")
+    output_dir = str(scratch / "trainer")
     ds = deepspeed_config(dist.zero_stage, offload=dist.offload, bf16=dist.use_gpu)
     trainer = build_trainer(job["kind"], model, tokenizer, records, cfg, output_dir=output_dir,
                             ref_model=ref_model, probes=probes, callbacks=callbacks, deepspeed=ds,
@@ -137,7 +151,7 @@ def train_worker(job: dict) -> None:
     result = trainer.train(resume_from_checkpoint=resume_dir)
     train_seconds = time.perf_counter() - t0
 
-    final_dir = Path(tempfile.mkdtemp(prefix=f"probe-dpo-final-r{rank}-"))
+    final_dir = scratch / "final"
     raw = final_dir / "raw"
     trainer.save_model(str(raw))  # every rank (ZeRO-3 gathers); rank 0 writes
     metrics: dict[str, Any] = {"train_loss": float(result.training_loss), "global_step": int(trainer.state.global_step),
