@@ -267,7 +267,7 @@ def pair_features(model: Any, pairs: Sequence[dict], layers: Sequence[int], *, t
 
     ``model`` is a module (with ``tokenizer``: in-process ``extract``) or a model folder/URI:
     sharded over Ray actors (``pool``, or actors started for this call) with the shards in
-    ``activations`` (a temporary folder by default; a restart reuses complete shards), or
+    ``activations`` (when given, a restart reuses complete shards; else a temporary folder), or
     in-process with ``in_process=True``. One extraction covers both responses of every pair.
     """
     from probe_dpo.activations import extract, extract_sharded, shards_folder

@@ -569,8 +569,8 @@ def extract_records(model_path: str, model, tokenizer, records: list[dict], laye
                     dtype: str = "float32") -> dict[int, torch.Tensor]:
     """Pooled features of labelled records: in this process, or on a Ray ``ExtractorPool``.
 
-    With a pool the shards go to ``activations/name`` (a temporary folder by default), so a
-    restarted run skips the shards it already has.
+    With a pool the shards go to ``activations/name``, so a restarted run skips the shards it
+    already has (without ``activations``, to a temporary folder removed afterwards).
     """
     from probe_dpo.activations import extract, extract_sharded, shards_folder
 
