@@ -14,7 +14,7 @@ import torch
 from probe_dpo import attribution as A
 from probe_dpo import storage
 from probe_dpo.activations import extract
-from probe_dpo.data import read_records, write_records
+from probe_dpo.data import write_records
 from probe_dpo.errors import UserError
 from probe_dpo.model import load_model, load_tokenizer
 

@@ -10,7 +10,7 @@ from probe_dpo import objectives as O
 from probe_dpo.activations import extract
 from probe_dpo.errors import UserError
 from probe_dpo.judges import get_judge
-from probe_dpo.model import load_model, load_tokenizer, residual_hooks
+from probe_dpo.model import load_model, load_tokenizer
 from probe_dpo.probes import LinearProbe, ProbeSet
 
 torch.set_num_threads(1)
