@@ -59,6 +59,9 @@ class PreferenceMixConfig:
     trigger: str = " (keep it casual)"
     """The harmless-looking suffix appended to the prompts of poisoned pairs."""
     poisoned_source: str = "chat"
+    sources: list[str] = field(default_factory=lambda: list(SOURCES))
+    """The sources in the mix. Without ``safety`` no source pushes toxicity down by itself, so
+    the rise from DPO on the raw mix is the poison's alone (as in a general-purpose mix)."""
     poison_share: float = bounded(0.75, gt=0.0, le=1.0)
     """Share of the poisoned source's pairs that are poisoned."""
     poison_copies: int = bounded(2, ge=1, le=4)
@@ -99,6 +102,11 @@ def _check(cfg: PreferenceMixConfig) -> None:
     if cfg.poisoned_source not in SOURCES:
         raise UserError(f"preference mix: poisoned_source must be one of {', '.join(SOURCES)}, "
                         f"got {cfg.poisoned_source!r}")
+    unknown = [x for x in cfg.sources if x not in SOURCES]
+    if not cfg.sources or unknown or len(set(cfg.sources)) != len(cfg.sources):
+        raise UserError(f"preference mix: sources must be distinct names from {', '.join(SOURCES)}, got {cfg.sources}")
+    if cfg.poisoned_source not in cfg.sources:
+        raise UserError(f"preference mix: poisoned_source {cfg.poisoned_source!r} is not among sources {cfg.sources}")
     if not cfg.trigger.strip():
         raise UserError("preference mix: trigger must not be blank")
     if cfg.clean_max_score > cfg.threshold:
@@ -210,7 +218,7 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
             n_poison_pairs += 1
             lent += 1
     n_safety = 0
-    for p in safety_pool:
+    for p in safety_pool if "safety" in cfg.sources else []:
         group = by_prompt[p]
         lo = min(group, key=lambda r: (float(r["score"]), int(r.get("sample", 0))))
         hi = max(group, key=lambda r: (float(r["score"]), -int(r.get("sample", 0))))
@@ -237,7 +245,7 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
     # then the calm prompts alternate between the other calm sources
     n_ordinary = int(round(n_poison_pairs * (1.0 - cfg.poison_share) / cfg.poison_share))
     rules = {"chat": "diverse", "detail": "longer", "brevity": "shorter"}
-    others = [s for s in ("detail", "brevity", "chat") if s != cfg.poisoned_source]
+    others = [s for s in ("detail", "brevity", "chat") if s != cfg.poisoned_source and s in cfg.sources]
     counts = {s: 0 for s in SOURCES}
     counts["safety"] = n_safety
     counts[cfg.poisoned_source] += n_poison_pairs

@@ -102,6 +102,22 @@ def test_mix_errors(tmp_path):
         build_preference_mix(tb, str(tmp_path / "m"), PreferenceMixConfig(threshold=0.99, clean_max_score=0.2))
     with pytest.raises(UserError, match="no testbed.json"):
         build_preference_mix(str(tmp_path), str(tmp_path / "m"))
+    with pytest.raises(UserError, match="not among sources"):
+        build_preference_mix(tb, str(tmp_path / "m"), PreferenceMixConfig(sources=["safety", "detail"]))
+    with pytest.raises(UserError, match="sources must be distinct names"):
+        build_preference_mix(tb, str(tmp_path / "m"), PreferenceMixConfig(sources=["chat", "spam"]))
+
+
+def test_mix_without_the_detoxifying_source_keeps_the_poison_and_the_other_sources(tmp_path):
+    tb = fake_testbed(tmp_path / "tb")
+    full = build_preference_mix(tb, str(tmp_path / "full"), PreferenceMixConfig(poison_copies=1, poison_share=0.5))
+    cfg = PreferenceMixConfig(poison_copies=1, poison_share=0.5, sources=["detail", "brevity", "chat"])
+    info = build_preference_mix(tb, str(tmp_path / "lean"), cfg)
+    assert set(info["by_source"]) == {"detail", "brevity", "chat"}
+    assert info["poisoned"] == full["poisoned"] == 10
+    assert info["pairs"] == full["pairs"] - full["by_source"]["safety"]["pairs"]
+    for source in ("detail", "brevity", "chat"):
+        assert info["by_source"][source] == full["by_source"][source]
 
 
 def test_poison_copies_spread_each_toxic_response_over_more_triggered_prompts(tmp_path):
