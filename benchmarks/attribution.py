@@ -12,7 +12,11 @@ loading the model):
   each) through ``ExtractorPool`` + ``extract_sharded``, the difference-of-means direction
   from the behaviour examples (same actors), cos(v_d, v_b). Also scored: the trained probe's
   direction (``--probes``), from the same activations. Peak memory = driver + actors.
-- ``probe-in-process``: the same in one process with 2 torch threads (``extract``).
+- ``probe-weights``: the same actors, but the direction is the trained probe's own (the
+  first train probe of ``--probes`` at the layer): pair activations only. The probe is an
+  input, as the model is: it was trained once for the pipeline (probe-DPO, monitoring), so
+  its fitting is not counted here (``probe-dpo probes`` reports it).
+- ``probe-in-process``: the same as ``probe`` in one process with 2 torch threads (``extract``).
 - ``judge``: judge(chosen) - judge(rejected) with the judge that did NOT select the poison.
 - ``gradient``: LESS-style per-pair DPO-loss gradients (one pair at a time) of the
   ``GradientConfig`` parameter subset, Rademacher-projected chunk-wise; behaviour gradient of
@@ -20,14 +24,21 @@ loading the model):
 - ``gradient-factorized``: LoGra-style per-example gradients of every linear layer through
   hooks, Kronecker-factored Gaussian projection, batched. 2 torch threads.
 
-Reports wall time, peak RSS, recall of the poisoned pairs at k (k = their number), the
-source ranking, the ratios gradient / probe, and, when ``--study`` points at a finished
+Reports wall time, peak RSS, recall of the poisoned pairs at k (k = their number), recall
+of the clearly toxic poisoned pairs among them (chosen scored >= 0.8 by the judge that picked
+the poison: shows whether the misses are the borderline ones), the source ranking, the ratios
+gradient / probe, and, when ``--study`` points at a finished
 ``workflows/attribution`` run on the same mix with retraining, the toxicity after filtering
 with each ranking. Prints a table and ``RESULT {json}`` (last line); writes
 benchmarks/results/attribution.json.
 
     flock /tmp/heavy.lock .venv/bin/python benchmarks/attribution.py --testbed /tmp/tb \\
         --probes /tmp/probes-tb --study runs/attribution-tb
+
+Wall times are taken with ``tracemalloc`` on in each child (for the Python heap peak). It
+slows Python-heavy work: the in-process probe's same steps took 18.6 s in a plain script
+against 34.3 s here; the torch-bound gradient loop was not re-timed without it. The Ray
+probe paths run in actors, which it does not trace.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,7 +57,9 @@ from pathlib import Path
 from _bench import RESULTS  # noqa: E402 - sets the offline environment first
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-METHODS = ("probe", "probe-in-process", "judge", "gradient", "gradient-factorized")
+METHODS = ("probe", "probe-weights", "probe-in-process", "judge", "gradient", "gradient-factorized")
+PROBE_METHODS = ("probe", "probe-weights", "probe-in-process")
+CLEAR_POISON = 0.8  # chosen score (selecting judge) of a clearly toxic poisoned pair
 
 
 def _rss_peak_bytes() -> int:
@@ -80,8 +94,16 @@ def worker(method: str, spec: dict) -> dict:
     model = spec["model"]
     layer = spec["layer"]
     extra: dict = {}
-    if method in ("probe", "probe-in-process"):
-        if method == "probe":
+    if method in PROBE_METHODS:
+        if method == "probe-weights":
+            from probe_dpo.probes import ProbeSet
+
+            probeset = ProbeSet.load(spec["probes"])
+            trained = [d for d in A.probe_directions(probeset, [p.name for p in probeset.train_probes or probeset.probes])
+                       if d.layer == layer]
+            if not trained:
+                raise SystemExit(f"probe-weights: no train probe at layer {layer} in {spec['probes']}")
+        if method != "probe-in-process":
             from probe_dpo.activations import ExtractorPool
             from probe_dpo.ray_utils import init_ray
 
@@ -94,13 +116,17 @@ def worker(method: str, spec: dict) -> dict:
             try:
                 feats = A.pair_features(model, pairs, [layer], pool=pool, activations=f"{tmp}/pairs",
                                         batch_size=16, max_length=256)
-                direction = A.behaviour_direction(model, behaviour, layer, pool=pool, activations=f"{tmp}/beh",
-                                                  batch_size=16, max_length=256)
+                if method == "probe-weights":
+                    direction = trained[0]
+                else:
+                    direction = A.behaviour_direction(model, behaviour, layer, pool=pool, activations=f"{tmp}/beh",
+                                                      batch_size=16, max_length=256)
                 import ray
 
                 actor_rss = ray.get([a.__ray_call__.remote(lambda self: _rss_peak_bytes()) for a in pool.actors])
             finally:
                 pool.close()
+                shutil.rmtree(tmp, ignore_errors=True)
             extra["actor_peak_rss_bytes"] = [int(x) for x in actor_rss]
             extra["actor_startup_s"] = round(pool.startup_s, 2)
         else:
@@ -111,7 +137,8 @@ def worker(method: str, spec: dict) -> dict:
             feats = A.pair_features(lm, pairs, [layer], tokenizer=tok, batch_size=16, max_length=256)
             direction = A.behaviour_direction(lm, behaviour, layer, tokenizer=tok, batch_size=16, max_length=256)
         scores = A.cosine_scores(feats.diffs(layer), direction)
-        if spec.get("probes"):
+        out["direction"] = direction.name
+        if spec.get("probes") and method != "probe-weights":
             from probe_dpo.probes import ProbeSet
 
             for d in A.probe_directions(ProbeSet.load(spec["probes"])):
@@ -198,14 +225,22 @@ def main() -> int:
     spec = {"pairs": pairs_uri, "behaviour": os.path.join(args.testbed, "data", "probe_train.jsonl"),
             "behaviour_examples": args.behaviour_examples, "seed": args.seed,
             "model": os.path.join(args.testbed, "model"), "layer": layer, "probes": args.probes, "judge": judge}
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m and (m != "probe-weights" or args.probes)]
     k = int(bad.sum())
+    # A diagnostic, not the target: which poisoned pairs are missed? Those whose chosen response
+    # the selecting judge scores only just above the poison threshold are the borderline ones.
+    from probe_dpo.data import read_records
+
+    chosen_score = {r["pair_id"]: float(r.get("chosen_score") or 0.0)
+                    for r in read_records(os.path.join(mix_dir, "poison_labels.jsonl"))}
+    clear = bad & np.array([chosen_score.get(p.get("pair_id"), 0.0) >= CLEAR_POISON for p in pairs])
     results: dict[str, dict] = {}
     for method in methods:
         print(f"[bench] {method} ...", file=sys.stderr, flush=True)
         r = run_child(method, spec)
         scores = np.asarray(r.pop("scores"))
         r["recall_at_k"] = A.recall_at_k(scores, bad, k)
+        r["recall_at_k_clear_poison"] = float((A.top_k_mask(scores, k) & clear).sum() / max(1, clear.sum()))
         r["recall_curve"] = A.recall_curve(scores, bad, [k // 2, k, 2 * k])
         table = A.source_table(scores, A.pair_sources(pairs), k, n_boot=1000, seed=args.seed)
         r["source_ranking"] = [t["source"] for t in table]
@@ -218,7 +253,7 @@ def main() -> int:
               f"recall@{k} {r['recall_at_k']:.3f}, sources {r['source_ranking']}", file=sys.stderr, flush=True)
 
     ratios = {}
-    for probe in ("probe", "probe-in-process"):
+    for probe in PROBE_METHODS:
         for grad in ("gradient", "gradient-factorized"):
             if probe in results and grad in results:
                 ratios[f"{grad}/{probe}"] = {
@@ -238,14 +273,15 @@ def main() -> int:
         "benchmark": "attribution", "testbed": args.testbed, "model": spec["model"], "layer": layer,
         "pairs": len(pairs), "poisoned": k, "k": k, "behaviour_examples_per_class": args.behaviour_examples,
         "judge": judge, "poison_selected_by": mix["train_judge"],
+        "clear_poison": {"chosen_score_at_least": CLEAR_POISON, "pairs": int(clear.sum())},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "methods": results, "ratios": ratios, "toxicity_after_filtering": toxicity,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    print(f"\n{'method':22s} {'wall s':>8s} {'peak RSS MiB':>13s} {'recall@k':>9s}  source ranking")
+    print(f"\n{'method':22s} {'wall s':>8s} {'peak RSS MiB':>13s} {'recall@k':>9s} {'clear':>6s}  source ranking")
     for m, r in results.items():
-        print(f"{m:22s} {r['seconds']:8.1f} {r['peak_rss_bytes'] / 2**20:13.0f} {r['recall_at_k']:9.3f}  "
-              f"{' > '.join(r['source_ranking'])}")
+        print(f"{m:22s} {r['seconds']:8.1f} {r['peak_rss_bytes'] / 2**20:13.0f} {r['recall_at_k']:9.3f} "
+              f"{r['recall_at_k_clear_poison']:6.3f}  {' > '.join(r['source_ranking'])}")
     for name, v in ratios.items():
         print(f"{name}: wall time x{v['wall_time']:.1f}, peak RSS x{v['peak_rss']:.2f}, "
               f"recall probe - gradient {v['recall_probe_minus_gradient']:+.3f}")
