@@ -142,6 +142,8 @@ def test_study_mitigations(study):
         assert not {p["source"] for p in kept} & set(flagged) and arms["probe-drop-sources"]["sources"] == flagged
     else:
         assert arms["probe-drop-sources"]["skipped"]
+        report = open(os.path.join(study, "report.md")).read()
+        assert f"| probe-drop-sources | - | - | - | skipped: {arms['probe-drop-sources']['skipped']} |" in report
     assert set(arms) == {"probe-filter", "probe-swap", "probe-drop-sources"}
     assert arms["probe-filter"]["bad_affected"] == round(results["recall"]["probe"] * k)
 

@@ -722,7 +722,8 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
         rep.heading("Mitigations")
         rep.table(["arm", "pairs out", "affected", "bad affected", "sources dropped"],
                   [[a, v.get("pairs_out", "-"), v.get("affected", "-"), v.get("bad_affected", "-"),
-                    ", ".join(v.get("sources", [])) or "-"] for a, v in arms.items()])
+                    ", ".join(v.get("sources", [])) or (f"skipped: {v['skipped']}" if v.get("skipped") else "-")]
+                   for a, v in arms.items()])
     if retrain:
         rep.heading("Behaviour after DPO on each set")
         judges = retrain["judges"]
