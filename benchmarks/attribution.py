@@ -240,7 +240,7 @@ def main() -> int:
         r = run_child(method, spec)
         scores = np.asarray(r.pop("scores"))
         r["recall_at_k"] = A.recall_at_k(scores, bad, k)
-        r["recall_at_k_clear_poison"] = float((A.top_k_mask(scores, k) & clear).sum() / max(1, clear.sum()))
+        r["recall_at_k_clear_poison"] = A.recall_at_k(scores, clear, k)
         r["recall_curve"] = A.recall_curve(scores, bad, [k // 2, k, 2 * k])
         table = A.source_table(scores, A.pair_sources(pairs), k, n_boot=1000, seed=args.seed)
         r["source_ranking"] = [t["source"] for t in table]
