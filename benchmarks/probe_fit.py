@@ -146,7 +146,8 @@ def main() -> None:
                   "rows": {k: len(v[1]) for k, v in data.items()}, "hidden_size": int(data["train"][0][layers[0]].shape[1]),
                   "features": "mean over completion tokens", "threads": args.threads, "repeats": args.repeats,
                   "sklearn": "StandardScaler + LogisticRegression(lbfgs, tol=1e-4, max_iter=1000) per C, from scratch",
-                  "ours": "fit_probe: z-score + Newton (float32 Hessian, float64 gradient/line search), tol 1e-5, "
+                  "ours": "fit_probe: z-score + Newton-CG (float32 Hessian as a preconditioner, formed when stale; float64 "
+                          "gradient/line search), tol 1e-5, "
                           "warm-started along the grid",
                   "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                   "load_average_at_end": os.getloadavg()},

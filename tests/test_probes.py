@@ -91,6 +91,28 @@ def test_fit_matches_sklearn_and_picks_c_on_validation():
         fit_probe(xt, np.zeros(400), xv, yv)
 
 
+def test_newton_cg_reaches_the_exact_optimum_on_ill_conditioned_wide_data():
+    """The stale-Hessian preconditioner is reused along the grid; the optimum must not move."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(2)
+    n, d = 500, 120  # nearly separable at weak regularisation, features of very different scales
+    x = rng.normal(size=(n, 8)) @ rng.normal(size=(8, d)) * 3 + rng.normal(size=(n, d)) * rng.uniform(0.05, 2, d)
+    z = (x - x.mean(0)) / x.std(0)
+    y = (z[:, :10].sum(1) + rng.normal(size=n) > 1.0).astype(int)
+    xt = torch.tensor(x[:350], dtype=torch.float32)
+    grid = [1e-3, 1e-1, 10.0]
+    fit = fit_probe(xt, y[:350], torch.tensor(x[350:], dtype=torch.float32), y[350:], grid, tol=1e-9, max_iter=200)
+    assert max(p["iterations"] for p in fit.path) < 200
+    zt = (x[:350] - fit.mean.numpy()) / fit.std.numpy()
+    for p in fit.path:
+        sk = LogisticRegression(C=p["c"], tol=1e-12, max_iter=100000).fit(zt, y[:350])
+        auroc = roc_auc(sk.decision_function((x[350:] - fit.mean.numpy()) / fit.std.numpy()), y[350:])
+        assert p["val_auroc"] == pytest.approx(auroc, abs=1e-6)
+        if p["c"] == fit.c:
+            np.testing.assert_allclose(fit.weight.numpy(), sk.coef_[0], atol=1e-4 * max(1.0, np.abs(sk.coef_).max()))
+
+
 def test_linear_probe_is_frozen_and_differentiable():
     d = 8
     probe = LinearProbe(torch.randn(d), 0.3, torch.randn(d), torch.rand(d) + 0.5, layer=3, name="p")
