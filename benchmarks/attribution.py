@@ -98,11 +98,9 @@ def worker(method: str, spec: dict) -> dict:
         if method == "probe-weights":
             from probe_dpo.probes import ProbeSet
 
-            probeset = ProbeSet.load(spec["probes"])
-            trained = [d for d in A.probe_directions(probeset, [p.name for p in probeset.train_probes or probeset.probes])
-                       if d.layer == layer]
-            if not trained:
+            if spec["probe"] is None:
                 raise SystemExit(f"probe-weights: no train probe at layer {layer} in {spec['probes']}")
+            probe_direction = A.probe_directions(ProbeSet.load(spec["probes"]), [spec["probe"]])[0]
         if method != "probe-in-process":
             from probe_dpo.activations import ExtractorPool
             from probe_dpo.ray_utils import init_ray
@@ -117,7 +115,7 @@ def worker(method: str, spec: dict) -> dict:
                 feats = A.pair_features(model, pairs, [layer], pool=pool, activations=f"{tmp}/pairs",
                                         batch_size=16, max_length=256)
                 if method == "probe-weights":
-                    direction = trained[0]
+                    direction = probe_direction
                 else:
                     direction = A.behaviour_direction(model, behaviour, layer, pool=pool, activations=f"{tmp}/beh",
                                                       batch_size=16, max_length=256)
@@ -213,18 +211,21 @@ def main() -> int:
     pairs_uri = os.path.join(mix_dir, "pairs.jsonl")
     pairs = A.read_pair_file(pairs_uri)
     bad = read_poison_labels(os.path.join(mix_dir, "poison_labels.jsonl"), pairs)
-    layer = args.layer
+    layer, probe = args.layer, None
     if args.probes:
         from probe_dpo.probes import ProbeSet
 
         ps = ProbeSet.load(args.probes)
-        layer = (ps.train_probes or list(ps.probes))[0].layer if layer is None else layer
+        layer = ps.default_probe.layer if layer is None else layer
+        # the probe whose own direction the probe-weights method scores with
+        probe = next((p.name for p in ps.train_probes or ps.probes if p.layer == layer), None)
     if layer is None:
         raise SystemExit("give --probes or --layer")
     judge = next(j for j in ("profanity-check", "toxic-comment-classifier") if j != mix["train_judge"])
     spec = {"pairs": pairs_uri, "behaviour": os.path.join(args.testbed, "data", "probe_train.jsonl"),
             "behaviour_examples": args.behaviour_examples, "seed": args.seed,
-            "model": os.path.join(args.testbed, "model"), "layer": layer, "probes": args.probes, "judge": judge}
+            "model": os.path.join(args.testbed, "model"), "layer": layer, "probes": args.probes, "probe": probe,
+            "judge": judge}
     methods = [m for m in args.methods.split(",") if m and (m != "probe-weights" or args.probes)]
     k = int(bad.sum())
     # A diagnostic, not the target: which poisoned pairs are missed? Those whose chosen response

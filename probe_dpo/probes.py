@@ -374,6 +374,11 @@ class ProbeSet(nn.Module):
         return self.with_role("held_out")
 
     @property
+    def default_probe(self) -> LinearProbe:
+        """The probe used where none is named: the first train probe (else the first probe)."""
+        return (self.train_probes or list(self.probes))[0]
+
+    @property
     def hidden_size(self) -> int:
         return self.probes[0].hidden_size if len(self.probes) else int(self.meta.get("hidden_size", 0))
 

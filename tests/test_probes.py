@@ -147,6 +147,7 @@ def test_probe_set_scores_and_roles():
     torch.testing.assert_close(ps.score(feats, role="held_out"), ps["c"].prob(feats[0]))
     assert ps.layers("train") == [1, 2] and ps.layers() == [0, 1, 2]
     assert [p.name for p in ps.held_out_probes] == ["c"]
+    assert ps.default_probe.name == "a" and ProbeSet([ps["c"]]).default_probe.name == "c"
     with pytest.raises(UserError, match="reads layer 2"):
         ps.score({1: feats[1]})
 

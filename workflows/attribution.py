@@ -251,7 +251,7 @@ def prepare(cfg: AttributionConfig, log: Log = _print) -> Inputs:
                 raise UserError(f"probes {cfg.probes}: no probe named {cfg.probe} (has: "
                                 f"{', '.join(p.name for p in probeset.probes)})") from None
         else:
-            probe = (probeset.train_probes or list(probeset.probes))[0]
+            probe = probeset.default_probe
         deep = sorted({p.layer for p in probeset.probes if p.layer >= (facts["num_layers"] or 10**9)})
         if deep:
             raise UserError(f"probes {cfg.probes} read layer(s) {deep}, but model {model} has {facts['num_layers']} "
