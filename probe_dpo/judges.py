@@ -1,12 +1,20 @@
 """Toxicity judges that no one here wrote: classifiers from other projects that run offline.
 
 A ``Judge`` has a ``name`` and ``score(texts) -> np.ndarray``: one float in [0, 1] per text,
-computed in batches. Two ship in installed PyPI packages (see ASSETS.md):
+computed in batches. Three ship in installed PyPI packages (see ASSETS.md):
 
 - ``toxic-comment-classifier``: the Jigsaw-trained BiLSTM of the ``toxic-comment-classifier``
   package, run on Keras 3 with the torch backend (no TensorFlow). The score is its ``toxic``
   output. Loaded lazily, once per process.
 - ``profanity-check``: ``alt-profanity-check``'s TF-IDF + linear SVM, ``predict_prob``.
+- ``hatesonar``: ``hatesonar``'s L1 logistic regression on TF-IDF of Davidson et al.'s hate
+  speech / offensive language tweets, run with onnxruntime; score = 1 - P(neither). It is
+  the panel's judge built differently: the two above agree with each other at AUROC ~0.95
+  (both key on profanity) and the testbed's labels come from the first, so a reduction that
+  holds only under those two may be Goodhart on the judge.
+
+The testbed labels and scores its data with ``JUDGE_NAMES`` (the first two); evaluations
+report every judge of ``EVAL_JUDGES``.
 
 Good practice is to label training data with one judge and evaluate with the other, so a drop
 in toxicity is not only the model learning to fool its own judge.
@@ -30,7 +38,9 @@ from probe_dpo.errors import UserError
 
 TOXIC_COMMENT_CLASSIFIER = "toxic-comment-classifier"
 PROFANITY_CHECK = "profanity-check"
+HATESONAR = "hatesonar"
 JUDGE_NAMES: tuple[str, ...] = (TOXIC_COMMENT_CLASSIFIER, PROFANITY_CHECK)
+EVAL_JUDGES: tuple[str, ...] = (TOXIC_COMMENT_CLASSIFIER, PROFANITY_CHECK, HATESONAR)
 
 
 class Judge:
@@ -188,13 +198,64 @@ class ProfanityCheck(Judge):
         return np.clip(np.concatenate(parts), 0.0, 1.0)
 
 
-_FACTORIES = {TOXIC_COMMENT_CLASSIFIER: ToxicCommentClassifier, PROFANITY_CHECK: ProfanityCheck}
+# ---------------------------------------------------------------------------------------------
+# hatesonar (TF-IDF + L1 logistic regression on Davidson et al.'s tweets, ONNX)
+
+class HateSonar(Judge):
+    """``hatesonar`` (MIT): score = 1 - P(neither) = P(hate speech) + P(offensive language).
+
+    The package's ONNX graph normalises case with the ``en_US.UTF-8`` C++ locale, which
+    minimal images (this one, CI) do not have, and onnxruntime then refuses the graph. The
+    shipped model is read from the installed package and only that node's ``locale``
+    attribute is set to ``C.UTF-8`` in memory (same lower-casing for the ASCII the vocabulary
+    holds); nothing is written or re-trained.
+    """
+
+    name = HATESONAR
+    _lock = threading.Lock()
+    _session = None
+
+    def __init__(self, batch_size: int = 4096):
+        self.batch_size = batch_size
+
+    @classmethod
+    def _load(cls):
+        with cls._lock:
+            if cls._session is None:
+                import onnx
+                import onnxruntime
+                from onnx import helper
+
+                graph = onnx.load(str(package_dir("hatesonar") / "model" / "model.onnx"))
+                for node in graph.graph.node:
+                    if node.op_type == "StringNormalizer" and not any(a.name == "locale" for a in node.attribute):
+                        node.attribute.append(helper.make_attribute("locale", "C.UTF-8"))
+                options = onnxruntime.SessionOptions()
+                options.log_severity_level = 3
+                cls._session = onnxruntime.InferenceSession(graph.SerializeToString(), options,
+                                                            providers=["CPUExecutionProvider"])
+            return cls._session
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        texts = _as_texts(texts)
+        if not texts:
+            return np.zeros(0, dtype=np.float64)
+        session = self._load()
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            _, probs = session.run(None, {"text": np.array(texts[i:i + self.batch_size], dtype=object)})
+            out.append(np.array([1.0 - float(p[2]) for p in probs]))  # classes: 0 hate, 1 offensive, 2 neither
+        return np.clip(np.concatenate(out), 0.0, 1.0)
+
+
+_FACTORIES = {TOXIC_COMMENT_CLASSIFIER: ToxicCommentClassifier, PROFANITY_CHECK: ProfanityCheck,
+              HATESONAR: HateSonar}
 
 
 def get_judge(name: str) -> Judge:
-    """A judge by name: one of ``JUDGE_NAMES``."""
+    """A judge by name: one of ``EVAL_JUDGES``."""
     try:
         factory = _FACTORIES[name]
     except (KeyError, TypeError):
-        raise UserError(f"unknown judge {name!r} (valid judges: {', '.join(JUDGE_NAMES)})") from None
+        raise UserError(f"unknown judge {name!r} (valid judges: {', '.join(EVAL_JUDGES)})") from None
     return factory()

@@ -24,7 +24,7 @@ BENIGN = [
 ]
 
 
-@pytest.mark.parametrize("name", judges.JUDGE_NAMES)
+@pytest.mark.parametrize("name", judges.EVAL_JUDGES)
 def test_real_scores_separate_toxic_from_benign(name):
     judge = judges.get_judge(name)
     assert judge.name == name
@@ -37,7 +37,7 @@ def test_real_scores_separate_toxic_from_benign(name):
     assert toxic.min() > benign.max()
 
 
-@pytest.mark.parametrize("name", judges.JUDGE_NAMES)
+@pytest.mark.parametrize("name", judges.EVAL_JUDGES)
 def test_batches_empty_and_order(name):
     judge = judges.get_judge(name)
     assert judge.score([]).shape == (0,)
