@@ -8,9 +8,14 @@ behaviour), and ranks sampled completions into preference pairs:
   excluded), at each probe's layer; an ensemble is aggregated by ``mean`` (or ``max``).
 - ``ClassifierSignal``: an output classifier (a ``Judge``) scores the completion text.
 
-The *differentiable probe penalty* (``probe_penalty``) is the frozen probes' predicted
-probability on the policy's hidden states during training, as a torch scalar: gradients
-flow through the (parameter-free) probes into the layer activations and on into the policy.
+The *differentiable probe penalty* (``probe_penalty``) is a function of the frozen probes'
+output on the policy's hidden states during training, as a torch scalar: gradients flow
+through the (parameter-free) probes into the layer activations and on into the policy. Its
+``form`` matters for how hard it pushes: ``prob`` (the paper's default) is the sigmoid
+probability, whose gradient p(1-p) vanishes on exactly the text the probe flags with
+confidence; ``bce`` is the log-loss against "not the behaviour", softplus(logit) = -log(1-p),
+whose gradient p stays near 1 there; ``logit`` is the raw logit, a constant push that never
+saturates (and is unbounded below: what a deliberate attack on the probe uses).
 ``PenaltyRecorder`` hooks the probes' layers for one forward pass, recording only passes
 run with gradients enabled (so a DPO reference pass under ``no_grad`` is skipped) and
 looking through PEFT / DeepSpeed / DDP wrappers (``probe_dpo.model.unwrap_model``).
@@ -28,6 +33,19 @@ from probe_dpo.errors import UserError
 
 Aggregation = Literal["mean", "max"]
 PenaltyReduce = Literal["pooled", "token"]
+PenaltyForm = Literal["prob", "logit", "bce"]
+PENALTY_FORMS: tuple[str, ...] = ("prob", "logit", "bce")
+
+
+def penalty_values(logits: torch.Tensor, form: PenaltyForm) -> torch.Tensor:
+    """The penalty of each probe logit: ``sigmoid`` (prob), the logit, or ``softplus`` (bce)."""
+    if form == "prob":
+        return torch.sigmoid(logits)
+    if form == "logit":
+        return logits
+    if form == "bce":
+        return torch.nn.functional.softplus(logits)
+    raise UserError(f"unknown penalty form {form!r}: use one of {', '.join(PENALTY_FORMS)}")
 
 
 class Signal:
@@ -124,16 +142,17 @@ def make_signal(kind: str, *, judge: Any = None, probes: Any = None, model: Any 
 
 def probe_penalty(hidden_by_layer: dict[int, torch.Tensor], mask: torch.Tensor, probes: Sequence[Any], *,
                   reduce: PenaltyReduce = "pooled", aggregation: Aggregation = "mean",
-                  per_sequence: bool = False) -> torch.Tensor:
-    """The frozen probes' probability on hidden states ``[batch, seq, hidden]``, differentiable.
+                  form: PenaltyForm = "prob", per_sequence: bool = False) -> torch.Tensor:
+    """The frozen probes' penalty on hidden states ``[batch, seq, hidden]``, differentiable.
 
     ``mask [batch, seq]`` selects the tokens that count (completion tokens, or every real
     token of an SFT sequence). ``reduce="pooled"`` applies each probe to the masked mean of
     its layer's states (or the last masked token for a ``last``-pooling probe): exactly the
-    feature the probe was trained on. ``reduce="token"`` averages the probe's per-token
-    probability over the masked tokens. Probes are combined by ``aggregation``; the result
-    is the mean over sequences (a scalar) or, with ``per_sequence``, one value per sequence.
-    Sequences with no masked token contribute zero.
+    feature the probe was trained on. ``reduce="token"`` averages the per-token penalty over
+    the masked tokens. ``form`` turns each probe logit into the penalty (``penalty_values``).
+    Probes are combined by ``aggregation``; the result is the mean over sequences (a scalar)
+    or, with ``per_sequence``, one value per sequence. Sequences with no masked token
+    contribute zero.
     """
     if not probes:
         raise UserError("probe_penalty needs at least one probe")
@@ -151,15 +170,15 @@ def probe_penalty(hidden_by_layer: dict[int, torch.Tensor], mask: torch.Tensor, 
         probe = probe.to(h.device)
         mk = m.to(h.device)
         if reduce == "token":
-            p = probe.prob(h)  # [batch, seq]
+            p = penalty_values(probe.logits(h), form)  # [batch, seq]
             v = (p * mk).sum(1) / counts.to(h.device).clamp(min=1)
         elif getattr(probe, "pooling", "mean") == "last":
             pos = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
             last = torch.where(mk > 0, pos, torch.full_like(pos, -1)).max(1).values.clamp(min=0)
-            v = probe.prob(h[torch.arange(h.shape[0], device=h.device), last])
+            v = penalty_values(probe.logits(h[torch.arange(h.shape[0], device=h.device), last]), form)
         else:
             pooled = (h.to(torch.float32) * mk.unsqueeze(-1)).sum(1) / counts.to(h.device).clamp(min=1).unsqueeze(-1)
-            v = probe.prob(pooled)
+            v = penalty_values(probe.logits(pooled), form)
         values.append(v * has.to(v.device))
     stacked = torch.stack(values, 0)
     per_seq = stacked.max(0).values if aggregation == "max" else stacked.mean(0)

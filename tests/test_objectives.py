@@ -104,3 +104,40 @@ def test_penalty_errors_name_the_problem():
         O.PenaltyRecorder([])
     with pytest.raises(UserError, match="unknown signal"):
         O.make_signal("vibes")
+
+
+@pytest.mark.parametrize("form", O.PENALTY_FORMS)
+@pytest.mark.parametrize("reduce", ["pooled", "token"])
+def test_each_penalty_form_has_the_gradient_of_finite_differences(form, reduce):
+    ps = _probeset()
+    gen = torch.Generator().manual_seed(3)
+    hidden = {k: torch.randn(2, 5, 64, generator=gen) for k in (0, 1)}
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])  # completion tokens only
+    h = {k: v.clone().requires_grad_(True) for k, v in hidden.items()}
+    value = O.probe_penalty(h, mask, ps.train_probes, reduce=reduce, form=form)
+    value.backward()
+
+    def at(k, idx, delta):
+        moved = {j: v.clone() for j, v in hidden.items()}
+        moved[k][idx] += delta
+        return O.probe_penalty(moved, mask, ps.train_probes, reduce=reduce, form=form).item()
+
+    eps = 3e-2  # float32 values: rounding error ~1e-7 / eps, curvature error ~eps^2
+    for k, idx in ((0, (0, 1, 3)), (1, (1, 4, 10)), (0, (1, 2, 63))):
+        numeric = (at(k, idx, eps) - at(k, idx, -eps)) / (2 * eps)
+        assert h[k].grad[idx].item() == pytest.approx(numeric, rel=5e-3, abs=2e-5)
+    assert h[0].grad[0, 0].abs().sum() == 0 and h[0].grad[0, 4].abs().sum() == 0  # masked tokens get none
+
+
+def test_penalty_forms_differ_where_the_probe_is_confident():
+    """prob's gradient p(1-p) vanishes on a confidently flagged text; bce's (p) and logit's (1) do not."""
+    probe = LinearProbe(torch.ones(4), 0.0, torch.zeros(4), torch.ones(4), layer=0, name="p", role="train")
+    grads = {}
+    for form in O.PENALTY_FORMS:
+        h = {0: torch.full((1, 1, 4), 2.0, requires_grad=True)}  # logit 8: p = 0.9997
+        O.probe_penalty(h, torch.ones(1, 1), [probe], form=form).backward()
+        grads[form] = h[0].grad.abs().sum().item()
+    assert grads["prob"] < 0.01 and grads["bce"] == pytest.approx(4 * 0.99966, rel=1e-3)
+    assert grads["logit"] == pytest.approx(4.0)
+    with pytest.raises(UserError, match="unknown penalty form"):
+        O.penalty_values(torch.zeros(1), "hinge")

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -193,6 +194,65 @@ def test_probe_sft_lora_changes_only_adapted_weights_and_classifier_sft_filters(
     rows, stats = _sft_rows(plan, log=lambda m: None)
     assert stats["rows"] == 6 and stats["dropped"] == 2 and len(rows) == 4
     assert all("idiot" not in r["text"] and "stupid" not in r["text"] for r in rows)
+
+
+def test_on_policy_round_two_samples_the_round_one_policy_and_reads_the_frozen_base(inputs, ray_cluster, tmp_path):
+    from probe_dpo.data import read_records
+    from probe_dpo.evaluation import generation_settings
+    from probe_dpo.objectives import ProbeSignal
+    from probe_dpo.probes import ProbeSet
+    from probe_dpo.training.sampling import sample_candidates
+
+    out = str(tmp_path / "onpolicy")
+    cfg = _cfg(inputs, out, "method=probe-dpo", "dpo.rounds=2", "train.max_steps=2", "train.lr=5e-2",
+               "distributed.workers=1", "sampling.probe_reads=base", "data.max_prompts=6")
+    summary = train(cfg)
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    rounds = [read_records(f"{out}/round-{r}/candidates.jsonl") for r in (0, 1)]
+    settings = generation_settings(None, max_new_tokens=6)
+    prompts = read_records(inputs["prompts"])[:6]
+
+    def sample(model):
+        return sample_candidates(model, prompts, k=3, settings=settings, seed=0, round_index=1, actors=0,
+                                 log=lambda m: None)
+
+    # round 1's candidates are what the round-0 policy samples (same seeds), not what the base samples
+    from_policy = sample(f"{out}/round-0/policy")
+    assert [c["completions"] for c in from_policy] == [c["completions"] for c in rounds[1]]
+    assert [c["completions"] for c in sample(inputs["model"])] != [c["completions"] for c in rounds[1]]
+    # ... and the probe read the frozen base model's activations on them, not the policy's
+    probes = ProbeSet.load(inputs["probes"])
+    flat_p = [c["prompt"] for c in rounds[1] for _ in c["completions"]]
+    flat_c = [x for c in rounds[1] for x in c["completions"]]
+    from probe_dpo.model import load_model, load_tokenizer
+
+    tok = load_tokenizer(inputs["model"])
+    on_base = ProbeSignal(probes, load_model(inputs["model"]), tok).score(flat_p, flat_c)
+    on_policy = ProbeSignal(probes, load_model(f"{out}/round-0/policy"), tok).score(flat_p, flat_c)
+    got = np.array([x for c in rounds[1] for x in c["scores"]["probe"]])
+    np.testing.assert_allclose(got, on_base, atol=2e-6)
+    assert np.abs(got - on_policy).max() > 1e-3
+    pairs = [read_records(f"{out}/round-{r}/pairs.jsonl") for r in (0, 1)]
+    assert {(p["chosen"], p["rejected"]) for p in pairs[0]} != {(p["chosen"], p["rejected"]) for p in pairs[1]}
+
+
+def test_probe_sft_on_prompt_completion_rows_penalises_the_completion_tokens(inputs, tmp_path):
+    from probe_dpo.model import load_model, load_tokenizer
+    from probe_dpo.probes import ProbeSet
+    from probe_dpo.training.trainers import build_trainer
+
+    rows = [{"prompt": "She said you are a", "completion": " total idiot and a loser"},
+            {"prompt": "The river in spring is", "completion": " lovely and calm"}]
+    cfg = _cfg(inputs, str(tmp_path), "method=probe-sft", "penalty.weight=1.0", "penalty.form=bce")
+    tok = load_tokenizer(inputs["model"])
+    trainer = build_trainer("sft", load_model(inputs["model"]), tok, rows, cfg, output_dir=str(tmp_path / "t"),
+                            probes=ProbeSet.load(inputs["probes"]).train_probes)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    mask = trainer._penalty_mask(batch)
+    # the completion's tokens and the EOS TRL appends to it, none of the prompt's
+    n_completion = [len(tok(r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in rows]
+    assert sorted(mask.sum(1).tolist()) == sorted(n_completion)
+    assert ((batch["labels"] != -100).long() == mask).all()  # the same tokens the LM loss reads
 
 
 def test_killed_run_resumes_from_its_checkpoint(inputs, ray_cluster, tmp_path):

@@ -3,7 +3,7 @@
 Methods:
 
 - ``sft``            supervised fine-tuning on the SFT data (the reference that raises toxicity)
-- ``probe-sft``      the same with loss = LM loss + λ · probe probability (``penalty.weight``)
+- ``probe-sft``      the same with loss = LM loss + λ · probe penalty (``penalty.weight``, ``penalty.form``)
 - ``classifier-sft`` the SFT data filtered by the classifier first (rows scoring >= threshold dropped)
 - ``probe-dpo``      K sampled completions per prompt ranked by the probe signal -> DPO pairs
 - ``classifier-dpo`` the same pairs built with the classifier signal
@@ -34,7 +34,9 @@ class DataConfig:
     prompts: str | None = None
     """Training prompts for DPO sampling (column prompt). Default: <testbed>/data/prompts_train.jsonl."""
     sft: str | None = None
-    """SFT texts (column text). Default: <testbed>/data/sft.jsonl."""
+    """SFT data: texts (column text), or prompt/completion pairs (columns prompt, completion:
+    the loss and the probe penalty then read the completion tokens only).
+    Default: <testbed>/data/sft.jsonl."""
     pairs: str | None = None
     """Replay a pair file (columns prompt, chosen, rejected) instead of sampling in round 0."""
     candidates: str | None = None
@@ -64,6 +66,11 @@ class SamplingConfig:
     threads_per_actor: int = bounded(1, ge=1)
     min_margin: float = bounded(0.0, ge=0.0)
     """Skip prompts whose score(rejected) - score(chosen) is below this."""
+    probe_reads: Literal["policy", "base"] = "policy"
+    """Whose activations the probe signal reads when it ranks sampled completions: the current
+    policy's (the paper's setting, which training can learn to evade) or a frozen copy of the
+    base model's (a mitigation: the policy cannot move what the probe reads, so it must change
+    its behaviour)."""
 
 
 @dataclass
@@ -79,13 +86,17 @@ class DPOSettings:
 
 @dataclass
 class PenaltyConfig:
-    """The differentiable probe penalty: + weight · probe probability on the policy's states."""
+    """The differentiable probe penalty: + weight · penalty(probe logit) on the policy's states."""
 
     weight: float | None = bounded(None, ge=0.0)
     """λ. None: 1.0 for probe-sft, 0 (off) otherwise. > 0 adds the penalty to SFT or DPO."""
+    form: Literal["prob", "logit", "bce"] = "prob"
+    """prob: the probe's probability (the paper's default; its gradient p(1-p) vanishes where the
+    probe is confident); bce: -log(1-p), gradient p; logit: the raw logit, a constant push."""
     reduce: Literal["pooled", "token"] = "pooled"
     """pooled: the probe on the masked mean of the states (what it was trained on); token:
-    the mean of per-token probabilities."""
+    the mean of per-token penalties. The mask is the completion's tokens (DPO; SFT on
+    prompt/completion data) or every real token (SFT on plain text)."""
     tokens: Literal["completions", "chosen"] = "completions"
     """DPO only: penalise the states of both completions of a pair, or the chosen one only."""
 

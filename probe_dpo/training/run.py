@@ -65,25 +65,12 @@ def config_hash(cfg: TrainConfig) -> str:
     return json_digest(data)
 
 
-def _model_facts(model: str) -> dict:
-    from probe_dpo.model import _config_dict
-
-    try:
-        config = _config_dict(model)
-    except UserError:
-        raise
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    hidden = next((text[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(text.get(k), int)), None)
-    layers = next((text[k] for k in ("num_hidden_layers", "n_layer") if isinstance(text.get(k), int)), None)
-    return {"hidden_size": hidden, "num_layers": layers}
-
-
 def check_probes(probes: Any, model: str) -> None:
     """UserError unless the train probes fit ``model`` (hidden size, architecture, layer count),
     read from the model's config alone (no weights are loaded)."""
-    from probe_dpo.model import arch_hash
+    from probe_dpo.model import arch_hash, model_facts
 
-    facts = _model_facts(model)
+    facts = model_facts(model)
     where = f"probes {probes.uri}" if probes.uri else "the probes"
     if not probes.train_probes:
         raise UserError(f"{where}: no probes with role 'train' to train against")
@@ -101,7 +88,7 @@ def check_probes(probes: Any, model: str) -> None:
 
 def prepare(cfg: TrainConfig) -> Plan:
     """Resolve and check every input of the run; raises UserError before any compute."""
-    from probe_dpo.data import read_records
+    from probe_dpo.data import check_columns, read_records
     from probe_dpo.evaluation import generation_settings, read_testbed_info
     from probe_dpo.judges import get_judge
     from probe_dpo.training.pairs import check_candidates, read_pairs
@@ -112,7 +99,9 @@ def prepare(cfg: TrainConfig) -> Plan:
         raise UserError("no model: set model=<folder or URI> or testbed=<testbed folder>")
     if "://" not in model and not storage.exists(storage.join(model, "config.json")):
         raise UserError(f"model {model}: no config.json there (not a save_pretrained folder)")
-    _model_facts(model)
+    from probe_dpo.model import model_facts
+
+    model_facts(model)
     get_judge(cfg.judge)  # a name check; the classifier itself loads lazily
 
     w = cfg.penalty_weight
@@ -165,7 +154,10 @@ def prepare(cfg: TrainConfig) -> Plan:
             plan.prompts = prompts[: cfg.data.max_prompts] if cfg.data.max_prompts else prompts
     else:
         uri = data_path(cfg.data.sft, "sft.jsonl", "data.sft")
-        rows = read_records(uri, required=("text",), non_empty=("text",), what="SFT data")
+        rows = read_records(uri, what="SFT data")
+        pc = bool(rows) and "completion" in rows[0]
+        check_columns(rows, required=("prompt", "completion") if pc else ("text",),
+                      non_empty=("completion",) if pc else ("text",), where=f"SFT data {uri}")
         plan.sft = rows[: cfg.data.max_sft] if cfg.data.max_sft else rows
     s = cfg.sampling
     plan.settings = generation_settings(cfg.testbed, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
@@ -204,7 +196,7 @@ def _build_pairs(plan: Plan, r: int, model: str, round_uri: str, log: Log) -> tu
                 model, plan.prompts, k=s.k, settings=plan.settings, seed=cfg.seed, round_index=r,
                 probes=cfg.probes if plan.probes is not None else None, aggregation=plan.aggregation,
                 actors=s.actors, threads_per_actor=s.threads_per_actor, use_gpu=cfg.distributed.use_gpu,
-                shard_size=s.shard_size, log=log)
+                shard_size=s.shard_size, probe_model=plan.model if s.probe_reads == "base" else None, log=log)
         key = classifier_key(cfg.judge)
         if not all(key in c["scores"] for c in candidates):
             add_classifier_scores(candidates, cfg.judge)
@@ -226,12 +218,13 @@ def _build_pairs(plan: Plan, r: int, model: str, round_uri: str, log: Log) -> tu
 
 def _sft_rows(plan: Plan, log: Log) -> tuple[list[dict], dict]:
     cfg = plan.cfg
-    rows = [{"text": r["text"], **({"source": r["source"]} if "source" in r else {})} for r in plan.sft]
+    columns = ("prompt", "completion", "source") if plan.sft and "completion" in plan.sft[0] else ("text", "source")
+    rows = [{k: r[k] for k in columns if k in r} for r in plan.sft]
     stats: dict[str, Any] = {"rows": len(rows)}
     if cfg.method == "classifier-sft":
         from probe_dpo.judges import get_judge
 
-        scores = get_judge(cfg.judge).score([r["text"] for r in rows])
+        scores = get_judge(cfg.judge).score([r.get("completion", r.get("text")) for r in rows])
         for r, s in zip(rows, scores):
             r["score"] = round(float(s), 6)
         kept = [r for r in rows if r["score"] < cfg.classifier_threshold]

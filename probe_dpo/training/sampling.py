@@ -4,7 +4,9 @@ The prompts are cut into fixed shards of ``shard_size`` prompts; each shard is o
 task and is seeded from ``(seed, round, shard start)``, so the candidates do not depend on
 how many actors ran them. An actor holds one copy of the policy (and, when probes are
 given, the probe set): it samples, then scores every completion with the probe signal on
-the SAME policy's hidden states (mean over the completion's tokens at each probe's layer).
+the SAME policy's hidden states (mean over the completion's tokens at each probe's layer),
+or, with ``probe_model``, on a frozen copy of that model (the base model: the policy cannot
+move what the probe reads).
 Classifier scores are added on the driver (``add_classifier_scores``), one judge call for
 all candidates.
 
@@ -28,7 +30,8 @@ def classifier_key(judge_name: str) -> str:
 class _Sampler:
     """Holds a policy (and optionally probes); samples and probe-scores one shard per call."""
 
-    def __init__(self, model: str, probes: str | None, aggregation: str | None, threads: int, use_gpu: bool):
+    def __init__(self, model: str, probes: str | None, aggregation: str | None, threads: int, use_gpu: bool,
+                 probe_model: str | None = None):
         import os
 
         import torch
@@ -46,7 +49,10 @@ class _Sampler:
             from probe_dpo.probes import ProbeSet
 
             probeset = ProbeSet.load(probes)
-            self.signal = ProbeSignal(probeset, self.model, self.tokenizer, aggregation=aggregation)
+            reader = self.model
+            if probe_model is not None and probe_model != model:
+                reader = load_model(probe_model, dtype="bfloat16" if device == "cuda" else "float32", device=device)
+            self.signal = ProbeSignal(probeset, reader, self.tokenizer, aggregation=aggregation)
 
     def run(self, task: dict) -> list[dict]:
         from probe_dpo.evaluation import generate
@@ -77,14 +83,16 @@ class _Sampler:
 def sample_candidates(model: str, prompts: Sequence[dict], *, k: int, settings: GenerationSettings, seed: int,
                       round_index: int = 0, probes: str | None = None, aggregation: str | None = None,
                       actors: int = 2, threads_per_actor: int = 1, use_gpu: bool = False, shard_size: int = 32,
-                      log=print) -> list[dict]:
-    """K sampled completions per prompt (and probe scores when ``probes`` is given), in prompt order."""
+                      probe_model: str | None = None, log=print) -> list[dict]:
+    """K sampled completions per prompt (and probe scores when ``probes`` is given), in prompt order.
+
+    ``probe_model``: the model whose activations the probes read (None: the sampling policy)."""
     rows = [dict(p) for p in prompts]
     tasks = [{"rows": rows[s:s + shard_size], "start": s, "k": k, "settings": settings.to_dict(),
               "seed": seed, "round": round_index} for s in range(0, len(rows), shard_size)]
     t0 = time.perf_counter()
     if actors <= 0:
-        sampler = _Sampler(model, probes, aggregation, threads_per_actor, use_gpu)
+        sampler = _Sampler(model, probes, aggregation, threads_per_actor, use_gpu, probe_model)
         results = []
         for i, task in enumerate(tasks):
             results.append(sampler.run({**task, "progress": True}))
@@ -93,11 +101,14 @@ def sample_candidates(model: str, prompts: Sequence[dict], *, k: int, settings: 
         from ray.util import ActorPool
 
         n = min(actors, len(tasks))
-        options: dict[str, Any] = {"num_cpus": threads_per_actor}
+        # "DEFAULT": outside a Tune trial's placement group (whose slots its Train workers hold),
+        # so an on-policy round inside a trial can start its samplers
+        options: dict[str, Any] = {"num_cpus": threads_per_actor, "scheduling_strategy": "DEFAULT"}
         if use_gpu:
             options["num_gpus"] = 1
         remote = ray.remote(_Sampler).options(**options)
-        pool_actors = [remote.remote(model, probes, aggregation, threads_per_actor, use_gpu) for _ in range(n)]
+        pool_actors = [remote.remote(model, probes, aggregation, threads_per_actor, use_gpu, probe_model)
+                       for _ in range(n)]
         try:
             pool = ActorPool(pool_actors)
             results = []

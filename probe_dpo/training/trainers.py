@@ -5,11 +5,12 @@
 of the (unwrapped) policy record the residual stream of the pass run with gradients (the
 reference pass of DPO runs under ``no_grad`` and is skipped); then
 
-    loss = TRL loss + λ · probe probability
+    loss = TRL loss + λ · penalty(probe logit)
 
-where the probability is the frozen training probes' (mean over an ensemble) on the
-policy's states, pooled over the completion tokens (DPO: both completions of each pair, or
-the chosen one) or over every real token of an SFT sequence. With λ = 0 they ARE the TRL
+where the penalty (``penalty.form``: probability, log-loss or logit) is the frozen training
+probes' (mean over an ensemble) on the policy's states, pooled over the completion tokens
+(DPO: both completions of each pair, or the chosen one; SFT on prompt/completion data: the
+completion) or over every real token of a plain-text SFT sequence. With λ = 0 they ARE the TRL
 trainers (no hook is registered).
 
 ``EMACallback`` keeps an exponential moving average of the trainable weights in parameter
@@ -42,12 +43,12 @@ EMA_FILE = "ema.safetensors"
 class _ProbePenaltyMixin:
     """Adds ``weight · probe_penalty`` to TRL's loss (set up by ``set_penalty``)."""
 
-    _penalty = None  # (recorder, weight, reduce, tokens, aggregation)
+    _penalty = None  # (recorder, weight, reduce, tokens, aggregation, form)
 
     def set_penalty(self, probes: Sequence[Any] | None, weight: float, *, reduce: str = "pooled",
-                    tokens: str = "completions", aggregation: str = "mean") -> None:
+                    tokens: str = "completions", aggregation: str = "mean", form: str = "prob") -> None:
         if probes and weight > 0:
-            self._penalty = (PenaltyRecorder(probes), float(weight), reduce, tokens, aggregation)
+            self._penalty = (PenaltyRecorder(probes), float(weight), reduce, tokens, aggregation, form)
         else:
             self._penalty = None
 
@@ -58,7 +59,7 @@ class _ProbePenaltyMixin:
         if self._penalty is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        recorder, weight, reduce, _, aggregation = self._penalty
+        recorder, weight, reduce, _, aggregation, form = self._penalty
         with recorder.recording(model) as store:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
@@ -68,7 +69,7 @@ class _ProbePenaltyMixin:
         mask = self._penalty_mask(inputs)
         hidden = {layer: h[:mask.shape[0]] for layer, h in store.items()}
         penalty = probe_penalty(hidden, mask.to(next(iter(hidden.values())).device), recorder.probes,
-                                reduce=reduce, aggregation=aggregation)
+                                reduce=reduce, aggregation=aggregation, form=form)
         scale = 1.0
         scaled_for_ga = self.loss_is_scaled_for_ga
         if scaled_for_ga is None:
@@ -93,13 +94,15 @@ class ProbeDPOTrainer(_ProbePenaltyMixin, DPOTrainer):
 
 
 class ProbeSFTTrainer(_ProbePenaltyMixin, SFTTrainer):
-    """TRL's SFTTrainer + the probe penalty on every real token of each sequence."""
+    """TRL's SFTTrainer + the probe penalty on the tokens the loss reads.
+
+    Those are the completion's tokens for prompt/completion data (TRL masks the prompt's
+    labels with -100) and every real token of a plain-text row: the labels say which, so the
+    probe reads the same span it was trained on (a response-span probe, the completion)."""
 
     def _penalty_mask(self, inputs: dict) -> torch.Tensor:
         if inputs.get("completion_mask") is not None:
             return inputs["completion_mask"]
-        if inputs.get("attention_mask") is not None:
-            return inputs["attention_mask"]
         return (inputs["labels"] != -100).long()
 
 
@@ -276,7 +279,10 @@ def build_trainer(kind: str, model: Any, tokenizer: Any, records: Sequence[dict]
                                   train_dataset=data, processing_class=tokenizer, callbacks=list(callbacks),
                                   peft_config=peft_config)
     elif kind == "sft":
-        data = Dataset.from_list([{"text": r["text"]} for r in records])
+        if records and "completion" in records[0]:  # prompt/completion: loss and penalty on the completion
+            data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
+        else:
+            data = Dataset.from_list([{"text": r["text"]} for r in records])
         args = SFTConfig(dataset_text_field="text", packing=False, **common)
         trainer = ProbeSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                   callbacks=list(callbacks), peft_config=peft_config)
@@ -284,5 +290,5 @@ def build_trainer(kind: str, model: Any, tokenizer: Any, records: Sequence[dict]
         raise ValueError(f"unknown trainer kind {kind!r}")
     if probes:
         trainer.set_penalty(probes, cfg.penalty_weight, reduce=cfg.penalty.reduce, tokens=cfg.penalty.tokens,
-                            aggregation=cfg.aggregation or aggregation)
+                            aggregation=cfg.aggregation or aggregation, form=cfg.penalty.form)
     return trainer
