@@ -535,13 +535,15 @@ def json_text(obj: Any) -> str:
 class TrainProbeSpec:
     """The probes fine-tuning trains against."""
 
-    kind: Literal["single", "layers", "seeds", "bootstrap"] = "single"
+    kind: Literal["single", "layers", "seeds", "bootstrap", "subsets"] = "single"
     """single: one probe; layers: one per layer; seeds: one per re-split of train+val by prompt;
-    bootstrap: one per bootstrap resample of the training rows."""
+    bootstrap: one per bootstrap resample of the training rows; subsets: one per disjoint
+    share of the training prompts (members that never saw each other's data)."""
     layer: int | None = None
-    """Layer for single/seeds/bootstrap (None: the best layer by validation AUROC)."""
+    """Layer for single/seeds/bootstrap/subsets (None: the best layer by validation AUROC)."""
     layers: list[int] = field(default_factory=list)
-    """Layers for kind=layers (empty: the n best layers by validation AUROC)."""
+    """Layers for kind=layers (empty: ``layer``, when set, and the best others by validation
+    AUROC, n in all)."""
     n: int = bounded(5, ge=1, le=100)
     aggregation: Literal["mean", "max"] = "mean"
 
@@ -665,6 +667,52 @@ def _split_groups(groups: list[Any], fraction: float, seed: int) -> tuple[np.nda
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
+def group_folds(groups: Sequence[Any], k: int, seed: int) -> np.ndarray:
+    """A fold id in ``[0, k)`` per row, with every row of a group (prompt) in the same fold and
+    the groups dealt round-robin after a seeded shuffle (folds differ in size by at most one group)."""
+    unique = sorted(set(map(str, groups)))
+    random.Random(seed).shuffle(unique)
+    fold_of = {g: i % k for i, g in enumerate(unique)}
+    return np.array([fold_of[str(g)] for g in groups], dtype=np.int64)
+
+
+def cross_fit_scores(feats: dict[int, torch.Tensor], labels: np.ndarray, groups: Sequence[Any],
+                     probes: Sequence["LinearProbe"], *, folds: int = 5, seed: int = 0) -> dict[str, np.ndarray]:
+    """Each probe's probability on every row from a probe that never saw the row's prompt.
+
+    The rows' prompts are dealt into ``folds`` folds (``group_folds``); for each fold, each
+    probe's layer is refitted, with the probe's own C, on the rows of the other folds, and
+    scores the fold's rows. Probes that share a layer and C (members of one ensemble that
+    differ only by their data) share the refit. Why: a probe scoring the very rows it was
+    fitted on ranks them by the labels it memorised, so a probe-ranked pair would be a
+    judge-ranked pair by construction.
+    """
+    fold = group_folds(groups, folds, seed)
+    y = np.asarray(labels)
+    refits: dict[tuple[int, float], np.ndarray] = {}
+    out = {}
+    for probe in probes:
+        key = (probe.layer, float(probe.card.get("c", 1.0)))
+        if key not in refits:
+            x = feats[probe.layer]
+            scores = np.zeros(len(y))
+            for f in range(folds):
+                inside, outside = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
+                if not len(inside):
+                    continue
+                if len(set(y[outside].tolist())) < 2:
+                    raise UserError(f"cross-fitting: the prompts outside fold {f} have a single class; "
+                                    "use fewer folds or more data")
+                res = fit_probe(x[torch.as_tensor(outside)], y[outside], x[torch.as_tensor(inside)], y[inside],
+                                [key[1]])
+                with torch.no_grad():
+                    scores[inside] = _np(LinearProbe.from_fit(res, layer=probe.layer).prob(
+                        x[torch.as_tensor(inside)]))
+            refits[key] = scores
+        out[probe.name] = refits[key]
+    return out
+
+
 def _auroc_subset(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float:
     return roc_auc(probs[mask], labels[mask]) if mask.any() else float("nan")
 
@@ -766,7 +814,9 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
                      sweep[best_layer], {"subset": "all" if not len(reserve_rows) else "train-share"}))
         train_layers = [best_layer]
     elif spec.kind == "layers":
-        train_layers = spec_layers or ranked[:spec.n]
+        # explicit layers; else the n best, with the fixed layer (when one is set) always among them
+        first = [spec_layer] if spec_layer is not None else []
+        train_layers = spec_layers or first + [L for L in ranked if L not in first][:spec.n - len(first)]
         for L in train_layers:
             made.append((_probe(sweep[L], L, f"train-L{L}", "train", base_card), sweep[L], {"subset": "all"}))
     elif spec.kind == "seeds":
@@ -780,6 +830,14 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
             res = fit(best_layer, xs=(pool_x[torch.as_tensor(tr)], pool_y[tr], pool_x[torch.as_tensor(va)], pool_y[va]))
             made.append((_probe(res, best_layer, f"train-L{best_layer}-seed{s}", "train", base_card), res,
                          {"subset": f"train+val re-split by prompt, seed {cfg.seed + 1000 + s}"}))
+    elif spec.kind == "subsets":
+        train_layers = [best_layer]
+        folds = group_folds([_group_ids(splits["train"])[i] for i in train_rows], spec.n, cfg.seed + 3000)
+        for s in range(spec.n):
+            res = fit(best_layer, train_rows[folds == s])
+            made.append((_probe(res, best_layer, f"train-L{best_layer}-part{s}", "train", base_card), res,
+                         {"subset": f"disjoint share {s + 1} of {spec.n} of the training prompts "
+                                    f"(seed {cfg.seed + 3000})"}))
     else:  # bootstrap
         train_layers = [best_layer]
         rng = np.random.default_rng(cfg.seed + 2000)
@@ -814,6 +872,10 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
                         meta={"model_hash": m_hash, "arch_hash": a_hash, "model": str(model), "hidden_size": width,
                               "num_layers_extracted": layers, "data_hashes": data_hashes,
                               "config": dataclasses.asdict(cfg)})
+    # the train role's own threshold (its aggregated score at the same validation FPR as every
+    # probe's): what a monitor built from the whole ensemble would flag at
+    probeset.meta["train_threshold"] = threshold_at_fpr(_np(probeset.score(feats["val"], "train")), labels["val"],
+                                                        cfg.fpr)
     ensemble = None
     if len(probeset.train_probes) > 1:
         ensemble = {}

@@ -248,3 +248,49 @@ def test_train_probe_kinds_and_layer_errors(tiny_model_dir, data_files):
     cfg.train_probe.layer = 1
     with pytest.raises(UserError, match="train_probe.layer: layer 1 is not among the extracted layers"):
         train_probes(cfg, model=str(tiny_model_dir), train=data_files["train"], val=data_files["val"])
+
+
+def test_cross_fitting_never_scores_a_row_with_a_probe_that_saw_its_prompt():
+    from probe_dpo.probes import cross_fit_scores, group_folds
+
+    rng = np.random.default_rng(0)
+    groups = [f"p{i // 4}" for i in range(240)]
+    y = (rng.random(240) < 0.3).astype(int)
+    x = rng.normal(size=(240, 12)) + 0.8 * y[:, None] * (np.arange(12) == 0)
+    planted = np.array([g == "p7" for g in groups])  # one memorisable prompt: its own feature, always toxic
+    y[planted] = 1
+    x[planted] = 0.0
+    x[planted, 11] = 6.0
+    x[~planted, 11] = 0.0
+    feats = {3: torch.tensor(x, dtype=torch.float32)}
+    folds = group_folds(groups, 5, seed=0)
+    assert all(len(set(folds[[g == f"p{i}" for g in groups]])) == 1 for i in range(60))  # a prompt in one fold
+    assert sorted(np.bincount(folds).tolist()) == [48, 48, 48, 48, 48]
+    in_sample = fit_probe(feats[3], y, feats[3], y, [10.0])
+    probe = LinearProbe.from_fit(in_sample, layer=3, name="train-L3", role="train", card={"c": 10.0})
+    memorised = probe.prob(feats[3][torch.as_tensor(planted)]).numpy()
+    crossed = cross_fit_scores(feats, y, groups, [probe], folds=5, seed=0)["train-L3"]
+    assert memorised.min() > 0.95  # the in-sample probe learned the planted prompt's feature
+    assert crossed[planted].max() < 0.6  # no cross-fitted probe had seen it
+    # rows of other prompts are scored by probes of the right kind (toxic rows score higher)
+    assert roc_auc(crossed[~planted], y[~planted]) > 0.6
+
+
+def test_ensembles_of_disjoint_shares_and_the_train_role_threshold(tiny_model_dir, data_files, tmp_path):
+    from probe_dpo.config import load_config
+
+    def load_config_for(overrides):
+        return load_config(ProbeTrainConfig, None, overrides)
+
+    cfg = load_config_for(["layers=[0,1]", "train_probe.kind=subsets", "train_probe.n=3", "train_probe.layer=1"])
+    result = train_probes(cfg, model=str(tiny_model_dir), train=data_files["train"], val=data_files["val"],
+                          out=str(tmp_path / "ps"), log=lambda m: None)
+    members = result.probeset.train_probes
+    assert [p.name for p in members] == ["train-L1-part0", "train-L1-part1", "train-L1-part2"]
+    assert sum(p.card["n_train"] for p in members) == 180  # disjoint shares of the 60 x 3 training rows
+    loaded = ProbeSet.load(str(tmp_path / "ps"))
+    assert 0.0 < loaded.meta["train_threshold"] < 1.0
+    layers = load_config_for(["layers=[0,1]", "train_probe.kind=layers", "train_probe.n=2", "train_probe.layer=0"])
+    made = train_probes(layers, model=str(tiny_model_dir), train=data_files["train"], val=data_files["val"],
+                        log=lambda m: None).probeset
+    assert [p.layer for p in made.train_probes][0] == 0 and len(made.train_probes) == 2
