@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -209,37 +208,37 @@ def _per_prompt_rates(scores: np.ndarray, threshold: float) -> np.ndarray:
     return (scores >= threshold).mean(axis=1)
 
 
-def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """``n_boot`` resamples (with replacement) of ``n`` prompt indices."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+def _mean(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    return (counts * values).sum(-1) / counts.sum(-1)
 
 
 def rate_with_ci(scores: np.ndarray, threshold: float = DEFAULT_THRESHOLD, n_boot: int = 2000,
                  seed: int = 0) -> dict[str, float]:
     """Toxic rate of ``scores [prompts, samples]`` with a 95% CI resampling prompts."""
+    from probe_dpo.stats import cluster_bootstrap
+
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
         raise UserError("no scores to compute a rate from")
     per_prompt = _per_prompt_rates(scores, threshold)
-    rate = float(per_prompt.mean())
-    boots = per_prompt[bootstrap_indices(len(per_prompt), n_boot, seed)].mean(axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return {"rate": rate, "ci_low": float(lo), "ci_high": float(hi),
-            "mean_score": float(scores.mean()), "prompts": int(len(per_prompt)),
-            "samples": int(scores.size)}
+    res = cluster_bootstrap(len(per_prompt), lambda c: _mean(per_prompt, c), n_boot=n_boot, seed=seed)
+    return {"rate": float(per_prompt.mean()), "ci_low": res["ci_low"], "ci_high": res["ci_high"],
+            "mean_score": float(scores.mean()), "prompts": int(len(per_prompt)), "samples": int(scores.size)}
 
 
 def paired_relative_change(base: np.ndarray, new: np.ndarray | Sequence[np.ndarray],
                            threshold: float = DEFAULT_THRESHOLD, n_boot: int = 2000,
                            seed: int = 0) -> dict[str, float]:
-    """Relative change of the toxic rate vs the base, with a paired 95% bootstrap CI.
+    """Change of the toxic rate vs the base, relative and absolute, with paired 95% CIs.
 
     ``base`` is ``[prompts, samples]`` scores of the base model; ``new`` the same for the
     fine-tuned model, or a list of them (one per training seed, averaged per prompt). The
-    SAME resampled prompt indices are applied to base and new. ``change`` is
-    ``rate_new / rate_base - 1`` (e.g. -0.30 for a 30% reduction); the CI excludes zero when
-    both ends have the same sign.
+    SAME resampled prompts are applied to base and new. ``change`` is
+    ``rate_new / rate_base - 1`` (e.g. -0.30 for a 30% reduction), ``delta`` is
+    ``rate_new - rate_base`` (with its bootstrap ``p_value``).
     """
+    from probe_dpo.stats import cluster_bootstrap
+
     runs = [new] if isinstance(new, np.ndarray) else list(new)
     if not runs:
         raise UserError("paired_relative_change needs at least one fine-tuned run")
@@ -250,17 +249,18 @@ def paired_relative_change(base: np.ndarray, new: np.ndarray | Sequence[np.ndarr
             raise UserError(f"paired comparison needs the same prompts: base has {len(b)}, a run has {len(r)}")
     n = np.mean(news, axis=0)
     base_rate, new_rate = float(b.mean()), float(n.mean())
-    idx = bootstrap_indices(len(b), n_boot, seed)
-    b_boot = b[idx].mean(axis=1)
-    n_boot_rates = n[idx].mean(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = n_boot_rates / b_boot - 1.0
-    rel = rel[np.isfinite(rel)]
+
+    def relative(c: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return _mean(n, c) / _mean(b, c) - 1.0
+
+    rel = cluster_bootstrap(len(b), relative, n_boot=n_boot, seed=seed)
+    diff = cluster_bootstrap(len(b), lambda c: _mean(n, c) - _mean(b, c), n_boot=n_boot, seed=seed)
     change = new_rate / base_rate - 1.0 if base_rate > 0 else float("nan")
-    lo, hi = (np.percentile(rel, [2.5, 97.5]) if len(rel) else (float("nan"), float("nan")))
-    return {"base_rate": base_rate, "rate": new_rate, "change": float(change), "ci_low": float(lo),
-            "ci_high": float(hi), "excludes_zero": bool(hi < 0 or lo > 0), "runs": len(news),
-            "prompts": int(len(b))}
+    lo, hi = rel["ci_low"], rel["ci_high"]
+    return {"base_rate": base_rate, "rate": new_rate, "change": float(change), "ci_low": lo, "ci_high": hi,
+            "excludes_zero": bool(hi < 0 or lo > 0), "delta": diff["estimate"], "delta_ci_low": diff["ci_low"],
+            "delta_ci_high": diff["ci_high"], "p_value": diff["p_value"], "runs": len(news), "prompts": int(len(b))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,22 +318,6 @@ def toxicity_samples(model: Any, prompts: Sequence[Any], judges: Sequence[Any] |
     return ToxicitySamples(texts, completions, score_completions(completions, judges), settings.to_dict(), seed)
 
 
-def toxicity_eval(model: Any, prompts: Sequence[Any], judges: Sequence[Any] | None = None,
-                  samples_per_prompt: int = 2, settings: GenerationSettings | None = None, seed: int = 0,
-                  *, threshold: float = DEFAULT_THRESHOLD, n_boot: int = 2000, tokenizer: Any = None,
-                  progress: bool = True, samples_out: list | None = None) -> dict[str, dict[str, float]]:
-    """Toxic rate of the model's continuations under each judge, with 95% CIs over prompts.
-
-    Returns ``{judge: {"rate", "ci_low", "ci_high", "mean_score", "prompts", "samples"}}``.
-    Pass a list as ``samples_out`` to receive the ``ToxicitySamples`` (for paired comparisons).
-    """
-    samples = toxicity_samples(model, prompts, judges, samples_per_prompt, settings, seed,
-                               tokenizer=tokenizer, progress=progress)
-    if samples_out is not None:
-        samples_out.append(samples)
-    return {judge: rate_with_ci(scores, threshold, n_boot, seed) for judge, scores in samples.scores.items()}
-
-
 def perplexity(model: Any, texts: Sequence[Any], *, max_tokens: int = 256, batch_size: int = 8,
                tokenizer: Any = None) -> float:
     """Token-weighted perplexity on the first ``max_tokens`` tokens of each text."""
@@ -372,181 +356,87 @@ def perplexity(model: Any, texts: Sequence[Any], *, max_tokens: int = 256, batch
     return math.exp(total_nll / max(total_tokens, 1))
 
 
-def summary_line(results: Mapping[str, Mapping[str, float]]) -> str:
-    """``judge rate [lo, hi]`` for each judge, for logs and the CLI."""
-    return ", ".join(f"{j} {r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" for j, r in results.items())
-
-
-def dumps(obj: Any) -> str:
-    """JSON with numpy values made plain."""
-    def plain(v):
-        if hasattr(v, "tolist"):
-            return v.tolist()
-        raise TypeError(type(v).__name__)
-
-    return json.dumps(obj, indent=2, default=plain)
-
-
 # ---------------------------------------------------------------------------------------------
-# Distance from the base model
+# One forward pass per model over the policy's own completions: KL to base and probe features
 
 
-def kl_to_base(policy: Any, base: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], *,
-               batch_size: int = 16, max_length: int = 256) -> dict[str, Any]:
-    """Exact per-token KL(policy || base) on the policy's own continuations.
+def policy_readings(policy: Any, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str],
+                    layers: Sequence[int], *, base: Any = None, batch_size: int = 16,
+                    max_length: int = 256) -> dict[str, Any]:
+    """What one forward pass of each model over (prompt, completion) gives, shared by two uses.
 
-    For every completion token position the full next-token distributions of both models are
-    compared (``sum_v p(v) (log p(v) - log q(v))``), so the estimate has no sampling noise
-    beyond the choice of continuations. Returns the token-weighted mean and the mean per
-    sequence (``per_sequence``, in input order; 0 for an empty completion).
+    - ``feats["policy"]`` (and ``feats["frozen"]`` with ``base``): the residual stream at
+      ``layers`` mean-pooled over the completion's tokens, as a response-span probe reads it;
+    - with ``base``: the exact per-token KL(policy || base) at every completion position,
+      ``sum_v p(v) (log p(v) - log q(v))`` over the full next-token distributions (no sampling
+      noise beyond the choice of continuations): ``kl_per_token`` (token-weighted) and
+      ``kl_per_sequence`` (input order; 0 for an empty completion).
+
+    The LM head runs only at the positions that predict a completion token (a fifth of the
+    sequence here), and each model's body runs once for both uses.
     """
     import torch
 
     from probe_dpo.activations import tokenize
+    from probe_dpo.model import residual_hooks, unwrap_model
 
     encoded = tokenize(tokenizer, prompts=list(prompts), completions=list(completions), span="response",
                        max_length=max_length)
+    n = len(encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    models = {"policy": policy, **({"frozen": base} if base is not None else {})}
     device = _device_of(policy)
-    per_seq = np.zeros(len(encoded))
+    width = unwrap_model(policy).config.hidden_size
+    feats = {name: {layer: torch.zeros(n, width) for layer in layers} for name in models}
+    per_seq = np.zeros(n)
     total, tokens = 0.0, 0
-    modes = (policy.training, base.training)
-    policy.eval()
-    base.eval()
+    order = sorted(range(n), key=lambda i: -len(encoded[i][0]))
+    modes = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(encoded), batch_size):
-                chunk = encoded[start:start + batch_size]
-                width = max(len(ids) for ids, _ in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                target = torch.zeros((len(chunk), width), dtype=torch.bool)  # positions predicting a completion token
-                for r, (seq, span) in enumerate(chunk):
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                width_b = max(len(encoded[i][0]) for i in idx)
+                ids = torch.full((len(idx), width_b), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width_b), dtype=torch.long)
+                span = torch.zeros((len(idx), width_b), dtype=torch.bool)    # the completion's tokens
+                target = torch.zeros((len(idx), width_b), dtype=torch.bool)  # positions predicting one
+                for r, i in enumerate(idx):
+                    seq, first = encoded[i]
                     ids[r, :len(seq)] = torch.tensor(seq)
                     mask[r, :len(seq)] = 1
-                    target[r, max(span, 1) - 1:len(seq) - 1] = True
-                ids, mask = ids.to(device), mask.to(device)
-                logp = torch.log_softmax(policy(input_ids=ids, attention_mask=mask).logits.float(), -1)
-                logq = torch.log_softmax(base(input_ids=ids, attention_mask=mask).logits.float(), -1)
-                # exact KL is >= 0; float rounding gives -1e-9 for an (almost) unchanged policy
-                kl = (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0).cpu()
-                kl = torch.where(target, kl, torch.zeros_like(kl))
-                counts = target.sum(1)
-                per_seq[start:start + len(chunk)] = (kl.sum(1) / counts.clamp(min=1)).numpy()
-                total += float(kl.sum())
-                tokens += int(counts.sum())
+                    if first < len(seq):
+                        span[r, first:len(seq)] = True
+                    else:  # empty completion: the last prompt token stands in (as in extraction)
+                        span[r, len(seq) - 1] = True
+                    target[r, max(first, 1) - 1:len(seq) - 1] = True
+                ids, mask, span_d, target_d = ids.to(device), mask.to(device), span.to(device), target.to(device)
+                logps = {}
+                for name, m in models.items():
+                    core = unwrap_model(m)
+                    with residual_hooks(core, layers) as store:
+                        hidden = core.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+                    w = span_d.unsqueeze(-1).float()
+                    for layer in layers:
+                        feats[name][layer][idx] = ((store[layer].float() * w).sum(1) / w.sum(1)).cpu()
+                    if base is not None:
+                        logps[name] = torch.log_softmax(core.get_output_embeddings()(hidden[target_d]).float(), -1)
+                if base is not None:
+                    p, q = logps["policy"], logps["frozen"]
+                    # exact KL is >= 0; float rounding gives -1e-9 for an (almost) unchanged policy
+                    kl_pos = (p.exp() * (p - q)).sum(-1).clamp(min=0.0).cpu()
+                    full = torch.zeros(target.shape)
+                    full[target] = kl_pos
+                    counts = target.sum(1)
+                    per_seq[idx] = (full.sum(1) / counts.clamp(min=1)).numpy()
+                    total += float(kl_pos.sum())
+                    tokens += int(counts.sum())
     finally:
-        policy.train(modes[0])
-        base.train(modes[1])
-    return {"kl_per_token": total / max(tokens, 1), "tokens": tokens, "per_sequence": per_seq}
-
-
-# ---------------------------------------------------------------------------------------------
-# Probe detection on a (fine-tuned) model: the probes we had, and probes fitted anew
-
-
-def auroc_with_ci(scores: Any, labels: Any, groups: Sequence[Any], *, n_boot: int = 1000, seed: int = 0,
-                  reference: Any = None) -> dict[str, float]:
-    """AUROC with a 95% cluster-bootstrap CI resampling ``groups`` (prompts).
-
-    ``scores`` is one scorer's scores ``[n]`` or several scorers' ``[k, n]`` (then the
-    statistic is their mean AUROC). With ``reference`` (the same shape: e.g. the same probes
-    on the base model) the paired difference ``auroc - auroc(reference)`` and its CI are
-    added, computed on the same resamples.
-    """
-    from probe_dpo.probes import roc_auc
-
-    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
-    y = np.asarray(labels)
-    ref = None if reference is None else np.atleast_2d(np.asarray(reference, dtype=np.float64))
-
-    def stat(m: np.ndarray, rows: np.ndarray | slice = slice(None)) -> float:
-        return float(np.mean([roc_auc(r[rows], y[rows]) for r in m]))
-
-    keys = {g: i for i, g in enumerate(dict.fromkeys(map(str, groups)))}
-    gid = np.array([keys[str(g)] for g in groups])
-    members = [np.flatnonzero(gid == k) for k in range(len(keys))]
-    out = {"auroc": stat(s)}
-    if ref is not None:
-        out["reference_auroc"] = stat(ref)
-        out["delta"] = out["auroc"] - out["reference_auroc"]
-    rng = np.random.default_rng(seed)
-    boots, deltas = [], []
-    for _ in range(n_boot):
-        rows = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
-        a = stat(s, rows)
-        if np.isnan(a):
-            continue
-        boots.append(a)
-        if ref is not None:
-            deltas.append(a - stat(ref, rows))
-    if boots:
-        out["ci_low"], out["ci_high"] = (float(v) for v in np.percentile(boots, [2.5, 97.5]))
-    if deltas:
-        out["delta_ci_low"], out["delta_ci_high"] = (float(v) for v in np.percentile(deltas, [2.5, 97.5]))
-    return out
-
-
-def probe_detection(model: Any, tokenizer: Any, probeset: Any, splits: Mapping[str, Sequence[dict]], *,
-                    retrain_layers: Sequence[int] = (), c_grid: Sequence[float] | None = None,
-                    reference: Mapping[str, Any] | None = None, n_boot: int = 1000, seed: int = 0,
-                    batch_size: int = 32, max_length: int = 256) -> dict[str, Any]:
-    """How well probes detect the behaviour in ``model``'s hidden states, on ``splits["test"]``.
-
-    - every probe of ``probeset`` (both roles) applied to the model's activations;
-    - the role aggregates: the train probes combined as in training (the ensemble score),
-      and the held-out probes' mean AUROC;
-    - **retrained** probes: fresh probes fitted at ``retrain_layers`` on the model's own
-      activations of ``splits["train"]`` (C chosen on ``splits["val"]``).
-
-    Records need ``prompt``, ``completion``, ``label`` (and ``prompt_id`` for the bootstrap).
-    ``reference`` is an earlier result of this function (the base model): then each AUROC
-    also gets its paired change with a CI. Returns metrics plus the per-row test scores
-    (``scores``), which are what a later call needs as its reference.
-    """
-    import torch
-
-    from probe_dpo.activations import extract
-    from probe_dpo.probes import DEFAULT_C_GRID, LinearProbe, fit_probe
-
-    for name in ("test",) + (("train", "val") if retrain_layers else ()):
-        if not splits.get(name):
-            raise UserError(f"probe detection needs a non-empty '{name}' split")
-    layers = sorted({p.layer for p in probeset.probes} | set(retrain_layers))
-    feats, labels = {}, {}
-    for name, rows in splits.items():
-        feats[name] = extract(model, tokenizer, prompts=[r["prompt"] for r in rows],
-                              completions=[r["completion"] for r in rows], layers=layers,
-                              batch_size=batch_size, max_length=max_length)
-        labels[name] = np.array([int(r["label"]) for r in rows])
-    groups = [r.get("prompt_id", r["prompt"]) for r in splits["test"]]
-    ref_scores = (reference or {}).get("scores", {})
-
-    def measure(key: str, probs: Any) -> dict[str, float]:
-        probs = np.asarray(probs, dtype=np.float64)
-        scores[key] = probs
-        return auroc_with_ci(probs, labels["test"], groups, n_boot=n_boot, seed=seed, reference=ref_scores.get(key))
-
-    scores: dict[str, np.ndarray] = {}
-    out: dict[str, Any] = {"probes": {}, "aggregate": {}, "retrained": {}, "test_rows": len(splits["test"]),
-                           "test_positives": int(labels["test"].sum())}
-    with torch.no_grad():
-        for probe in probeset.probes:
-            out["probes"][probe.name] = {"role": probe.role, "layer": probe.layer,
-                                         **measure(probe.name, probe.prob(feats["test"][probe.layer]))}
-        if probeset.train_probes:
-            out["aggregate"]["train"] = measure("aggregate:train", probeset.score(feats["test"], "train"))
-        held = [p.name for p in probeset.held_out_probes]
-        if held:  # the mean AUROC of the held-out probes, bootstrapped as one statistic
-            stacked = np.stack([scores[name] for name in held])
-            ref = np.stack([ref_scores[name] for name in held]) if all(n in ref_scores for n in held) else None
-            out["aggregate"]["held_out"] = {"probes": len(held), **auroc_with_ci(
-                stacked, labels["test"], groups, n_boot=n_boot, seed=seed, reference=ref)}
-        for layer in retrain_layers:
-            fit = fit_probe(feats["train"][layer], labels["train"], feats["val"][layer], labels["val"],
-                            c_grid or DEFAULT_C_GRID)
-            probe = LinearProbe.from_fit(fit, layer=layer, name=f"retrained-L{layer}")
-            out["retrained"][f"L{layer}"] = {"layer": layer, "c": fit.c, "val_auroc": fit.val_auroc,
-                                             **measure(f"retrained:L{layer}", probe.prob(feats["test"][layer]))}
-    out["scores"] = scores
+        for name, m in models.items():
+            m.train(modes[name])
+    out: dict[str, Any] = {"feats": feats}
+    if base is not None:
+        out.update(kl_per_token=total / max(tokens, 1), tokens=tokens, kl_per_sequence=per_seq)
     return out

@@ -309,3 +309,13 @@ def _config_dict(model_or_dir: Any) -> dict[str, Any]:
         return json.loads((local / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read {local / 'config.json'}: {_first_line(exc)}") from None
+
+
+def model_facts(model_or_dir: Any) -> dict[str, int | None]:
+    """``hidden_size`` and ``num_layers`` from a model's config alone (no weights are loaded);
+    None where the config does not say (multimodal configs keep them in ``text_config``)."""
+    config = _config_dict(model_or_dir)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    hidden = next((text[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(text.get(k), int)), None)
+    layers = next((text[k] for k in ("num_hidden_layers", "n_layer") if isinstance(text.get(k), int)), None)
+    return {"hidden_size": hidden, "num_layers": layers}

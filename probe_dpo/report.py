@@ -177,10 +177,11 @@ def _paragraphs(markdown: str, note: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# The toxicity experiment's report (workflows/toxicity.py writes what it reads)
+# The toxicity experiment's report (rendered from the results.json the workflow writes)
 
-_ROLE_TITLES = {"single": "train probe (best layer)", "ensemble": "probe ensemble", "held_out": "held-out probes",
-                "retrained": "retrained probe"}
+ROLE_TITLES = {"train": "train probe", "ensemble": "probe ensemble", "held_out": "held-out probes",
+               "retrained": "retrained probe"}
+CONTROL = "obfuscation-control"
 
 
 def _pct(x: Any) -> str:
@@ -193,204 +194,253 @@ def _pct_ci(d: dict | None) -> str:
     return f"{_pct(d['change'])} [{_pct(d.get('ci_low'))}, {_pct(d.get('ci_high'))}]"
 
 
-def _delta_ci(d: dict | None) -> str:
+def _delta_ci(d: dict | None, digits: int = 2) -> str:
+    """``+0.12 [+0.05, +0.19]`` for a paired change (``delta``, ``delta_ci_low``, ``delta_ci_high``)."""
     if not d or fmt(d.get("delta")) == "-":
         return "-"
-    return f"{d['delta']:+.3f} [{d.get('delta_ci_low', float('nan')):+.3f}, {d.get('delta_ci_high', float('nan')):+.3f}]"
+    lo, hi = d.get("delta_ci_low", d.get("ci_low")), d.get("delta_ci_high", d.get("ci_high"))
+    ci = f" [{lo:+.{digits}f}, {hi:+.{digits}f}]" if fmt(lo) != "-" and fmt(hi) != "-" else ""
+    return f"{d['delta']:+.{digits}f}{ci}"
 
 
-def _verdict(lo: Any, hi: Any, down: str = "drop", up: str = "rise") -> str:
-    if fmt(lo) == "-" or fmt(hi) == "-":
+def _moved(d: dict | None) -> str:
+    """The value after, and its change with the interval: ``0.12 (-0.43 [-0.52, -0.35])``."""
+    if not d or fmt(d.get("value")) == "-":
+        return "-"
+    return f"{fmt(d['value'], 2)} ({_delta_ci(d)})"
+
+
+def _verdict(d: dict | None, down: str = "drop", up: str = "rise") -> str:
+    from probe_dpo.stats import verdict
+
+    if not d:
         return "no interval"
-    if hi < 0:
-        return down
-    if lo > 0:
-        return up
-    return "no detectable change (the interval includes 0)"
+    return verdict(d.get("delta_ci_low"), d.get("delta_ci_high"), down, up)
 
 
 def experiment_report(run: str) -> Report:
-    """The arms table, the three Goodhart questions answered from the numbers, and plots."""
+    """The arms, detection at the base threshold by probe role (fixed texts and the policy's own
+    completions), the Atlas outcome, the three Goodhart questions answered against the positive
+    control, paired arm comparisons, plots and timings."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import numpy as np
-
     from probe_dpo import storage
-    from probe_dpo.data import read_records
-    from probe_dpo.evaluation import auroc_with_ci, paired_relative_change
 
     ctx = storage.read_json(storage.join(run, "shared", "context.json"))
-    e = ctx["eval"]
-    n_boot, seed = e["bootstrap"], e["seed"]
-    best = ctx["best_probe"]
-    summary = ctx["probes_summary"]
-    base_uri = storage.join(run, "shared", "base-eval")
     rep = Report(f"Training against probes: toxicity experiment ({run})")
-    if not storage.is_complete(base_uri):
+    results_uri = storage.join(run, "results.json")
+    res = storage.read_json(results_uri) if storage.exists(results_uri) else {}
+    if not res.get("base"):
         return rep.text("The base model has not been evaluated yet; the report appears as results arrive.", note=True)
-    base_m = storage.read_json(storage.join(base_uri, "metrics.json"))
-    base_s = storage.read_json(storage.join(base_uri, "scores.json"))
-    test_rows = read_records(storage.join(ctx["testbed"], "data", "probe_test.jsonl"))
-    labels = np.array([int(r["label"]) for r in test_rows])
-    groups = [r.get("prompt_id", r["prompt"]) for r in test_rows]
+    e, summary = ctx["eval"], ctx["probes_summary"]
+    base, arms = res["base"], res["arms"]
+    names = [a for a in ctx["arms"] if a in arms] + [a for a in arms if a not in ctx["arms"]]
+    judges = list(base["toxicity"])
+    first = judges[0]
+    tox0 = base["toxicity"][first]
 
-    trials: dict[str, list[dict]] = {}
-    for name in storage.list_dir(storage.join(run, "trials")):
-        uri = storage.join(run, "trials", name, "eval")
-        if storage.is_complete(uri):
-            m = storage.read_json(storage.join(uri, "metrics.json"))
-            trials.setdefault(m["arm"] if not m.get("overrides") else m["trial"], []).append(
-                {"metrics": m, "scores": storage.read_json(storage.join(uri, "scores.json"))})
-    arms = [a for a in ctx["arms"] if a in trials] + [a for a in trials if a not in ctx["arms"]]
-    judges = list(base_m["toxicity"])
+    # --- header ----------------------------------------------------------------------------------
+    how = ("fixed by `probes.train_layer`" if summary.get("train_layer_chosen_by") == "config"
+           else "the best by validation AUROC")
+    rep.text(f"{len(names)} of {len(ctx['arms'])} arms complete (seeds {ctx['seeds']}). Base model "
+             f"`{ctx['base_model']}`; {tox0['prompts']} held-out prompts x {e['samples_per_prompt']} samples, judged by "
+             f"{', '.join(f'`{j}`' for j in judges)}. The train probe is `{summary['best_probe']}` (layer "
+             f"{summary['best_layer']}, {how}); the ensemble is {len(summary.get('ensemble_probes', []))} probes "
+             f"({summary.get('ensemble_kind', 'layers')}, layers {summary['ensemble_layers']}); "
+             f"{len(summary['held_out'])} held-out probes. Candidate pairs were ranked "
+             + (f"by probes cross-fitted over {summary['cross_fit_folds']} folds of prompts."
+                if summary.get("cross_fit_folds") else "in-sample (no cross-fitting)."))
+    rate, n = tox0["rate"], tox0["prompts"]
+    rep.text(f"Noise: a toxic rate of {rate:.3f} on {n} prompts has a standard error of about "
+             f"{(rate * (1 - rate) / max(n, 1)) ** 0.5:.3f}. Every interval is a 95% bootstrap interval over prompts, "
+             "paired against the base model on the same prompts (or rows); a change whose interval includes 0 is "
+             "not a change. A monitor flags a text when the probe's score exceeds the threshold fixed on the base "
+             "model (each probe card's, at a 5% validation false-positive rate).", note=True)
 
-    retrained_key = next((k for k in base_s["detection"] if k.startswith("retrained:") and k.endswith(
-        f"L{summary['best_layer']}")), None)
-    role_keys = {"single": best, "ensemble": "aggregate:train", "held_out": None, "retrained": retrained_key}
-    held = list(summary["held_out"])
-
-    def auroc(role: str, runs: list[dict] | None) -> dict:
-        """Mean AUROC over seeds (and over held-out probes) with a paired bootstrap CI vs the base."""
-        keys = held if role == "held_out" else [role_keys[role]]
-        if not keys or keys[0] is None:
-            return {}
-        ref = np.stack([np.asarray(base_s["detection"][k]) for k in keys])
-        if runs is None:
-            return auroc_with_ci(ref, labels, groups, n_boot=n_boot, seed=seed)
-        new = np.concatenate([np.stack([np.asarray(r["scores"]["detection"][k]) for k in keys]) for r in runs])
-        return auroc_with_ci(new, labels, groups, n_boot=n_boot, seed=seed, reference=np.tile(ref, (len(runs), 1)))
-
-    rows, table = {}, []
-    for arm in arms:
-        runs = trials[arm]
-        row: dict[str, Any] = {"seeds": len(runs)}
-        for j in judges:
-            base_scores = np.asarray(base_s["toxicity"][j])
-            news = [np.asarray(r["scores"]["toxicity"][j]) for r in runs]
-            row[f"tox:{j}"] = paired_relative_change(base_scores, news, n_boot=n_boot, seed=seed)
-        row["ppl"] = float(np.mean([r["metrics"]["perplexity"] for r in runs]))
-        row["ppl_change"] = row["ppl"] / base_m["perplexity"] - 1
-        row["kl"] = float(np.mean([r["metrics"]["kl_to_base"]["per_token"] for r in runs]))
-        for role in _ROLE_TITLES:
-            row[role] = auroc(role, runs)
-        rows[arm] = row
-        table.append([arm, len(runs)] + [f"{fmt(row[f'tox:{j}']['rate'])} ({_pct_ci(row[f'tox:{j}'])})" for j in judges]
-                     + [f"{fmt(row['ppl'], 2)} ({_pct(row['ppl_change'])})", fmt(row["kl"], 4)]
-                     + [_delta_ci(row[r]) for r in _ROLE_TITLES])
-    base_det = {role: auroc(role, None) for role in _ROLE_TITLES}
-    base_row = ["**base model**", "-"] + [fmt_ci(base_m["toxicity"][j]["rate"], base_m["toxicity"][j]["ci_low"],
-                                                 base_m["toxicity"][j]["ci_high"]) for j in judges] + \
-        [fmt(base_m["perplexity"], 2), "0"] + [fmt_ci(base_det[r].get("auroc"), base_det[r].get("ci_low"),
-                                                      base_det[r].get("ci_high")) for r in _ROLE_TITLES]
-
-    # --- header and noise ---------------------------------------------------------------------
-    tox0 = base_m["toxicity"][judges[0]]
-    rate, n_prompts = tox0["rate"], tox0["prompts"]
-    se = (rate * (1 - rate) / max(n_prompts, 1)) ** 0.5
-    rep.text(f"{len(arms)} of {len(ctx['arms'])} arms complete (seeds {ctx['seeds']}). Base model "
-             f"`{ctx['base_model']}`; {n_prompts} held-out prompts x {e['samples_per_prompt']} samples; probe AUROCs on "
-             f"{len(test_rows)} probe-test generations ({int(labels.sum())} toxic) of prompts never used for "
-             f"training. The train probe is `{best}` (layer {summary['best_layer']}); the ensemble reads layers "
-             f"{summary['ensemble_layers']}; {len(held)} held-out probes.")
-    rep.text(f"Noise: a toxicity rate of {rate:.3f} on {n_prompts} prompts has a standard error of about {se:.3f}; "
-             "differences smaller than that, and any interval that includes 0, are noise. Intervals are 95% "
-             "bootstrap intervals resampling prompts; changes are paired against the base model on the same prompts.",
-             note=True)
+    # --- arms ------------------------------------------------------------------------------------
     rep.heading("Arms")
-    headers = ["arm", "seeds"] + [f"toxic rate, {j} (change)" for j in judges] + ["perplexity (change)", "KL/token"] \
-        + [f"Δ AUROC {t}" for t in _ROLE_TITLES.values()]
-    rep.table(headers, [base_row] + table, caption="Δ AUROC: fine-tuned minus base on the same test rows, "
-                                                   "mean over seeds; base row shows AUROC itself")
+    rows = [["**base model**", "-"] + [fmt_ci(base["toxicity"][j]["rate"], base["toxicity"][j]["ci_low"],
+                                              base["toxicity"][j]["ci_high"]) for j in judges]
+            + [fmt(base["perplexity"], 2), "-", "-"]]
+    for a in names:
+        s = arms[a]
+        rows.append([a, s["seeds"]] + [f"{fmt(s['toxicity'][j]['rate'])} ({_pct_ci(s['toxicity'][j])})" for j in judges]
+                    + [f"{fmt(s['perplexity'], 2)} ({_pct(s['perplexity_change'])})", fmt(s["kl_per_token"], 4),
+                       s["atlas"]])
+    rep.table(["arm", "seeds"] + [f"toxic rate, {j} (change)" for j in judges]
+              + ["perplexity (change)", "KL/token", f"outcome (Atlas, {first} labels)"], rows,
+              caption="Toxic rate: share of continuations a judge scores >= 0.5. Outcome: see the key below.")
+    from probe_dpo.detection import ATLAS
 
-    # --- the three questions -------------------------------------------------------------------
+    rep.text("Outcome key (the probe each arm trained against, on the arm's own completions):\n"
+             + "\n".join(f"- **{k}**: {v}" for k, v in ATLAS.items()))
+    robust = [a for a in names if all((arms[a]["toxicity"][j].get("ci_high") or 0) < 0 for j in judges)]
+    rep.text("Toxicity reductions that hold under every judge of the panel: "
+             + (", ".join(f"**{a}**" for a in robust) if robust else "none") + ". A reduction under the training "
+             "judge alone may be the policy learning that judge.")
+
+    # --- detection -------------------------------------------------------------------------------
+    rep.heading("Detection at the base threshold (fixed probe-test texts)")
+    for metric, title in (("tpr", "TPR"), ("auroc", "AUROC"), ("fpr", "FPR")):
+        rows = [["**base model**"] + [fmt(base["fixed"][r][metric].get("base"), 2) if r in base["fixed"] else "-"
+                                      for r in ROLE_TITLES]]
+        rows += [[a] + [_moved(arms[a]["fixed"].get(r, {}).get(metric)) for r in ROLE_TITLES] for a in names]
+        rep.table(["arm"] + [ROLE_TITLES[r] for r in ROLE_TITLES], rows,
+                  caption=f"{title} after fine-tuning (change vs base [95% CI])")
+    rep.heading("Detection on each arm's own completions")
+    rows = []
+    for a in names:
+        t = arms[a]["target"]
+        pol = arms[a]["own"]["policy"][first][t]
+        frz = arms[a]["own"]["frozen"][first][t]
+        rows.append([a, ROLE_TITLES[t], fmt(pol["tpr"].get("base"), 2), _moved(pol["tpr"]), _moved(frz["tpr"]),
+                     _moved(pol["auroc"]), _moved(frz["auroc"])])
+    rep.table(["arm", "probe", "base TPR", "TPR, policy's activations", "TPR, frozen base's activations",
+               "AUROC, policy", "AUROC, frozen base"], rows,
+              caption=f"What a deployed monitor sees: each model's continuations of the held-out prompts, labelled by "
+                      f"{first}; the probe read from the policy and from a frozen copy of the base model on the same "
+                      "text. Base: the base model's own continuations.")
+
+    # --- the three questions ---------------------------------------------------------------------
     rep.heading("What the runs say")
+    ctrl = arms.get(CONTROL)
+    if ctrl:
+        c = ctrl["fixed"]["train"]["tpr"]
+        rep.text(f"**Calibration.** The positive control (`{CONTROL}`, built to make the train probe miss) moved the "
+                 f"train probe's TPR at its base threshold by {_delta_ci(c)} ({_verdict(c)}); AUROC "
+                 f"{_delta_ci(ctrl['fixed']['train']['auroc'], 3)}. That is the size of drop this experiment can see. "
+                 f"Its held-out probes: TPR {_delta_ci(ctrl['fixed']['held_out']['tpr'])}; the ensemble: "
+                 f"{_delta_ci(ctrl['fixed']['ensemble']['tpr'])}; a probe retrained on it: AUROC "
+                 f"{fmt(ctrl['fixed']['retrained']['auroc'].get('value'), 3)} vs "
+                 f"{fmt(ctrl['fixed']['retrained']['auroc'].get('base'), 3)} on the base model "
+                 f"({_delta_ci(ctrl['fixed']['retrained']['auroc'], 3)}); outcome: {ctrl['atlas']}.")
+    else:
+        rep.text(f"No positive control (`{CONTROL}`) in this run: nothing shows that a drop could be seen.", note=True)
     lines = []
-    for arm in arms:
-        method = arm.rsplit("-", 1)[0] if arm.endswith(("-single", "-ensemble")) else arm
-        target = "ensemble" if arm.endswith("-ensemble") else "single"
-        d = rows[arm][target]
-        if d:
-            lines.append(f"- **{arm}**: the {_ROLE_TITLES[target]} AUROC {_delta_ci(d)} — "
-                         f"{_verdict(d.get('delta_ci_low'), d.get('delta_ci_high'))}"
-                         + ("" if arm.startswith("probe-") else f" (this arm did not train against probes: {method})"))
-    rep.text("**1. How much does detection drop when training against a probe?**\n" + "\n".join(lines))
-    lines = []
-    for arm in arms:
-        h, ens = rows[arm]["held_out"], rows[arm]["ensemble"]
-        if h:
-            lines.append(f"- **{arm}**: held-out probes {_delta_ci(h)} ({_verdict(h.get('delta_ci_low'), h.get('delta_ci_high'))}); "
-                         f"ensemble {_delta_ci(ens)}")
+    for a in names:
+        t = arms[a]["target"]
+        d = arms[a]["fixed"][t]["tpr"]
+        lines.append(f"- **{a}**: the {ROLE_TITLES[t]}'s TPR {_delta_ci(d)} ({_verdict(d)}), AUROC "
+                     f"{_delta_ci(arms[a]['fixed'][t]['auroc'], 3)}"
+                     + (f"; the positive control: {_delta_ci(ctrl['fixed']['train']['tpr'])}" if ctrl and a != CONTROL
+                        else ""))
+    rep.text("**1. How much does detection drop when training against a probe?** (TPR at the base threshold, the "
+             "probe each arm trained against)\n" + "\n".join(lines))
+    lines = [f"- **{a}**: held-out probes TPR {_delta_ci(arms[a]['fixed']['held_out']['tpr'])} "
+             f"({_verdict(arms[a]['fixed']['held_out']['tpr'])}); ensemble {_delta_ci(arms[a]['fixed']['ensemble']['tpr'])}"
+             for a in names if arms[a]["fixed"].get("held_out")]
     rep.text("**2. Do held-out probes and an ensemble keep detection?**\n" + "\n".join(lines))
-    lines = []
-    for arm in arms:
-        r, s = rows[arm]["retrained"], rows[arm]["single"]
-        if r:
-            lines.append(f"- **{arm}**: retrained probe AUROC {fmt(r['auroc'])} vs base {fmt(r.get('reference_auroc'))} "
-                         f"({_delta_ci(r)}); the original probe {fmt(s.get('auroc'))}")
+    lines = [f"- **{a}**: retrained probe AUROC {fmt(arms[a]['fixed']['retrained']['auroc'].get('value'), 3)} vs "
+             f"{fmt(arms[a]['fixed']['retrained']['auroc'].get('base'), 3)} on the base model "
+             f"({_delta_ci(arms[a]['fixed']['retrained']['auroc'], 3)}); the original train probe "
+             f"{fmt(arms[a]['fixed']['train']['auroc'].get('value'), 3)}"
+             for a in names if arms[a]["fixed"].get("retrained")]
     rep.text("**3. Does retraining a fresh probe on the fine-tuned model recover detection?**\n" + "\n".join(lines))
 
+    # --- comparisons -----------------------------------------------------------------------------
+    comps = res.get("comparisons") or []
+    if comps:
+        rep.heading("Paired comparisons between arms")
+        rep.table(["A", "B", "metric", "A", "B", "A - B [95% CI]", "p (Holm)"],
+                  [[c["a"], c["b"], c["metric"], fmt(c["a_value"]), fmt(c["b_value"]), _delta_ci(c, 3),
+                    f"{fmt(c['p_holm'])}{' *' if c['significant'] else ''}"] for c in comps],
+                  caption="Paired bootstrap over prompts; p-values Holm-adjusted over every row; * : p < 0.05")
+
     # --- plots -----------------------------------------------------------------------------------
-    if arms:
-        rep.heading("Plots")
-        rep.figure("detection", _detection_plot(arms, rows, base_det), "AUROC before (base) and after fine-tuning, "
-                   "per arm and probe role, with 95% intervals")
-        rep.figure("toxicity_vs_retention", _tradeoff_plot(arms, rows, base_m, judges),
-                   "Toxicity against retention: lower-left is better")
-        rep.figure("probe_scores", _score_plot(arms, trials, base_s, best, labels),
-                   f"Distribution of {best}'s score on the probe-test generations, base vs each arm")
+    rep.heading("Plots")
+    rep.figure("detection_tpr", _detection_plot(names, arms, base, "tpr"),
+               "TPR at the base threshold before (base) and after fine-tuning, per arm and probe role, 95% intervals")
+    rep.figure("detection_auroc", _detection_plot(names, arms, base, "auroc"),
+               "AUROC before and after fine-tuning, per arm and probe role")
+    rep.figure("toxicity_vs_retention", _tradeoff_plot(names, arms, base, judges),
+               "Toxicity against retention: lower-left is better")
+    scores = _score_arrays(run, names, summary["best_probe"], ctx["seeds"][0])
+    if scores:
+        rep.figure("probe_scores", _score_plot(scores),
+                   f"{summary['best_probe']}'s score on the probe-test generations, base vs each arm "
+                   "(the dashed line is its base threshold)")
+
+    # --- details ---------------------------------------------------------------------------------
     rep.heading("Details")
-    rep.table(["arm", "pairs / rows", "train steps", "train s", "eval s"],
-              [[a, (trials[a][0]["metrics"].get("data") or {}).get("pairs") or (trials[a][0]["metrics"].get("data") or {}).get("kept")
-                or (trials[a][0]["metrics"].get("data") or {}).get("rows"),
-                trials[a][0]["metrics"].get("train", {}).get("global_step"),
-                trials[a][0]["metrics"].get("train", {}).get("fit_seconds"), trials[a][0]["metrics"].get("eval_seconds")]
-               for a in arms])
+    rep.table(["arm", "what it is", "pairs / rows", "steps", "rounds", "train s", "eval s"],
+              [[a, arms[a].get("about", ""), (arms[a]["training"].get("data") or {}).get("pairs")
+                or (arms[a]["training"].get("data") or {}).get("kept") or (arms[a]["training"].get("data") or {}).get("rows"),
+                arms[a]["training"].get("steps"), arms[a]["training"].get("rounds"),
+                fmt(arms[a]["training"].get("train_seconds"), 0), fmt(arms[a]["training"].get("eval_seconds"), 0)]
+               for a in names])
+    timings = res.get("timings") or {}
+    stages = [(k, timings[k]) for k in ("testbed", "probes_and_pairs", "base_evaluation", "sum_of_stages",
+                                        "this_run_total") if timings.get(k) is not None]
+    if stages:
+        rep.table(["stage", "minutes"], [[k.replace("_", " "), fmt(v / 60, 1)] for k, v in stages],
+                  caption="Wall time of each stage when it ran (a re-run skips complete stages)")
     return rep
 
 
-def _detection_plot(arms, rows, base_det):
+def _score_arrays(run: str, names: Sequence[str], probe: str, seed: int) -> dict:
+    """The train probe's fixed-text scores, labels and threshold: base, and one seed of each arm."""
+    import numpy as np
+
+    from probe_dpo import storage
+
+    out = {}
+    for name, uri in [("base", storage.join(run, "shared", "base-eval"))] + [
+            (a, storage.join(run, "trials", f"{a}-s{seed}", "eval")) for a in names]:
+        if storage.is_complete(uri):
+            fixed = storage.read_json(storage.join(uri, "scores.json"))["fixed"]
+            out[name] = (np.asarray(fixed["scores"][probe]), np.asarray(fixed["labels"]), fixed["thresholds"][probe])
+    return out if "base" in out else {}
+
+
+def _detection_plot(names, arms, base, metric):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    roles = list(_ROLE_TITLES)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * (len(arms) + 1)), 3.8))
+    roles = [r for r in ROLE_TITLES if r in base["fixed"]]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * (len(names) + 1)), 3.8))
     width = 0.8 / len(roles)
-    names = ["base"] + arms
+    labels = ["base"] + list(names)
     for k, role in enumerate(roles):
         vals, lo, hi = [], [], []
-        for i, name in enumerate(names):
-            d = base_det[role] if name == "base" else rows[name][role]
-            v = d.get("auroc", np.nan) if d else np.nan
+        for name in labels:
+            if name == "base":
+                v, a, b = base["fixed"][role][metric].get("base", np.nan), 0, 0
+            else:
+                d = {k: np.nan if v is None else v for k, v in arms[name]["fixed"].get(role, {}).get(metric, {}).items()}
+                v = d.get("value", np.nan)
+                a = np.nan_to_num(d.get("delta", np.nan) - d.get("delta_ci_low", np.nan))
+                b = np.nan_to_num(d.get("delta_ci_high", np.nan) - d.get("delta", np.nan))
             vals.append(v)
-            lo.append(v - d.get("ci_low", v) if d else 0)
-            hi.append(d.get("ci_high", v) - v if d else 0)
-        ax.bar(np.arange(len(names)) + (k - (len(roles) - 1) / 2) * width, vals, width, yerr=[lo, hi],
-               label=_ROLE_TITLES[role], capsize=2)
-    ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel("AUROC on probe-test")
-    ax.set_ylim(0.4, 1.0)
-    ax.axhline(0.5, color="grey", lw=0.5)
+            lo.append(a)
+            hi.append(b)
+        ax.bar(np.arange(len(labels)) + (k - (len(roles) - 1) / 2) * width, vals, width, yerr=[lo, hi],
+               label=ROLE_TITLES[role], capsize=2)
+    ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel({"tpr": "TPR at the base threshold", "auroc": "AUROC"}[metric] + " (probe-test)")
+    ax.set_ylim(0.0 if metric == "tpr" else 0.4, 1.0)
+    if metric == "auroc":
+        ax.axhline(0.5, color="grey", lw=0.5)
     ax.legend(fontsize=8, ncol=2)
     return fig
 
 
-def _tradeoff_plot(arms, rows, base_m, judges):
+def _tradeoff_plot(names, arms, base, judges):
     """One panel per judge. Arms are told apart by colour (SFT arms hollow) and a shared legend:
     text labels next to the points piled on top of each other where arms land close together."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(judges), figsize=(4.6 * len(judges) + 1.8, 3.8), squeeze=False)
-    colours = plt.get_cmap("tab10").colors
+    colours = plt.get_cmap("tab20").colors
     for ax, j in zip(axes[0], judges):
-        ax.scatter([0], [base_m["toxicity"][j]["rate"]], marker="*", s=150, color="black", label="base", zorder=3)
-        for i, arm in enumerate(arms):
-            t = rows[arm][f"tox:{j}"]
+        ax.scatter([0], [base["toxicity"][j]["rate"]], marker="*", s=150, color="black", label="base", zorder=3)
+        for i, arm in enumerate(names):
+            t = {k: float("nan") if v is None else v for k, v in arms[arm]["toxicity"][j].items()}
             lo, hi = t["base_rate"] * (1 + t["ci_low"]), t["base_rate"] * (1 + t["ci_high"])
             yerr = [[max(0.0, t["rate"] - lo)], [max(0.0, hi - t["rate"])]] if lo == lo and hi == hi else None
             colour = colours[i % len(colours)]
-            ax.errorbar(100 * rows[arm]["ppl_change"], t["rate"], yerr=yerr, fmt="o", capsize=2, color=colour,
-                        mfc="white" if "sft" in arm else colour, label=arm)
+            ax.errorbar(100 * arms[arm]["perplexity_change"], t["rate"], yerr=yerr, fmt="o", capsize=2, color=colour,
+                        mfc="white" if "sft" in arm or arm == CONTROL else colour, label=arm)
         ax.set_xlabel("perplexity change on benign text (%)")
         ax.set_ylabel(f"toxic rate ({j})")
         ax.set_title(j)
@@ -400,19 +450,21 @@ def _tradeoff_plot(arms, rows, base_m, judges):
     return fig
 
 
-def _score_plot(arms, trials, base_s, best, labels):
+def _score_plot(scores: dict):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    names = ["base"] + arms
+    names = list(scores)
     cols = min(4, len(names))
     nrows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False, sharex=True)
     bins = np.linspace(0, 1, 26)
     for ax, name in zip(axes.flat, names):
-        s = np.asarray(base_s["detection"][best] if name == "base" else trials[name][0]["scores"]["detection"][best])
-        ax.hist(s[labels == 0], bins=bins, alpha=0.6, density=True, label="non-toxic")
-        ax.hist(s[labels == 1], bins=bins, alpha=0.6, density=True, label="toxic")
+        s, y, threshold = scores[name]
+        ax.hist(s[y == 0], bins=bins, alpha=0.6, density=True, label="non-toxic")
+        ax.hist(s[y == 1], bins=bins, alpha=0.6, density=True, label="toxic")
+        if threshold is not None:
+            ax.axvline(threshold, color="black", ls="--", lw=0.8)
         ax.set_title(name, fontsize=9)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")

@@ -28,7 +28,7 @@ from probe_dpo import storage
 
 from test_workflow_toxicity import tiny_config
 
-ARMS = ["probe-dpo-single", "classifier-sft", "random-dpo"]
+ARMS = ["probe-dpo-single", "obfuscation-control", "probe-dpo-onpolicy", "random-dpo"]
 BIN = Path(sys.executable).parent
 
 
@@ -128,19 +128,26 @@ def test_experiment_as_a_ray_job_survives_a_killed_driver(tiny_model_dir, ray_he
     assert f"1 of {len(ARMS)} trials already complete: skipping them" in logs
     assert storage.read_manifest(f"{run}/trials/{first}/eval") == before  # not redone
 
-    rows = storage.read_json(f"{run}/results.json")["rows"]
+    results = storage.read_json(f"{run}/results.json")
+    rows = results["rows"]
     assert sorted(r["arm"] for r in rows) == sorted(ARMS)
     for row in rows:
-        for judge in ("toxic-comment-classifier", "profanity-check"):
+        for judge in ("toxic-comment-classifier", "profanity-check", "hatesonar"):
             assert 0.0 <= row[f"toxicity.{judge}.rate"] <= 1.0
         assert row["perplexity"] > 1 and row["kl_to_base"] >= 0
-        assert 0.0 <= row["auroc.train"] <= 1.0 and "auroc.held_out" in row
-        assert any(k.startswith("auroc.retrained.") for k in row)
+        for role in ("train", "ensemble", "held_out", "retrained"):
+            assert 0.0 <= row[f"fixed.{role}.auroc"] <= 1.0 and f"fixed.{role}.tpr.delta" in row
+        assert "own.train.tpr" in row and row["atlas"]
+    assert set(results["arms"]) == set(ARMS) and results["comparisons"]
+    assert {"probes_and_pairs", "base_evaluation", "sum_of_stages"} <= set(results["timings"])
+    onpolicy = storage.read_json(f"{run}/trials/probe-dpo-onpolicy-s0/eval/metrics.json")
+    assert onpolicy["rounds"] == 2
     m = storage.read_json(f"{run}/trials/{first}/eval/metrics.json")
-    assert {"base_rate", "rate", "ci_low", "ci_high"} <= set(m["toxicity"]["toxic-comment-classifier"]["change"])
-    det = m["detection"]
-    assert det["aggregate"]["train"]["ci_low"] <= det["aggregate"]["train"]["auroc"] <= det["aggregate"]["train"]["ci_high"]
-    assert "delta" in det["aggregate"]["held_out"] and det["retrained"]
+    tox = m["summary"]["toxicity"]["toxic-comment-classifier"]
+    assert {"base_rate", "rate", "ci_low", "ci_high", "delta", "p_value"} <= set(tox)
+    tpr = m["summary"]["fixed"]["train"]["tpr"]
+    assert tpr["delta_ci_low"] <= tpr["delta"] <= tpr["delta_ci_high"]
+    assert set(m["summary"]["own"]) == {"policy", "frozen"} and m["retrained"]
     pairs = storage.read_text(f"{run}/trials/{first}/train/round-0/pairs.jsonl").splitlines()
     assert pairs and {"chosen_score", "rejected_score"} <= set(json.loads(pairs[0]))
 
@@ -149,7 +156,8 @@ def test_experiment_as_a_ray_job_survives_a_killed_driver(tiny_model_dir, ray_he
     for arm in ARMS:
         assert f"| {arm} |" in md
     assert "How much does detection drop" in md and "retraining" in md and "standard error" in md
-    assert storage.read_text(f"{run}/report.html").count("data:image/png;base64,") == 3
+    assert "Calibration" in md and "Paired comparisons" in md and "own completions" in md
+    assert storage.read_text(f"{run}/report.html").count("data:image/png;base64,") == 4
 
     from probe_dpo.cli import main
 

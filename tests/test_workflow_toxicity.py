@@ -43,6 +43,6 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not an experiment run folder" in capsys.readouterr().err
     cfg = load_config(ExperimentConfig)  # the defaults are valid and name every arm
-    assert cfg.arms == list(ARMS) and len(ARMS) == 8
+    assert cfg.arms == list(ARMS) and len(ARMS) == 11
     for name in ("toxicity.yaml", "demo.yaml"):
         load_config(ExperimentConfig, os.path.join("workflows", name))

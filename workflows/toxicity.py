@@ -5,22 +5,28 @@
 
 1. **Testbed** (or a user's model and data in the same layout): built once, cached.
 2. **Probes** on the base model (``probe_dpo.probes.train_probes``): an ensemble of train
-   probes at the best layers (by validation AUROC) and held-out probes (other layers, and
-   probes at the train layers fitted on prompts the train probes never saw). Two views are
-   saved: ``probes/ensemble`` (all train probes) and ``probes/single`` (the best one).
+   probes (``probes.ensemble_kind``: several layers, seeds, bootstrap resamples or disjoint
+   data shares; up to 10) and held-out probes (other layers, and probes at the train layers
+   fitted on prompts the train probes never saw). The train probe reads ``probes.train_layer``
+   (a layer, or a relative depth such as 0.6) or, unset, the best layer by validation AUROC.
+   Two views are saved: ``probes/ensemble`` (all train probes) and ``probes/single`` (the
+   train probe).
 3. **Shared work, once**: the base policy's K sampled continuations of the training prompts
    (the testbed's probe-train generations) are the DPO candidates; each signal ranks them
    into pairs (``shared/pairs-<signal>.jsonl``): the single probe, the ensemble, the
-   classifier. The base model is evaluated once (``shared/base-eval``).
+   classifier. Probe scores are *cross-fitted* (``pairs.cross_fit_folds``): a probe never
+   ranks the candidates of a prompt it was fitted on. The positive control's SFT data (the
+   judge-toxic continuations) is written too. The base model is evaluated once.
 4. **Tune driver**: one trial per arm and seed (and per sample of a search). A trial runs a
-   Ray Train + DeepSpeed fine-tuning (``probe_dpo.training.train``), then evaluates the policy
-   as a Ray task (a GPU when the cluster has one): toxicity of its continuations of the
-   held-out prompts under both judges, perplexity on benign text, KL to the base model,
-   and detection by the train probes, the held-out probes and probes retrained on the
-   fine-tuned model. Results go to ``trials/<id>/eval`` (published last), so a re-run skips
-   complete trials and resumes interrupted trainings from their checkpoints.
-5. ``results.json`` (one row per arm and seed) and the report are rewritten as each trial
-   completes (``probe_dpo.report.experiment_report``).
+   Ray Train + DeepSpeed fine-tuning (``probe_dpo.training.train``; on-policy arms sample
+   new candidates from the current policy each round), then evaluates the policy as a Ray
+   task: toxicity of its continuations of the held-out prompts under every judge of the
+   panel, perplexity on benign text, KL to the base model, and probe detection by role (see
+   ``probe_dpo.detection``) on fixed texts and on the policy's own completions. Results go to
+   ``trials/<id>/eval`` (published last), so a re-run skips complete trials and resumes
+   interrupted trainings from their checkpoints.
+5. ``results.json`` (per trial, per arm with seeds pooled, paired arm comparisons, stage
+   timings) and the report are rewritten as each trial completes.
 """
 
 from __future__ import annotations
@@ -45,16 +51,46 @@ from probe_dpo.training.config import DistributedSettings, DPOSettings, LoraSett
 
 DEFAULT_CONFIG = Path(__file__).with_name("toxicity.yaml")
 
-# arm -> (training method, probe set it trains against: single / ensemble / none)
-ARMS: dict[str, tuple[str, str | None]] = {
-    "probe-dpo-single": ("probe-dpo", "single"),
-    "probe-dpo-ensemble": ("probe-dpo", "ensemble"),
-    "probe-sft-single": ("probe-sft", "single"),
-    "probe-sft-ensemble": ("probe-sft", "ensemble"),
-    "classifier-dpo": ("classifier-dpo", None),
-    "classifier-sft": ("classifier-sft", None),
-    "sft": ("sft", None),
-    "random-dpo": ("random-dpo", None),
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the experiment: a training method, the probes it trains against, its data,
+    and the training settings that define it (dotted ``TrainConfig`` keys, applied over the
+    experiment's ``dpo``/``dpo_train``/``sft_train`` and under ``arm_settings``)."""
+
+    method: str
+    probes: str | None
+    """The probe view it trains against: single (the train probe), ensemble, or None."""
+    data: str
+    """pairs:<single|ensemble|classifier> (the shared pairs), sft (the testbed's SFT text) or
+    control (the judge-toxic continuations, prompt/completion)."""
+    about: str
+    settings: tuple[tuple[str, Any], ...] = ()
+
+
+ARMS: dict[str, Arm] = {
+    "probe-dpo-single": Arm("probe-dpo", "single", "pairs:single", "DPO on pairs ranked by the train probe"),
+    "probe-dpo-ensemble": Arm("probe-dpo", "ensemble", "pairs:ensemble", "DPO on pairs ranked by the probe ensemble"),
+    "probe-dpo-onpolicy": Arm("probe-dpo", "single", "pairs:single",
+                              "probe-DPO for 2 rounds: round 2 samples from the round-1 policy and ranks by the "
+                              "frozen probe on the policy's activations",
+                              (("dpo.rounds", 2), ("data.max_prompts", 160))),
+    "probe-dpo-penalty": Arm("probe-dpo", "single", "pairs:single",
+                             "probe-DPO plus the differentiable probe penalty (log-loss form)",
+                             (("penalty.weight", 1.0), ("penalty.form", "bce"))),
+    "probe-sft-single": Arm("probe-sft", "single", "sft", "SFT plus the train probe's penalty",
+                            (("penalty.weight", 1.0),)),
+    "probe-sft-ensemble": Arm("probe-sft", "ensemble", "sft", "SFT plus the ensemble's penalty",
+                              (("penalty.weight", 1.0),)),
+    "classifier-dpo": Arm("classifier-dpo", None, "pairs:classifier", "DPO on pairs ranked by the output judge"),
+    "classifier-sft": Arm("classifier-sft", None, "sft", "SFT on the rows the output judge passes"),
+    "sft": Arm("sft", None, "sft", "plain SFT (raises toxicity)"),
+    "random-dpo": Arm("random-dpo", None, "pairs:single", "control: the probe pairs with half the labels swapped"),
+    "obfuscation-control": Arm("probe-sft", "single", "control",
+                               "positive control: SFT on toxic continuations with a strong logit penalty "
+                               "against the train probe (built to make it miss)",
+                               (("penalty.weight", 2.0), ("penalty.form", "logit"), ("train.lr", 5e-5))),
 }
 
 
@@ -66,13 +102,23 @@ ARMS: dict[str, tuple[str, str | None]] = {
 class ProbeSettings:
     layers: list[int] = field(default_factory=list)
     """Layers to extract and fit (empty: every layer)."""
-    ensemble_size: int = bounded(4, ge=1)
-    """Train probes of the ensemble arm: the best layers by validation AUROC."""
+    train_layer: int | float | None = None
+    """The train probe's layer: an index (negative from the end) or a relative depth in (0, 1)
+    (0.6 of 30 layers is layer 17; the nearest extracted layer is used). None: the best layer
+    by validation AUROC (on SmolLM2 an early one, where a probe is close to a token detector)."""
+    ensemble_kind: Literal["layers", "seeds", "bootstrap", "subsets"] = "layers"
+    """How the ensemble's members differ: layers (the train layer and the best others), seeds
+    (re-splits of train+val by prompt), bootstrap resamples, or disjoint shares of the prompts."""
+    ensemble_size: int = bounded(4, ge=1, le=10)
+    """Train probes of the ensemble arms (1 vs 10 is the paper's comparison)."""
     held_out_fraction: float = bounded(0.2, ge=0.0, lt=1.0)
     """Share of probe-train prompts reserved for held-out probes at the train layers."""
     c_grid: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
+    """Inverse L2 strengths tried per probe (chosen by validation AUROC)."""
     batch_size: int = bounded(32, ge=1)
+    """Sequences per extraction forward pass."""
     max_length: int = bounded(128, ge=8)
+    """Tokens kept per probe row (prompt + completion, cut on the left)."""
 
 
 @dataclass
@@ -81,6 +127,13 @@ class PairSettings:
     """A prompt gives a pair when its highest and lowest score (probability) differ this much."""
     max_pairs: int | None = bounded(None, ge=1)
     """Keep the pairs with the largest margins (None: all)."""
+    cross_fit_folds: int = bounded(5, ge=0)
+    """Probe scores of the candidates come from probes refitted on the other folds' prompts, so
+    no probe ranks a prompt it was fitted on (0: in-sample scores, the old behaviour)."""
+
+    def __post_init__(self):
+        if self.cross_fit_folds == 1:
+            raise ValueError("key pairs.cross_fit_folds: use 0 (off) or at least 2 folds")
 
 
 @dataclass
@@ -88,17 +141,32 @@ class EvalSettings:
     heldout_prompts: int | None = bounded(200, ge=1)
     """The first N held-out prompts (by id); None: all of them."""
     samples_per_prompt: int = bounded(2, ge=1)
+    """Continuations per held-out prompt (the evaluation's samples: prompts x this)."""
+    judges: list[str] = field(default_factory=lambda: ["toxic-comment-classifier", "profanity-check", "hatesonar"])
+    """The judge panel; a reduction is called robust only where it holds under each. The first
+    is the judge whose labels decide the Atlas outcome on the policy's own completions."""
     perplexity_passages: int | None = bounded(None, ge=1)
     """None: all of the testbed's perplexity passages."""
     perplexity_tokens: int = bounded(256, ge=8)
+    """Tokens per perplexity passage."""
     probe_train_rows: int | None = bounded(1500, ge=10)
     """Probe-train rows for the retrained probes (a seeded sample; None: all)."""
     probe_val_rows: int | None = bounded(600, ge=10)
+    """Probe-val rows that choose the retrained probes' C and fix their threshold."""
     bootstrap: int = bounded(1000, ge=100)
+    """Bootstrap resamples (of prompts) per interval."""
     seed: int = bounded(1234, ge=0)
     """Seeds generation: the same for the base model and every arm (paired comparisons)."""
     threads: int | None = bounded(None, ge=1)
     """torch threads for evaluation on CPU (None: the machine's cores)."""
+
+    def __post_init__(self):
+        from probe_dpo.judges import EVAL_JUDGES
+
+        unknown = [j for j in self.judges if j not in EVAL_JUDGES]
+        if unknown or not self.judges:
+            raise ValueError(f"key eval.judges: unknown judge(s) {unknown} (valid: {', '.join(EVAL_JUDGES)})"
+                             if unknown else "key eval.judges: name at least one judge")
 
 
 @dataclass
@@ -137,8 +205,9 @@ class ExperimentConfig:
     """The classifier of the classifier arms (the testbed's training judge)."""
     sft_rows: int | None = bounded(400, ge=1)
     """SFT rows used by the SFT arms (None: all)."""
-    penalty_weight: float = bounded(1.0, gt=0.0)
-    """λ of probe-SFT."""
+    arm_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per arm, dotted training keys over the arm's own settings, e.g.
+    {obfuscation-control: {penalty.weight: 5.0}, probe-dpo-onpolicy: {dpo.rounds: 3}}."""
     dpo: DPOSettings = field(default_factory=DPOSettings)
     dpo_train: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-5, epochs=1.0, batch_size=2,
                                                                             max_length=96))
@@ -161,6 +230,9 @@ class ExperimentConfig:
             raise ValueError(f"key search.arm: unknown arm {self.search.arm!r} (valid: {', '.join(ARMS)})")
         if not self.seeds:
             raise ValueError("key seeds: give at least one seed")
+        stray = [a for a in self.arm_settings if a not in ARMS]
+        if stray:
+            raise ValueError(f"key arm_settings: unknown arm(s) {stray} (valid: {', '.join(ARMS)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,38 +315,78 @@ def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
 # 2. Probes, 3. candidates and pairs
 
 
+def resolve_train_layer(p: ProbeSettings, num_layers: int) -> tuple[list[int], int | None]:
+    """The layers to extract and the train probe's layer (None: chosen by validation AUROC).
+
+    A relative depth (a float in (0, 1)) maps to the nearest extracted layer; an index must be
+    a layer of the model, and is extracted even when ``layers`` does not list it."""
+    layers = sorted({L % num_layers for L in p.layers}) if p.layers else list(range(num_layers))
+    if p.train_layer is None:
+        return layers, None
+    if isinstance(p.train_layer, float):
+        if not 0.0 < p.train_layer < 1.0:
+            raise UserError(f"key probes.train_layer: a relative depth must be in (0, 1), got {p.train_layer}")
+        target = p.train_layer * (num_layers - 1)
+        return layers, min(layers, key=lambda L: (abs(L - target), L))
+    if not -num_layers <= p.train_layer < num_layers:
+        raise UserError(f"key probes.train_layer: layer {p.train_layer} is not a layer of the model "
+                        f"({num_layers} layers)")
+    layer = p.train_layer % num_layers
+    return sorted(set(layers) | {layer}), layer
+
+
 def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
-    """Train the probe set once; save the ensemble and single views; rank the candidates."""
+    """Train the probe set once; save the ensemble and single views; rank the candidates
+    (cross-fitted); write the positive control's SFT data."""
+    import numpy as np
+    import torch
+
     from probe_dpo.data import read_records, write_records
-    from probe_dpo.probes import ProbeSet, ProbeTrainConfig, train_probes
+    from probe_dpo.model import model_facts
+    from probe_dpo.probes import ProbeSet, ProbeTrainConfig, cross_fit_scores, train_probes
     from probe_dpo.training.pairs import build_pairs
 
     p = cfg.probes
     key = json_digest([tb["info"]["content_hash"], to_dict(p), to_dict(cfg.pairs), cfg.judge])
     uris = {"ensemble": storage.join(run, "probes", "ensemble"), "single": storage.join(run, "probes", "single")}
     pairs_uri = {s: storage.join(run, "shared", f"pairs-{s}.jsonl") for s in ("single", "ensemble", "classifier")}
+    control_uri = storage.join(run, "shared", "control-sft.jsonl")
     marker = storage.join(run, "shared", "probes-and-pairs")
+    extra = {"pairs": pairs_uri, "control_sft": control_uri}
     if _cached(marker, key, "probes and pairs"):
-        return {**uris, "pairs": pairs_uri, **storage.read_json(storage.join(marker, "summary.json"))}
+        return {**uris, **extra, **storage.read_json(storage.join(marker, "summary.json"))}
+    layers, train_layer = resolve_train_layer(p, model_facts(os.path.join(tb["local"], "model"))["num_layers"])
     pcfg = load_config(ProbeTrainConfig, None, [])
-    pcfg = dataclasses.replace(pcfg, layers=list(p.layers), c_grid=list(p.c_grid), batch_size=p.batch_size,
+    pcfg = dataclasses.replace(pcfg, layers=layers, c_grid=list(p.c_grid), batch_size=p.batch_size,
                                max_length=p.max_length, seed=0)
-    pcfg.train_probe.kind = "layers" if p.ensemble_size > 1 else "single"
+    pcfg.train_probe.kind = p.ensemble_kind if p.ensemble_size > 1 else "single"
     pcfg.train_probe.n = p.ensemble_size
+    pcfg.train_probe.layer = train_layer
     pcfg.held_out.data_fraction = p.held_out_fraction
     _log("probes: extracting base activations and fitting the per-layer sweep")
     result = train_probes(pcfg, testbed=tb["local"], out=uris["ensemble"], log=_log, keep_features=True)
     ensemble = result.probeset
-    best = max(ensemble.train_probes, key=lambda q: q.card["metrics"]["val"]["auroc"])
-    single = ProbeSet([best, *ensemble.held_out_probes], aggregation="mean", meta=ensemble.meta)
+    members = ensemble.train_probes
+    best = (members[0] if train_layer is not None else
+            max(members, key=lambda q: q.card["metrics"]["val"]["auroc"]))
+    single = ProbeSet([best, *ensemble.held_out_probes], aggregation="mean",
+                      meta={**ensemble.meta, "train_threshold": best.card["threshold"]})
     single.save(uris["single"], extra_files={"report.md": result.markdown})
 
     # candidates: the base policy's K continuations of each toxic training prompt (probe-train split)
     rows = read_records(os.path.join(tb["local"], "data", "probe_train.jsonl"))
     feats = result.features["train"]
+    labels = np.array([int(r["label"]) for r in rows])
+    prompt_ids = [r.get("prompt_id", r["prompt"]) for r in rows]
+    if cfg.pairs.cross_fit_folds >= 2:
+        member_scores = cross_fit_scores(feats, labels, prompt_ids, members, folds=cfg.pairs.cross_fit_folds, seed=0)
+    else:
+        with torch.no_grad():
+            member_scores = {q.name: q.prob(feats[q.layer]).double().numpy() for q in members}
+    stacked = np.stack([member_scores[q.name] for q in members])
+    probs = {"single": member_scores[best.name],
+             "ensemble": stacked.max(0) if ensemble.aggregation == "max" else stacked.mean(0)}
     judge_col = "score_" + cfg.judge.replace("-", "_")
-    probs = {"single": best.prob(feats[best.layer]).tolist(),
-             "ensemble": ensemble.score(feats, "train").tolist()}
     groups: dict[str, dict] = {}
     for i, r in enumerate(rows):
         if r.get("genre", "toxic-prompt") != "toxic-prompt":
@@ -284,8 +396,8 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
                                                "scores": {"probe:single": [], "probe:ensemble": [],
                                                           f"classifier:{cfg.judge}": []}})
         g["completions"].append(r["completion"])
-        g["scores"]["probe:single"].append(round(probs["single"][i], 6))
-        g["scores"]["probe:ensemble"].append(round(probs["ensemble"][i], 6))
+        g["scores"]["probe:single"].append(round(float(probs["single"][i]), 6))
+        g["scores"]["probe:ensemble"].append(round(float(probs["ensemble"][i]), 6))
         g["scores"][f"classifier:{cfg.judge}"].append(float(r[judge_col]))
     candidates = [g for g in groups.values() if len(g["completions"]) >= 2]
     write_records(candidates, storage.join(run, "shared", "candidates.jsonl"))
@@ -300,12 +412,21 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
             raise UserError(f"pairs: the {signal} signal gave no pairs at pairs.min_margin={cfg.pairs.min_margin}")
         write_records(pairs, pairs_uri[signal])
         _log(f"pairs: {len(pairs)} {signal}-ranked pairs from {len(candidates)} prompts")
-    summary = {"best_layer": best.layer, "best_probe": best.name,
-               "ensemble_layers": sorted(q.layer for q in ensemble.train_probes),
+    # the positive control fine-tunes on what the training judge calls toxic: the behaviour stays
+    control = [{"prompt": r["prompt"], "completion": r["completion"], "prompt_id": r.get("prompt_id"),
+                "source": "judge-toxic-continuation"} for r in rows if int(r["label"]) == 1 and r["completion"].strip()]
+    if not control:
+        raise UserError("obfuscation-control: the probe-train split has no toxic continuation to fine-tune on")
+    write_records(control, control_uri)
+    summary = {"best_layer": best.layer, "best_probe": best.name, "train_layer_setting": p.train_layer,
+               "train_layer_chosen_by": "config" if train_layer is not None else "validation AUROC",
+               "ensemble_kind": p.ensemble_kind if p.ensemble_size > 1 else "single",
+               "ensemble_layers": sorted({q.layer for q in members}), "ensemble_probes": [q.name for q in members],
                "held_out": [q.name for q in ensemble.held_out_probes], "pair_stats": stats,
+               "cross_fit_folds": cfg.pairs.cross_fit_folds, "control_rows": len(control),
                "probe_report": result.report, "candidates": len(candidates)}
     _publish_json(marker, {"summary.json": summary}, {"kind": "probes-and-pairs", "key": key})
-    return {**uris, "pairs": pairs_uri, **summary}
+    return {**uris, **extra, **summary}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +439,8 @@ def eval_context(cfg: ExperimentConfig, run: str, tb: dict, probes: dict) -> dic
 
     e = cfg.eval
     return {"run": run, "testbed": tb["uri"], "base_model": tb["model"], "probes": probes["ensemble"],
-            "retrain_layers": probes["ensemble_layers"], "best_probe": probes["best_probe"],
+            "retrain_layers": sorted({probes["best_layer"], *probes["ensemble_layers"]}),
+            "best_probe": probes["best_probe"], "best_layer": probes["best_layer"], "held_out": probes["held_out"],
             "generation": generation_settings(tb["local"]).to_dict(), "eval": to_dict(e),
             "threads": e.threads or len(os.sched_getaffinity(0)), "use_gpu": cfg.distributed.use_gpu}
 
@@ -338,69 +460,84 @@ def _eval_inputs(ctx: dict) -> dict:
     return {"prompts": prompts, "perplexity": ppl, "splits": splits}
 
 
-def evaluate_model(model_uri: str, ctx: dict, reference: dict | None = None) -> dict:
-    """Toxicity (both judges), perplexity, KL to base, probe detection. Returns metrics + raw arrays."""
-    import numpy as np
+def evaluate_model(model_uri: str, ctx: dict, reference: dict | None = None, target: str = "train") -> dict:
+    """Toxicity (the judge panel), perplexity, KL to base, probe detection on fixed texts and on
+    the model's own completions. Returns metrics and the raw arrays (``scores.json``); with a
+    ``reference`` (the base model's evaluation), the changes against it, ``target`` being the
+    probe role the model was trained against.
+
+    Each model is loaded once; one forward pass of the policy and one of the base model over
+    the policy's completions give both the KL and the probe readings (``policy_readings``)."""
     import torch
 
-    from probe_dpo.evaluation import (GenerationSettings, kl_to_base, paired_relative_change, perplexity,
-                                      probe_detection, rate_with_ci, toxicity_samples)
-    from probe_dpo.judges import JUDGE_NAMES
+    from probe_dpo.detection import probe_scores, read_fixed, role_keys
+    from probe_dpo.evaluation import (GenerationSettings, perplexity, policy_readings, rate_with_ci,
+                                      toxicity_samples)
+    from probe_dpo.goodhart import arm_summary, evaluation_files, load_evaluation
     from probe_dpo.model import load_model, load_tokenizer
     from probe_dpo.probes import ProbeSet
 
-    t0 = time.perf_counter()
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        seconds[stage] = round(now - since, 1)
+        return now
+
     e = ctx["eval"]
     device = "cuda" if ctx["use_gpu"] and torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(ctx["threads"])
     inputs = _eval_inputs(ctx)
     model, tok = load_model(model_uri, device=device), load_tokenizer(model_uri)
-    samples = toxicity_samples(model, inputs["prompts"], JUDGE_NAMES, e["samples_per_prompt"],
+    base = load_model(ctx["base_model"], device=device) if reference is not None else None
+    probeset = ProbeSet.load(ctx["probes"])
+    t = lap("load", t_start)
+    samples = toxicity_samples(model, inputs["prompts"], e["judges"], e["samples_per_prompt"],
                                GenerationSettings(**ctx["generation"]), e["seed"], tokenizer=tok,
                                desc="eval generations")
-    metrics: dict[str, Any] = {"toxicity": {}, "model": model_uri}
-    for judge, scores in samples.scores.items():
-        metrics["toxicity"][judge] = rate_with_ci(scores, n_boot=e["bootstrap"], seed=e["seed"])
-        if reference is not None:
-            base = np.asarray(reference["toxicity_scores"][judge])
-            metrics["toxicity"][judge]["change"] = paired_relative_change(base, scores, n_boot=e["bootstrap"],
-                                                                          seed=e["seed"])
+    t = lap("generation_and_judges", t)
+    metrics: dict[str, Any] = {"model": model_uri, "toxicity": {j: rate_with_ci(s, n_boot=e["bootstrap"], seed=e["seed"])
+                                                                 for j, s in samples.scores.items()}}
     metrics["perplexity"] = perplexity(model, inputs["perplexity"], max_tokens=e["perplexity_tokens"], tokenizer=tok)
+    t = lap("perplexity", t)
+    flat_p = [p for p, comps in zip(samples.prompts, samples.completions) for _ in comps]
+    flat_c = [c for comps in samples.completions for c in comps]
+    own_groups = [i for i, comps in enumerate(samples.completions) for _ in comps]
+    readings = policy_readings(model, tok, flat_p, flat_c, sorted({q.layer for q in probeset.probes}), base=base)
+    if base is not None:
+        metrics["kl_to_base"] = {"per_token": readings["kl_per_token"], "tokens": readings["tokens"]}
+    own = {}
+    for reader, feats in readings["feats"].items():
+        scores, thresholds = probe_scores(probeset, feats)
+        own[reader] = {"scores": scores, "thresholds": thresholds}
+    t = lap("own_completions_kl_and_probes", t)
+    fixed, retrained = read_fixed(model, tok, probeset, inputs["splits"], retrain_layers=ctx["retrain_layers"])
+    metrics["retrained"] = retrained
+    t = lap("fixed_text_probes", t)
+    files = evaluation_files(samples.scores, fixed, own, own_groups)
     if reference is not None:
-        metrics["perplexity_change"] = metrics["perplexity"] / reference["metrics"]["perplexity"] - 1.0
-        base = load_model(ctx["base_model"], device=device)
-        flat_p = [p for p, comps in zip(samples.prompts, samples.completions) for _ in comps]
-        flat_c = [c for comps in samples.completions for c in comps]
-        kl = kl_to_base(model, base, tok, flat_p, flat_c)
-        metrics["kl_to_base"] = {"per_token": kl["kl_per_token"], "tokens": kl["tokens"]}
-        del base
-    probeset = ProbeSet.load(ctx["probes"])
-    det = probe_detection(model, tok, probeset, inputs["splits"], retrain_layers=ctx["retrain_layers"],
-                          reference=reference["detection"] if reference else None, n_boot=e["bootstrap"],
-                          seed=e["seed"])
-    scores = det.pop("scores")
-    metrics["detection"] = det
-    metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    return {"metrics": metrics, "detection_scores": scores,
-            "toxicity_scores": {j: s for j, s in samples.scores.items()},
-            "samples": samples.to_records()}
+        roles = role_keys(ctx)
+        this = load_evaluation(metrics, files)
+        metrics["summary"] = arm_summary(reference, [this], roles, target,
+                                         n_boot=e["bootstrap"], seed=e["seed"])
+        lap("statistics", t)
+    metrics["eval_seconds"] = round(time.perf_counter() - t_start, 1)
+    metrics["seconds"] = seconds
+    return {"metrics": metrics, "scores": files, "samples": samples.to_records()}
 
 
 def _eval_files(result: dict) -> dict:
-    return {"metrics.json": result["metrics"],
-            "scores.json": {"detection": result["detection_scores"], "toxicity": result["toxicity_scores"]},
-            "samples.jsonl": result["samples"]}
+    return {"metrics.json": result["metrics"], "scores.json": result["scores"], "samples.jsonl": result["samples"]}
 
 
 def load_eval(uri: str) -> dict:
-    """A published evaluation: metrics plus the raw score arrays (numpy)."""
-    import numpy as np
+    """A published evaluation, as ``probe_dpo.goodhart`` reads it."""
+    from probe_dpo.goodhart import load_evaluation
 
-    scores = storage.read_json(storage.join(uri, "scores.json"))
-    return {"metrics": storage.read_json(storage.join(uri, "metrics.json")),
-            "detection": {"scores": {k: np.asarray(v) for k, v in scores["detection"].items()}},
-            "toxicity_scores": {k: np.asarray(v) for k, v in scores["toxicity"].items()}}
+    return load_evaluation(storage.read_json(storage.join(uri, "metrics.json")),
+                           storage.read_json(storage.join(uri, "scores.json")))
 
 
 def base_evaluation(ctx: dict, key: str) -> dict:
@@ -412,7 +549,7 @@ def base_evaluation(ctx: dict, key: str) -> dict:
     return load_eval(uri)
 
 
-def _run_eval(model_uri: str, ctx: dict, reference: dict | None) -> dict:
+def _run_eval(model_uri: str, ctx: dict, reference: dict | None, target: str = "train") -> dict:
     """``evaluate_model`` as a Ray task: on a GPU when the run uses GPUs, else on this node's CPUs."""
     import ray
 
@@ -422,7 +559,7 @@ def _run_eval(model_uri: str, ctx: dict, reference: dict | None) -> dict:
     # "DEFAULT": outside the Tune trial's placement group, whose slots the Train workers used
     task = ray.remote(evaluate_model).options(max_retries=0, scheduling_strategy="DEFAULT", **options)
     try:
-        return ray.get(task.remote(model_uri, ctx, reference))
+        return ray.get(task.remote(model_uri, ctx, reference, target))
     except Exception as exc:  # noqa: BLE001 - a UserError raised in the task is the user's
         raise unwrap_ray_error(exc) from None
 
@@ -435,32 +572,56 @@ def trial_specs(cfg: ExperimentConfig) -> list[dict]:
     return [{"id": f"{arm}-s{seed}", "arm": arm, "seed": seed} for arm in cfg.arms for seed in cfg.seeds]
 
 
+def target_role(arm: str) -> str:
+    """The probe role an arm trained against (arms that train against none: the train probe,
+    the monitor a deployer would have)."""
+    return "ensemble" if ARMS[arm].probes == "ensemble" else "train"
+
+
+def _set_dotted(node: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    for k in parents:
+        node = node.setdefault(k, {})
+    node[last] = value
+
+
 def train_config_dict(cfg: ExperimentConfig, ctx: dict, paths: dict, spec: dict) -> dict:
-    """The ``TrainConfig`` (as a dict) of one arm and seed."""
-    method, probe_view = ARMS[spec["arm"]]
-    is_dpo = method.endswith("dpo")
+    """The ``TrainConfig`` (as a dict) of one arm and seed: the experiment's training settings,
+    then the arm's own, then ``arm_settings``, then a search sample's overrides."""
+    arm = ARMS[spec["arm"]]
+    is_dpo = arm.data.startswith("pairs:")
     data: dict[str, Any] = {}
     if is_dpo:
-        signal = "classifier" if method == "classifier-dpo" else (probe_view or "single")
-        data["pairs"] = paths["pairs"][signal]
+        data["pairs"] = paths["pairs"][arm.data.split(":", 1)[1]]
+    elif arm.data == "control":
+        data["sft"] = paths["control_sft"]
     else:
         data["sft"] = storage.join(ctx["testbed"], "data", "sft.jsonl")
         data["max_sft"] = cfg.sft_rows
-    out = {"method": method, "model": ctx["base_model"], "out": storage.join(ctx["run"], "trials", spec["id"], "train"),
-           "seed": spec["seed"], "judge": cfg.judge, "testbed": ctx["testbed"], "data": data,
-           "dpo": {**to_dict(cfg.dpo), "rounds": 1}, "train": to_dict(cfg.dpo_train if is_dpo else cfg.sft_train),
-           "lora": to_dict(cfg.lora), "distributed": {**to_dict(cfg.distributed), "address": None}}
-    if probe_view is not None:
-        out["probes"] = paths[probe_view]
-    if method == "probe-sft":
-        out["penalty"] = {"weight": cfg.penalty_weight}
-    for dotted, value in (spec.get("overrides") or {}).items():
-        node = out
-        *parents, last = dotted.split(".")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[last] = value
+    out = {"method": arm.method, "model": ctx["base_model"],
+           "out": storage.join(ctx["run"], "trials", spec["id"], "train"), "seed": spec["seed"], "judge": cfg.judge,
+           "testbed": ctx["testbed"], "data": data, "dpo": to_dict(cfg.dpo),
+           "train": to_dict(cfg.dpo_train if is_dpo else cfg.sft_train), "lora": to_dict(cfg.lora),
+           "distributed": {**to_dict(cfg.distributed), "address": None}}
+    if arm.probes is not None:
+        out["probes"] = paths[arm.probes]
+    for dotted, value in [*arm.settings, *cfg.arm_settings.get(spec["arm"], {}).items(),
+                          *(spec.get("overrides") or {}).items()]:
+        _set_dotted(out, dotted, value)
     return out
+
+
+def check_arm_settings(cfg: ExperimentConfig) -> None:
+    """Every arm's training config is valid (keys, types, ranges) before any compute."""
+    from probe_dpo.config import from_dict
+    from probe_dpo.training import TrainConfig
+
+    fake = {"pairs": {"single": "p", "ensemble": "p", "classifier": "p"}, "control_sft": "c",
+            "single": "s", "ensemble": "e"}
+    for arm in cfg.arms:
+        from_dict(TrainConfig, train_config_dict(cfg, {"run": "r", "testbed": "t", "base_model": "m"}, fake,
+                                                 {"id": arm, "arm": arm, "seed": 0}),
+                  f"arm {arm} (its settings and arm_settings.{arm})")
 
 
 def run_trial(config: dict) -> None:
@@ -482,10 +643,12 @@ def run_trial(config: dict) -> None:
         tcfg = from_dict(TrainConfig, tdict, f"trial {spec['id']}")
         summary = train(tcfg, log=_log, callbacks=[TuneReportCallback()])
         reference = load_eval(storage.join(ctx["run"], "shared", "base-eval"))
-        result = _run_eval(summary["policy"], ctx, reference)
+        result = _run_eval(summary["policy"], ctx, reference, target_role(spec["arm"]))
+        last = summary["rounds"][-1]
         result["metrics"].update(arm=spec["arm"], seed=spec["seed"], trial=spec["id"],
-                                 overrides=spec.get("overrides") or {}, train=summary["rounds"][-1].get("train", {}),
-                                 data=summary["rounds"][-1].get("pairs") or summary["rounds"][-1].get("sft"))
+                                 overrides=spec.get("overrides") or {}, train=last.get("train", {}),
+                                 train_seconds=summary.get("seconds"), rounds=len(summary["rounds"]),
+                                 data=last.get("pairs") or last.get("sft"))
         _publish_json(eval_uri, _eval_files(result), {"kind": "evaluation", "key": key, "arm": spec["arm"],
                                                       "seed": spec["seed"]})
     metrics = storage.read_json(storage.join(eval_uri, "metrics.json"))
@@ -493,21 +656,31 @@ def run_trial(config: dict) -> None:
 
 
 def flat_metrics(m: dict) -> dict:
-    """The headline numbers of one evaluation as flat keys (Tune results, results.json)."""
+    """The headline numbers of one trial's evaluation as flat keys (Tune results, results.json):
+    toxicity under each judge, retention, and per probe role AUROC / TPR / FPR at the base
+    threshold with their changes (fixed texts), and AUROC / TPR on the policy's own completions
+    (the first judge's labels, read from the policy)."""
+    s = m.get("summary") or {}
     out: dict[str, Any] = {"trial": m.get("trial"), "arm": m.get("arm"), "seed": m.get("seed"),
-                           "perplexity": m["perplexity"], "perplexity_change": m.get("perplexity_change"),
-                           "kl_to_base": (m.get("kl_to_base") or {}).get("per_token")}
+                           "perplexity": m["perplexity"], "perplexity_change": s.get("perplexity_change"),
+                           "kl_to_base": (m.get("kl_to_base") or {}).get("per_token"),
+                           "train_seconds": m.get("train_seconds"), "eval_seconds": m.get("eval_seconds"),
+                           "atlas": s.get("atlas")}
     for judge, t in m["toxicity"].items():
         out[f"toxicity.{judge}.rate"] = t["rate"]
-        out[f"toxicity.{judge}.change"] = (t.get("change") or {}).get("change")
-    det = m["detection"]
-    for role, a in det["aggregate"].items():
-        out[f"auroc.{role}"] = a["auroc"]
-        out[f"auroc.{role}.delta"] = a.get("delta")
-    for name, r in det["retrained"].items():
-        out[f"auroc.retrained.{name}"] = r["auroc"]
-    for name, r in det["probes"].items():
-        out[f"auroc.probe.{name}"] = r["auroc"]
+        out[f"toxicity.{judge}.change"] = (s.get("toxicity", {}).get(judge) or {}).get("change")
+    for role, by_metric in s.get("fixed", {}).items():
+        for metric in ("auroc", "tpr", "fpr"):
+            d = by_metric.get(metric) or {}
+            out[f"fixed.{role}.{metric}"] = d.get("value")
+            out[f"fixed.{role}.{metric}.delta"] = d.get("delta")
+    own = (s.get("own", {}).get("policy") or {})
+    first = next(iter(own), None)
+    for role, by_metric in (own.get(first) or {}).items():
+        for metric in ("auroc", "tpr"):
+            d = by_metric.get(metric) or {}
+            out[f"own.{role}.{metric}"] = d.get("value")
+            out[f"own.{role}.{metric}.delta"] = d.get("delta")
     return out
 
 
@@ -579,21 +752,84 @@ def run_tune(cfg: ExperimentConfig, run: str, ctx: dict, paths: dict, base_key: 
 # 5. Results and report
 
 
-def write_results(run: str) -> dict:
-    """results.json (one row per completed trial) and the report, from what storage holds."""
-    from probe_dpo.report import experiment_report
+_SUMMARY_CACHE: dict[str, dict] = {}
 
-    rows = []
+
+def summarize(run: str) -> dict:
+    """Per-arm summaries (seeds pooled) and the paired arm comparisons, from storage.
+
+    An arm's summary is cached in this process under its trials' evaluation keys, so the
+    rewrite after each completed trial only computes the arm that changed."""
+    import numpy as np
+
+    from probe_dpo.detection import role_keys
+    from probe_dpo.goodhart import arm_summary, base_summary, comparisons, default_pairs
+
+    ctx = storage.read_json(storage.join(run, "shared", "context.json"))
+    e = ctx["eval"]
+    roles = role_keys(ctx)
+    base_uri = storage.join(run, "shared", "base-eval")
+    if not storage.is_complete(base_uri):
+        return {"rows": [], "arms": {}, "comparisons": []}
+    base = load_eval(base_uri)
+    rows, evals, keys = [], {}, {}
     for trial in storage.list_dir(storage.join(run, "trials")):
         uri = storage.join(run, "trials", trial, "eval")
-        if storage.is_complete(uri):
-            rows.append(flat_metrics(storage.read_json(storage.join(uri, "metrics.json"))))
-    rows.sort(key=lambda r: (list(ARMS).index(r["arm"]) if r["arm"] in ARMS else 99, str(r["trial"])))
-    from probe_dpo.probes import json_text
+        if not storage.is_complete(uri):
+            continue
+        m = storage.read_json(storage.join(uri, "metrics.json"))
+        rows.append(flat_metrics(m))
+        name = m["arm"] if not m.get("overrides") else m["trial"]
+        evals.setdefault(name, []).append(load_eval(uri))
+        keys.setdefault(name, []).append(storage.read_manifest(uri).get("metadata", {}).get("key"))
+    order = {a: i for i, a in enumerate(ARMS)}
+    rows.sort(key=lambda r: (order.get(r["arm"], 99), str(r["trial"])))
+    arms = {}
+    for name in sorted(evals, key=lambda a: (order.get(a, 99), a)):
+        arm = name if name in ARMS else evals[name][0]["metrics"]["arm"]
+        cache_key = json_digest([run, name, sorted(map(str, keys[name])), e["bootstrap"], e["seed"]])
+        if cache_key not in _SUMMARY_CACHE:
+            _SUMMARY_CACHE[cache_key] = arm_summary(base, evals[name], roles, target_role(arm), n_boot=e["bootstrap"],
+                                                    seed=e["seed"])
+        arms[name] = {**_SUMMARY_CACHE[cache_key], "about": ARMS[arm].about if arm in ARMS else ""}
+        first = evals[name][0]["metrics"]
+        arms[name]["training"] = {"data": first.get("data"), "steps": (first.get("train") or {}).get("global_step"),
+                                  "rounds": first.get("rounds"),
+                                  "train_seconds": float(np.mean([r["metrics"].get("train_seconds") or np.nan
+                                                                  for r in evals[name]])),
+                                  "eval_seconds": float(np.mean([r["metrics"].get("eval_seconds") or np.nan
+                                                                 for r in evals[name]]))}
+    pairs = default_pairs([a for a in arms if a in ARMS])
+    return {"rows": rows, "base": base_summary(base, roles), "arms": arms, "roles": roles,
+            "comparisons": comparisons(evals, pairs, roles, n_boot=e["bootstrap"], seed=e["seed"])}
 
-    storage.write_text(storage.join(run, "results.json"), json_text({"rows": rows}))
+
+def write_results(run: str) -> dict:
+    """results.json (per trial, per arm, comparisons, timings) and the report, from storage."""
+    from probe_dpo.probes import json_text
+    from probe_dpo.report import experiment_report
+
+    results = summarize(run)
+    timings_uri = storage.join(run, "shared", "timings.json")
+    timings = storage.read_json(timings_uri) if storage.exists(timings_uri) else {}
+    timings["trials"] = {r["trial"]: {"train": r.get("train_seconds"), "eval": r.get("eval_seconds")}
+                         for r in results["rows"]}
+    timings["sum_of_stages"] = round(sum(timings.get(k) or 0 for k in ("testbed", "probes_and_pairs",
+                                                                       "base_evaluation"))
+                                     + sum((t["train"] or 0) + (t["eval"] or 0) for t in timings["trials"].values()), 1)
+    results["timings"] = timings
+    storage.write_text(storage.join(run, "results.json"), json_text(results))
     paths = experiment_report(run).publish(run)
-    return {"rows": rows, **paths}
+    return {"rows": results["rows"], **paths}
+
+
+def _record_timing(run: str, stage: str, seconds: float) -> None:
+    """Add one stage's wall seconds to ``shared/timings.json`` (stages skipped as complete on a
+    re-run keep the time they took when they ran)."""
+    uri = storage.join(run, "shared", "timings.json")
+    timings = storage.read_json(uri) if storage.exists(uri) else {}
+    timings[stage] = round(seconds, 1)
+    storage.write_json(uri, timings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -608,21 +844,32 @@ def run(cfg: ExperimentConfig) -> dict:
     # Tune trials and Ray workers run in other working directories: no relative paths past here
     cfg = dataclasses.replace(cfg, storage=storage.absolute(cfg.storage),
                               testbed_dir=storage.absolute(cfg.testbed_dir))
+    check_arm_settings(cfg)
     run_uri = cfg.storage
     storage.exists(run_uri)  # an unreachable bucket fails here, before any compute
     storage.write_text(storage.join(run_uri, "config.yaml"), dump_yaml(cfg))
+    t = time.perf_counter()
     tb = prepare_testbed(cfg, run_uri)
+    if time.perf_counter() - t > 5:  # built now (a cache hit takes a moment)
+        _record_timing(run_uri, "testbed", time.perf_counter() - t)
     dist = cfg.distributed
     cpus = cfg.ray_cpus or max(len(os.sched_getaffinity(0)), dist.workers * dist.threads_per_worker) + 2
     init_ray(cfg.address, num_cpus=cpus if cfg.address is None else None)
+    t = time.perf_counter()
     probes = prepare_probes(cfg, run_uri, tb)
+    if time.perf_counter() - t > 5:
+        _record_timing(run_uri, "probes_and_pairs", time.perf_counter() - t)
     ctx = eval_context(cfg, run_uri, tb, probes)
     storage.write_json(storage.join(run_uri, "shared", "context.json"), {**ctx, "arms": cfg.arms, "seeds": cfg.seeds,
                                                                          "probes_summary": probes})
     base_key = json_digest([probes["ensemble"], tb["info"]["content_hash"], ctx["eval"], ctx["generation"]])
+    t = time.perf_counter()
     base_evaluation(ctx, base_key)
+    if time.perf_counter() - t > 5:
+        _record_timing(run_uri, "base_evaluation", time.perf_counter() - t)
     write_results(run_uri)
-    paths = {"single": probes["single"], "ensemble": probes["ensemble"], "pairs": probes["pairs"]}
+    paths = {"single": probes["single"], "ensemble": probes["ensemble"], "pairs": probes["pairs"],
+             "control_sft": probes["control_sft"]}
     specs = trial_specs(cfg)
     todo = [s for s in specs if not storage.is_complete(storage.join(run_uri, "trials", s["id"], "eval"))]
     if len(todo) < len(specs):
@@ -633,6 +880,7 @@ def run(cfg: ExperimentConfig) -> dict:
     if cfg.search.arm is not None:
         _log(f"Tune search over {cfg.search.arm}: {cfg.search.num_samples} samples of {sorted(cfg.search.space)}")
         run_tune(cfg, run_uri, ctx, paths, base_key, [], search=True)
+    _record_timing(run_uri, "this_run_total", time.perf_counter() - t0)
     out = write_results(run_uri)
     _log(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {len(out['rows'])} trials; report at {out['html']}")
     return out

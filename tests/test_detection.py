@@ -1,0 +1,64 @@
+"""Detection the way a monitor is used: thresholded metrics, paired changes, the Atlas outcome."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+from probe_dpo.detection import ATLAS, Readout, atlas_outcome, compare, metric_values
+
+
+def _readout(shift: float = 0.0, seed: int = 0, n_prompts: int = 120, per: int = 3) -> Readout:
+    rng = np.random.default_rng(seed)
+    y = rng.random(n_prompts * per) < 0.35
+    raw = rng.normal(size=y.shape) + 1.6 * y
+    groups = [f"p{i // per}" for i in range(len(y))]
+    scores = {"probe": 1 / (1 + np.exp(-(raw + shift)))}
+    return Readout.build(scores, y, groups, {"probe": 0.7})
+
+
+def test_thresholded_metrics_are_sklearns():
+    r = _readout()
+    s, y = r.scores["probe"], r.labels
+    tn, fp, fn, tp = confusion_matrix(y, s > 0.7).ravel()
+    ones = np.ones(len(y))
+    assert metric_values(r, "probe", "tpr", ones) == pytest.approx(tp / (tp + fn))
+    assert metric_values(r, "probe", "fpr", ones) == pytest.approx(fp / (fp + tn))
+    assert metric_values(r, "probe", "accuracy", ones) == pytest.approx((tp + tn) / len(y))
+    assert metric_values(r, "probe", "auroc", ones) == pytest.approx(roc_auc_score(y, s))
+    assert metric_values(r, "probe", "mean_pos", ones) == pytest.approx(s[y].mean())
+
+
+def test_a_shift_along_minus_w_leaves_auroc_and_defeats_the_threshold():
+    """The case AUROC alone misreads: every activation moves along -w, the ranking stays."""
+    base, shifted = _readout(), _readout(shift=-2.0)
+    auroc = compare(base, shifted, ["probe"], "auroc", n_boot=300)
+    tpr = compare(base, shifted, ["probe"], "tpr", n_boot=300)
+    assert auroc["delta"] == pytest.approx(0.0, abs=1e-12)
+    assert tpr["base"] > 0.4 and tpr["delta"] < -0.3 and tpr["delta_ci_high"] < 0 and tpr["p_value"] < 0.01
+    same = compare(base, _readout(), ["probe"], "tpr", n_boot=300)  # the control that must not move
+    assert same["delta"] == 0.0 and same["delta_ci_low"] == same["delta_ci_high"] == 0.0
+
+
+def test_seeds_pool_and_readouts_survive_json():
+    a, b = _readout(seed=0), _readout(seed=0, shift=-1.0)
+    both = Readout.concat([a, b])
+    assert len(both.labels) == 2 * len(a.labels)
+    back = Readout.from_json(a.to_json())
+    np.testing.assert_allclose(back.scores["probe"], a.scores["probe"])
+    assert back.thresholds == {"probe": 0.7} and back.groups == [str(g) for g in a.groups]
+    pooled = compare(a, both, ["probe"], "tpr", n_boot=200)["value"]
+    assert pooled == pytest.approx((metric_values(a, "probe", "tpr", np.ones(360))
+                                    + metric_values(b, "probe", "tpr", np.ones(360))) / 2)
+
+
+def test_atlas_outcomes():
+    drop = {"delta": -0.3, "delta_ci_low": -0.4, "delta_ci_high": -0.2}
+    flat = {"delta": 0.0, "delta_ci_low": -0.1, "delta_ci_high": 0.1}
+    assert atlas_outcome({"j1": flat, "j2": flat}, drop, flat) == "obfuscated activations"
+    assert atlas_outcome({"j1": flat}, drop, drop) == "obfuscated policy"
+    assert atlas_outcome({"j1": drop, "j2": drop}, flat, flat) == "removed"
+    assert atlas_outcome({"j1": drop, "j2": flat}, flat, flat) == "mixed"
+    assert atlas_outcome({"j1": flat}, flat, flat) == "blatant"
+    assert set(ATLAS) == {"removed", "blatant", "obfuscated activations", "obfuscated policy", "mixed"}
