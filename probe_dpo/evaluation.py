@@ -12,97 +12,22 @@ relative change ``rate(new) / rate(base) - 1`` is computed per resample. Several
 seeds are averaged per prompt first (their mean rate), so the interval covers prompt
 sampling for the seed-averaged model.
 
-Generation reuses the testbed's settings (``testbed.json``: raw-text continuation, no chat
-template, left padding, prompts truncated on the left, top-k/top-p sampling) and is seeded
-per batch, so the same model, prompts and seed give the same continuations.
+Generation is ``probe_dpo.generation.generate`` with the testbed's settings, seeded per
+batch, so the same model, prompts and seed give the same continuations.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from probe_dpo.errors import UserError
+from probe_dpo.generation import GenerationSettings, device_of, generate, prompt_texts
 
 DEFAULT_THRESHOLD = 0.5
-
-
-# ---------------------------------------------------------------------------------------------
-# Generation settings
-
-
-@dataclass
-class GenerationSettings:
-    """How continuations are sampled; the defaults are the testbed's."""
-
-    max_new_tokens: int = 20
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 50
-    batch_size: int = 64
-    """Sequences per forward pass (prompts per batch = batch_size // samples per prompt)."""
-    max_prompt_tokens: int = 64
-    """Longer prompts keep their last tokens."""
-
-    def replace(self, **changes: Any) -> "GenerationSettings":
-        changes = {k: v for k, v in changes.items() if v is not None}
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def generation_settings(testbed: str | None = None, **overrides: Any) -> GenerationSettings:
-    """The testbed's generation settings (from its ``testbed.json``), with ``overrides``.
-
-    Without a testbed the defaults are the testbed builder's defaults. ``None`` overrides are
-    ignored.
-    """
-    settings = GenerationSettings()
-    if testbed:
-        info = read_testbed_info(testbed)
-        gen = (info.get("config") or {}).get("generation") or {}
-        known = {f.name for f in dataclasses.fields(GenerationSettings)}
-        settings = settings.replace(**{k: v for k, v in gen.items() if k in known})
-    return settings.replace(**overrides)
-
-
-def read_testbed_info(testbed: str) -> dict:
-    """The ``testbed.json`` summary of a testbed folder/URI (UserError when it is not complete)."""
-    from probe_dpo import storage
-
-    uri = storage.join(str(testbed), "testbed.json")
-    if not storage.exists(uri):
-        raise UserError(f"testbed {testbed}: no testbed.json (not a testbed, or its build has not finished)")
-    info = storage.read_json(uri)
-    if not isinstance(info, dict):
-        raise UserError(f"testbed {testbed}: testbed.json is not a JSON object")
-    return info
-
-
-def _stable_seed(*parts: Any) -> int:
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2**31 - 1)
-
-
-def prompt_texts(prompts: Sequence[Any]) -> list[str]:
-    """Prompt strings from a list of strings or of records with a ``prompt`` field."""
-    out = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, Mapping):
-            if "prompt" not in p:
-                raise UserError(f"prompt record {i + 1} has no 'prompt' field")
-            p = p["prompt"]
-        if not isinstance(p, str):
-            raise UserError(f"prompt {i + 1} is not a string ({type(p).__name__})")
-        out.append(p)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,67 +45,6 @@ def _load(model: Any, tokenizer: Any = None, device: str | None = None):
     if tokenizer is None:
         raise UserError("a model object needs its tokenizer (pass tokenizer=...)")
     return model, tokenizer
-
-
-def _device_of(model) -> Any:
-    import torch
-
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def generate(model: Any, prompts: Sequence[Any], samples_per_prompt: int = 1,
-             settings: GenerationSettings | None = None, seed: int = 0, *, tokenizer: Any = None,
-             desc: str = "generating", progress: bool = True, seed_tag: Any = "") -> list[list[str]]:
-    """Sampled raw-text continuations: ``samples_per_prompt`` per prompt, in prompt order.
-
-    Prompts are sorted by token length into batches (less padding), left-padded, and each
-    batch is seeded from ``(seed, seed_tag, batch index)``: the same model, prompts, settings
-    and seed give the same continuations.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    if samples_per_prompt < 1:
-        raise UserError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-    texts = prompt_texts(prompts)
-    if not texts:
-        return []
-    settings = settings or GenerationSettings()
-    lm, tok = _load(model, tokenizer)
-    tok.padding_side = "left"
-    tok.truncation_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    device = _device_of(lm)
-    lengths = [len(ids) for ids in tok(texts, add_special_tokens=True, truncation=True,
-                                       max_length=settings.max_prompt_tokens)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
-    per_batch = max(1, settings.batch_size // samples_per_prompt)
-    out: list[list[str] | None] = [None] * len(texts)
-    kwargs = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                  top_k=settings.top_k, max_new_tokens=settings.max_new_tokens,
-                  num_return_sequences=samples_per_prompt, pad_token_id=tok.pad_token_id)
-    was_training = lm.training
-    lm.eval()
-    try:
-        with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="prompt", file=sys.stderr,
-                                          mininterval=2.0, dynamic_ncols=True, disable=not progress) as bar:
-            for b, start in enumerate(range(0, len(order), per_batch)):
-                idx = order[start:start + per_batch]
-                enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                          max_length=settings.max_prompt_tokens, add_special_tokens=True).to(device)
-                torch.manual_seed(_stable_seed(seed, seed_tag, "batch", b))
-                ids = lm.generate(**enc, **kwargs)
-                new = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                for row, i in enumerate(idx):
-                    out[i] = new[row * samples_per_prompt:(row + 1) * samples_per_prompt]
-                bar.update(len(idx))
-    finally:
-        lm.train(was_training)
-    return [o if o is not None else [""] * samples_per_prompt for o in out]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,8 +177,9 @@ def toxicity_samples(model: Any, prompts: Sequence[Any], judges: Sequence[Any] |
     settings = settings or GenerationSettings()
     judges = list(judges) if judges is not None else list(JUDGE_NAMES)
     texts = prompt_texts(prompts)
-    completions = generate(model, texts, samples_per_prompt, settings, seed, tokenizer=tokenizer,
-                           desc=desc, progress=progress, seed_tag="toxicity-eval")
+    lm, tok = _load(model, tokenizer)
+    completions = generate(lm, texts, samples_per_prompt, settings, seed, tokenizer=tok, desc=desc,
+                           progress=progress, seed_tag="toxicity-eval")
     return ToxicitySamples(texts, completions, score_completions(completions, judges), settings.to_dict(), seed)
 
 
@@ -327,7 +192,7 @@ def perplexity(model: Any, texts: Sequence[Any], *, max_tokens: int = 256, batch
     if not items:
         raise UserError("perplexity needs at least one text")
     lm, tok = _load(model, tokenizer)
-    device = _device_of(lm)
+    device = device_of(lm)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     total_nll, total_tokens = 0.0, 0
     was_training = lm.training
@@ -385,7 +250,7 @@ def policy_readings(policy: Any, tokenizer: Any, prompts: Sequence[str], complet
     n = len(encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     models = {"policy": policy, **({"frozen": base} if base is not None else {})}
-    device = _device_of(policy)
+    device = device_of(policy)
     width = unwrap_model(policy).config.hidden_size
     feats = {name: {layer: torch.zeros(n, width) for layer in layers} for name in models}
     per_seq = np.zeros(n)

@@ -8,7 +8,8 @@ paired. For each arm (its seeds pooled):
 - the toxic rate under every judge of the panel, with its change against the base model;
 - detection by each probe *role* (the train probe, the ensemble, the held-out probes, a
   probe retrained on the fine-tuned model) on fixed texts: AUROC, TPR / FPR / accuracy at the
-  threshold fixed on the base model, mean score on positives and on negatives;
+  threshold fixed on the base model, mean score on positives and on negatives; and each
+  probe's own AUROC and TPR (``per_probe``);
 - detection on the arm's own completions, labelled by each judge, read from the policy's
   activations and from a frozen copy of the base model's (AUROC, TPR);
 - the Obfuscation-Atlas outcome (``probe_dpo.detection.atlas_outcome``) for the probe the arm
@@ -75,6 +76,8 @@ def arm_summary(base: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], role
     for role, keys in roles.items():
         out["fixed"][role] = {m: compare(base["fixed"], fixed, keys, m, n_boot=n_boot, seed=seed)
                               for m in FIXED_METRICS}
+    out["per_probe"] = {k: {m: compare(base["fixed"], fixed, [k], m, n_boot=n_boot, seed=seed) for m in ("auroc", "tpr")}
+                        for k in base["fixed"].scores if k in fixed.scores}
     for reader in READERS:
         out["own"][reader] = {}
         for j in judges:

@@ -134,7 +134,7 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
     (``cache_hit: True``); a different one is replaced.
     """
     from probe_dpo.data import read_records, write_records
-    from probe_dpo.evaluation import read_testbed_info
+    from probe_dpo.testbed import read_testbed_info
 
     cfg = cfg or PreferenceMixConfig()
     _check(cfg)

@@ -17,12 +17,19 @@ on a degenerate resample (BCa's jackknife does on rare events).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 CI_LEVEL = 0.95
+
+
+def stable_seed(*parts: Any) -> int:
+    """A seed from any parts (``("train", 3, "batch", 0)``), the same in every process and run."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % (2**31 - 1)
 
 
 # ---------------------------------------------------------------------------------------------

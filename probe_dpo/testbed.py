@@ -57,6 +57,8 @@ from typing import Any, Iterable, Iterator, Literal, Sequence
 
 from probe_dpo.config import bounded, to_dict
 from probe_dpo.errors import UserError
+from probe_dpo.generation import GenerationSettings, generate
+from probe_dpo.stats import stable_seed
 
 BUILD_VERSION = 1
 SMOLLM2 = "smollm2"
@@ -80,20 +82,6 @@ class PromptsConfig:
     """Held-out prompts (evaluation only; never in any other file)."""
     max_train: int | None = bounded(None, ge=1)
     """Cap on training prompts (default: all the rest, about 1,100)."""
-
-
-@dataclass
-class GenerationConfig:
-    """How the model's continuations are sampled (raw text continuation, no chat template)."""
-
-    max_new_tokens: int = bounded(20, ge=1, le=512)
-    temperature: float = bounded(1.0, gt=0.0, le=5.0)
-    top_p: float = bounded(1.0, gt=0.0, le=1.0)
-    top_k: int = bounded(50, ge=0)
-    """0 turns top-k filtering off."""
-    batch_size: int = bounded(64, ge=1, le=4096)
-    max_prompt_tokens: int = bounded(64, ge=4, le=4096)
-    """Longer prompts keep their last tokens (the end is where the continuation starts)."""
 
 
 @dataclass
@@ -154,7 +142,7 @@ class TestbedConfig:
     threads: int | None = bounded(None, ge=1, le=256)
     """torch threads during the build (default: the CPU cores this process may use)."""
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     probe_data: ProbeDataConfig = field(default_factory=ProbeDataConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
     sft: SftConfig = field(default_factory=SftConfig)
@@ -176,15 +164,10 @@ def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _stable_seed(*parts: Any) -> int:
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") % (2**31 - 1)
-
-
 def _rng(*parts: Any):
     import numpy as np
 
-    return np.random.default_rng(_stable_seed(*parts))
+    return np.random.default_rng(stable_seed(*parts))
 
 
 @contextlib.contextmanager
@@ -573,43 +556,6 @@ def _fragment(text: str, rng) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Generation, scoring, perplexity
 
-def generate(lm, tok, prompts: Sequence[str], gen: GenerationConfig, seed_parts: Sequence[Any],
-             desc: str = "generating") -> list[str]:
-    """Sampled raw-text continuations, one per entry of ``prompts``, in their order.
-
-    Batches are formed from prompts sorted by token length (less padding) and each batch is
-    seeded from ``seed_parts`` and its index, so the same inputs give the same continuations.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    if not prompts:
-        return []
-    tok.padding_side = "left"
-    tok.truncation_side = "left"
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    lengths = [len(ids) for ids in tok(list(prompts), add_special_tokens=True, truncation=True,
-                                       max_length=gen.max_prompt_tokens)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
-    out: list[str | None] = [None] * len(prompts)
-    kwargs = dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                  max_new_tokens=gen.max_new_tokens, pad_token_id=tok.pad_token_id)
-    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="gen", file=sys.stderr,
-                                      mininterval=2.0, dynamic_ncols=True) as bar:
-        for b, start in enumerate(range(0, len(order), gen.batch_size)):
-            idx = order[start:start + gen.batch_size]
-            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                      max_length=gen.max_prompt_tokens, add_special_tokens=True)
-            torch.manual_seed(_stable_seed(*seed_parts, "batch", b))
-            ids = lm.generate(**enc, **kwargs)
-            new = ids[:, enc["input_ids"].shape[1]:]
-            for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
-                out[i] = text
-            bar.update(len(idx))
-    return [t if t is not None else "" for t in out]
-
-
 def _score_all(texts: Sequence[str]) -> dict[str, Any]:
     from probe_dpo.judges import JUDGE_NAMES, get_judge
 
@@ -619,20 +565,6 @@ def _score_all(texts: Sequence[str]) -> dict[str, Any]:
 def score_column(judge: str) -> str:
     """The jsonl column holding a judge's score, e.g. ``score_profanity_check``."""
     return "score_" + judge.replace("-", "_")
-
-
-def bootstrap_rate(flags_by_prompt: Sequence[Sequence[float]], n_boot: int, seed: int) -> tuple[float, float, float]:
-    """Share of positive samples and its 95% percentile CI, resampling prompts (clusters)."""
-    import numpy as np
-
-    sums = np.array([float(np.sum(f)) for f in flags_by_prompt])
-    counts = np.array([len(f) for f in flags_by_prompt], dtype=float)
-    rate = float(sums.sum() / counts.sum())
-    rng = np.random.default_rng(seed)
-    pick = rng.integers(0, len(sums), size=(n_boot, len(sums)))
-    boots = sums[pick].sum(axis=1) / counts[pick].sum(axis=1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return rate, float(lo), float(hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -657,6 +589,19 @@ def _cached(out: Path, key: str) -> dict | None:
         f = out / rel
         if not f.is_file() or f.stat().st_size != meta.get("bytes"):
             return None
+    return info
+
+
+def read_testbed_info(testbed: str) -> dict:
+    """The ``testbed.json`` summary of a testbed folder/URI (UserError when it is not complete)."""
+    from probe_dpo import storage
+
+    uri = storage.join(str(testbed), "testbed.json")
+    if not storage.exists(uri):
+        raise UserError(f"testbed {testbed}: no testbed.json (not a testbed, or its build has not finished)")
+    info = storage.read_json(uri)
+    if not isinstance(info, dict):
+        raise UserError(f"testbed {testbed}: testbed.json is not a JSON object")
     return info
 
 
@@ -697,6 +642,7 @@ def _split_ids(ids: Sequence[str], val: float, test: float, rng) -> dict[str, st
 def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> dict:
     import numpy as np
 
+    from probe_dpo.evaluation import rate_with_ci
     from probe_dpo.judges import JUDGE_NAMES
 
     data = out / "data"
@@ -780,14 +726,15 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
     items += benign_items[:n_benign_gen]
     _log(f"sampling {len(items)} continuations for probe data and pairs "
          f"({len(toxic_prompts)} toxic x {pd.samples_per_toxic_prompt}, {min(len(benign_items), n_benign_gen)} benign)")
-    completions = generate(lm, tok, [it["prompt"] for it in items], gen, (cfg.seed, "train"), desc="train prompts")
+    completions = [c[0] for c in generate(lm, [it["prompt"] for it in items], 1, gen, cfg.seed, tokenizer=tok,
+                                          seed_tag="train", desc="train prompts")]
     lap("generate_train")
 
     ev = cfg.evaluation
     h_items = [{**p, "sample": s} for p in heldout for s in range(ev.heldout_samples_per_prompt)]
     _log(f"sampling {len(h_items)} continuations of {len(heldout)} held-out prompts")
-    h_completions = generate(lm, tok, [it["prompt"] for it in h_items], gen, (cfg.seed, "heldout"),
-                             desc="held-out prompts")
+    h_completions = [c[0] for c in generate(lm, [it["prompt"] for it in h_items], 1, gen, cfg.seed, tokenizer=tok,
+                                            seed_tag="heldout", desc="held-out prompts")]
     lap("generate_heldout")
 
     # -- judging -----------------------------------------------------------------------------------
@@ -833,9 +780,10 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
     for name in JUDGE_NAMES:
         by_prompt: dict[str, list[float]] = {}
         for it, s in zip(h_items, h_scores[name]):
-            by_prompt.setdefault(it["prompt_id"], []).append(float(s >= cfg.threshold))
-        rate, lo, hi = bootstrap_rate(list(by_prompt.values()), ev.bootstrap, _stable_seed(cfg.seed, "boot", name))
-        base[name] = {"rate": round(rate, 6), "ci95": [round(lo, 6), round(hi, 6)],
+            by_prompt.setdefault(it["prompt_id"], []).append(float(s))
+        r = rate_with_ci(np.array(list(by_prompt.values())), cfg.threshold, ev.bootstrap,
+                         stable_seed(cfg.seed, "boot", name))
+        base[name] = {"rate": round(r["rate"], 6), "ci95": [round(r["ci_low"], 6), round(r["ci_high"], 6)],
                       "mean_score": round(float(np.mean(h_scores[name])), 6) if len(h_items) else None,
                       "prompts": len(by_prompt), "samples": len(h_items)}
 

@@ -198,7 +198,7 @@ def test_probe_sft_lora_changes_only_adapted_weights_and_classifier_sft_filters(
 
 def test_on_policy_round_two_samples_the_round_one_policy_and_reads_the_frozen_base(inputs, ray_cluster, tmp_path):
     from probe_dpo.data import read_records
-    from probe_dpo.evaluation import generation_settings
+    from probe_dpo.generation import generation_settings
     from probe_dpo.objectives import ProbeSignal
     from probe_dpo.probes import ProbeSet
     from probe_dpo.training.sampling import sample_candidates

@@ -195,7 +195,7 @@ def prepare(cfg: AttributionConfig, log: Log = _print) -> Inputs:
     """Resolve and check every input; UserError (one line) before any heavy compute."""
     from probe_dpo.attribution import model_facts, read_pair_file
     from probe_dpo.data import check_labels, read_records
-    from probe_dpo.evaluation import read_testbed_info
+    from probe_dpo.testbed import read_testbed_info
     from probe_dpo.judges import JUDGE_NAMES, get_judge
     from probe_dpo.preference_mix import build_preference_mix, read_poison_labels
 
@@ -540,8 +540,8 @@ def evaluate_model(inp: Inputs, name: str, model: str, log: Log = _print) -> dic
     """Toxicity of the model's continuations of the (triggered) held-out prompts under every
     judge, and benign perplexity; cached at <out>/eval/<name>.{json,samples.jsonl}."""
     from probe_dpo.data import read_records, write_records
-    from probe_dpo.evaluation import (ToxicitySamples, generation_settings, perplexity, rate_with_ci,
-                                      toxicity_samples)
+    from probe_dpo.evaluation import ToxicitySamples, perplexity, rate_with_ci, toxicity_samples
+    from probe_dpo.generation import generation_settings
     from probe_dpo.model import load_model, load_tokenizer
 
     ev = inp.cfg.evaluation

@@ -435,7 +435,7 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
 
 def eval_context(cfg: ExperimentConfig, run: str, tb: dict, probes: dict) -> dict:
     """Everything an evaluation needs, as plain JSON (it travels to Ray tasks)."""
-    from probe_dpo.evaluation import generation_settings
+    from probe_dpo.generation import generation_settings
 
     e = cfg.eval
     return {"run": run, "testbed": tb["uri"], "base_model": tb["model"], "probes": probes["ensemble"],
@@ -471,8 +471,8 @@ def evaluate_model(model_uri: str, ctx: dict, reference: dict | None = None, tar
     import torch
 
     from probe_dpo.detection import probe_scores, read_fixed, role_keys
-    from probe_dpo.evaluation import (GenerationSettings, perplexity, policy_readings, rate_with_ci,
-                                      toxicity_samples)
+    from probe_dpo.evaluation import perplexity, policy_readings, rate_with_ci, toxicity_samples
+    from probe_dpo.generation import GenerationSettings
     from probe_dpo.goodhart import arm_summary, evaluation_files, load_evaluation
     from probe_dpo.model import load_model, load_tokenizer
     from probe_dpo.probes import ProbeSet

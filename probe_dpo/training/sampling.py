@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from probe_dpo.evaluation import GenerationSettings
+from probe_dpo.generation import GenerationSettings
 
 PROBE = "probe"
 
@@ -55,7 +55,7 @@ class _Sampler:
             self.signal = ProbeSignal(probeset, reader, self.tokenizer, aggregation=aggregation)
 
     def run(self, task: dict) -> list[dict]:
-        from probe_dpo.evaluation import generate
+        from probe_dpo.generation import generate
 
         t0 = time.perf_counter()
         settings = GenerationSettings(**task["settings"])
