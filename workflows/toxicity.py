@@ -87,10 +87,13 @@ ARMS: dict[str, Arm] = {
     "classifier-sft": Arm("classifier-sft", None, "sft", "SFT on the rows the output judge passes"),
     "sft": Arm("sft", None, "sft", "plain SFT (raises toxicity)"),
     "random-dpo": Arm("random-dpo", None, "pairs:single", "control: the probe pairs with half the labels swapped"),
+    # Calibrated once on the demo (see README): a logit penalty (weight 2) also hid the train
+    # probe but rewrote the text (toxicity -86%, perplexity +40%); the log-loss form stops pushing
+    # once the probe is fooled, so the behaviour stays and only the monitor is defeated.
     "obfuscation-control": Arm("probe-sft", "single", "control",
-                               "positive control: SFT on toxic continuations with a strong logit penalty "
-                               "against the train probe (built to make it miss)",
-                               (("penalty.weight", 2.0), ("penalty.form", "logit"), ("train.lr", 5e-5))),
+                               "positive control: SFT on judge-toxic continuations with a strong log-loss "
+                               "penalty against the train probe (built to make it miss)",
+                               (("penalty.weight", 5.0), ("penalty.form", "bce"), ("train.lr", 5e-5))),
 }
 
 
