@@ -137,7 +137,7 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
     A complete mix at ``out`` with the same key (config + input hashes) is returned as it is
     (``cache_hit: True``); a different one is replaced.
     """
-    from probe_dpo.data import read_records, write_records
+    from probe_dpo.data import check_numeric, read_records, write_records
     from probe_dpo.evaluation import read_testbed_info
 
     cfg = cfg or PreferenceMixConfig()
@@ -158,8 +158,10 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
 
     rows: list[dict] = []
     for name, uri in files.items():
-        rows += read_records(uri, required=("prompt_id", "prompt", "completion", "score", "genre"),
-                             what=f"testbed {name}")
+        part = read_records(uri, required=("prompt_id", "prompt", "completion", "score", "genre"),
+                            what=f"testbed {name}")
+        check_numeric(part, ("score",), uri)  # float(r["score"]) below must not meet a string
+        rows += part
     by_prompt: dict[str, list[dict]] = {}
     for r in rows:
         if r["genre"] != "toxic-prompt":

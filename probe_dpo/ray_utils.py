@@ -8,9 +8,12 @@ logged or returned; values (credentials) never are.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
+
+from probe_dpo.errors import UserError, find_user_error, one_line
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +89,50 @@ def cluster_gpus() -> int:
 
 
 def unwrap_ray_error(exc: BaseException) -> BaseException:
-    """The user's exception inside a Ray task error (a UserError raised in an actor)."""
-    from probe_dpo.errors import UserError
+    """The user's exception inside a Ray task error (a UserError raised in an actor), else ``exc``."""
+    return find_user_error(exc) or exc
 
-    cur: BaseException | None = exc
-    for _ in range(10):
-        if cur is None:
-            break
-        cause = getattr(cur, "cause", None)  # ray.exceptions.RayTaskError / RayActorError
-        if isinstance(cause, BaseException):
-            cur = cause
-            continue
-        if isinstance(cur, UserError):
-            return cur
-        cur = cur.__cause__
-    return exc
+
+# ---------------------------------------------------------------------------------------------
+# Tune: a UserError fails its trial once
+
+
+USER_ERROR_KEY = "probe_dpo_user_error"
+
+
+def fail_once_on_user_error(trainable: Callable[[dict], Any], metric: str | None = None) -> Callable[[dict], Any]:
+    """A Tune function trainable that ends its trial, without a retry, when it raises a UserError.
+
+    Tune retries every failed trial (``FailureConfig.max_failures``) and has no way to exempt an
+    error type; bad input fails the same way every time, so a retry only wastes the cluster.
+    The wrapper catches the UserError (also one a Ray Train worker raised), reports it as the
+    trial's last result (``USER_ERROR_KEY``; ``metric``, the search metric if any, as NaN so Tune's
+    metric check passes) and returns: the trial ends once. ``raise_user_errors`` re-raises it in
+    the driver as the same one line. Any other error still fails (and retries) the trial.
+    """
+
+    @functools.wraps(trainable)
+    def wrapper(config: dict) -> Any:
+        try:
+            return trainable(config)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless a UserError is behind it
+            user = find_user_error(exc)
+            if user is None:
+                raise
+            from ray import tune
+
+            result: dict[str, Any] = {USER_ERROR_KEY: one_line(user)}
+            if metric:
+                result[metric] = float("nan")
+            tune.report(result)
+            return None
+
+    return wrapper
+
+
+def raise_user_errors(results: Any) -> None:
+    """Re-raise in the driver the first UserError a trial ended with (``fail_once_on_user_error``)."""
+    for result in results:
+        message = (getattr(result, "metrics", None) or {}).get(USER_ERROR_KEY)
+        if message:
+            raise UserError(message)

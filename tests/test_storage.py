@@ -308,3 +308,16 @@ def test_ray_worker_uses_storage(ray_cluster, s3_bucket):
     storage.write_bytes(storage.join(s3_bucket, "from-driver.bin"), b"hello worker")
     assert ray_cluster.get(work.remote(s3_bucket), timeout=60) == b"hello worker"
     assert storage.read_json(storage.join(s3_bucket, "from-worker.json"))["pid"] != os.getpid()
+
+
+def test_unrecognised_s3_errors_are_one_line(s3_server):
+    """botocore errors that s3fs does not translate (here a bucket name botocore refuses) used to
+    end in a traceback; they are one line naming the URI, the endpoint and botocore's reason."""
+    for call in (lambda: storage.read_bytes("s3://bad_bucket!/x"), lambda: storage.write_bytes("s3://bad_bucket!/x", b"1"),
+                 lambda: storage.exists("s3://bad_bucket!/a/b")):
+        with pytest.raises(UserError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith("storage s3://bad_bucket!/") and f"S3 request failed at S3 endpoint {s3_server}" in message
+        assert "ParamValidationError: Parameter validation failed: Invalid bucket name" in message
+        assert "\n" not in message and info.value.__cause__ is None
