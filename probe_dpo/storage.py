@@ -134,6 +134,9 @@ _FS_CACHE: dict[tuple, Any] = {}
 
 def _s3() -> Any:
     """This process's S3 filesystem for the current settings (re-created when they change)."""
+    from probe_dpo.ray_utils import load_passed_credentials
+
+    load_passed_credentials()  # a job's driver given credentials by cluster/submit.sh --pass-credentials
     endpoint, attempts = _endpoint(), _max_attempts()
     timeout = _env_number("PROBE_DPO_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, float)
     creds = hashlib.sha256("\0".join(os.environ.get(k, "") for k in _CRED_VARS).encode()).hexdigest()
