@@ -154,7 +154,7 @@ def _publish_remote(src: Path, files: list[str], fs: Any, path: str, metadata: d
     _step("pointer")
     keep = {f"{path}/{MANIFEST_NAME}", f"{path}/{LEASE_NAME}"}
     current = f"{path}/{manifest['files_at']}/"
-    stale = [k for k in fs.find(path) if k not in keep and not k.startswith(current)]
+    stale = [k for k in fs.find(path) if k.startswith(f"{path}/") and k not in keep and not k.startswith(current)]
     if stale:
         fs.rm(stale)  # old versions, files of an older layout, leftovers of crashed publishes
     _step("gc")

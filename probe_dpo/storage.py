@@ -404,14 +404,26 @@ def exists(uri: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
-    """The bytes at ``uri``; for a file of a published artifact, its current version, verified."""
-    target, entry, _ = _member(uri)
-    with _errors(uri):
-        fs, path = filesystem(target)
-        data = Path(path).read_bytes() if not is_remote(target) else fs.cat_file(path)
-    if entry is not None:
-        _check_bytes(data, entry, uri)
-    return data
+    """The bytes at ``uri``; for a file of a published artifact, its current version, verified.
+
+    A republish between reading the manifest and reading the file (the old version's file
+    collected, or a local folder swapped) is noticed, because the manifest entry changed, and
+    the read starts over with the new version; a file that fails its check under an unchanged
+    manifest is damaged, and refused.
+    """
+    for attempt in range(3):
+        target, entry, _ = _member(uri)
+        try:
+            with _errors(uri):
+                fs, path = filesystem(target)
+                data = Path(path).read_bytes() if not is_remote(target) else fs.cat_file(path)
+            if entry is not None:
+                _check_bytes(data, entry, uri)
+            return data
+        except UserError:
+            if entry is None or attempt == 2 or _member(uri)[:2] == (target, entry):
+                raise
+    raise AssertionError("unreachable")
 
 
 def write_bytes(uri: str, data: bytes) -> None:

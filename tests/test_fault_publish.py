@@ -246,3 +246,41 @@ def test_a_damaged_byte_in_a_published_safetensors_file_is_refused_naming_it(sto
             storage.verify_files(storage.fetch_dir(uri))  # what loaders call before from_pretrained
     assert "\n" not in str(info.value)
     assert storage.read_json(storage.join(uri, "config.json")) == {"hidden": 64}  # the other file is fine
+
+
+def test_readers_during_republishing_always_get_one_whole_version(storage_root, tmp_path):
+    """A publisher republishes two versions in turn while a reader reads: every file read is
+    exactly one version's (a read that straddles a republish starts over), and every S3 fetch
+    is one whole version."""
+    a = {"model.safetensors": b"a" * 20000, "config.json": b'{"v": "a"}'}
+    b = {"model.safetensors": b"b" * 30000, "config.json": b'{"v": "b"}'}
+    src = {"a": _tree_of(a, tmp_path / "a"), "b": _tree_of(b, tmp_path / "b")}
+    uri = storage.join(storage_root, "busy")
+    storage.publish_dir(src["a"], uri)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def publisher() -> None:
+        try:
+            for i in range(8):
+                storage.publish_dir(src["ba"[i % 2]], uri, {"i": i}, overwrite=True)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    reads = fetches = 0
+    while not done.is_set() or reads < 20:
+        for rel in ("config.json", "model.safetensors"):
+            assert storage.read_bytes(storage.join(uri, rel)) in (a[rel], b[rel])
+            reads += 1
+        if storage.is_remote(uri):
+            fetched = storage.fetch_dir(uri, tmp_path / f"fetch-{fetches}")
+            tree = {p.name: p.read_bytes() for p in fetched.iterdir() if p.name != "_MANIFEST.json"}
+            assert tree in (a, b)
+            fetches += 1
+    thread.join()
+    assert not errors, errors
+    assert storage.read_manifest(uri)["metadata"] == {"i": 7} and _reads_as(uri, tmp_path / "last") == a

@@ -173,7 +173,9 @@ def test_folder_without_manifest_is_not_complete(storage_root, tmp_path):
 def test_republish_needs_overwrite_and_keeps_the_old_version_until_the_pointer_moves(storage_root, tmp_path,
                                                                                     monkeypatch):
     uri = storage.join(storage_root, "ckpt")
+    sibling = storage.join(storage_root, "ckpt-2")  # shares the prefix: never collected with ckpt
     storage.publish_dir(_make_tree(tmp_path / "v1", V1), uri, {"v": 1})
+    storage.publish_dir(tmp_path / "v1", sibling, {"sibling": True})
     with pytest.raises(storage.ArtifactExists, match="overwrite=True") as info:
         storage.publish_dir(_make_tree(tmp_path / "v2", V2), uri, {"v": 2})
     assert uri in str(info.value)
@@ -196,6 +198,9 @@ def test_republish_needs_overwrite_and_keeps_the_old_version_until_the_pointer_m
     assert {k: v for k, v in _tree(fetched).items() if k != "_MANIFEST.json"} == V2  # no stale v1 files
     assert not storage.exists(storage.join(uri, "sub/dir/a.txt"))
     assert storage.list_dir(uri) == sorted(["_MANIFEST.json", *{k.split("/")[0] for k in V2}])
+    assert storage.read_manifest(sibling)["metadata"] == {"sibling": True}
+    _consistent(sibling)
+    assert storage.read_bytes(storage.join(sibling, "sub/dir/a.txt")) == b"first"
     if storage.is_remote(uri):  # old versions are garbage-collected once the new pointer exists
         fs, path = storage.filesystem(uri)
         files_at = storage.read_manifest(uri)["files_at"]
