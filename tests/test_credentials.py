@@ -21,6 +21,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 import urllib.error
@@ -118,3 +119,45 @@ def test_a_sentinel_secret_never_reaches_job_metadata_logs_or_storage(ray_head, 
     assert results["passed"][0] == hashlib.sha256(sentinel.encode()).hexdigest()  # it did arrive
     assert "py_modules" not in results["cluster"][1]
     assert all(m.startswith("gcs://_ray_pkg_") for m in results["passed"][1]["py_modules"])  # a URI only
+
+
+DRIVER = r"""
+import hashlib, json, os, sys
+import ray
+from probe_dpo.ray_utils import init_ray
+
+info = init_ray(sys.argv[1])  # join the cluster as a plain driver (not a job)
+
+@ray.remote
+def seen():
+    return hashlib.sha256(os.environ.get("AWS_SECRET_ACCESS_KEY", "").encode()).hexdigest()
+
+print("RESULT " + json.dumps({"seen": ray.get(seen.remote()), "credentials": info["credentials"],
+                              "runtime_env": ray.get_runtime_context().runtime_env}), flush=True)
+"""
+
+
+def test_init_ray_joining_a_cluster_passes_credentials_only_on_request(ray_cluster):
+    """A driver that joins a running cluster (the session's, token-authenticated) with a secret in
+    its environment: by default the workers keep the cluster's credentials; with
+    PROBE_DPO_PASS_CREDENTIALS=1 they get the driver's through the package, and the runtime env Ray
+    records for the driver's job holds no value either way."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    sentinel = f"sentinel-secret-{uuid.uuid4().hex}"
+    out = {}
+    for mode, flag in (("cluster", "0"), ("passed", "1")):
+        env = {**os.environ, "AWS_SECRET_ACCESS_KEY": sentinel, "PROBE_DPO_PASS_CREDENTIALS": flag}
+        env.pop("RAY_ADDRESS", None)
+        done = subprocess.run([sys.executable, "-c", DRIVER, address], env=env, capture_output=True, text=True,
+                              timeout=300)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+        assert done.returncode == 0 and line, (done.stdout + done.stderr)[-4000:]
+        assert sentinel not in done.stdout + done.stderr
+        out[mode] = json.loads(line.removeprefix("RESULT "))
+    assert out["cluster"]["seen"] == hashlib.sha256(os.environ["AWS_SECRET_ACCESS_KEY"].encode()).hexdigest()
+    assert out["cluster"]["credentials"].startswith("the cluster's own (not passed: AWS_ACCESS_KEY_ID, ")
+    assert out["passed"]["seen"] == hashlib.sha256(sentinel.encode()).hexdigest()
+    assert out["passed"]["credentials"].startswith("passed as a runtime-env package: ")
+    assert all(m.startswith("gcs://_ray_pkg_") for m in out["passed"]["runtime_env"]["py_modules"])
+    for mode in out:
+        assert not any(k.startswith("AWS_") and "SECRET" in k for k in out[mode]["runtime_env"].get("env_vars", {}))
