@@ -60,23 +60,25 @@ def ray_head(s3_server, tmp_path):
     url = f"http://127.0.0.1:{dashboard}"
     # token authentication is on (conftest): the probe carries the session's token
     auth = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"} if env.get("RAY_AUTH_MODE") == "token" else {}
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=auth), timeout=2)
-            break
-        except OSError:
-            if head.poll() is not None:
-                pytest.fail(head.stdout.read().decode()[-3000:])
-            time.sleep(0.5)
-    else:
-        pytest.fail("the Ray head's job server did not come up in 120 s")
-    yield url, env
-    head.send_signal(signal.SIGTERM)  # --block: stops every process this head started
     try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=auth), timeout=2)
+                break
+            except OSError:
+                if head.poll() is not None:
+                    pytest.fail(head.stdout.read().decode()[-3000:])
+                time.sleep(0.5)
+        else:
+            pytest.fail("the Ray head's job server did not come up in 120 s")
+        yield url, env
+    finally:  # also when it never came up: no head is left running after the test
+        head.send_signal(signal.SIGTERM)  # --block: stops every process this head started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def _submit(url: str, env: dict, config: Path, run: str) -> str:
