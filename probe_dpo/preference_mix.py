@@ -137,7 +137,7 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
     A complete mix at ``out`` with the same key (config + input hashes) is returned as it is
     (``cache_hit: True``); a different one is replaced.
     """
-    from probe_dpo.data import check_numeric, read_records, write_records
+    from probe_dpo.data import read_records, write_records
     from probe_dpo.evaluation import read_testbed_info
 
     cfg = cfg or PreferenceMixConfig()
@@ -155,6 +155,8 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
     if done is not None and done.get("key") == key:
         return {**done, "cache_hit": True}
     train_judge = info.get("train_judge", "toxic-comment-classifier")
+
+    from probe_dpo.data import check_numeric
 
     rows: list[dict] = []
     for name, uri in files.items():

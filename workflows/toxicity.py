@@ -223,10 +223,9 @@ def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
     else:
         local = Path(storage.join(run, "testbed"))
         build_testbed(cfg.testbed, local)
-    from probe_dpo.evaluation import read_testbed_info
-
-    info = read_testbed_info(str(local))  # one line for a damaged testbed.json
-    if not isinstance(info.get("content_hash"), str) or not isinstance(info.get("files"), dict):
+    info = storage.read_json(str(local / "testbed.json"))  # one line for a damaged testbed.json
+    if not isinstance(info, dict) or not isinstance(info.get("content_hash"), str) or \
+            not isinstance(info.get("files"), dict):
         raise UserError(f"testbed {local}: testbed.json has no content_hash/files (not a complete testbed "
                         "build): build it again")
     base = str(local)
