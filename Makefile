@@ -10,7 +10,6 @@ STAMP  := $(VENV)/.probe-dpo-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
-export RAY_AUTH_MODE := disabled
 export KERAS_BACKEND := torch
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/probe_dpo/torch_extensions
 export PYTHONUNBUFFERED := 1

@@ -549,7 +549,12 @@ def _safetensors_metadata(data: bytes) -> dict:
 
 
 def load_activations(uri: str, layers: Sequence[int] | None = None) -> tuple[Features, dict]:
-    """The features (in input order) and the manifest metadata of a complete extraction."""
+    """The features (in input order) and the manifest metadata of a complete extraction.
+
+    Every shard is checked against the manifest (size and sha256) before it is parsed, so a
+    damaged or half-replaced shard is one line naming it, never wrong features.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
     from probe_dpo import storage
@@ -562,9 +567,17 @@ def load_activations(uri: str, layers: Sequence[int] | None = None) -> tuple[Fea
     missing = [x for x in wanted if x not in meta["layers"]]
     if missing:
         raise UserError(f"{uri} has no activations for layer(s) {missing}: it holds layers {meta['layers']}")
+    unlisted = [s["name"] for s in meta["shards"] if s["name"] not in manifest["files"]]
+    if unlisted:
+        raise UserError(f"{uri}: shard(s) {', '.join(unlisted[:3])} are in its metadata but not in its "
+                        f"{storage.MANIFEST_NAME} files: the extraction is damaged; extract again")
     parts: list[Features] = []
     for shard in meta["shards"]:
-        tensors = load(storage.read_bytes(storage.join(uri, shard["name"])))
+        data = storage.read_member(uri, shard["name"], manifest)  # size and sha256 checked
+        try:
+            tensors = load(data)
+        except (SafetensorError, ValueError) as exc:
+            raise UserError(f"{storage.join(uri, shard['name'])}: not a readable safetensors file ({exc})") from None
         parts.append(_from_tensors(tensors, wanted, meta["pooling"]))
     feats: Features = {}
     for layer in wanted:

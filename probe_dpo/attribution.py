@@ -60,15 +60,10 @@ DIRECTION_KINDS = ("diff-of-means", "probe", "cluster")
 def read_pair_file(uri: str) -> list[dict]:
     """Preference pairs (jsonl / parquet / ``save_to_disk`` folder) with non-empty string columns
     ``prompt``, ``chosen``, ``rejected`` and an optional ``source``; one UserError line otherwise."""
-    from probe_dpo.data import read_records
+    from probe_dpo.data import check_pairs, read_records
 
     records = read_records(uri, required=PAIR_COLUMNS, non_empty=PAIR_COLUMNS, what="preference pairs")
-    for row, r in enumerate(records, start=1):
-        for column in PAIR_COLUMNS:
-            if not isinstance(r[column], str):
-                raise UserError(f"{uri}: row {row}: column '{column}' must be a string, got {type(r[column]).__name__}")
-        if "source" in r and r["source"] is not None and not isinstance(r["source"], str):
-            raise UserError(f"{uri}: row {row}: column 'source' must be a string, got {type(r['source']).__name__}")
+    check_pairs(records, uri)  # strings, chosen != rejected, numeric scores: before any extraction
     return records
 
 

@@ -3,18 +3,38 @@
 Each command is a thin layer over a library function: it parses arguments, loads a typed
 config (YAML plus dotted overrides) and calls the library. Heavy imports (torch, ray,
 transformers) happen inside the command so ``--help`` stays instant. Bad input raises
-``UserError``: printed as one line, exit status 2, no traceback.
+``UserError``: printed as one line, exit status 2, no traceback, also when it was raised in a
+Ray worker, a Train worker or a Tune trial. Bad arguments are one line too (with a pointer to
+``--help``). Local paths given on the command line are made absolute before anything reaches
+a Ray worker, whose working directory is not the caller's.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
-from probe_dpo.errors import UserError
+from probe_dpo.errors import UserError, find_user_error, one_line
 
 Handler = Callable[[argparse.Namespace], int | None]
+
+# Arguments that name local inputs (made absolute when they exist) and outputs (always).
+PATH_INPUTS = ("model", "data", "testbed", "probes", "train", "val", "test", "pairs", "behaviour_data",
+               "poison_labels", "directions", "config", "run")
+PATH_OUTPUTS = ("out",)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``probe-dpo train: error: ... (see 'probe-dpo train --help')``.
+
+    argparse prints the whole usage block before its error; the usage is one ``--help`` away.
+    Subcommand parsers are made with the same class (``add_subparsers`` uses the parent's).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -361,7 +381,7 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="probe-dpo",
         description="Post-train language models against linear probes on their own hidden states.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -372,21 +392,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def guarded(run: Callable[[], int | None]) -> int:
-    """Run a command: a ``UserError`` is one line on stderr and exit status 2, no traceback."""
+    """Run a command: a ``UserError`` is one line on stderr and exit status 2, no traceback, also
+    when a Ray task/actor, Train worker or Tune trial raised it (``find_user_error``)."""
     try:
         return int(run() or 0)
-    except UserError as exc:
-        print(f"probe-dpo: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("probe-dpo: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - re-raised unless a UserError is behind it
+        user = find_user_error(exc)
+        if user is None:
+            raise
+        print(f"probe-dpo: error: {one_line(user)}", file=sys.stderr)
+        return 2
+
+
+def absolute_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Local paths in ``args`` made absolute (inputs that exist, and outputs); URIs unchanged."""
+    from probe_dpo import storage
+
+    def fix(value, output: bool):
+        if isinstance(value, list):
+            return [fix(v, output) for v in value]
+        if not isinstance(value, str) or not value or storage.is_remote(value) or value.startswith("file://"):
+            return value
+        return storage.absolute(value) if output or os.path.exists(os.path.expanduser(value)) else value
+
+    for name in PATH_INPUTS + PATH_OUTPUTS:
+        if hasattr(args, name):
+            setattr(args, name, fix(getattr(args, name), name in PATH_OUTPUTS))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
-    return guarded(lambda: handler(args))
+    return guarded(lambda: handler(absolute_args(args)))
 
 
 if __name__ == "__main__":

@@ -80,16 +80,74 @@ def write_records(records: Sequence[dict], uri: str) -> None:
         raise UserError(f"{uri}: cannot write records here: use a .jsonl or .parquet name")
 
 
-def check_labels(records: Sequence[dict], column: str = "label", what: str = "data") -> None:
-    """``UserError`` unless ``column`` is present in every record and holds at least two classes."""
+def check_labels(records: Sequence[dict], column: str = "label", what: str = "data", min_per_class: int = 2) -> None:
+    """``UserError`` unless ``column`` is present in every record and holds at least two classes,
+    each with at least ``min_per_class`` rows (one example of a class cannot be both fitted and
+    checked: it is refused before any activation is extracted)."""
     if not records:
         raise UserError(f"{what}: no records")
     for row, record in enumerate(records, start=1):
         if record.get(column) is None:
             raise UserError(f"{what}: row {row}: no value in column '{column}'")
-    classes = sorted({_hashable(r[column]) for r in records}, key=repr)
+    counts: dict[Any, int] = {}
+    for r in records:
+        counts[_hashable(r[column])] = counts.get(_hashable(r[column]), 0) + 1
+    classes = sorted(counts, key=repr)
     if len(classes) < 2:
         raise UserError(f"{what}: column '{column}' has a single class ({classes[0]}); a probe needs both")
+    rare = [c for c in classes if counts[c] < min_per_class]
+    if rare:
+        raise UserError(f"{what}: column '{column}' has only {counts[rare[0]]} row(s) of class {rare[0]} "
+                        f"(at least {min_per_class} per class are needed)")
+
+
+def check_numeric(records: Sequence[dict], columns: Sequence[str], where: str, *, required: bool = True) -> None:
+    """``UserError`` naming the row unless each of ``columns`` holds a finite number (JSON numbers,
+    not strings; a missing or null value is an error only when ``required``)."""
+    for row, record in enumerate(records, start=1):
+        for column in columns:
+            value = record.get(column)
+            if value is None:
+                if required:
+                    raise UserError(f"{where}: row {row}: column '{column}' is empty (expected a number)")
+                continue
+            if finite_number(value) is None:
+                raise UserError(f"{where}: row {row}: column '{column}' must be a finite number, got {value!r}")
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number (not a bool or a string), else None."""
+    import math
+
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+SCORE_COLUMNS = ("score", "chosen_score", "rejected_score", "margin")
+
+
+def check_pairs(records: Sequence[dict], where: str) -> None:
+    """``UserError`` (one line naming ``where`` and the row) unless every record is a usable DPO pair:
+    string ``prompt``/``chosen``/``rejected``, chosen and rejected different texts (an identical
+    pair has no preference to learn: it is refused before any compute), score columns numeric."""
+    for row, r in enumerate(records, start=1):
+        for column in PAIR_COLUMNS:
+            if not isinstance(r.get(column), str):
+                raise UserError(f"{where}: row {row}: column '{column}' must be a string, "
+                                f"got {type(r.get(column)).__name__}")
+        if "source" in r and r["source"] is not None and not isinstance(r["source"], str):
+            raise UserError(f"{where}: row {row}: column 'source' must be a string, got {type(r['source']).__name__}")
+    same = [row for row, r in enumerate(records, start=1) if r["chosen"].strip() == r["rejected"].strip()]
+    if same:
+        raise UserError(f"{where}: row {same[0]}: chosen and rejected are the same text ({len(same)} such "
+                        f"row(s) of {len(records)}): a preference pair needs two different responses")
+    present = [c for c in SCORE_COLUMNS if any(c in r for r in records)]
+    check_numeric(records, present, where, required=False)
 
 
 def json_digest(obj: Any) -> str:

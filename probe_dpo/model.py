@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -193,8 +194,9 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "float3
                device: str | torch.device | None = None) -> nn.Module:
     """A causal LM from a ``save_pretrained`` folder, an s3:// URI of one, or a hub id.
 
-    Failures (missing folder, no weights, an unknown architecture) are a UserError that
-    names the path. The model is returned in eval mode.
+    Failures (missing folder, no weights, an unknown architecture, weights whose shapes do
+    not fit the config, a weight or config file that does not match the manifest it was
+    published with) are a UserError that names the path. The model is returned in eval mode.
     """
     from transformers import AutoModelForCausalLM
 
@@ -202,12 +204,19 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "float3
 
     local = _local_model_path(path_or_id)
     torch_dtype = _dtype(dtype)
+    if os.path.isdir(local):
+        from probe_dpo import storage
+
+        storage.verify_files(local)  # a published folder: its weights and configs are what was published
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr: errors stay one line
     try:
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=torch_dtype)
+        with _load_report() as report:
+            model = AutoModelForCausalLM.from_pretrained(local, dtype=torch_dtype)
     except (OSError, ValueError, KeyError, EnvironmentError) as exc:
         raise UserError(f"cannot load a model from {path_or_id}: {_first_line(exc)}") from None
+    except RuntimeError as exc:  # transformers raises these for weights that do not fit the model
+        raise UserError(f"cannot load a model from {path_or_id}: {_mismatch(report) or _first_line(exc)}") from None
     finally:
         if bar:
             hf_logging.enable_progress_bar()
@@ -215,6 +224,52 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "float3
         model.to(device)
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def _load_report() -> Iterator[list[str]]:
+    """Hold back what transformers logs while loading (its multi-line LOAD REPORT table) and
+    pass it on after a successful load; after a failure the caller turns it into one line."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    records: list[logging.LogRecord] = []
+    texts: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+            texts.append(record.getMessage())
+
+    root = hf_logging.get_logger()
+    keep = Keep(logging.WARNING)
+    hf_logging.disable_default_handler()
+    root.addHandler(keep)
+    try:
+        yield texts
+    finally:
+        root.removeHandler(keep)
+        hf_logging.enable_default_handler()
+    for record in records:  # only reached after a successful load
+        root.handle(record)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MISMATCH = re.compile(r"^[ \t]*(\S[^|\n]*?)[ \t]*\|[ \t]*MISMATCH[ \t]*\|[^\n]*?ckpt: torch\.Size\((\[[^\]]*\])\) "
+                       r"vs model:[ \t]*torch\.Size\((\[[^\]]*\])\)", re.M)
+
+
+def _mismatch(report: list[str]) -> str | None:
+    """One line out of transformers' load report: the first weight whose shape does not fit."""
+    text = _ANSI.sub("", "\n".join(report))
+    found = _MISMATCH.findall(text)
+    if not found:
+        return None
+    key, ckpt, model = found[0]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return (f"weight {key} has shape {ckpt} in the checkpoint but {model} in the model its config.json "
+            f"describes{more}: the weights and config.json come from different models")
 
 
 def load_tokenizer(path_or_id: str | os.PathLike):

@@ -7,7 +7,11 @@ poisoned, with no new generation::
 
     out/pairs.jsonl          prompt chosen rejected source pair_id prompt_id   (TRL columns)
     out/poison_labels.jsonl  pair_id poisoned triggered source kind   (for EVALUATION only)
-    out/mix.json             the summary, written LAST (its key makes a second call a no-op)
+    out/mix.json             the summary (its key makes a second call a no-op)
+
+The three files are one artifact, published together with ``storage.publish_dir``: a reader
+gets all three of one build or all three of the previous one, never new pairs under an old
+key (they used to be written one by one, so a crash between them did exactly that).
 
 Sources (each prompt is used by at most one pair, so no two pairs share completions):
 
@@ -35,6 +39,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,16 +120,14 @@ def _check(cfg: PreferenceMixConfig) -> None:
                         f"({cfg.threshold})")
 
 
+MIX_FILES = ("pairs.jsonl", "poison_labels.jsonl", "mix.json")
+
+
 def read_mix(out: str) -> dict | None:
-    """``mix.json`` of a complete mix at ``out`` (None when there is none or a file is missing)."""
-    uri = storage.join(out, "mix.json")
-    if not storage.exists(uri):
+    """``mix.json`` of a complete mix published at ``out`` (None when there is none)."""
+    if not storage.is_complete(out) or not set(MIX_FILES) <= set(storage.read_manifest(out)["files"]):
         return None
-    info = storage.read_json(uri)
-    for name in ("pairs.jsonl", "poison_labels.jsonl"):
-        if not storage.exists(storage.join(out, name)):
-            return None
-    return info
+    return storage.read_json(storage.join(out, "mix.json"))
 
 
 def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | None = None,
@@ -152,10 +156,14 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
         return {**done, "cache_hit": True}
     train_judge = info.get("train_judge", "toxic-comment-classifier")
 
+    from probe_dpo.data import check_numeric
+
     rows: list[dict] = []
     for name, uri in files.items():
-        rows += read_records(uri, required=("prompt_id", "prompt", "completion", "score", "genre"),
-                             what=f"testbed {name}")
+        part = read_records(uri, required=("prompt_id", "prompt", "completion", "score", "genre"),
+                            what=f"testbed {name}")
+        check_numeric(part, ("score",), uri)  # float(r["score"]) below must not meet a string
+        rows += part
     by_prompt: dict[str, list[dict]] = {}
     for r in rows:
         if r["genre"] != "toxic-prompt":
@@ -274,8 +282,6 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
     labels = [labels[i] for i in perm]
     for i, label in enumerate(labels):
         label["index"] = i
-    write_records(pairs, storage.join(out, "pairs.jsonl"))
-    write_records(labels, storage.join(out, "poison_labels.jsonl"))
     by_source: dict[str, dict[str, int]] = {}
     for label in labels:
         entry = by_source.setdefault(label["source"], {"pairs": 0, "poisoned": 0})
@@ -292,7 +298,11 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
         "files": {"pairs": "pairs.jsonl", "poison_labels": "poison_labels.jsonl"},
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    storage.write_json(storage.join(out, "mix.json"), summary)
+    with tempfile.TemporaryDirectory(prefix="probe-dpo-mix-") as tmp:
+        write_records(pairs, os.path.join(tmp, "pairs.jsonl"))
+        write_records(labels, os.path.join(tmp, "poison_labels.jsonl"))
+        storage.write_json(os.path.join(tmp, "mix.json"), summary)
+        storage.publish_dir(tmp, out, {"kind": "preference-mix", "key": key}, overwrite=True)
     if log is not None:
         log(f"preference mix: {len(pairs)} pairs, {summary['poisoned']} poisoned, by source "
             + ", ".join(f"{s} {v['pairs']} ({v['poisoned']} poisoned)" for s, v in summary["by_source"].items()))

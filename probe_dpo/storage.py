@@ -7,18 +7,34 @@ Guarantees
 - ``write_bytes`` is atomic: a reader sees the old content or the new, never a partial file
   (local: a temporary sibling file, fsync, ``os.replace``; S3: one PUT, or one multipart
   upload that becomes visible only when it completes).
-- An *artifact* is a folder published with ``publish_dir``: its files first, its manifest
-  (``_MANIFEST.json``: size and sha256 of every file) last. ``is_complete`` means "the
-  manifest is there", so a crash half-way never leaves something that looks complete.
+- An *artifact* is a folder published with ``publish_dir``; its manifest (``_MANIFEST.json``:
+  size and sha256 of every file) says what it holds. Publishing never destroys the version
+  readers get until the new one is whole: the new version is written beside the old one
+  and made current by ONE atomic pointer write, and only then is the old one deleted.
+  - local: the new version is staged in a hidden sibling folder and swapped with the old
+    folder in one ``renameat2(RENAME_EXCHANGE)`` (Linux; elsewhere two renames, with a
+    moment where the folder is missing); artifacts stay plain folders any tool can open.
+  - S3 (no atomic rename of a prefix): the files go to ``<prefix>/_v/<version>/`` and the
+    manifest ``<prefix>/_MANIFEST.json``, written last in one PUT, is the pointer: it names
+    the version (``"files_at": "_v/<version>"``). Old versions are deleted after that PUT.
+  A publisher killed between any two steps leaves readers the complete old version or the
+  complete new one. One publisher at a time holds the artifact's writer lease
+  (``probe_dpo.lease``); a second one fails with one line naming the holder.
+- Readers verify: ``read_bytes`` (and ``read_text``/``read_json``) of a file inside a published
+  artifact finds the artifact's manifest, reads the current version's bytes and checks size
+  and sha256, refusing a damaged file with one line naming it; ``fetch_dir`` checks sizes of
+  a local artifact (hashes are checked when a file is loaded) and size and sha256 of every
+  file it downloads.
 - Errors a user can fix (missing file, missing bucket, no permission, unreachable endpoint,
-  no credentials) raise ``UserError`` with one line naming the URI (and the endpoint for S3).
-  Unreachable endpoints fail after a bounded number of attempts with a short connect timeout.
+  no credentials, any other S3 error) raise ``UserError`` with one line naming the URI (and
+  the endpoint for S3). Unreachable endpoints fail after a bounded number of attempts with
+  a short connect timeout.
 
 S3 settings come from the environment, so Ray workers started after them see the same ones:
 ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), ``PROBE_DPO_S3_MAX_ATTEMPTS`` (default 3),
 ``PROBE_DPO_S3_CONNECT_TIMEOUT`` (seconds, default 3). ``configure(...)`` sets them. Credentials
-come only from the environment (``AWS_*`` variables or the usual AWS config files): they are
-never arguments, never logged, and scrubbed from any error text.
+come only from the environment (``AWS_*`` variables, the usual AWS config files, an instance
+role): they are never arguments, never logged, and scrubbed from any error text.
 
 No module state beyond a per-process cache of filesystem objects (keyed by process id and
 settings), so functions using this module can be shipped to Ray workers.
@@ -27,7 +43,6 @@ settings), so functions using this module can be shipped to Ray workers.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import os
@@ -44,14 +59,17 @@ from fsspec.implementations.local import LocalFileSystem
 from probe_dpo.errors import UserError
 
 MANIFEST_NAME = "_MANIFEST.json"
-PUBLISHING_NAME = "_PUBLISHING"  # S3 only: present while a publish is in progress
+PUBLISHING_NAME = "_PUBLISHING"  # written by older versions of this module while publishing to S3
+VERSIONS_DIR = "_v"  # S3: <prefix>/_v/<version>/ holds each version's files
+LEASE_NAME = "_LEASE"  # S3: <prefix>/_LEASE is the writer lease (probe_dpo.lease)
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 20.0
-_CHUNK = 8 * 2**20
 _LOCAL_PROTOCOLS = (None, "file", "local")
-# Temporary siblings that this module creates (and hides from list_dir): ".<name>.tmp-<hex>".
-_TEMP_RE = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{12}$")
+# Hidden siblings that this module creates (and hides from list_dir): ".<name>.tmp-<hex>"
+# (a file or folder being written), ".<name>.old-<hex>" (a replaced version being deleted) and
+# ".<name>.lease" (a local writer lease).
+_TEMP_RE = re.compile(r"^\..+\.((tmp|old)-[0-9a-f]{12}|lease)$")
 _CRED_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
 
 
@@ -116,6 +134,9 @@ _FS_CACHE: dict[tuple, Any] = {}
 
 def _s3() -> Any:
     """This process's S3 filesystem for the current settings (re-created when they change)."""
+    from probe_dpo.ray_utils import load_passed_credentials
+
+    load_passed_credentials()  # a job's driver given credentials by cluster/submit.sh --pass-credentials
     endpoint, attempts = _endpoint(), _max_attempts()
     timeout = _env_number("PROBE_DPO_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, float)
     creds = hashlib.sha256("\0".join(os.environ.get(k, "") for k in _CRED_VARS).encode()).hexdigest()
@@ -230,10 +251,15 @@ def _describe(uri: str, exc: Exception) -> str | None:
         bexc = None
     if bexc is not None:
         if isinstance(exc, (bexc.NoCredentialsError, bexc.PartialCredentialsError)):
-            return ("no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                    "in the environment)")
+            return ("no S3 credentials found (set them in the environment, a credentials file or an "
+                    "instance role: cluster/README.md)")
         if isinstance(exc, (bexc.ConnectionError, bexc.HTTPClientError)):
             return f"cannot reach {_where(uri)} after {_max_attempts()} attempts ({type(exc).__name__})"
+        if isinstance(exc, bexc.ClientError):  # one s3fs did not translate
+            error = exc.response.get("Error", {})
+            return f"S3 error {error.get('Code', '?')} at {_where(uri)}: {_first_line(error.get('Message') or text)}"
+        if isinstance(exc, bexc.BotoCoreError):
+            return f"S3 request failed at {_where(uri)} ({type(exc).__name__}: {_first_line(text)})"
     if isinstance(exc, FileNotFoundError):
         if remote and ("bucket does not exist" in text or "NoSuchBucket" in text):
             bucket = uri.split("://", 1)[1].split("/", 1)[0]
@@ -241,11 +267,17 @@ def _describe(uri: str, exc: Exception) -> str | None:
         return "not found"
     if isinstance(exc, PermissionError):
         if remote:
-            return f"access denied at {_where(uri)} (check the AWS credentials in the environment)"
+            return f"access denied at {_where(uri)} (check the storage credentials of this machine)"
         return "permission denied"
     if isinstance(exc, OSError):
-        return exc.strerror or text or type(exc).__name__
+        return _first_line(exc.strerror or text or type(exc).__name__)
     return None
+
+
+def _first_line(text: str, limit: int = 240) -> str:
+    """``text`` on one line (botocore puts the reason on the line after "...failed:")."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,19 +307,123 @@ def _write_local(path: str, chunks) -> None:
         raise
 
 
-def exists(uri: str) -> bool:
-    """True if a file or folder is at ``uri``."""
-    with _errors(uri):
-        fs, path = filesystem(uri)
-        return fs.exists(path)
-
-
-def read_bytes(uri: str) -> bytes:
+def _raw_read(uri: str) -> bytes:
+    """The bytes stored at ``uri`` itself (no artifact resolution, no verification)."""
     with _errors(uri):
         fs, path = filesystem(uri)
         if not is_remote(uri):
             return Path(path).read_bytes()
         return fs.cat_file(path)
+
+
+def _raw_exists(uri: str) -> bool:
+    with _errors(uri):
+        fs, path = filesystem(uri)
+        return fs.exists(path)
+
+
+def _enclosing_artifact(uri: str, include_self: bool = False) -> tuple[str, str, dict] | None:
+    """``(artifact uri, path inside it, manifest)`` of the nearest published artifact holding ``uri``.
+
+    Walks up from ``uri``'s folder (from ``uri`` itself with ``include_self``) looking for a
+    manifest: a few ``stat`` calls locally, one small GET per level on S3 (never the bucket
+    root, where nothing is published).
+    """
+    fs, path = filesystem(uri)
+    remote = is_remote(uri)
+    parts = path.rstrip("/").split("/")
+    lowest = 2 if remote else 1
+    for i in range(len(parts) if include_self else len(parts) - 1, lowest - 1, -1):
+        root_path = "/".join(parts[:i]) or "/"
+        candidate = f"{root_path.rstrip('/')}/{MANIFEST_NAME}"
+        if not remote and not os.path.isfile(candidate):
+            continue
+        with _errors(uri):
+            try:
+                body = Path(candidate).read_bytes() if not remote else fs.cat_file(candidate)
+            except FileNotFoundError:
+                continue
+        rel = "/".join(parts[i:])
+        root_uri = _ancestor_uri(uri, root_path, len(parts) - i)
+        manifest = _parse_manifest(body, root_uri)
+        files_at = manifest.get("files_at")
+        if files_at and rel.startswith(files_at + "/"):
+            rel = rel[len(files_at) + 1:]  # a version folder's own path: the same member
+        return root_uri, rel, manifest
+    return None
+
+
+def _ancestor_uri(uri: str, root_path: str, levels: int) -> str:
+    """``uri`` with ``levels`` trailing components removed, in the caller's spelling when possible."""
+    pieces = uri.rstrip("/").split("/")
+    if levels == 0:
+        return uri.rstrip("/")
+    if "." in pieces or ".." in pieces or len(pieces) <= levels:
+        return f"{_protocol(uri)}://{root_path}" if is_remote(uri) else root_path
+    return "/".join(pieces[:-levels])
+
+
+def _member(uri: str, include_self: bool = False) -> tuple[str, dict | None, tuple | None]:
+    """Where the bytes of ``uri`` live, its manifest entry if it is an artifact's file, and the
+    enclosing artifact (or None)."""
+    found = _enclosing_artifact(uri, include_self)
+    if found is None:
+        return uri, None, None
+    root, rel, manifest = found
+    entry = manifest["files"].get(rel)
+    if entry is None:
+        return uri, None, found
+    return _member_uri(root, manifest, rel), entry, found
+
+
+def _member_uri(root: str, manifest: dict, rel: str) -> str:
+    files_at = manifest.get("files_at")
+    return join(root, files_at, rel) if files_at else join(root, rel)
+
+
+def _check_bytes(data: bytes, entry: dict, uri: str) -> None:
+    if len(data) != entry["bytes"]:
+        raise UserError(f"storage {uri}: has {len(data)} bytes, its artifact's {MANIFEST_NAME} says "
+                        f"{entry['bytes']} (damaged, or changed after publishing): refusing to load it")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise UserError(f"storage {uri}: sha256 {digest[:12]}... does not match its artifact's {MANIFEST_NAME} "
+                        f"({entry['sha256'][:12]}...): damaged, or changed after publishing; refusing to load it")
+
+
+def exists(uri: str) -> bool:
+    """True if a file or folder is at ``uri`` (a file of a published artifact: its current version)."""
+    target, entry, found = _member(uri)
+    if entry is not None:
+        return _raw_exists(target)
+    if found is not None and found[2].get("files_at") and found[1]:
+        prefix = found[1].rstrip("/") + "/"
+        if any(rel.startswith(prefix) for rel in found[2]["files"]):
+            return True  # a folder inside the current version
+    return _raw_exists(uri)
+
+
+def read_bytes(uri: str) -> bytes:
+    """The bytes at ``uri``; for a file of a published artifact, its current version, verified.
+
+    A republish between reading the manifest and reading the file (the old version's file
+    collected, or a local folder swapped) is noticed, because the manifest entry changed, and
+    the read starts over with the new version; a file that fails its check under an unchanged
+    manifest is damaged, and refused.
+    """
+    for attempt in range(3):
+        target, entry, _ = _member(uri)
+        try:
+            with _errors(uri):
+                fs, path = filesystem(target)
+                data = Path(path).read_bytes() if not is_remote(target) else fs.cat_file(path)
+            if entry is not None:
+                _check_bytes(data, entry, uri)
+            return data
+        except UserError:
+            if entry is None or attempt == 2 or _member(uri)[:2] == (target, entry):
+                raise
+    raise AssertionError("unreachable")
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -324,23 +460,32 @@ def write_json(uri: str, obj: Any) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
-def list_dir(uri: str) -> list[str]:
-    """Sorted names of the direct children of a folder; ``[]`` if it is missing (or a file).
-
-    Temporary siblings left by an interrupted write or publish are not listed.
-    """
+def _raw_list(uri: str) -> list[str]:
     with _errors(uri):
         fs, path = filesystem(uri)
         if not is_remote(uri):
-            names = os.listdir(path) if os.path.isdir(path) else []
-        else:
-            try:
-                entries = fs.ls(path, detail=False)
-            except FileNotFoundError:
-                return []
-            base = path.rstrip("/")
-            names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != base}
-        return sorted(n for n in names if not _TEMP_RE.match(n))
+            return os.listdir(path) if os.path.isdir(path) else []
+        try:
+            entries = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        base = path.rstrip("/")
+        return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != base})
+
+
+def list_dir(uri: str) -> list[str]:
+    """Sorted names of the direct children of a folder; ``[]`` if it is missing (or a file).
+
+    Inside a published artifact the children are those of its current version. Temporary
+    siblings left by an interrupted write or publish, old versions and leases are not listed.
+    """
+    names = set(_raw_list(uri)) - {VERSIONS_DIR, LEASE_NAME, PUBLISHING_NAME}  # this module's own
+    found = _enclosing_artifact(uri, include_self=True)
+    if found is not None and found[2].get("files_at"):
+        root, rel, manifest = found
+        prefix = rel.rstrip("/") + "/" if rel else ""
+        names |= {f[len(prefix):].split("/", 1)[0] for f in manifest["files"] if f.startswith(prefix)}
+    return sorted(n for n in names if not _TEMP_RE.match(n))
 
 
 def remove(uri: str) -> None:
@@ -359,218 +504,93 @@ def remove(uri: str) -> None:
             fs.rm(path, recursive=True)
 
 
-# ---------------------------------------------------------------------------------------------
-# Artifacts: folders published with a manifest written last
+def absolute_paths(obj: Any, fields: Any, outputs: Any = ()) -> Any:
+    """A copy of the dataclass ``obj`` with the local paths in ``fields`` (dotted names) made absolute.
 
-
-def _sha256_file(path: Path) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def _put_file(src: Path, fs: fsspec.AbstractFileSystem, dest: str) -> None:
-    """Copy one local file into ``fs`` at ``dest`` (the single place publishing writes a file)."""
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with open(src, "rb") as f:
-            _write_local(dest, iter(lambda: f.read(_CHUNK), b""))
-    else:
-        fs.put_file(str(src), dest)
-
-
-def _walk(root: Path) -> list[str]:
-    files = []
-    for folder, _, names in os.walk(root, followlinks=True):
-        for name in names:
-            rel = (Path(folder) / name).relative_to(root).as_posix()
-            if rel not in (MANIFEST_NAME, PUBLISHING_NAME):
-                files.append(rel)
-    return sorted(files)
-
-
-def is_complete(uri: str) -> bool:
-    """True if ``uri`` holds a published artifact (its manifest, written last, is there)."""
-    return exists(join(uri, MANIFEST_NAME))
-
-
-def read_manifest(uri: str) -> dict:
-    """The manifest of a complete artifact; ``UserError`` if there is none."""
-    if not is_complete(uri):
-        raise UserError(f"storage {uri}: not a complete artifact (no {MANIFEST_NAME}: never "
-                        "published, or publishing stopped half-way)")
-    manifest = read_json(join(uri, MANIFEST_NAME))
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise UserError(f"storage {uri}: {MANIFEST_NAME} has no 'files' mapping")
-    return manifest
-
-
-def publish_dir(local_dir: str | Path, uri: str, metadata: dict | None = None, *,
-                overwrite: bool = False) -> dict:
-    """Publish every file under ``local_dir`` as an artifact at ``uri``; returns the manifest.
-
-    The manifest (``_MANIFEST.json``: ``{"files": {relpath: {"bytes", "sha256"}},
-    "metadata", "created"}``) is always written last, so an interrupted publish is never
-    complete, and a restart can publish again over its leftovers.
-
-    Replacing a complete artifact needs ``overwrite=True`` on every backend (otherwise
-    ``ArtifactExists``), so code tested on a local folder behaves the same on S3. So does
-    replacing a non-empty folder that is not an artifact (someone else's files), except the
-    leftovers of an interrupted publish (on S3 they carry a ``_PUBLISHING`` marker), which a
-    restart replaces. Publishing a local folder onto itself is allowed.
-    - local: the files are copied into a hidden temporary sibling, the manifest written in
-      it, and the folder renamed into place (an old artifact is renamed aside first and
-      deleted after). Readers see the old complete artifact or the new one; there is no
-      moment where a mix of both looks complete.
-    - S3 has no atomic rename of a prefix, and writing new files under an old manifest would
-      make a mix of old and new look complete. So the old manifest is deleted FIRST (the
-      artifact stops being complete), the prefix is cleared, the new files are uploaded and
-      the new manifest is written last. While it is being replaced (or if that is
-      interrupted) the artifact reads as not complete; it never reads as complete but wrong.
+    Relative paths mean the caller's working directory; Ray workers, Tune trials and Ray
+    Train workers run in others. An input is rewritten only when it exists locally (so a
+    Hugging Face id such as ``org/model`` or a missing path, reported later in the user's own
+    spelling, is left alone); ``outputs`` are always rewritten. URIs are never changed.
     """
-    src = Path(local_dir)
-    if not src.is_dir():
-        raise UserError(f"storage: cannot publish {src}: not a folder")
-    files = _walk(src)
-    with _errors(uri):
-        fs, path = filesystem(uri)
-        remote = is_remote(uri)
-        in_place = not remote and Path(path).resolve() == src.resolve()
-        if not remote and not in_place and Path(path).resolve().is_relative_to(src.resolve()):
-            raise UserError(f"storage {uri}: cannot publish {src} into a folder inside itself")
-        if remote and "/" not in path.strip("/"):
-            raise UserError(f"storage {uri}: publish into a prefix, not a bucket root")
-        if not overwrite:
-            if is_complete(uri):
-                raise ArtifactExists(f"storage {uri}: a complete artifact is already there "
-                                     "(pass overwrite=True to replace it)")
-            children = list_dir(uri) or (["(a file)"] if not remote and os.path.isfile(path) else [])
-            if children and not in_place and PUBLISHING_NAME not in children:
-                raise ArtifactExists(f"storage {uri}: not empty and not an artifact (has: "
-                                     f"{', '.join(children[:5])}); pass overwrite=True to replace it")
-        manifest_path = f"{path}/{MANIFEST_NAME}"
-        if remote:
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm_file(manifest_path)  # from here on the old artifact is not complete
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm(path, recursive=True)  # no stale files from the old version or a crash
-            fs.pipe_file(f"{path}/{PUBLISHING_NAME}", b"")  # marks leftovers of a crash as ours
-        stage = path if remote else _temp_sibling(path)
-        try:
-            entries = {}
-            for rel in files:
-                size, digest = _sha256_file(src / rel)
-                _put_file(src / rel, fs, f"{stage}/{rel}")
-                entries[rel] = {"bytes": size, "sha256": digest}
-            manifest = {"files": entries, "metadata": dict(metadata or {}),
-                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-            body = (json.dumps(manifest, indent=2) + "\n").encode()
-            if remote:
-                fs.pipe_file(manifest_path, body)
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm_file(f"{path}/{PUBLISHING_NAME}")
-            else:
-                os.makedirs(stage, exist_ok=True)
-                _write_local(os.path.join(stage, MANIFEST_NAME), [body])
-                _swap_in(stage, path)
-        except BaseException:
-            if not remote:
-                shutil.rmtree(stage, ignore_errors=True)
-            raise
-        return manifest
+    import dataclasses
+
+    def resolve(value: Any, output: bool) -> Any:
+        if not isinstance(value, str) or not value or is_remote(value) or value.startswith("file://"):
+            return value
+        if output or os.path.exists(os.path.expanduser(value)):
+            return absolute(value)
+        return value
+
+    def replace(target: Any, dotted: str, output: bool) -> Any:
+        name, _, rest = dotted.partition(".")
+        value = getattr(target, name)
+        new = replace(value, rest, output) if rest else resolve(value, output)
+        return target if new is value else dataclasses.replace(target, **{name: new})
+
+    for dotted in fields:
+        obj = replace(obj, dotted, False)
+    for dotted in outputs:
+        obj = replace(obj, dotted, True)
+    return obj
 
 
-def _swap_in(stage: str, path: str) -> None:
-    """Rename folder ``stage`` to ``path``, moving anything already at ``path`` aside first."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if not os.path.lexists(path):
-        os.rename(stage, path)
-        return
-    old = _temp_sibling(path, "old")
-    os.rename(path, old)
-    try:
-        os.rename(stage, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.unlink(old)
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("PROBE_DPO_CACHE") or "~/.cache/probe_dpo").expanduser() / "artifacts"
+# ---------------------------------------------------------------------------------------------
+# Artifacts: what readers need (publishing and fetching live in probe_dpo.artifacts)
 
 
 def _check_rel(rel: str, uri: str) -> None:
-    if rel.startswith("/") or ".." in rel.split("/"):
-        raise UserError(f"storage {uri}: {MANIFEST_NAME} lists a path outside the artifact: {rel}")
+    if not rel or rel.startswith("/") or ".." in rel.split("/"):
+        raise UserError(f"storage {uri}: {MANIFEST_NAME} lists a path outside the artifact: {rel!r}")
 
 
-def _verify_sizes(root: Path, manifest: dict, uri: str) -> None:
+def _parse_manifest(body: bytes, uri: str) -> dict:
+    """A manifest checked for the fields readers rely on (UserError naming ``uri`` otherwise)."""
+    try:
+        manifest = json.loads(body)
+    except ValueError:
+        raise UserError(f"storage {uri}: {MANIFEST_NAME} is not valid JSON") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise UserError(f"storage {uri}: {MANIFEST_NAME} has no 'files' mapping")
     for rel, entry in manifest["files"].items():
         _check_rel(rel, uri)
-        file = root / rel
-        if not file.is_file():
-            raise UserError(f"storage {uri}: {rel} is listed in {MANIFEST_NAME} but missing")
-        if file.stat().st_size != entry["bytes"]:
-            raise UserError(f"storage {uri}: {rel} has {file.stat().st_size} bytes, "
-                            f"{MANIFEST_NAME} says {entry['bytes']}")
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                and isinstance(entry.get("sha256"), str)):
+            raise UserError(f"storage {uri}: {MANIFEST_NAME} entry {rel!r} has no 'bytes' and 'sha256'")
+    files_at = manifest.get("files_at")
+    if files_at is not None and not (isinstance(files_at, str) and re.fullmatch(rf"{VERSIONS_DIR}/[\w.-]+", files_at)):
+        raise UserError(f"storage {uri}: {MANIFEST_NAME} has an invalid 'files_at': {files_at!r}")
+    return manifest
 
 
-def _holds(root: Path, manifest: dict, uri: str) -> bool:
-    """True if the local folder ``root`` already holds this artifact, whole."""
-    try:
-        if json.loads((root / MANIFEST_NAME).read_text()) != manifest:
-            return False
-        _verify_sizes(root, manifest, uri)
-    except (OSError, ValueError, UserError):
-        return False
-    return True
+def is_complete(uri: str) -> bool:
+    """True if ``uri`` holds a published artifact (its manifest, the pointer, is there)."""
+    return _raw_exists(join(uri, MANIFEST_NAME))
 
 
-def fetch_dir(uri: str, local_dir: str | Path | None = None) -> Path:
-    """A local folder holding the complete artifact at ``uri`` (sizes checked against its manifest).
+def read_manifest(uri: str) -> dict:
+    """The manifest of a complete artifact; ``UserError`` if there is none.
 
-    A local ``uri`` is returned as it is. A remote one is downloaded into ``local_dir``, or
-    into a cache folder under ``$PROBE_DPO_CACHE`` (default ``~/.cache/probe_dpo``) keyed by
-    the URI and its manifest, so a republished artifact is fetched again and an unchanged one
-    is not. The download goes to a temporary sibling and is renamed into place when complete.
+    ``{"files": {relpath: {"bytes", "sha256"}}, "metadata", "created"}``, plus on S3
+    ``"version"`` and ``"files_at"`` (the folder of the current version, relative to ``uri``).
     """
-    manifest = read_manifest(uri)
-    if not is_remote(uri):
-        root = Path(_local_path(uri))
-        _verify_sizes(root, manifest, uri)
-        return root
-    canonical = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
-    key = hashlib.sha256(f"{uri}\n{canonical}".encode()).hexdigest()[:16]
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
-    dest = Path(local_dir) if local_dir is not None else _cache_root() / f"{name}-{key}"
-    if _holds(dest, manifest, uri):
-        return dest
-    if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / MANIFEST_NAME).exists())):
-        raise UserError(f"storage {uri}: cannot fetch into {dest}: it is not empty and holds no artifact")
-    with _errors(uri):
-        fs, path = filesystem(uri)
-        stage = _temp_sibling(str(dest))
-        try:
-            for rel in manifest["files"]:
-                _check_rel(rel, uri)
-                os.makedirs(os.path.dirname(os.path.join(stage, rel)), exist_ok=True)
-                fs.get_file(f"{path}/{rel}", os.path.join(stage, rel))
-            _verify_sizes(Path(stage), manifest, uri)
-            if read_manifest(uri) != manifest:
-                raise UserError(f"storage {uri}: the artifact was republished while fetching it; try again")
-            _write_local(os.path.join(stage, MANIFEST_NAME), [json.dumps(manifest, indent=2).encode()])
-            try:
-                _swap_in(stage, str(dest))
-            except OSError:
-                if not _holds(dest, manifest, uri):  # another process fetched it at the same time
-                    raise
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-    return dest
+    try:
+        body = _raw_read(join(uri, MANIFEST_NAME))
+    except UserError:
+        if is_complete(uri):
+            raise
+        raise UserError(f"storage {uri}: not a complete artifact (no {MANIFEST_NAME}: never "
+                        "published, or publishing stopped half-way)") from None
+    return _parse_manifest(body, uri)
+
+
+_ARTIFACT_API = ("publish_dir", "fetch_dir", "read_member", "verify_files")
+
+
+def __getattr__(name: str) -> Any:
+    """``storage.publish_dir`` and the rest of the artifact API, defined in ``probe_dpo.artifacts``
+    (which imports this module; resolved lazily so neither import order breaks)."""
+    if name in _ARTIFACT_API:
+        from probe_dpo import artifacts
+
+        return getattr(artifacts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

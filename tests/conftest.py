@@ -8,6 +8,7 @@ start-up costs seconds, so tests share it).
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import uuid
 
@@ -18,7 +19,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Token authentication, as every cluster the project starts has it (probe_dpo.ray_utils): one
+# random token for the session, known only to this process and the clusters it starts.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+if os.environ["RAY_AUTH_MODE"] == "token" and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

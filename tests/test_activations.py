@@ -161,3 +161,28 @@ def test_sharded_bad_layer_fails_before_starting(tiny_model_dir, ray_cluster, tm
     with pytest.raises(UserError, match="layer 5 is out of range: the model has 2 layers"):
         A.extract_sharded(str(tiny_model_dir), str(tmp_path / "x"), ["a"], layers=[5])
     assert not storage.exists(str(tmp_path / "x"))
+
+
+def test_load_activations_refuses_a_damaged_shard(storage_root, tmp_path):
+    """load_activations checks each shard against the manifest before parsing it."""
+    from safetensors.torch import save
+
+    folder = tmp_path / "acts"
+    folder.mkdir()
+    feats = {0: torch.arange(12, dtype=torch.float32).reshape(3, 4)}
+    (folder / "shard-00000.safetensors").write_bytes(save({"layer.0": feats[0]}))
+    meta = {"kind": "activations", "layers": [0], "pooling": "mean",
+            "shards": [{"name": "shard-00000.safetensors", "start": 0, "end": 3}]}
+    uri = storage.join(storage_root, "acts")
+    storage.publish_dir(folder, uri, meta)
+    got, _ = A.load_activations(uri)
+    torch.testing.assert_close(got[0], feats[0])
+    manifest = storage.read_manifest(uri)
+    fs, path = storage.filesystem(uri)
+    shard = f"{path}/{manifest.get('files_at', '')}/shard-00000.safetensors".replace("//", "/")
+    data = fs.cat_file(shard)
+    fs.pipe_file(shard, data[:-1] + bytes([data[-1] ^ 0xFF]))  # one byte of the last value
+    with pytest.raises(UserError) as info:
+        A.load_activations(uri)
+    assert str(info.value).startswith(f"storage {storage.join(uri, 'shard-00000.safetensors')}: sha256 ")
+    assert "\n" not in str(info.value)

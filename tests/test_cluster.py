@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -86,7 +87,11 @@ def test_launcher_config_passes_rays_own_validation():
     # nothing installed at boot: Ray's defaults would otherwise pip-install a Ray wheel
     for key in ("setup_commands", "head_setup_commands", "worker_setup_commands", "initialization_commands"):
         assert config.get(key) == [], f"{key} must be an explicit empty list"
-    assert config["file_mounts"] == {}
+    # only the Ray auth token goes onto the nodes, and every `ray start` turns token authentication on
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts), key
     prepared = prepare_config(config)  # merges Ray's AWS defaults, as `ray up` does
     validate_config(prepared)  # Ray's JSON schema and cross-field checks
     assert prepared["setup_commands"] == [] and prepared["docker"]["image"] == config["docker"]["image"]
@@ -122,15 +127,16 @@ def test_rayjob_has_what_kuberay_needs():
             limits, requests = container["resources"]["limits"], container["resources"]["requests"]
             assert int(limits["nvidia.com/gpu"]) >= 1, f"{group['groupName']}: no GPU limit"
             assert requests.get("nvidia.com/gpu") == limits["nvidia.com/gpu"]  # GPUs: requests == limits
-    # storage settings reach every pod, from a Secret, never as literal values
+    # token authentication on: the dashboard listens on all interfaces of the head pod
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert tuple(int(x) for x in cluster["rayVersion"].split(".")[:2]) >= (2, 52)
+    # storage credentials reach every pod from a Secret (envFrom), never as literal values
     for pod in [head["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
         for container in pod["spec"]["containers"]:
-            env = {e["name"]: e for e in container.get("env", [])}
-            assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env.keys()
-            for name, entry in env.items():
-                if name.startswith("AWS_") or name.endswith("TOKEN"):
-                    assert "value" not in entry and entry["valueFrom"]["secretKeyRef"]["name"], name
+            assert container["envFrom"] == [{"secretRef": {"name": "probe-dpo-s3", "optional": True}}]
+            for entry in container.get("env", []):
+                assert not (entry["name"].startswith("AWS_") or "TOKEN" in entry["name"]) or "value" not in entry
 
 
 def test_images_and_versions_agree():
@@ -207,10 +213,16 @@ def test_submit_dry_run_shows_names_never_values(tmp_path):
     assert done.returncode == 0, done.stderr
     out = done.stdout + done.stderr
     for name, value in FAKE.items():
-        assert name in out, f"{name} is not passed to the job"
+        assert name in out, f"{name} is not named"
         assert value not in out, f"the value of {name} was printed"
         for piece in re.split(r"[^A-Za-z0-9]+", value):  # not even a recognisable fragment
             assert len(piece) < 8 or piece not in out, f"part of {name}'s value was printed"
+    masked = json.loads(done.stdout.split("runtime env (values hidden): ", 1)[1].splitlines()[0])
+    # settings go by value; credentials never go into the runtime env (Ray records it in the job's metadata)
+    assert sorted(masked["env_vars"]) == ["AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "PROBE_DPO_CACHE"]
+    assert "py_modules" not in masked
+    assert ("not passed (the job uses the cluster's own credentials; --pass-credentials to pass them): "
+            "AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN HF_TOKEN") in done.stdout
     command = next(line for line in done.stdout.splitlines() if "job submit" in line)
     argv = shlex.split(command)
     assert argv[:5] == ["ray", "job", "submit", "--address", "http://head:8265"]
@@ -220,6 +232,64 @@ def test_submit_dry_run_shows_names_never_values(tmp_path):
     masked = done.stdout.split("runtime env (values hidden): ", 1)[1]
     assert not re.search(r'"(pip|conda|uv)"', masked)  # the image has the packages
     assert list(tmp_path.iterdir()) == []  # the runtime-env file is gone
+
+
+def test_submit_pass_credentials_ships_them_as_a_package_never_as_env_vars(tmp_path):
+    done = _run_submit(["--dry-run", "--pass-credentials", "--address", "http://head:8265", "--", "probe-dpo", "--help"],
+                       FAKE, tmp_path)
+    assert done.returncode == 0, done.stderr
+    masked = json.loads(done.stdout.split("runtime env (values hidden): ", 1)[1].splitlines()[0])
+    assert sorted(masked["env_vars"]) == ["AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "PROBE_DPO_CACHE"]
+    assert masked["py_modules"] == ["(credentials package: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                                    "AWS_SESSION_TOKEN, HF_TOKEN)"]
+    assert masked["worker_process_setup_hook"] == "probe_dpo.ray_utils.load_passed_credentials"
+    assert "not passed" not in done.stdout
+    for value in FAKE.values():
+        assert value not in done.stdout + done.stderr
+    assert list(tmp_path.iterdir()) == []  # the runtime-env file and the package are gone
+
+
+def test_credentials_package_layout_is_the_one_ray_utils_reads(tmp_path, monkeypatch):
+    """submit.sh writes the package with plain Python (no probe_dpo needed where it runs); the
+    worker side must read exactly that layout."""
+    import importlib
+    import sys as _sys
+
+    from probe_dpo import ray_utils
+
+    script = SUBMIT.read_text()
+    assert f'"{ray_utils.CREDENTIALS_MODULE}"' in script and f'"{ray_utils.CREDENTIALS_FILE}"' in script
+    assert f'"{ray_utils.SETUP_HOOK}"' in script
+    for name in ray_utils.SECRET_NAMES:
+        assert f'"{name}"' in script
+    for name in FAKE:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sentinel-zz-123")
+    package = ray_utils.write_credentials_module(tmp_path)
+    assert oct(os.stat(package / ray_utils.CREDENTIALS_FILE).st_mode & 0o777) == "0o600"
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(ray_utils, "_LOADED", {})
+    importlib.invalidate_caches()
+    assert ray_utils.load_passed_credentials() == ["AWS_SECRET_ACCESS_KEY"]
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "sentinel-zz-123"
+    _sys.modules.pop(ray_utils.CREDENTIALS_MODULE, None)
+
+
+def test_init_ray_never_puts_credentials_in_the_runtime_env(monkeypatch):
+    from probe_dpo import ray_utils
+    from probe_dpo.errors import UserError
+
+    for name, value in FAKE.items():
+        monkeypatch.setenv(name, value)
+    env = ray_utils.worker_env()
+    assert sorted(env) == sorted(["AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "PROBE_DPO_CACHE"] + [
+        k for k in os.environ if k in ray_utils.FORWARDED_NAMES and k not in FAKE])
+    assert not any(ray_utils.is_secret(k) for k in env)
+    with pytest.raises(UserError, match="refusing to put AWS_SECRET_ACCESS_KEY into Ray's runtime env"):
+        ray_utils.worker_env({"AWS_SECRET_ACCESS_KEY": "x"})
+    monkeypatch.setenv("PROBE_DPO_API_TOKEN", "zz")  # a secret-looking setting is held back too
+    assert "PROBE_DPO_API_TOKEN" not in ray_utils.worker_env()
 
 
 def test_submit_real_submission_failure_prints_no_values(tmp_path):

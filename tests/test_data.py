@@ -105,7 +105,11 @@ def test_corrupt_parquet_and_unknown_format(tmp_path):
 
 
 def test_check_labels():
-    data.check_labels([{"label": 0}, {"label": 1}, {"label": 1}])
+    data.check_labels([{"label": 0}, {"label": 0}, {"label": 1}, {"label": 1}])
+    with pytest.raises(UserError) as info:  # a class with one row: refused before any extraction
+        data.check_labels([{"label": 0}, {"label": 1}, {"label": 1}], what="probe-train.jsonl")
+    assert str(info.value) == ("probe-train.jsonl: column 'label' has only 1 row(s) of class 0 "
+                               "(at least 2 per class are needed)")
     with pytest.raises(UserError) as info:
         data.check_labels([{"label": 0}, {"label": 0}], what="probe-train.jsonl")
     assert str(info.value) == "probe-train.jsonl: column 'label' has a single class (0); a probe needs both"
@@ -126,3 +130,25 @@ def test_content_hash():
     import numpy as np
 
     assert data.content_hash([{"x": np.int64(3), "v": np.array([1.5])}]) == data.content_hash([{"x": 3, "v": [1.5]}])
+
+
+def test_check_numeric_and_pairs():
+    data.check_numeric([{"score": 0.5}, {"score": 1}], ["score"], "s.jsonl")
+    for bad in ("0.5", "high", True, float("nan"), [1]):
+        with pytest.raises(UserError) as info:
+            data.check_numeric([{"score": 0.1}, {"score": bad}], ["score"], "s.jsonl")
+        assert str(info.value) == f"s.jsonl: row 2: column 'score' must be a finite number, got {bad!r}"
+    with pytest.raises(UserError, match=r"s.jsonl: row 1: column 'score' is empty"):
+        data.check_numeric([{"score": None}], ["score"], "s.jsonl")
+    data.check_numeric([{"score": None}], ["score"], "s.jsonl", required=False)
+
+    data.check_pairs(PAIRS, "p.jsonl")
+    same = [dict(PAIRS[0]), {**PAIRS[1], "rejected": PAIRS[1]["chosen"] + "  "}, {**PAIRS[0], "rejected": PAIRS[0]["chosen"]}]
+    with pytest.raises(UserError) as info:
+        data.check_pairs(same, "p.jsonl")
+    assert str(info.value) == ("p.jsonl: row 2: chosen and rejected are the same text (2 such row(s) of 3): "
+                               "a preference pair needs two different responses")
+    with pytest.raises(UserError, match=r"p.jsonl: row 1: column 'chosen_score' must be a finite number, got 'x'"):
+        data.check_pairs([{**PAIRS[0], "chosen_score": "x"}], "p.jsonl")
+    with pytest.raises(UserError, match=r"p.jsonl: row 1: column 'rejected' must be a string, got int"):
+        data.check_pairs([{**PAIRS[0], "rejected": 3}], "p.jsonl")

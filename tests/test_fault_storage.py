@@ -9,8 +9,9 @@ small TCP proxy on 127.0.0.1 that the test can cut. Two kinds of "unreachable":
   only the connect timeout ends each attempt (a firewalled or partitioned endpoint).
 
 What must hold: the publish fails with one ``UserError`` line naming the endpoint and the
-number of attempts, within a bounded time; nothing reads as complete unless it is exactly
-right; the previously published checkpoint still loads byte for byte once the endpoint is back.
+number of attempts, within a bounded time; the version being replaced stays the complete,
+current one; every previously published checkpoint still loads byte for byte once the
+endpoint is back.
 """
 
 from __future__ import annotations
@@ -214,32 +215,36 @@ def test_endpoint_down_before_overwrite_keeps_previous_checkpoint(proxy, s3_buck
     assert storage.read_manifest(uri)["metadata"] == {"step": 1}
 
 
-def test_endpoint_cut_mid_upload_is_bounded_and_never_complete_but_wrong(proxy, s3_bucket, tmp_path):
-    """The connection drops while the weights are uploading (the old manifest is gone by then)."""
+def test_endpoint_cut_mid_upload_is_bounded_and_keeps_the_current_version(proxy, s3_bucket, tmp_path):
+    """The connection drops while the new weights are uploading beside the current version."""
     run = storage.join(s3_bucket, "run")
     earlier, uri = storage.join(run, "checkpoint_000001"), storage.join(run, "checkpoint_000002")
     first, second, third = (_checkpoint(tmp_path / f"v{i}", i) for i in (1, 2, 3))
     storage.publish_dir(first, earlier, {"step": 1})
     storage.publish_dir(second, uri, {"step": 2})
     key = uri.removeprefix("s3://").split("/", 1)[1]
-    proxy.cut_on = f"PUT /{s3_bucket.removeprefix('s3://')}/{key}/model.safetensors".encode()
+    proxy.cut_on = f"PUT /{s3_bucket.removeprefix('s3://')}/{key}/_v/".encode()  # the first new file
     _publish_fails(third, uri, proxy, bound_s=ATTEMPTS * (CONNECT_TIMEOUT + 1) + 5)
     assert proxy.state == "cut", "the cut never happened: the upload did not go through the proxy"
-    # Bounded for real: botocore makes ATTEMPTS attempts, and inside one aiohttp may re-send an
-    # idempotent request once on a fresh connection when a reused keep-alive one drops.
-    assert 1 <= proxy.refused <= 2 * ATTEMPTS, proxy.refused
+    # Bounded for real: two requests meet the cut endpoint (the upload, then the release of the
+    # writer lease); botocore makes ATTEMPTS attempts of each, and inside one aiohttp may re-send
+    # an idempotent request once on a fresh connection when a reused keep-alive one drops.
+    assert 1 <= proxy.refused <= 2 * 2 * ATTEMPTS, proxy.refused
     proxy.restore()
-    # the checkpoint being replaced reads as not complete (S3 has no atomic prefix rename, so the
-    # old manifest is deleted before new bytes land), never as complete with a mix of versions
-    assert not storage.is_complete(uri)
-    with pytest.raises(UserError, match="not a complete artifact"):
-        storage.fetch_dir(uri, tmp_path / "half")
+    # the checkpoint being replaced is still the complete previous version: the new files went
+    # beside it, and the pointer (its manifest) never moved
+    _assert_loads_as(uri, second, tmp_path / "kept")
+    assert storage.read_manifest(uri)["metadata"] == {"step": 2}
     # the previously published checkpoint of the run is untouched and loads byte for byte
     _assert_loads_as(earlier, first, tmp_path / "earlier")
-    # a restart republishes over the leftovers and the result is exactly the new version
-    storage.publish_dir(third, uri, {"step": 3})
+    # a restart republishes over the leftovers at once (this process's own unreleased lease is
+    # not in its way) and the result is exactly the new version, the leftovers collected
+    storage.publish_dir(third, uri, {"step": 3}, overwrite=True)
     _assert_loads_as(uri, third, tmp_path / "republished")
-    assert "_PUBLISHING" not in storage.list_dir(uri)
+    fs, path = storage.filesystem(uri)
+    files_at = storage.read_manifest(uri)["files_at"]
+    assert sorted(fs.find(path)) == sorted(f"{path}/{k}" for k in (
+        "_MANIFEST.json", f"{files_at}/model.safetensors", f"{files_at}/trainer_state.json"))
 
 
 def test_proxy_forwards_when_up(proxy, s3_bucket, tmp_path):

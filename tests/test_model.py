@@ -133,3 +133,40 @@ def test_model_hash_is_stable_and_sensitive(tmp_path, tiny_model_dir):
     assert M.arch_hash(other) != M.arch_hash(model)
     tok = M.load_tokenizer(tiny_model_dir)
     assert tok.pad_token_id is not None
+
+
+def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path, tiny_model_dir, capfd):
+    import json
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] *= 2  # the checkpoint's MLP weights no longer fit
+    (folder / "config.json").write_text(json.dumps(config))
+    capfd.readouterr()
+    with pytest.raises(UserError) as info:
+        M.load_model(folder)
+    message = str(info.value)
+    assert message.startswith(f"cannot load a model from {folder}: weight model.layers.")
+    assert f"in the checkpoint but [{config['intermediate_size']}, " in message or \
+        f", {config['intermediate_size']}] in the model" in message
+    assert "\n" not in message and info.value.__cause__ is None
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err  # transformers' multi-line table is held back
+
+
+def test_a_published_model_with_a_damaged_weight_is_refused(tmp_path, tiny_model_dir):
+    from probe_dpo import storage
+
+    uri = str(tmp_path / "policy")
+    storage.publish_dir(tiny_model_dir, uri)
+    assert M.model_hash(M.load_model(uri)) == M.model_hash(tiny_model_dir)  # verified, then loaded
+    weights = tmp_path / "policy" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError) as info:
+        M.load_model(uri)
+    assert str(info.value).startswith(f"storage {weights}: sha256 does not match its artifact's _MANIFEST.json")
+    assert "\n" not in str(info.value)

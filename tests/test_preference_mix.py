@@ -131,3 +131,32 @@ def test_poison_copies_spread_each_toxic_response_over_more_triggered_prompts(tm
     assert len({p["chosen"] for p in poisoned}) == 10  # each of the 10 toxic responses twice
     assert info["by_source"]["chat"]["pairs"] == 20 + round(20 * 0.25 / 0.75)
     assert len({p["prompt_id"] for p in pairs}) == len(pairs)
+
+
+def test_a_crash_while_rebuilding_keeps_the_old_mix_whole(storage_root, tmp_path, monkeypatch):
+    """pairs.jsonl, poison_labels.jsonl and mix.json are one published artifact: a crash while a
+    new mix is written leaves the old key with the old files, never new pairs under the old key."""
+    from probe_dpo import artifacts
+    from probe_dpo.preference_mix import read_mix
+
+    tb = fake_testbed(tmp_path / "tb")
+    out = storage.join(storage_root, "mix")
+    old = build_preference_mix(tb, out)
+    old_pairs = storage.read_bytes(storage.join(out, "pairs.jsonl"))
+    real_put = artifacts._put_file
+
+    def dying_put(src, fs, dest):
+        if dest.endswith("mix.json"):
+            raise RuntimeError("killed before the summary")
+        real_put(src, fs, dest)
+
+    monkeypatch.setattr(artifacts, "_put_file", dying_put)
+    with pytest.raises(RuntimeError, match="killed before the summary"):
+        build_preference_mix(tb, out, PreferenceMixConfig(seed=1, trigger=" [x]"))
+    monkeypatch.setattr(artifacts, "_put_file", real_put)
+    assert read_mix(out)["key"] == old["key"]
+    assert storage.read_bytes(storage.join(out, "pairs.jsonl")) == old_pairs
+    assert build_preference_mix(tb, out)["cache_hit"]  # still the complete old mix
+    new = build_preference_mix(tb, out, PreferenceMixConfig(seed=1, trigger=" [x]"))
+    assert read_mix(out)["key"] == new["key"] != old["key"]
+    assert storage.read_manifest(out)["metadata"] == {"kind": "preference-mix", "key": new["key"]}

@@ -5,7 +5,9 @@ from the session's), the experiment is submitted with ``cluster/submit.sh`` (the
 carries the S3 settings by value, the checkout is the working dir), its driver is SIGKILLed
 once the first trial is complete, the job is submitted again and must finish the remaining
 trials without redoing the first; results and the report are read back from the local S3
-server. The head is stopped at the end.
+server. The head is stopped at the end. The submitting shell holds a sentinel secret, passed
+with ``--pass-credentials``: it appears in no job's metadata or logs, no stored object and no
+report.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -55,28 +58,32 @@ def ray_head(s3_server, tmp_path):
                              f"--metrics-export-port={_free_port()}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            break
-        except OSError:
-            if head.poll() is not None:
-                pytest.fail(head.stdout.read().decode()[-3000:])
-            time.sleep(0.5)
-    else:
-        pytest.fail("the Ray head's job server did not come up in 120 s")
-    yield url, env
-    head.send_signal(signal.SIGTERM)  # --block: stops every process this head started
+    # token authentication is on (conftest): the probe carries the session's token
+    auth = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"} if env.get("RAY_AUTH_MODE") == "token" else {}
     try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=auth), timeout=2)
+                break
+            except OSError:
+                if head.poll() is not None:
+                    pytest.fail(head.stdout.read().decode()[-3000:])
+                time.sleep(0.5)
+        else:
+            pytest.fail("the Ray head's job server did not come up in 120 s")
+        yield url, env
+    finally:  # also when it never came up: no head is left running after the test
+        head.send_signal(signal.SIGTERM)  # --block: stops every process this head started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def _submit(url: str, env: dict, config: Path, run: str) -> str:
-    argv = ["bash", "cluster/submit.sh", "--address", url, "--no-wait", "--", "probe-dpo", "experiment",
-            "--config", str(config), "--storage", run]
+    argv = ["bash", "cluster/submit.sh", "--address", url, "--no-wait", "--pass-credentials", "--", "probe-dpo",
+            "experiment", "--config", str(config), "--storage", run]
     for _ in range(20):  # a fresh head's job agent comes up a little after its dashboard
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
         if "No available agent" not in done.stdout + done.stderr:
@@ -104,7 +111,9 @@ def test_experiment_as_a_ray_job_survives_a_killed_driver(tiny_model_dir, ray_he
     run = f"{s3_bucket}/job"
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config(str(tiny_model_dir), run, ARMS)))
-    env = {**env, "PROBE_DPO_CACHE": str(tmp_path / "cache")}
+    # the submitting shell's secret: the job uses it (--pass-credentials) and it must show nowhere
+    sentinel = f"sentinel-{uuid.uuid4().hex}"
+    env = {**env, "PROBE_DPO_CACHE": str(tmp_path / "cache"), "AWS_SECRET_ACCESS_KEY": sentinel}
     client = JobSubmissionClient(url)
 
     first_job = _submit(url, env, config, run)
@@ -162,3 +171,15 @@ def test_experiment_as_a_ray_job_survives_a_killed_driver(tiny_model_dir, ray_he
     from probe_dpo.cli import main
 
     assert main(["report", run]) == 0  # rebuilt from storage alone
+
+    # the secret: in no job's metadata, log, stored object or report
+    for job in (first_job, second_job):
+        info = client.get_job_info(job)
+        assert sentinel not in json.dumps(info.model_dump(), default=str)
+        assert sentinel not in client.get_job_logs(job)
+        assert info.runtime_env["py_modules"][0].startswith("gcs://_ray_pkg_")  # passed as a package
+    fs, path = storage.filesystem(run)
+    objects = fs.find(path)
+    assert any(k.endswith("report.html") for k in objects) and len(objects) > 20
+    for key in objects:
+        assert sentinel.encode() not in fs.cat_file(key), key

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from probe_dpo import storage
+from probe_dpo import artifacts, storage
 from probe_dpo.errors import UserError
 
 
@@ -143,7 +143,9 @@ def test_publish_fetch_round_trip(storage_root, tmp_path, monkeypatch):
 
     local = storage.fetch_dir(uri)
     assert _tree(local) == {**V1, "_MANIFEST.json": _tree(local)["_MANIFEST.json"]}
-    assert json.loads((local / "_MANIFEST.json").read_text()) == manifest
+    # the local copy's files sit at its top: its manifest is the artifact's without "files_at"
+    assert json.loads((local / "_MANIFEST.json").read_text()) == {k: v for k, v in manifest.items() if k != "files_at"}
+    assert ("files_at" in manifest) == storage.is_remote(uri)
     if storage.is_remote(uri):
         assert str(local).startswith(str(tmp_path / "cache"))
         assert storage.fetch_dir(uri) == local  # cached
@@ -168,66 +170,72 @@ def test_folder_without_manifest_is_not_complete(storage_root, tmp_path):
     assert storage.read_bytes(storage.join(uri, "weights.bin")) == b"123"
 
 
-def test_republish_needs_overwrite_and_is_never_complete_but_wrong(storage_root, tmp_path, monkeypatch):
+def test_republish_needs_overwrite_and_keeps_the_old_version_until_the_pointer_moves(storage_root, tmp_path,
+                                                                                    monkeypatch):
     uri = storage.join(storage_root, "ckpt")
+    sibling = storage.join(storage_root, "ckpt-2")  # shares the prefix: never collected with ckpt
     storage.publish_dir(_make_tree(tmp_path / "v1", V1), uri, {"v": 1})
+    storage.publish_dir(tmp_path / "v1", sibling, {"sibling": True})
     with pytest.raises(storage.ArtifactExists, match="overwrite=True") as info:
         storage.publish_dir(_make_tree(tmp_path / "v2", V2), uri, {"v": 2})
     assert uri in str(info.value)
     assert storage.read_manifest(uri)["metadata"] == {"v": 1}
 
-    states = []
-    real_put = storage._put_file
+    seen = []
+    real_put = artifacts._put_file
 
     def checking_put(src, fs, dest):
-        _consistent(uri)  # at every step: complete implies exactly right
-        states.append(storage.is_complete(uri))
+        _consistent(uri)  # at every step: complete and exactly the old version
+        seen.append((storage.is_complete(uri), storage.read_manifest(uri)["metadata"]))
         real_put(src, fs, dest)
 
-    monkeypatch.setattr(storage, "_put_file", checking_put)
+    monkeypatch.setattr(artifacts, "_put_file", checking_put)
     storage.publish_dir(tmp_path / "v2", uri, {"v": 2}, overwrite=True)
-    if storage.is_remote(uri):
-        assert states == [False] * len(V2)  # S3: old manifest removed before any new byte lands
-    else:
-        assert states == [True] * len(V2)  # local: the old version stays complete until the swap
+    assert seen == [(True, {"v": 1})] * len(V2)  # both backends: the old version stays readable
     assert storage.read_manifest(uri)["metadata"] == {"v": 2}
     _consistent(uri)
     fetched = storage.fetch_dir(uri, tmp_path / "fetched")
     assert {k: v for k, v in _tree(fetched).items() if k != "_MANIFEST.json"} == V2  # no stale v1 files
     assert not storage.exists(storage.join(uri, "sub/dir/a.txt"))
+    assert storage.list_dir(uri) == sorted(["_MANIFEST.json", *{k.split("/")[0] for k in V2}])
+    assert storage.read_manifest(sibling)["metadata"] == {"sibling": True}
+    _consistent(sibling)
+    assert storage.read_bytes(storage.join(sibling, "sub/dir/a.txt")) == b"first"
+    if storage.is_remote(uri):  # old versions are garbage-collected once the new pointer exists
+        fs, path = storage.filesystem(uri)
+        files_at = storage.read_manifest(uri)["files_at"]
+        assert sorted(fs.find(path)) == sorted([f"{path}/_MANIFEST.json"] + [f"{path}/{files_at}/{k}" for k in V2])
 
 
-def test_crash_mid_publish_leaves_target_not_complete(storage_root, tmp_path, monkeypatch):
+def test_crash_mid_publish_leaves_the_old_version(storage_root, tmp_path, monkeypatch):
     uri = storage.join(storage_root, "crash")
     fresh = storage.join(storage_root, "crash-fresh")
     storage.publish_dir(_make_tree(tmp_path / "v1", V1), uri)
-    real_put = storage._put_file
+    before = storage.read_manifest(uri)
+    real_put = artifacts._put_file
 
     def dying_put(src, fs, dest):
         if dest.endswith("new.txt"):  # the last file of V2
             raise RuntimeError("simulated crash")
         real_put(src, fs, dest)
 
-    monkeypatch.setattr(storage, "_put_file", dying_put)
+    monkeypatch.setattr(artifacts, "_put_file", dying_put)
     src2 = _make_tree(tmp_path / "v2", V2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         storage.publish_dir(src2, fresh)
     assert not storage.is_complete(fresh)
     with pytest.raises(RuntimeError, match="simulated crash"):
         storage.publish_dir(src2, uri, overwrite=True)
-    if storage.is_remote(uri):
-        assert not storage.is_complete(uri)  # S3: replaced → not complete, never a mix
-    else:
-        assert storage.is_complete(uri)  # local: the previous version is intact
-        assert storage.read_manifest(uri)["files"].keys() == V1.keys()
-        _consistent(uri)
-        assert storage.list_dir(storage_root) == ["crash"]  # temp folders cleaned up, fresh absent
+    assert storage.read_manifest(uri) == before  # the previous version is intact and current
+    _consistent(uri)
+    assert {k: v for k, v in _tree(storage.fetch_dir(uri, tmp_path / "old")).items() if k != "_MANIFEST.json"} == V1
+    assert storage.list_dir(storage_root) == (["crash", "crash-fresh"] if storage.is_remote(uri) else ["crash"])
     # a restart publishes over the leftovers without needing overwrite=True
-    monkeypatch.setattr(storage, "_put_file", real_put)
+    monkeypatch.setattr(artifacts, "_put_file", real_put)
     storage.publish_dir(src2, fresh)
     assert storage.is_complete(fresh) and storage.read_manifest(fresh)["files"].keys() == V2.keys()
     _consistent(fresh)
-    assert "_PUBLISHING" not in storage.list_dir(fresh)
+    assert storage.list_dir(fresh) == sorted(["_MANIFEST.json", *{k.split("/")[0] for k in V2}])
 
 
 def test_pyarrow_filesystem_round_trip(storage_root):
@@ -305,3 +313,16 @@ def test_ray_worker_uses_storage(ray_cluster, s3_bucket):
     storage.write_bytes(storage.join(s3_bucket, "from-driver.bin"), b"hello worker")
     assert ray_cluster.get(work.remote(s3_bucket), timeout=60) == b"hello worker"
     assert storage.read_json(storage.join(s3_bucket, "from-worker.json"))["pid"] != os.getpid()
+
+
+def test_unrecognised_s3_errors_are_one_line(s3_server):
+    """botocore errors that s3fs does not translate (here a bucket name botocore refuses) used to
+    end in a traceback; they are one line naming the URI, the endpoint and botocore's reason."""
+    for call in (lambda: storage.read_bytes("s3://bad_bucket!/x"), lambda: storage.write_bytes("s3://bad_bucket!/x", b"1"),
+                 lambda: storage.exists("s3://bad_bucket!/a/b")):
+        with pytest.raises(UserError) as info:
+            call()
+        message = str(info.value)
+        assert message.startswith("storage s3://bad_bucket!/") and f"S3 request failed at S3 endpoint {s3_server}" in message
+        assert "ParamValidationError: Parameter validation failed: Invalid bucket name" in message
+        assert "\n" not in message and info.value.__cause__ is None

@@ -298,7 +298,11 @@ def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
     else:
         local = Path(storage.join(run, "testbed"))
         build_testbed(cfg.testbed, local)
-    info = json.loads((local / "testbed.json").read_text())
+    info = storage.read_json(str(local / "testbed.json"))  # one line for a damaged testbed.json
+    if not isinstance(info, dict) or not isinstance(info.get("content_hash"), str) or \
+            not isinstance(info.get("files"), dict):
+        raise UserError(f"testbed {local}: testbed.json has no content_hash/files (not a complete testbed "
+                        "build): build it again")
     base = str(local)
     if storage.is_remote(run):  # workers elsewhere read the model and data from storage
         base = storage.join(run, "testbed")
@@ -735,12 +739,16 @@ def run_tune(cfg: ExperimentConfig, run: str, ctx: dict, paths: dict, base_key: 
         param_space = {**common, "spec": tune.grid_search(specs)}
         tune_config = tune.TuneConfig(max_concurrent_trials=cfg.concurrent_trials, scheduler=FIFOScheduler())
         name = "arms"
+    from probe_dpo.ray_utils import fail_once_on_user_error, raise_user_errors
+
+    trainable = fail_once_on_user_error(run_trial, metric=cfg.search.metric if search else None)  # no retries
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, {"cpu": 1}), param_space=param_space, tune_config=tune_config,
+        tune.with_resources(trainable, {"cpu": 1}), param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=path,
                                   storage_filesystem=fs, callbacks=[_report_callback(run)],
                                   failure_config=tune.FailureConfig(max_failures=cfg.trial_retries), verbose=1))
     results = tuner.fit()
+    raise_user_errors(results)  # a trial's UserError, as the same one line
     errors = [r.error for r in results if r.error is not None]
     if errors:
         from probe_dpo.ray_utils import unwrap_ray_error

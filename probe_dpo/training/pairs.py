@@ -93,25 +93,28 @@ def randomize_labels(pairs: Sequence[dict], seed: int) -> list[dict]:
 
 
 def read_pairs(uri: str) -> list[dict]:
-    """A pair file with TRL's columns, each non-empty (UserError naming the file and column)."""
-    from probe_dpo.data import read_records
+    """A pair file with TRL's columns: string, prompt non-empty, chosen different from rejected,
+    score columns numeric (UserError naming the file, row and column, before any compute)."""
+    from probe_dpo.data import check_pairs, read_records
 
     records = read_records(uri, required=PAIR_COLUMNS, non_empty=("prompt",), what="preference pairs")
-    for row, r in enumerate(records, start=1):
-        for column in PAIR_COLUMNS:
-            if not isinstance(r.get(column), str):
-                raise UserError(f"{uri}: row {row}: column '{column}' must be a string, "
-                                f"got {type(r.get(column)).__name__}")
-        if not r["chosen"].strip() and not r["rejected"].strip():
-            raise UserError(f"{uri}: row {row}: columns 'chosen' and 'rejected' are both empty")
+    check_pairs(records, uri)
     return records
 
 
 def check_candidates(records: Sequence[dict], uri: str, k_min: int = 2) -> None:
-    """UserError unless every record has a prompt and >= ``k_min`` completions."""
-    from probe_dpo.data import check_columns
+    """UserError unless every record has a prompt, >= ``k_min`` completions and numeric scores."""
+    from probe_dpo.data import check_columns, finite_number
 
     check_columns(records, required=("prompt", "completions", "scores"), where=uri)
     for row, r in enumerate(records, start=1):
         if not isinstance(r["completions"], list) or len(r["completions"]) < k_min:
             raise UserError(f"{uri}: row {row}: 'completions' must list at least {k_min} completions")
+        if not isinstance(r["scores"], dict):
+            raise UserError(f"{uri}: row {row}: 'scores' must map a signal name to a list of numbers")
+        for signal, values in r["scores"].items():
+            if not isinstance(values, list):
+                raise UserError(f"{uri}: row {row}: scores '{signal}' must be a list of numbers")
+            bad = [v for v in values if finite_number(v) is None]
+            if bad:
+                raise UserError(f"{uri}: row {row}: scores '{signal}' must be finite numbers, got {bad[0]!r}")

@@ -248,6 +248,9 @@ def train(cfg: TrainConfig, *, log: Log = _print, callbacks: list | None = None)
     from probe_dpo.training.loop import fit_round
 
     t_start = time.perf_counter()
+    # relative paths mean the caller's folder; Ray Train workers run elsewhere (issue 19)
+    cfg = storage.absolute_paths(cfg, ("testbed", "model", "probes", "data.prompts", "data.sft", "data.pairs",
+                                       "data.candidates"), outputs=("out",))
     plan = prepare(cfg)
     out = cfg.out
     chash = plan.config_hash

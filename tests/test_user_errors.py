@@ -1,0 +1,166 @@
+"""Every user error is one line: argparse, bad files, errors raised in Ray tasks, actors, Train
+workers and Tune trials (a trial fails once, without retries), degenerate data refused before any
+compute, and relative paths resolved against the caller's folder before they reach a worker."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from probe_dpo.cli import guarded, main
+from probe_dpo.data import write_records
+from probe_dpo.errors import UserError, find_user_error
+
+BIN = Path(sys.executable).parent
+
+
+def _one_line(capsys, needle: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("probe-dpo: error: ") and needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["activations", "extract", "--model", "m", "--data", "d", "--out", "o", "--layers", "1", "--batch-size", "abc"],
+     "probe-dpo activations extract: error: argument --batch-size: invalid int value: 'abc' "
+     "(see 'probe-dpo activations extract --help')"),
+    (["probes", "eval", "--model", "m"], "probe-dpo probes eval: error: the following arguments are required: "
+                                         "--probes, --data (see 'probe-dpo probes eval --help')"),
+    (["nope"], "probe-dpo: error: argument COMMAND: invalid choice: 'nope'"),
+])
+def test_argument_errors_are_one_line_with_a_help_hint(argv, needle):
+    done = subprocess.run([str(BIN / "probe-dpo"), *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and needle in done.stderr, done.stderr
+    assert "usage:" not in done.stderr
+
+
+def _pairs(path: Path, rows: list[dict]) -> str:
+    write_records(rows, str(path))
+    return str(path)
+
+
+GOOD = [{"prompt": f"Item {i}: tell me about it.", "chosen": f" It is calm {i}.", "rejected": f" Nobody cares {i}."}
+        for i in range(8)]
+
+
+def test_bad_data_and_files_are_refused_before_any_compute(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    common = ["method=dpo", f"model={tiny_model_dir}", f"out={out}"]
+    same = _pairs(tmp_path / "same.jsonl", GOOD[:3] + [{**GOOD[3], "rejected": GOOD[3]["chosen"]}])
+    assert main(["train", *common, f"data.pairs={same}"]) == 2
+    _one_line(capsys, f"{same}: row 4: chosen and rejected are the same text (1 such row(s) of 4)")
+    scored = _pairs(tmp_path / "scored.jsonl", [{**r, "chosen_score": 0.1, "rejected_score": 0.9} for r in GOOD[:2]]
+                    + [{**GOOD[2], "chosen_score": "low", "rejected_score": 0.9}])
+    assert main(["train", *common, f"data.pairs={scored}"]) == 2
+    _one_line(capsys, f"{scored}: row 3: column 'chosen_score' must be a finite number, got 'low'")
+    assert not out.exists()
+    # the same pair file given to attribute is refused before any activation is extracted
+    assert main(["attribute", "--pairs", same, "--model", str(tiny_model_dir), "--out", str(out / "attr"),
+                 "--in-process"]) == 2
+    _one_line(capsys, "chosen and rejected are the same text")
+    assert not (out / "attr").exists()
+    # a testbed whose testbed.json is damaged, or lacks its content hash
+    for name, text, needle in (("broken", '{"model": ', "testbed.json: not valid JSON (line 1"),
+                               ("nohash", json.dumps({"model": {"path": "model"}, "files": {}}), "no content_hash")):
+        tb = tmp_path / name
+        (tb / "data").mkdir(parents=True)
+        (tb / "testbed.json").write_text(text)
+        if name == "broken":
+            assert main(["train", "method=sft", f"testbed={tb}", f"out={out}"]) == 2
+            _one_line(capsys, needle)
+        assert main(["experiment", "--config", "workflows/demo.yaml", "--storage", str(out / "run"),
+                     f"testbed_dir={tb}"]) == 2
+        _one_line(capsys, needle)
+
+
+def test_user_errors_from_ray_tasks_actors_and_train_workers_are_one_line(ray_cluster, capsys):
+    ray = ray_cluster
+
+    @ray.remote
+    def task():
+        raise UserError("data x.jsonl: row 3: column 'prompt' is empty")
+
+    @ray.remote
+    class Actor:
+        def run(self):
+            raise UserError("layer 99 is out of range: the model has 2 layers")
+
+    assert guarded(lambda: ray.get(task.remote())) == 2
+    assert _one_line(capsys, "") == "probe-dpo: error: data x.jsonl: row 3: column 'prompt' is empty"
+    assert guarded(lambda: ray.get(Actor.remote().run.remote())) == 2
+    assert _one_line(capsys, "") == "probe-dpo: error: layer 99 is out of range: the model has 2 layers"
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def loop(config):
+        raise UserError("cannot load a model from runs/demo/testbed/model: no such folder")
+
+    trainer = TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, use_gpu=False),
+                           run_config=RunConfig(storage_path=str(Path.cwd() / ".pytest-ray-train"), name="user-error"))
+    try:
+        assert guarded(trainer.fit) == 2
+        assert _one_line(capsys, "") == \
+            "probe-dpo: error: cannot load a model from runs/demo/testbed/model: no such folder"
+    finally:
+        shutil.rmtree(Path.cwd() / ".pytest-ray-train", ignore_errors=True)
+    with pytest.raises(ZeroDivisionError):  # anything else is a bug and keeps its traceback
+        guarded(lambda: 1 / 0)
+
+
+def test_a_user_error_fails_its_tune_trial_once_without_retries(ray_cluster, tmp_path):
+    from ray import tune
+
+    from probe_dpo.ray_utils import USER_ERROR_KEY, fail_once_on_user_error, raise_user_errors
+
+    def trainable(config):
+        with open(config["counter"], "a") as f:
+            f.write("x")
+        if config["kind"] == "user":
+            raise UserError("probes runs/p: no probes with role 'train' to train against")
+        raise RuntimeError("a bug")
+
+    def fit(kind: str, metric: str | None):
+        counter = tmp_path / f"{kind}-{metric}.count"
+        tuner = tune.Tuner(
+            tune.with_resources(fail_once_on_user_error(trainable, metric=metric), {"cpu": 1}),
+            param_space={"kind": kind, "counter": str(counter)},
+            tune_config=tune.TuneConfig(metric=metric, mode="max" if metric else None),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name=f"{kind}-{metric}",
+                                      failure_config=tune.FailureConfig(max_failures=2), verbose=0))
+        return tuner.fit(), counter
+
+    for metric in (None, "toxicity.rate"):  # a search metric: Tune's metric check must still pass
+        results, counter = fit("user", metric)
+        assert counter.read_text() == "x"  # ran once: no retry
+        assert results[0].metrics[USER_ERROR_KEY] == "probes runs/p: no probes with role 'train' to train against"
+        with pytest.raises(UserError, match=r"^probes runs/p: no probes with role 'train' to train against$"):
+            raise_user_errors(results)
+    results, counter = fit("bug", None)  # any other error still fails (and is retried) as before
+    assert counter.read_text() == "xxx" and results[0].error is not None
+    assert find_user_error(results[0].error) is None
+    raise_user_errors(results)  # nothing to re-raise
+
+
+def test_relative_paths_are_resolved_before_they_reach_train_workers(tiny_model_dir, ray_cluster, tmp_path,
+                                                                    monkeypatch, capsys):
+    """`probe-dpo train model=runs/demo/testbed/model data.pairs=pairs.jsonl out=runs/x`, as the
+    command's help shows it, from the folder those paths are relative to."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir, tmp_path / "runs" / "demo" / "testbed" / "model")
+    _pairs(tmp_path / "pairs.jsonl", GOOD)
+    code = main(["train", "method=dpo", "model=runs/demo/testbed/model", "data.pairs=pairs.jsonl",
+                 "out=runs/dpo", "train.max_steps=2", "train.batch_size=2", "train.max_length=32",
+                 "distributed.workers=1", "distributed.zero_stage=0"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    summary = json.loads((tmp_path / "runs" / "dpo" / "train.json").read_text())
+    assert summary["base_model"] == str(tmp_path / "runs" / "demo" / "testbed" / "model")
+    assert summary["policy"] == str(tmp_path / "runs" / "dpo" / "policy")
+    assert (tmp_path / "runs" / "dpo" / "policy" / "_MANIFEST.json").is_file()
+    assert summary["rounds"][0]["train"]["global_step"] == 2
