@@ -28,7 +28,7 @@ Reports wall time, peak RSS, recall of the poisoned pairs at k (k = their number
 of the clearly toxic poisoned pairs among them (chosen scored >= 0.8 by the judge that picked
 the poison: shows whether the misses are the borderline ones), the source ranking, the ratios
 gradient / probe, and, when ``--study`` points at a finished
-``workflows/attribution`` run on the same mix with retraining, the toxicity after filtering
+``probe_dpo/workflows/attribution`` run on the same mix with retraining, the toxicity after filtering
 with each ranking. Prints a table and ``RESULT {json}`` (last line); writes
 benchmarks/results/attribution.json.
 
@@ -70,7 +70,7 @@ def _rss_peak_bytes() -> int:
 
 def _inputs(spec: dict):
     from probe_dpo.data import read_records
-    from workflows.attribution import _sample_behaviour
+    from probe_dpo.workflows.attribution import _sample_behaviour
 
     pairs = read_records(spec["pairs"])
     behaviour = _sample_behaviour(read_records(spec["behaviour"]), spec["behaviour_examples"], spec["seed"])
@@ -187,7 +187,7 @@ def main() -> int:
     parser.add_argument("--probes", default=None, help="a ProbeSet on the testbed model (its layer is used)")
     parser.add_argument("--layer", type=int, default=None, help="layer when no probes are given")
     parser.add_argument("--mix", default=None, help="where the poisoned mix is built (default: a cache folder)")
-    parser.add_argument("--study", default=None, help="a finished workflows/attribution run (toxicity after filtering)")
+    parser.add_argument("--study", default=None, help="a finished attribution study run (toxicity after filtering)")
     parser.add_argument("--behaviour-examples", type=int, default=256)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seed", type=int, default=0)

@@ -53,7 +53,8 @@ def load_features(testbed: str, activations: str, layers: list[int]):
 
 
 def ours(xt, yt, xv, yv, xs, ys, grid):
-    from probe_dpo.probes import fit_probe, roc_auc
+    from probe_dpo.probes import fit_probe
+    from probe_dpo.stats import roc_auc
 
     t0 = time.perf_counter()
     fit = fit_probe(xt, yt, xv, yv, grid)
@@ -68,7 +69,7 @@ def sklearn(xt, yt, xv, yv, xs, ys, grid, max_iter: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from probe_dpo.probes import roc_auc
+    from probe_dpo.stats import roc_auc
 
     xt, xv, xs = xt.numpy(), xv.numpy(), xs.numpy()
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ usage() {
 Usage: cluster/submit.sh [--address URL] [--pass-credentials] [--no-wait] [--dry-run] -- COMMAND [ARGS...]
 
 Submit COMMAND as a Ray job with this repository as its working directory, e.g.
-  cluster/submit.sh -- probe-dpo experiment --config workflows/toxicity.yaml --storage s3://my-bucket/probe-dpo --address auto
+  cluster/submit.sh -- probe-dpo experiment --config toxicity --storage s3://my-bucket/probe-dpo --address auto
   cluster/submit.sh -- probe-dpo attribute --testbed s3://my-bucket/probe-dpo/testbed --out s3://my-bucket/probe-dpo/attribution --mitigate filter,swap
 
 Options:
@@ -58,7 +58,7 @@ while [[ $# -gt 0 ]]; do
     *) die "unknown option '$1' (the command to run goes after --; see --help)" ;;
   esac
 done
-[[ $# -gt 0 ]] || die "no command after -- (e.g. -- probe-dpo experiment --config workflows/toxicity.yaml --storage s3://my-bucket/probe-dpo --address auto)"
+[[ $# -gt 0 ]] || die "no command after -- (e.g. -- probe-dpo experiment --config toxicity --storage s3://my-bucket/probe-dpo --address auto)"
 if [[ -z "$address" ]]; then
   [[ $dry_run -eq 1 ]] || die "no Ray address: set RAY_ADDRESS (e.g. http://head-node:8265) or pass --address"
   address='$RAY_ADDRESS'

@@ -1,8 +1,8 @@
 """Publishing and fetching artifacts: the write side of ``probe_dpo.storage``.
 
-Use it through ``storage.publish_dir`` / ``storage.fetch_dir`` / ``storage.read_member`` /
-``storage.verify_files`` (the module docstring of ``probe_dpo.storage`` states the
-guarantees). The steps of a publish, each followed by ``_step(name)`` (the seam the crash
+Call ``artifacts.publish_dir`` / ``fetch_dir`` / ``read_member`` / ``verify_files`` (the
+module docstring of ``probe_dpo.storage`` states the guarantees; this module imports it,
+never the reverse). The steps of a publish, each followed by ``_step(name)`` (the seam the crash
 tests use to SIGKILL a publisher between every pair of steps):
 
 - S3:    lease -> upload each file to ``_v/<version>/`` -> pointer (the manifest, one PUT)

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Callable, NoReturn
 
-from probe_dpo.errors import UserError, find_user_error, one_line
+from probe_dpo.errors import UserError, guarded, one_line
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -74,7 +74,7 @@ def _format_rates(rates: dict[str, float]) -> str:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="run the main job on the built-in testbed (what `make demo` runs)",
-                          description="The toxicity experiment (workflows/demo.yaml) on the embedded default: a "
+                          description="The toxicity experiment (probe_dpo/workflows/demo.yaml) on the embedded default: a "
                                       "local Ray, the run folder ./runs/demo, the built-in testbed. Re-running "
                                       "skips what is complete.")
     demo.add_argument("--storage", default="runs/demo", help="run folder (default: runs/demo)")
@@ -83,18 +83,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from workflows import toxicity
+    from probe_dpo.workflows import toxicity
 
-    args.config = str(toxicity.DEFAULT_CONFIG.with_name("demo.yaml"))
+    args.config = "demo"
     args.address = None
     return toxicity.run_from_args(args)
 
 
 def _add_experiment(sub: argparse._SubParsersAction) -> None:
-    from workflows import toxicity
+    from probe_dpo.workflows import toxicity
 
     exp = sub.add_parser("experiment", help="the toxicity experiment: Tune driver over arms, Goodhart metrics, report",
-                         description="Runs workflows/toxicity.py (what `ray job submit -- probe-dpo experiment` runs): "
+                         description="Runs probe_dpo/workflows/toxicity.py (what `ray job submit -- probe-dpo experiment` runs): "
                                      "testbed, probes, one Ray Tune trial per arm and seed (Ray Train + DeepSpeed), "
                                      "evaluation, results.json and report.md/.html in the run folder. Re-running "
                                      "the same command skips complete trials and resumes interrupted ones.")
@@ -112,7 +112,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 def _run_report(args: argparse.Namespace) -> int:
     from probe_dpo import storage
-    from workflows.toxicity import write_results
+    from probe_dpo.workflows.toxicity import write_results
 
     if not storage.exists(storage.join(args.run, "shared", "context.json")):
         raise UserError(f"{args.run}: not an experiment run folder (no shared/context.json)")
@@ -242,7 +242,8 @@ def _run_probes_train(args: argparse.Namespace) -> int:
 
 
 def _run_probes_eval(args: argparse.Namespace) -> int:
-    from probe_dpo.probes import ProbeSet, eval_markdown, evaluate_probes, json_text
+    from probe_dpo.storage import json_text
+    from probe_dpo.probes import ProbeSet, eval_markdown, evaluate_probes
 
     probeset = ProbeSet.load(args.probes)
     results = evaluate_probes(probeset, args.model, args.data, label_column=args.label_column,
@@ -286,7 +287,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _add_attribute(sub: argparse._SubParsersAction) -> None:
     att = sub.add_parser(
         "attribute", help="rank a preference set's pairs and sources by a behaviour direction; mitigate",
-        description="Probe-based data attribution (runs workflows/attribution.py, as a Ray job would): each "
+        description="Probe-based data attribution (runs probe_dpo/workflows/attribution.py, as a Ray job would): each "
                     "pair's score is cos(act(prompt, chosen) - act(prompt, rejected), v_b) on the model before "
                     "DPO (response tokens, Ray-sharded extraction), v_b the probe's direction or the difference "
                     "of means of labelled examples. Writes scores.parquet, sources.json, clusters.json, "
@@ -321,7 +322,8 @@ def _run_attribute(args: argparse.Namespace) -> int:
     import json
 
     from probe_dpo.config import load_config
-    from workflows.attribution import AttributionConfig, run
+    from probe_dpo.workflows import bundled_config
+    from probe_dpo.workflows.attribution import AttributionConfig, run
 
     overrides = list(args.overrides)
     for key, value in (("pairs", args.pairs), ("model", args.model), ("probes", args.probes), ("out", args.out),
@@ -337,7 +339,7 @@ def _run_attribute(args: argparse.Namespace) -> int:
         overrides.append("retrain.enabled=true")
     if args.in_process:
         overrides.append("extraction.in_process=true")
-    summary = run(load_config(AttributionConfig, args.config, overrides))
+    summary = run(load_config(AttributionConfig, bundled_config(args.config), overrides))
     top = summary["sources"]["probe"][0] if summary["sources"].get("probe") else None
     print(f"attribution: {summary['direction']} at layer {summary['layer']}, k = {summary['k']}; "
           + (f"top source {top['source']} (mean score {top['mean_score']:.3f}); " if top else "")
@@ -366,14 +368,14 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    from probe_dpo.audit import audit_markdown, audit_pairs
+    from probe_dpo.attribution.audit import audit_markdown, audit_pairs
 
     result = audit_pairs(args.pairs, args.model, args.directions, in_process=args.in_process,
                          batch_size=args.batch_size, max_length=args.max_length, address=args.address)
     print(audit_markdown(result["rows"], f"Concept audit of {args.pairs}"))
     if args.out:
         from probe_dpo import storage
-        from probe_dpo.probes import json_text
+        from probe_dpo.storage import json_text
 
         storage.write_text(args.out, json_text(result))
         print(f"audit written to {args.out}")
@@ -389,22 +391,6 @@ def build_parser() -> argparse.ArgumentParser:
                 _add_attribute, _add_audit):
         add(sub)
     return parser
-
-
-def guarded(run: Callable[[], int | None]) -> int:
-    """Run a command: a ``UserError`` is one line on stderr and exit status 2, no traceback, also
-    when a Ray task/actor, Train worker or Tune trial raised it (``find_user_error``)."""
-    try:
-        return int(run() or 0)
-    except KeyboardInterrupt:
-        print("probe-dpo: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - re-raised unless a UserError is behind it
-        user = find_user_error(exc)
-        if user is None:
-            raise
-        print(f"probe-dpo: error: {one_line(user)}", file=sys.stderr)
-        return 2
 
 
 def absolute_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -179,6 +179,7 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+
 def _hashable(value: Any) -> Any:
     return json.dumps(value, sort_keys=True, default=_plain) if isinstance(value, (list, dict)) else value
 

@@ -169,7 +169,8 @@ def read_fixed(model: Any, tokenizer: Any, probeset: Any, splits: Mapping[str, S
     import torch
 
     from probe_dpo.activations import extract
-    from probe_dpo.probes import DEFAULT_C_GRID, LinearProbe, fit_probe, threshold_at_fpr
+    from probe_dpo.probes import DEFAULT_C_GRID, LinearProbe, fit_probe
+    from probe_dpo.stats import threshold_at_fpr
 
     for name in ("test",) + (("train", "val") if retrain_layers else ()):
         if not splits.get(name):

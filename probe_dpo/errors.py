@@ -12,6 +12,9 @@ as when the same input is checked on the driver.
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class UserError(Exception):
     """Bad input from the user: a config key, a data file, a path, a layer, a bucket."""
@@ -41,3 +44,19 @@ def find_user_error(exc: BaseException | None) -> UserError | None:
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line (whitespace runs, newlines included, become one space)."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def guarded(run: Callable[[], int | None]) -> int:
+    """Run a command: a ``UserError`` is one line on stderr and exit status 2, no traceback, also
+    when a Ray task/actor, Train worker or Tune trial raised it (``find_user_error``)."""
+    try:
+        return int(run() or 0)
+    except KeyboardInterrupt:
+        print("probe-dpo: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - re-raised unless a UserError is behind it
+        user = find_user_error(exc)
+        if user is None:
+            raise
+        print(f"probe-dpo: error: {one_line(user)}", file=sys.stderr)
+        return 2

@@ -52,22 +52,6 @@ class GenerationSettings:
         return dataclasses.asdict(self)
 
 
-def generation_settings(testbed: str | None = None, **overrides: Any) -> GenerationSettings:
-    """The testbed's generation settings (from its ``testbed.json``), with ``overrides``.
-
-    Without a testbed the defaults are the testbed builder's defaults. ``None`` overrides are
-    ignored.
-    """
-    settings = GenerationSettings()
-    if testbed:
-        from probe_dpo.testbed import read_testbed_info
-
-        gen = (read_testbed_info(testbed).get("config") or {}).get("generation") or {}
-        known = {f.name for f in dataclasses.fields(GenerationSettings)}
-        settings = settings.replace(**{k: v for k, v in gen.items() if k in known})
-    return settings.replace(**overrides)
-
-
 def prompt_texts(prompts: Sequence[Any]) -> list[str]:
     """Prompt strings from a list of strings or of records with a ``prompt`` field."""
     out = []

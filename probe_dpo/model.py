@@ -205,9 +205,9 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "float3
     local = _local_model_path(path_or_id)
     torch_dtype = _dtype(dtype)
     if os.path.isdir(local):
-        from probe_dpo import storage
+        from probe_dpo import artifacts
 
-        storage.verify_files(local)  # a published folder: its weights and configs are what was published
+        artifacts.verify_files(local)  # a published folder: its weights and configs are what was published
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr: errors stay one line
     try:
@@ -289,11 +289,11 @@ def load_tokenizer(path_or_id: str | os.PathLike):
 def _local_model_path(path_or_id: str | os.PathLike) -> str:
     text = str(path_or_id)
     if "://" in text:
-        from probe_dpo import storage
+        from probe_dpo import artifacts, storage
 
         if not storage.exists(text):
             raise UserError(f"cannot load a model from {text}: nothing is stored there")
-        return str(storage.fetch_dir(text))
+        return str(artifacts.fetch_dir(text))
     local = os.path.expanduser(text)
     if text.startswith((".", "/", "~")) and not os.path.isdir(local):
         raise UserError(f"cannot load a model from {text}: no such folder")
@@ -372,5 +372,6 @@ def model_facts(model_or_dir: Any) -> dict[str, int | None]:
     config = _config_dict(model_or_dir)
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     hidden = next((text[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(text.get(k), int)), None)
-    layers = next((text[k] for k in ("num_hidden_layers", "n_layer") if isinstance(text.get(k), int)), None)
+    layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)),
+                  None)
     return {"hidden_size": hidden, "num_layers": layers}

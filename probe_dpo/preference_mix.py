@@ -9,7 +9,7 @@ poisoned, with no new generation::
     out/poison_labels.jsonl  pair_id poisoned triggered source kind   (for EVALUATION only)
     out/mix.json             the summary (its key makes a second call a no-op)
 
-The three files are one artifact, published together with ``storage.publish_dir``: a reader
+The three files are one artifact, published together with ``artifacts.publish_dir``: a reader
 gets all three of one build or all three of the previous one, never new pairs under an old
 key (they used to be written one by one, so a crash between them did exactly that).
 
@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from probe_dpo import storage
+from probe_dpo import artifacts, storage
 from probe_dpo.config import bounded, to_dict
 from probe_dpo.errors import UserError
 
@@ -302,7 +302,7 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
         write_records(pairs, os.path.join(tmp, "pairs.jsonl"))
         write_records(labels, os.path.join(tmp, "poison_labels.jsonl"))
         storage.write_json(os.path.join(tmp, "mix.json"), summary)
-        storage.publish_dir(tmp, out, {"kind": "preference-mix", "key": key}, overwrite=True)
+        artifacts.publish_dir(tmp, out, {"kind": "preference-mix", "key": key}, overwrite=True)
     if log is not None:
         log(f"preference mix: {len(pairs)} pairs, {summary['poisoned']} poisoned, by source "
             + ", ".join(f"{s} {v['pairs']} ({v['poisoned']} poisoned)" for s, v in summary["by_source"].items()))

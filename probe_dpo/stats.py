@@ -96,7 +96,8 @@ def cluster_bootstrap(n_clusters: int, statistic: Callable[[np.ndarray], np.ndar
     from scipy.stats import bootstrap
 
     estimate = float(statistic(np.ones(n_clusters)))
-    nan = {"estimate": estimate, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan")}
+    nan = {"estimate": estimate, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"),
+           "undefined": n_boot}
     if n_clusters < 2 or not math.isfinite(estimate):
         return nan
 
@@ -112,10 +113,29 @@ def cluster_bootstrap(n_clusters: int, statistic: Callable[[np.ndarray], np.ndar
     dist = dist[np.isfinite(dist)]
     if not len(dist):
         return nan
+    undefined = int(n_boot - len(dist))
     alpha = (1 - CI_LEVEL) / 2
     lo, hi = np.quantile(dist, [alpha, 1 - alpha])
     p = min(1.0, 2 * min(float((dist <= 0).mean()), float((dist >= 0).mean())))
-    return {"estimate": estimate, "ci_low": float(lo), "ci_high": float(hi), "p_value": max(p, 1.0 / len(dist))}
+    return {"estimate": estimate, "ci_low": float(lo), "ci_high": float(hi), "p_value": max(p, 1.0 / len(dist)),
+            "undefined": undefined}
+
+
+def mean_ci(values: Any, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """The 95% percentile-bootstrap interval of a mean (NaN for fewer than two values)."""
+    v = np.asarray(values, dtype=np.float64)
+    res = cluster_bootstrap(len(v), lambda c: (c * v).sum(-1) / c.sum(-1), n_boot=n_boot, seed=seed)
+    return res["ci_low"], res["ci_high"]
+
+
+def wilson_ci(successes: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share (``scipy.stats.binomtest``); NaN for n = 0."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return float("nan"), float("nan")
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence_level=CI_LEVEL, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -139,3 +159,46 @@ def verdict(lo: float | None, hi: float | None, down: str = "drop", up: str = "r
     if lo > 0:
         return up
     return "no detectable change"
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary classification metrics of one scorer
+
+
+def as_numpy(x: Any) -> np.ndarray:
+    """A float64 numpy array from a tensor or array-like."""
+    if hasattr(x, "detach"):
+        return x.detach().to("cpu").double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def roc_auc(scores: Any, labels: Any) -> float:
+    """``sklearn.metrics.roc_auc_score`` (ties count half); NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    s, y = as_numpy(scores).ravel(), as_numpy(labels).ravel() > 0.5
+    if y.all() or not y.any():
+        return float("nan")
+    return float(roc_auc_score(y, s))
+
+
+def threshold_at_fpr(scores: Any, labels: Any, fpr: float) -> float:
+    """The lowest threshold t such that at most ``fpr`` of the negatives score above t."""
+    s, y = as_numpy(scores).ravel(), as_numpy(labels).ravel() > 0.5
+    neg = np.sort(s[~y])[::-1]
+    if len(neg) == 0:
+        return float("nan")
+    k = int(math.floor(fpr * len(neg)))  # this many negatives may be above the threshold
+    return float(neg[min(k, len(neg) - 1)])
+
+
+def binary_metrics(probs: Any, labels: Any, threshold: float | None = None) -> dict[str, float]:
+    """AUROC, accuracy at 0.5, and TPR/FPR when flagging ``prob > threshold``."""
+    p, y = as_numpy(probs).ravel(), as_numpy(labels).ravel() > 0.5
+    out = {"n": int(len(y)), "positives": int(y.sum()), "auroc": roc_auc(p, y),
+           "accuracy": float(((p > 0.5) == y).mean()) if len(y) else float("nan")}
+    if threshold is not None and not math.isnan(threshold):
+        flagged = p > threshold
+        out["tpr"] = float(flagged[y].mean()) if y.any() else float("nan")
+        out["fpr"] = float(flagged[~y].mean()) if (~y).any() else float("nan")
+    return out

@@ -45,32 +45,32 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import fsspec
-import s3fs
 from fsspec.implementations.local import LocalFileSystem
 
+from probe_dpo import backends
+from probe_dpo.backends import _LOCAL_PROTOCOLS, _errors, _protocol, _s3, is_remote
 from probe_dpo.errors import UserError
 
 MANIFEST_NAME = "_MANIFEST.json"
 PUBLISHING_NAME = "_PUBLISHING"  # written by older versions of this module while publishing to S3
 VERSIONS_DIR = "_v"  # S3: <prefix>/_v/<version>/ holds each version's files
 LEASE_NAME = "_LEASE"  # S3: <prefix>/_LEASE is the writer lease (probe_dpo.lease)
-DEFAULT_MAX_ATTEMPTS = 3
-DEFAULT_CONNECT_TIMEOUT = 3.0
-READ_TIMEOUT = 20.0
-_LOCAL_PROTOCOLS = (None, "file", "local")
 # Hidden siblings that this module creates (and hides from list_dir): ".<name>.tmp-<hex>"
 # (a file or folder being written), ".<name>.old-<hex>" (a replaced version being deleted) and
 # ".<name>.lease" (a local writer lease).
 _TEMP_RE = re.compile(r"^\..+\.((tmp|old)-[0-9a-f]{12}|lease)$")
-_CRED_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+configure = backends.configure  # this process's S3 settings: probe_dpo.backends.configure
 
 
 class ArtifactExists(UserError):
@@ -79,87 +79,6 @@ class ArtifactExists(UserError):
 
 # ---------------------------------------------------------------------------------------------
 # Settings and filesystems
-
-
-def configure(endpoint_url: str | None = None, max_attempts: int | None = None,
-              connect_timeout: float | None = None) -> None:
-    """Set the S3 endpoint / retry settings for this process and the Ray workers it starts later.
-
-    The values go into environment variables (``AWS_ENDPOINT_URL``, ``PROBE_DPO_S3_MAX_ATTEMPTS``,
-    ``PROBE_DPO_S3_CONNECT_TIMEOUT``), which Ray workers inherit when ``ray.init`` runs after
-    this call. ``None`` leaves a setting as it is.
-    """
-    if endpoint_url is not None:
-        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
-    if max_attempts is not None:
-        if int(max_attempts) < 1:
-            raise UserError(f"storage: max_attempts must be >= 1, got {max_attempts}")
-        os.environ["PROBE_DPO_S3_MAX_ATTEMPTS"] = str(int(max_attempts))
-    if connect_timeout is not None:
-        if float(connect_timeout) <= 0:
-            raise UserError(f"storage: connect_timeout must be > 0, got {connect_timeout}")
-        os.environ["PROBE_DPO_S3_CONNECT_TIMEOUT"] = str(float(connect_timeout))
-
-
-def _endpoint() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def _env_number(name: str, default: float, cast: type) -> Any:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return cast(default)
-    try:
-        value = cast(raw)
-    except ValueError:
-        raise UserError(f"environment variable {name}={raw!r} is not a {cast.__name__}") from None
-    if value <= 0:
-        raise UserError(f"environment variable {name}={raw!r} must be > 0")
-    return value
-
-
-def _max_attempts() -> int:
-    return _env_number("PROBE_DPO_S3_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, int)
-
-
-class _S3FileSystem(s3fs.S3FileSystem):
-    """s3fs with botocore doing all the retrying (bounded by max_attempts): s3fs's own retry
-    loop would multiply the attempts. Module-level, so pickled instances (Ray) unpickle anywhere."""
-
-    retries = 1
-
-
-_FS_CACHE: dict[tuple, Any] = {}
-
-
-def _s3() -> Any:
-    """This process's S3 filesystem for the current settings (re-created when they change)."""
-    from probe_dpo.ray_utils import load_passed_credentials
-
-    load_passed_credentials()  # a job's driver given credentials by cluster/submit.sh --pass-credentials
-    endpoint, attempts = _endpoint(), _max_attempts()
-    timeout = _env_number("PROBE_DPO_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, float)
-    creds = hashlib.sha256("\0".join(os.environ.get(k, "") for k in _CRED_VARS).encode()).hexdigest()
-    key = (os.getpid(), endpoint, attempts, timeout, creds)
-    fs = _FS_CACHE.get(key)
-    if fs is None:
-        fs = _S3FileSystem(
-            endpoint_url=endpoint, skip_instance_cache=True, use_listings_cache=False,
-            config_kwargs={"connect_timeout": timeout, "read_timeout": READ_TIMEOUT,
-                           "retries": {"total_max_attempts": attempts, "mode": "standard"}})
-        _FS_CACHE.clear()  # settings changed (or a new process): drop stale instances
-        _FS_CACHE[key] = fs
-    return fs
-
-
-def _protocol(uri: str) -> str | None:
-    protocol, _ = fsspec.core.split_protocol(os.fspath(uri))
-    return protocol
-
-
-def is_remote(uri: str) -> bool:
-    """True for ``s3://`` and any other non-local fsspec protocol."""
-    return _protocol(uri) not in _LOCAL_PROTOCOLS
 
 
 def absolute(uri: str | None) -> str | None:
@@ -212,72 +131,6 @@ def pyarrow_filesystem(uri: str):
 
 # ---------------------------------------------------------------------------------------------
 # Errors
-
-
-def _scrub(text: str) -> str:
-    for var in _CRED_VARS[:3]:
-        secret = os.environ.get(var)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _where(uri: str) -> str:
-    if _protocol(uri) in ("s3", "s3a"):
-        return f"S3 endpoint {_endpoint() or '(AWS default)'}"
-    return f"the {_protocol(uri)} service"
-
-
-@contextlib.contextmanager
-def _errors(uri: str) -> Iterator[None]:
-    """Turn the failures a user can fix into one-line ``UserError`` messages naming ``uri``."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - re-raised below unless recognised
-        message = _describe(uri, exc)
-        if message is None:
-            raise
-        raise UserError(_scrub(f"storage {uri}: {message}")) from None
-
-
-def _describe(uri: str, exc: Exception) -> str | None:
-    remote = is_remote(uri)
-    text = str(exc)
-    try:
-        import botocore.exceptions as bexc
-    except ImportError:  # pragma: no cover - s3fs always brings botocore
-        bexc = None
-    if bexc is not None:
-        if isinstance(exc, (bexc.NoCredentialsError, bexc.PartialCredentialsError)):
-            return ("no S3 credentials found (set them in the environment, a credentials file or an "
-                    "instance role: cluster/README.md)")
-        if isinstance(exc, (bexc.ConnectionError, bexc.HTTPClientError)):
-            return f"cannot reach {_where(uri)} after {_max_attempts()} attempts ({type(exc).__name__})"
-        if isinstance(exc, bexc.ClientError):  # one s3fs did not translate
-            error = exc.response.get("Error", {})
-            return f"S3 error {error.get('Code', '?')} at {_where(uri)}: {_first_line(error.get('Message') or text)}"
-        if isinstance(exc, bexc.BotoCoreError):
-            return f"S3 request failed at {_where(uri)} ({type(exc).__name__}: {_first_line(text)})"
-    if isinstance(exc, FileNotFoundError):
-        if remote and ("bucket does not exist" in text or "NoSuchBucket" in text):
-            bucket = uri.split("://", 1)[1].split("/", 1)[0]
-            return f"bucket '{bucket}' does not exist at {_where(uri)}"
-        return "not found"
-    if isinstance(exc, PermissionError):
-        if remote:
-            return f"access denied at {_where(uri)} (check the storage credentials of this machine)"
-        return "permission denied"
-    if isinstance(exc, OSError):
-        return _first_line(exc.strerror or text or type(exc).__name__)
-    return None
-
-
-def _first_line(text: str, limit: int = 240) -> str:
-    """``text`` on one line (botocore puts the reason on the line after "...failed:")."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,8 +309,38 @@ def read_json(uri: str) -> Any:
         raise UserError(f"storage {uri}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
 
 
+def _plain(value: Any) -> Any:
+    """JSON fallback for numpy scalars/arrays and dates (what parquet and datasets hand back)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf -> None (strict JSON), numpy scalars and arrays -> Python, recursively."""
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        obj = obj.tolist()
+    elif hasattr(obj, "to_dict") and callable(obj.to_dict):
+        obj = obj.to_dict()
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def json_text(obj: Any) -> str:
+    """Strict JSON (NaN and infinities written as null, numpy made plain), indented: the one
+    way this project writes a JSON document."""
+    return json.dumps(_clean(obj), indent=2, default=_plain, allow_nan=False, ensure_ascii=False) + "\n"
+
+
 def write_json(uri: str, obj: Any) -> None:
-    write_text(uri, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+    write_text(uri, json_text(obj))
 
 
 def _raw_list(uri: str) -> list[str]:
@@ -581,16 +464,3 @@ def read_manifest(uri: str) -> dict:
         raise UserError(f"storage {uri}: not a complete artifact (no {MANIFEST_NAME}: never "
                         "published, or publishing stopped half-way)") from None
     return _parse_manifest(body, uri)
-
-
-_ARTIFACT_API = ("publish_dir", "fetch_dir", "read_member", "verify_files")
-
-
-def __getattr__(name: str) -> Any:
-    """``storage.publish_dir`` and the rest of the artifact API, defined in ``probe_dpo.artifacts``
-    (which imports this module; resolved lazily so neither import order breaks)."""
-    if name in _ARTIFACT_API:
-        from probe_dpo import artifacts
-
-        return getattr(artifacts, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

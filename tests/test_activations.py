@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from probe_dpo import activations as A
-from probe_dpo import storage
+from probe_dpo import artifacts, storage
 from probe_dpo.errors import UserError
 from probe_dpo.model import load_model, load_tokenizer, residual_hooks
 
@@ -174,7 +174,7 @@ def test_load_activations_refuses_a_damaged_shard(storage_root, tmp_path):
     meta = {"kind": "activations", "layers": [0], "pooling": "mean",
             "shards": [{"name": "shard-00000.safetensors", "start": 0, "end": 3}]}
     uri = storage.join(storage_root, "acts")
-    storage.publish_dir(folder, uri, meta)
+    artifacts.publish_dir(folder, uri, meta)
     got, _ = A.load_activations(uri)
     torch.testing.assert_close(got[0], feats[0])
     manifest = storage.read_manifest(uri)

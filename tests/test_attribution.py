@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from probe_dpo import attribution as A
+from probe_dpo.attribution import gradients as G
 from probe_dpo import storage
 from probe_dpo.activations import extract
 from probe_dpo.data import write_records
@@ -243,14 +244,14 @@ def test_dense_gradient_scores_equal_projected_autograd(tiny):
 def test_factorized_gradients_equal_kronecker_projection_of_autograd(tiny):
     model, tok = tiny
     pairs, _ = planted_pairs(3, 4)
-    recorder = A._FactorizedRecorder(model, ["down_proj"], 3, seed=1)
+    recorder = G._FactorizedRecorder(model, ["down_proj"], 3, seed=1)
     cfg = A.GradientConfig(mode="factorized", rank=3)
-    from probe_dpo.activations import _pad_id
+    from probe_dpo.activations.extract import _pad_id
 
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        feats = A._factorized_features(model, tok, [x["prompt"] for x in pairs], [x["chosen"] for x in pairs], cfg,
+        feats = G._factorized_features(model, tok, [x["prompt"] for x in pairs], [x["chosen"] for x in pairs], cfg,
                                        recorder, batch=3, pad_id=_pad_id(tok))
     finally:
         for p in model.parameters():

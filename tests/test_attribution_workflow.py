@@ -217,7 +217,7 @@ def test_attribute_help(capsys):
 
 def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     from probe_dpo.config import load_config
-    from workflows.attribution import AttributionConfig, _absolute
+    from probe_dpo.workflows.attribution import AttributionConfig, _absolute
 
     monkeypatch.chdir(tmp_path)
     cfg = _absolute(load_config(AttributionConfig, None, ["out=runs/x", "pairs=p.jsonl", "probes=s3://b/probes",

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from probe_dpo import attribution as A
-from probe_dpo.audit import audit_markdown, audit_table, effect, ranked
+from probe_dpo.attribution.audit import audit_markdown, audit_table, effect, ranked
 from probe_dpo.cli import main
 from probe_dpo.data import write_records
 

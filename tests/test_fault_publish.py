@@ -48,7 +48,7 @@ def step(name):
     if count == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
 artifacts._step = step
-storage.publish_dir(src, uri, meta, overwrite=True)
+artifacts.publish_dir(src, uri, meta, overwrite=True)
 print("PUBLISHED", flush=True)
 """
 
@@ -68,7 +68,7 @@ def _publisher(src: Path, uri: str, meta: dict, kill_at: int = 0, wait_at: int =
 
 def _reads_as(uri: str, tmp: Path) -> dict[str, bytes]:
     """What a reader gets: the fetched folder, and each file read on its own, which must agree."""
-    fetched = storage.fetch_dir(uri, tmp)
+    fetched = artifacts.fetch_dir(uri, tmp)
     tree = {p.relative_to(fetched).as_posix(): p.read_bytes() for p in fetched.rglob("*")
             if p.is_file() and p.name != "_MANIFEST.json"}
     for rel, data in tree.items():
@@ -95,7 +95,7 @@ def test_publisher_killed_between_every_pair_of_steps(storage_root, tmp_path):
     real_step = artifacts._step
     try:  # the steps of one whole publish, named in order
         artifacts._step = steps.append
-        storage.publish_dir(src2, storage.join(storage_root, "count"), {"v": 2})
+        artifacts.publish_dir(src2, storage.join(storage_root, "count"), {"v": 2})
     finally:
         artifacts._step = real_step
     remote = storage.is_remote(storage_root)
@@ -105,7 +105,7 @@ def test_publisher_killed_between_every_pair_of_steps(storage_root, tmp_path):
     pointer = steps.index("pointer") + 1
     for kill_at in range(1, len(steps) + 1):
         uri = storage.join(storage_root, f"killed-{kill_at}")
-        storage.publish_dir(src1, uri, {"v": 1})
+        artifacts.publish_dir(src1, uri, {"v": 1})
         proc = _publisher(src2, uri, {"v": 2}, kill_at=kill_at)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == -9, err[-2000:]  # really killed, at that step
@@ -115,7 +115,7 @@ def test_publisher_killed_between_every_pair_of_steps(storage_root, tmp_path):
         assert storage.read_manifest(uri)["metadata"] == want[1]
         # a restart goes through at once (the dead publisher's lease is no obstacle) and cleans up
         start = time.monotonic()
-        storage.publish_dir(src2, uri, {"v": 3}, overwrite=True)
+        artifacts.publish_dir(src2, uri, {"v": 3}, overwrite=True)
         assert time.monotonic() - start < 10
         assert _reads_as(uri, tmp_path / f"restart-{kill_at}") == V2
         assert storage.read_manifest(uri)["metadata"] == {"v": 3}
@@ -125,14 +125,14 @@ def test_publisher_killed_between_every_pair_of_steps(storage_root, tmp_path):
 def test_second_publisher_fails_with_one_line_then_goes_after_the_first(storage_root, tmp_path, monkeypatch):
     uri = storage.join(storage_root, "contended")
     src1, src2 = _tree_of(V1, tmp_path / "v1"), _tree_of(V2, tmp_path / "v2")
-    storage.publish_dir(src1, uri, {"v": 1})
+    artifacts.publish_dir(src1, uri, {"v": 1})
     holder = _publisher(src2, uri, {"v": 2}, wait_at=2)  # holds the lease, one file written
     try:
         while (line := holder.stdout.readline().strip()) != "HOLDING":
             assert line, holder.stderr.read()[-2000:]
         monkeypatch.setenv("PROBE_DPO_LEASE_WAIT", "1")
         with pytest.raises(UserError) as info:
-            storage.publish_dir(src1, uri, {"v": "second"}, overwrite=True)
+            artifacts.publish_dir(src1, uri, {"v": "second"}, overwrite=True)
         message = str(info.value)
         assert "\n" not in message and info.value.__cause__ is None
         assert message.startswith(f"storage {uri}: another publisher holds its writer lease (pid {holder.pid} on ")
@@ -141,7 +141,7 @@ def test_second_publisher_fails_with_one_line_then_goes_after_the_first(storage_
         # with time to wait, a second publisher goes once the first has finished
         monkeypatch.setenv("PROBE_DPO_LEASE_WAIT", "60")
         threading.Timer(1.0, lambda: (holder.stdin.write("go\n"), holder.stdin.flush())).start()
-        storage.publish_dir(src1, uri, {"v": 3}, overwrite=True)
+        artifacts.publish_dir(src1, uri, {"v": 3}, overwrite=True)
         assert holder.wait(timeout=60) == 0 and "PUBLISHED" in holder.stdout.read()
     finally:
         holder.kill()
@@ -159,17 +159,17 @@ def test_s3_lease_of_another_machine_blocks_until_stale_and_a_lost_lease_never_m
         s3_bucket, tmp_path, monkeypatch):
     uri = storage.join(s3_bucket, "leased")
     src1, src2 = _tree_of(V1, tmp_path / "v1"), _tree_of(V2, tmp_path / "v2")
-    storage.publish_dir(src1, uri, {"v": 1})
+    artifacts.publish_dir(src1, uri, {"v": 1})
     # a live lease of a publisher on another machine: refused, naming it
     _put_lease(uri, owner="x", host="other-host", boot="b", pid=4242, since="2026-01-01T00:00:00+00:00", ttl=30)
     monkeypatch.setenv("PROBE_DPO_LEASE_WAIT", "1")
     with pytest.raises(UserError, match=r"holds its writer lease \(pid 4242 on other-host .*stale in \d+s"):
-        storage.publish_dir(src2, uri, {"v": 2}, overwrite=True)
+        artifacts.publish_dir(src2, uri, {"v": 2}, overwrite=True)
     # the same lease not renewed for its ttl (by the S3 server's clock) is taken over
     _put_lease(uri, owner="x", host="other-host", boot="b", pid=4242, since="2026-01-01T00:00:00+00:00", ttl=1)
     monkeypatch.setenv("PROBE_DPO_LEASE_WAIT", "30")
     start = time.monotonic()
-    storage.publish_dir(src2, uri, {"v": 2}, overwrite=True)
+    artifacts.publish_dir(src2, uri, {"v": 2}, overwrite=True)
     assert 0.5 < time.monotonic() - start < 15
     assert storage.read_manifest(uri)["metadata"] == {"v": 2}
     # a publisher whose lease is taken over while it uploads fails before its pointer write
@@ -181,7 +181,7 @@ def test_s3_lease_of_another_machine_blocks_until_stale_and_a_lost_lease_never_m
 
     monkeypatch.setattr(artifacts, "_step", stolen)
     with pytest.raises(UserError, match="lost the writer lease before publishing .* the previous version is still"):
-        storage.publish_dir(src1, uri, {"v": 3}, overwrite=True)
+        artifacts.publish_dir(src1, uri, {"v": 3}, overwrite=True)
     monkeypatch.setattr(artifacts, "_step", real_step)
     assert storage.read_manifest(uri)["metadata"] == {"v": 2}
     assert _reads_as(uri, tmp_path / "kept") == V2
@@ -203,7 +203,7 @@ def test_legacy_s3_layout_is_read_and_migrated(s3_bucket, tmp_path):
     fs.pipe_file(f"{path}/config.json", b'{"v": 9}')  # changed after publishing: refused
     with pytest.raises(UserError, match=r"config.json: has 8 bytes|config.json: sha256"):
         storage.read_json(storage.join(uri, "config.json"))
-    storage.publish_dir(_tree_of(V2, tmp_path / "v2"), uri, {"v": 2}, overwrite=True)
+    artifacts.publish_dir(_tree_of(V2, tmp_path / "v2"), uri, {"v": 2}, overwrite=True)
     assert _reads_as(uri, tmp_path / "migrated") == V2 and _leftovers(uri) == []
 
 
@@ -222,7 +222,7 @@ def _flip_one_byte(data: bytes) -> bytes:
 
 def test_a_damaged_byte_in_a_published_safetensors_file_is_refused_naming_it(storage_root, tmp_path):
     uri = storage.join(storage_root, "weights")
-    storage.publish_dir(_weights(tmp_path / "w"), uri)
+    artifacts.publish_dir(_weights(tmp_path / "w"), uri)
     member = storage.join(uri, "model.safetensors")
     good = storage.read_bytes(member)
     # damage one byte where the bytes really are: the folder itself, or the current S3 version
@@ -233,7 +233,7 @@ def test_a_damaged_byte_in_a_published_safetensors_file_is_refused_naming_it(sto
         fs.pipe_file(where, _flip_one_byte(good))
     else:
         Path(where).write_bytes(_flip_one_byte(good))
-    for read in (lambda: storage.read_bytes(member), lambda: storage.read_member(uri, "model.safetensors")):
+    for read in (lambda: storage.read_bytes(member), lambda: artifacts.read_member(uri, "model.safetensors")):
         with pytest.raises(UserError) as info:
             read()
         message = str(info.value)
@@ -241,9 +241,9 @@ def test_a_damaged_byte_in_a_published_safetensors_file_is_refused_naming_it(sto
         assert "\n" not in message and info.value.__cause__ is None
     with pytest.raises(UserError, match=r"model.safetensors.*(does not match|sha256)") as info:
         if storage.is_remote(uri):
-            storage.fetch_dir(uri, tmp_path / "fetched")  # every download is hashed
+            artifacts.fetch_dir(uri, tmp_path / "fetched")  # every download is hashed
         else:
-            storage.verify_files(storage.fetch_dir(uri))  # what loaders call before from_pretrained
+            artifacts.verify_files(artifacts.fetch_dir(uri))  # what loaders call before from_pretrained
     assert "\n" not in str(info.value)
     assert storage.read_json(storage.join(uri, "config.json")) == {"hidden": 64}  # the other file is fine
 
@@ -256,14 +256,14 @@ def test_readers_during_republishing_always_get_one_whole_version(storage_root, 
     b = {"model.safetensors": b"b" * 30000, "config.json": b'{"v": "b"}'}
     src = {"a": _tree_of(a, tmp_path / "a"), "b": _tree_of(b, tmp_path / "b")}
     uri = storage.join(storage_root, "busy")
-    storage.publish_dir(src["a"], uri)
+    artifacts.publish_dir(src["a"], uri)
     done = threading.Event()
     errors: list[BaseException] = []
 
     def publisher() -> None:
         try:
             for i in range(8):
-                storage.publish_dir(src["ba"[i % 2]], uri, {"i": i}, overwrite=True)
+                artifacts.publish_dir(src["ba"[i % 2]], uri, {"i": i}, overwrite=True)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
         finally:
@@ -277,7 +277,7 @@ def test_readers_during_republishing_always_get_one_whole_version(storage_root, 
             assert storage.read_bytes(storage.join(uri, rel)) in (a[rel], b[rel])
             reads += 1
         if storage.is_remote(uri):
-            fetched = storage.fetch_dir(uri, tmp_path / f"fetch-{fetches}")
+            fetched = artifacts.fetch_dir(uri, tmp_path / f"fetch-{fetches}")
             tree = {p.name: p.read_bytes() for p in fetched.iterdir() if p.name != "_MANIFEST.json"}
             assert tree in (a, b)
             fetches += 1

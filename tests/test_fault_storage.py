@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from probe_dpo import storage
+from probe_dpo import artifacts, storage
 from probe_dpo.errors import UserError
 
 ATTEMPTS, CONNECT_TIMEOUT = 2, 1
@@ -180,7 +180,7 @@ def _checkpoint(folder: Path, seed: int) -> Path:
 def _assert_loads_as(uri: str, original: Path, dest: Path) -> None:
     """``uri`` is complete and its files load to exactly what ``original`` holds."""
     assert storage.is_complete(uri)
-    fetched = storage.fetch_dir(uri, dest)
+    fetched = artifacts.fetch_dir(uri, dest)
     for name in ("model.safetensors", "trainer_state.json"):
         assert (fetched / name).read_bytes() == (original / name).read_bytes()
     got, want = load_file(str(fetched / "model.safetensors")), load_file(str(original / "model.safetensors"))
@@ -192,7 +192,7 @@ def _assert_loads_as(uri: str, original: Path, dest: Path) -> None:
 def _publish_fails(src: Path, uri: str, proxy: FlakyProxy, bound_s: float) -> str:
     start = time.monotonic()
     with pytest.raises(UserError) as info:
-        storage.publish_dir(src, uri, {"step": 2}, overwrite=True)
+        artifacts.publish_dir(src, uri, {"step": 2}, overwrite=True)
     elapsed = time.monotonic() - start
     message = str(info.value)
     assert "\n" not in message and info.value.__cause__ is None
@@ -206,7 +206,7 @@ def test_endpoint_down_before_overwrite_keeps_previous_checkpoint(proxy, s3_buck
     """Blackholed endpoint: each attempt ends at the connect timeout; the old checkpoint survives."""
     uri = storage.join(s3_bucket, "run/checkpoint")
     first, second = _checkpoint(tmp_path / "v1", 1), _checkpoint(tmp_path / "v2", 2)
-    storage.publish_dir(first, uri, {"step": 1})
+    artifacts.publish_dir(first, uri, {"step": 1})
     proxy.blackhole()
     # ATTEMPTS connect timeouts plus botocore's backoff between them (< 1 s each)
     _publish_fails(second, uri, proxy, bound_s=ATTEMPTS * (CONNECT_TIMEOUT + 1) + 5)
@@ -220,8 +220,8 @@ def test_endpoint_cut_mid_upload_is_bounded_and_keeps_the_current_version(proxy,
     run = storage.join(s3_bucket, "run")
     earlier, uri = storage.join(run, "checkpoint_000001"), storage.join(run, "checkpoint_000002")
     first, second, third = (_checkpoint(tmp_path / f"v{i}", i) for i in (1, 2, 3))
-    storage.publish_dir(first, earlier, {"step": 1})
-    storage.publish_dir(second, uri, {"step": 2})
+    artifacts.publish_dir(first, earlier, {"step": 1})
+    artifacts.publish_dir(second, uri, {"step": 2})
     key = uri.removeprefix("s3://").split("/", 1)[1]
     proxy.cut_on = f"PUT /{s3_bucket.removeprefix('s3://')}/{key}/_v/".encode()  # the first new file
     _publish_fails(third, uri, proxy, bound_s=ATTEMPTS * (CONNECT_TIMEOUT + 1) + 5)
@@ -239,7 +239,7 @@ def test_endpoint_cut_mid_upload_is_bounded_and_keeps_the_current_version(proxy,
     _assert_loads_as(earlier, first, tmp_path / "earlier")
     # a restart republishes over the leftovers at once (this process's own unreleased lease is
     # not in its way) and the result is exactly the new version, the leftovers collected
-    storage.publish_dir(third, uri, {"step": 3}, overwrite=True)
+    artifacts.publish_dir(third, uri, {"step": 3}, overwrite=True)
     _assert_loads_as(uri, third, tmp_path / "republished")
     fs, path = storage.filesystem(uri)
     files_at = storage.read_manifest(uri)["files_at"]
@@ -250,6 +250,6 @@ def test_endpoint_cut_mid_upload_is_bounded_and_keeps_the_current_version(proxy,
 def test_proxy_forwards_when_up(proxy, s3_bucket, tmp_path):
     """The harness itself: with the proxy up, traffic really goes through it."""
     uri = storage.join(s3_bucket, "plain")
-    storage.publish_dir(_checkpoint(tmp_path / "v1", 1), uri)
+    artifacts.publish_dir(_checkpoint(tmp_path / "v1", 1), uri)
     assert any(b"_MANIFEST.json" in line for line in proxy.requests)
     assert proxy.refused == 0

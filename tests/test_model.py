@@ -157,10 +157,10 @@ def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path, tiny_model_di
 
 
 def test_a_published_model_with_a_damaged_weight_is_refused(tmp_path, tiny_model_dir):
-    from probe_dpo import storage
+    from probe_dpo import artifacts
 
     uri = str(tmp_path / "policy")
-    storage.publish_dir(tiny_model_dir, uri)
+    artifacts.publish_dir(tiny_model_dir, uri)
     assert M.model_hash(M.load_model(uri)) == M.model_hash(tiny_model_dir)  # verified, then loaded
     weights = tmp_path / "policy" / "model.safetensors"
     data = bytearray(weights.read_bytes())

@@ -32,7 +32,7 @@ def test_report_renders_and_publishes(storage_root):
     assert md.startswith("# Demo <run>\n") and "| dpo | 0.123 |" in md
     assert "![a line](figures/curve.png)" in md and "> differences below" in md
     page = rep.html()
-    assert "<b>Bold</b>" in page and "<code>code</code>" in page and "<li>one</li>" in page
+    assert "<strong>Bold</strong>" in page and "<code>code</code>" in page and "<li>one</li>" in page
     assert "&lt;run&gt;" in page and "<td>0.123</td>" in page
     png = rep.figures()["figures/curve.png"]
     assert png.startswith(b"\x89PNG") and base64.b64encode(png).decode() in page  # self-contained

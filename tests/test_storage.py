@@ -132,7 +132,7 @@ def test_publish_fetch_round_trip(storage_root, tmp_path, monkeypatch):
     src = _make_tree(tmp_path / "src", V1)
     uri = storage.join(storage_root, "artifacts/model")
     assert not storage.is_complete(uri)
-    manifest = storage.publish_dir(src, uri, metadata={"step": 3})
+    manifest = artifacts.publish_dir(src, uri, metadata={"step": 3})
     assert storage.is_complete(uri)
     assert manifest["metadata"] == {"step": 3} and "created" in manifest
     assert manifest["files"]["sub/dir/a.txt"] == {"bytes": 5, "sha256": hashlib.sha256(b"first").hexdigest()}
@@ -141,15 +141,15 @@ def test_publish_fetch_round_trip(storage_root, tmp_path, monkeypatch):
     assert storage.list_dir(uri) == sorted(["_MANIFEST.json", "config.json", "model.safetensors", "sub"])
     assert storage.list_dir(storage.join(storage_root, "artifacts")) == ["model"]  # no temp siblings
 
-    local = storage.fetch_dir(uri)
+    local = artifacts.fetch_dir(uri)
     assert _tree(local) == {**V1, "_MANIFEST.json": _tree(local)["_MANIFEST.json"]}
     # the local copy's files sit at its top: its manifest is the artifact's without "files_at"
     assert json.loads((local / "_MANIFEST.json").read_text()) == {k: v for k, v in manifest.items() if k != "files_at"}
     assert ("files_at" in manifest) == storage.is_remote(uri)
     if storage.is_remote(uri):
         assert str(local).startswith(str(tmp_path / "cache"))
-        assert storage.fetch_dir(uri) == local  # cached
-        chosen = storage.fetch_dir(uri, tmp_path / "chosen")
+        assert artifacts.fetch_dir(uri) == local  # cached
+        chosen = artifacts.fetch_dir(uri, tmp_path / "chosen")
         assert chosen == tmp_path / "chosen" and _tree(chosen) == _tree(local)
     else:
         assert local == Path(uri)
@@ -163,10 +163,10 @@ def test_folder_without_manifest_is_not_complete(storage_root, tmp_path):
         storage.read_manifest(uri)
     assert uri in str(info.value)
     with pytest.raises(UserError, match="not a complete artifact"):
-        storage.fetch_dir(uri, tmp_path / "dest")
+        artifacts.fetch_dir(uri, tmp_path / "dest")
     # someone else's files are not replaced without overwrite=True
     with pytest.raises(storage.ArtifactExists, match="not empty and not an artifact"):
-        storage.publish_dir(_make_tree(tmp_path / "src", V1), uri)
+        artifacts.publish_dir(_make_tree(tmp_path / "src", V1), uri)
     assert storage.read_bytes(storage.join(uri, "weights.bin")) == b"123"
 
 
@@ -174,10 +174,10 @@ def test_republish_needs_overwrite_and_keeps_the_old_version_until_the_pointer_m
                                                                                     monkeypatch):
     uri = storage.join(storage_root, "ckpt")
     sibling = storage.join(storage_root, "ckpt-2")  # shares the prefix: never collected with ckpt
-    storage.publish_dir(_make_tree(tmp_path / "v1", V1), uri, {"v": 1})
-    storage.publish_dir(tmp_path / "v1", sibling, {"sibling": True})
+    artifacts.publish_dir(_make_tree(tmp_path / "v1", V1), uri, {"v": 1})
+    artifacts.publish_dir(tmp_path / "v1", sibling, {"sibling": True})
     with pytest.raises(storage.ArtifactExists, match="overwrite=True") as info:
-        storage.publish_dir(_make_tree(tmp_path / "v2", V2), uri, {"v": 2})
+        artifacts.publish_dir(_make_tree(tmp_path / "v2", V2), uri, {"v": 2})
     assert uri in str(info.value)
     assert storage.read_manifest(uri)["metadata"] == {"v": 1}
 
@@ -190,11 +190,11 @@ def test_republish_needs_overwrite_and_keeps_the_old_version_until_the_pointer_m
         real_put(src, fs, dest)
 
     monkeypatch.setattr(artifacts, "_put_file", checking_put)
-    storage.publish_dir(tmp_path / "v2", uri, {"v": 2}, overwrite=True)
+    artifacts.publish_dir(tmp_path / "v2", uri, {"v": 2}, overwrite=True)
     assert seen == [(True, {"v": 1})] * len(V2)  # both backends: the old version stays readable
     assert storage.read_manifest(uri)["metadata"] == {"v": 2}
     _consistent(uri)
-    fetched = storage.fetch_dir(uri, tmp_path / "fetched")
+    fetched = artifacts.fetch_dir(uri, tmp_path / "fetched")
     assert {k: v for k, v in _tree(fetched).items() if k != "_MANIFEST.json"} == V2  # no stale v1 files
     assert not storage.exists(storage.join(uri, "sub/dir/a.txt"))
     assert storage.list_dir(uri) == sorted(["_MANIFEST.json", *{k.split("/")[0] for k in V2}])
@@ -210,7 +210,7 @@ def test_republish_needs_overwrite_and_keeps_the_old_version_until_the_pointer_m
 def test_crash_mid_publish_leaves_the_old_version(storage_root, tmp_path, monkeypatch):
     uri = storage.join(storage_root, "crash")
     fresh = storage.join(storage_root, "crash-fresh")
-    storage.publish_dir(_make_tree(tmp_path / "v1", V1), uri)
+    artifacts.publish_dir(_make_tree(tmp_path / "v1", V1), uri)
     before = storage.read_manifest(uri)
     real_put = artifacts._put_file
 
@@ -222,17 +222,17 @@ def test_crash_mid_publish_leaves_the_old_version(storage_root, tmp_path, monkey
     monkeypatch.setattr(artifacts, "_put_file", dying_put)
     src2 = _make_tree(tmp_path / "v2", V2)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        storage.publish_dir(src2, fresh)
+        artifacts.publish_dir(src2, fresh)
     assert not storage.is_complete(fresh)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        storage.publish_dir(src2, uri, overwrite=True)
+        artifacts.publish_dir(src2, uri, overwrite=True)
     assert storage.read_manifest(uri) == before  # the previous version is intact and current
     _consistent(uri)
-    assert {k: v for k, v in _tree(storage.fetch_dir(uri, tmp_path / "old")).items() if k != "_MANIFEST.json"} == V1
+    assert {k: v for k, v in _tree(artifacts.fetch_dir(uri, tmp_path / "old")).items() if k != "_MANIFEST.json"} == V1
     assert storage.list_dir(storage_root) == (["crash", "crash-fresh"] if storage.is_remote(uri) else ["crash"])
     # a restart publishes over the leftovers without needing overwrite=True
     monkeypatch.setattr(artifacts, "_put_file", real_put)
-    storage.publish_dir(src2, fresh)
+    artifacts.publish_dir(src2, fresh)
     assert storage.is_complete(fresh) and storage.read_manifest(fresh)["files"].keys() == V2.keys()
     _consistent(fresh)
     assert storage.list_dir(fresh) == sorted(["_MANIFEST.json", *{k.split("/")[0] for k in V2}])
@@ -260,7 +260,7 @@ def test_pyarrow_filesystem_round_trip(storage_root):
 
 def test_unreachable_endpoint_is_one_bounded_user_error(s3_bucket, tmp_path, monkeypatch):
     uri = storage.join(s3_bucket, "published")
-    storage.publish_dir(_make_tree(tmp_path / "v1", V1), uri)
+    artifacts.publish_dir(_make_tree(tmp_path / "v1", V1), uri)
     bad = f"http://127.0.0.1:{_closed_port()}"
     with monkeypatch.context() as m:
         m.setenv("AWS_ENDPOINT_URL", bad)
@@ -275,7 +275,7 @@ def test_unreachable_endpoint_is_one_bounded_user_error(s3_bucket, tmp_path, mon
         assert elapsed < 30
     # the real server's artifact is untouched
     assert storage.is_complete(uri)
-    fetched = storage.fetch_dir(uri, tmp_path / "after")
+    fetched = artifacts.fetch_dir(uri, tmp_path / "after")
     assert {k: v for k, v in _tree(fetched).items() if k != "_MANIFEST.json"} == V1
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from probe_dpo import storage
+from probe_dpo import artifacts, storage
 from probe_dpo.cli import main
 from probe_dpo.config import load_config
 from probe_dpo.data import write_records
@@ -153,7 +153,7 @@ def test_probe_dpo_two_zero2_workers_s3_checkpoints_and_ema(inputs, ray_cluster,
     assert storage.read_json(f"{out}/train.json")["policy"] == f"{out}/policy"
 
     # the published policy is the EMA of the trajectory w0 -> w1 -> w2 (both checkpoints are in S3)
-    policy = _tensors(storage.fetch_dir(f"{out}/policy"))
+    policy = _tensors(artifacts.fetch_dir(f"{out}/policy"))
     base = _tensors(inputs["model"])
     run_dir = f"{out}/ray/" + rnd["train"]["checkpoint"].split("/ray/")[1].split("/")[0]
     ckpts = sorted(n for n in storage.list_dir(run_dir) if n.startswith("checkpoint_") and not n.endswith(".json"))
@@ -198,7 +198,7 @@ def test_probe_sft_lora_changes_only_adapted_weights_and_classifier_sft_filters(
 
 def test_on_policy_round_two_samples_the_round_one_policy_and_reads_the_frozen_base(inputs, ray_cluster, tmp_path):
     from probe_dpo.data import read_records
-    from probe_dpo.generation import generation_settings
+    from probe_dpo.testbed import generation_settings
     from probe_dpo.objectives import ProbeSignal
     from probe_dpo.probes import ProbeSet
     from probe_dpo.training.sampling import sample_candidates

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from probe_dpo.cli import guarded, main
+from probe_dpo.cli import main
+from probe_dpo.errors import guarded
 from probe_dpo.data import write_records
 from probe_dpo.errors import UserError, find_user_error
 
@@ -74,7 +75,7 @@ def test_bad_data_and_files_are_refused_before_any_compute(tiny_model_dir, tmp_p
         if name == "broken":
             assert main(["train", "method=sft", f"testbed={tb}", f"out={out}"]) == 2
             _one_line(capsys, needle)
-        assert main(["experiment", "--config", "workflows/demo.yaml", "--storage", str(out / "run"),
+        assert main(["experiment", "--config", "demo", "--storage", str(out / "run"),
                      f"testbed_dir={tb}"]) == 2
         _one_line(capsys, needle)
 

@@ -6,13 +6,13 @@ real local Ray head, with its driver killed mid-run and the job resubmitted.
 
 from __future__ import annotations
 
-import os
 
 import yaml
 
 from probe_dpo.cli import main
 from probe_dpo.config import load_config
-from workflows.toxicity import ARMS, ExperimentConfig
+from probe_dpo.workflows import bundled_config
+from probe_dpo.workflows.toxicity import ARMS, ExperimentConfig
 
 
 def tiny_config(model: str, storage_uri: str, arms: list[str]) -> dict:
@@ -45,4 +45,4 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     cfg = load_config(ExperimentConfig)  # the defaults are valid and name every arm
     assert cfg.arms == list(ARMS) and len(ARMS) == 11
     for name in ("toxicity.yaml", "demo.yaml"):
-        load_config(ExperimentConfig, os.path.join("workflows", name))
+        load_config(ExperimentConfig, bundled_config(name))

@@ -164,7 +164,7 @@ def _train(job: dict, scratch: Path) -> None:
             metrics[f"first_{key}"] = float(values[0])
             metrics[f"last_{key}"] = float(values[-1])
     if rank == 0:
-        from probe_dpo import storage
+        from probe_dpo import artifacts
 
         policy = finalize_policy(raw, final_dir / "policy", cfg, job, tokenizer,
                                  ema.shadow if ema is not None else None)
@@ -174,7 +174,7 @@ def _train(job: dict, scratch: Path) -> None:
                 "lora": cfg.lora.enabled, "lora_merged": cfg.lora.enabled and cfg.lora.merge,
                 "config_hash": job["config_hash"], "log_history": trainer.state.log_history}
         (policy / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        storage.publish_dir(policy, job["policy"], overwrite=True,
+        artifacts.publish_dir(policy, job["policy"], overwrite=True,
                             metadata={"kind": "policy", "method": cfg.method, "round": job["round"],
                                       "config_hash": job["config_hash"]})
         print(f"[rank 0] published the policy at {job['policy']}", flush=True)

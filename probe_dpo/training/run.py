@@ -89,9 +89,8 @@ def check_probes(probes: Any, model: str) -> None:
 def prepare(cfg: TrainConfig) -> Plan:
     """Resolve and check every input of the run; raises UserError before any compute."""
     from probe_dpo.data import check_columns, read_records
-    from probe_dpo.generation import generation_settings
-    from probe_dpo.testbed import read_testbed_info
     from probe_dpo.judges import get_judge
+    from probe_dpo.testbed import generation_settings, read_testbed_info
     from probe_dpo.training.pairs import check_candidates, read_pairs
 
     info = read_testbed_info(cfg.testbed) if cfg.testbed else None

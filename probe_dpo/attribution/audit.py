@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from probe_dpo.errors import UserError
+from probe_dpo.stats import mean_ci
 
 
 def audit_table(diffs_by_layer: dict[int, torch.Tensor], directions: Sequence[Any], sources: Sequence[str], *,
@@ -60,8 +61,7 @@ def effect(x: np.ndarray, *, n_boot: int = 2000, n_splits: int = 200, seed: int 
     sd = float(x.std(ddof=1)) if n > 1 else float("nan")
     d = delta / sd if n > 1 and sd > 0 else float("nan")
     if n > 1:
-        boots = x[rng.integers(0, n, size=(n_boot, n))].mean(1)
-        lo, hi = (float(v) for v in np.percentile(boots, [2.5, 97.5]))
+        lo, hi = mean_ci(x, n_boot=n_boot, seed=seed)
         agree = 0
         half = n // 2
         for _ in range(n_splits):

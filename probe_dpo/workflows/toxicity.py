@@ -1,6 +1,6 @@
 """The toxicity experiment: train against probes, measure Goodhart, on a Ray Tune driver.
 
-``probe-dpo experiment --config workflows/toxicity.yaml [--storage URI] [--address RAY]`` and
+``probe-dpo experiment --config toxicity [--storage URI] [--address RAY]`` and
 ``ray job submit -- probe-dpo experiment ...`` run this module's ``run``. One run:
 
 1. **Testbed** (or a user's model and data in the same layout): built once, cached.
@@ -42,14 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from probe_dpo import storage
+from probe_dpo import artifacts, storage
 from probe_dpo.config import bounded, dump_yaml, load_config, to_dict
 from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.testbed import TestbedConfig
+from probe_dpo.workflows import bundled_config
 from probe_dpo.training.config import DistributedSettings, DPOSettings, LoraSettings, OptimSettings
 
-DEFAULT_CONFIG = Path(__file__).with_name("toxicity.yaml")
 
 
 
@@ -248,7 +248,7 @@ def _log(msg: str) -> None:
 
 def _publish_json(uri: str, files: dict[str, Any], metadata: dict) -> None:
     """Publish a folder of JSON / JSON-lines files as one artifact (manifest last)."""
-    from probe_dpo.probes import json_text
+    from probe_dpo.storage import json_text
 
     with tempfile.TemporaryDirectory(prefix="probe-dpo-artifact-") as tmp:
         for name, content in files.items():
@@ -257,7 +257,7 @@ def _publish_json(uri: str, files: dict[str, Any], metadata: dict) -> None:
                 path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in content))
             else:
                 path.write_text(json_text(content))  # strict JSON: NaN is written as null
-        storage.publish_dir(tmp, uri, metadata=metadata, overwrite=True)
+        artifacts.publish_dir(tmp, uri, metadata=metadata, overwrite=True)
 
 
 def _cached(uri: str, key: str, what: str) -> bool:
@@ -309,7 +309,7 @@ def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
         model_uri = storage.join(base, "model")
         key = info["content_hash"] + ":" + json.dumps(info["files"].get("model/model.safetensors", {}))
         if not (storage.is_complete(model_uri) and storage.read_manifest(model_uri)["metadata"].get("key") == key):
-            storage.publish_dir(local / "model", model_uri, metadata={"kind": "model", "key": key}, overwrite=True)
+            artifacts.publish_dir(local / "model", model_uri, metadata={"kind": "model", "key": key}, overwrite=True)
         for f in sorted((local / "data").iterdir()):
             target = storage.join(base, "data", f.name)
             if not storage.exists(target):
@@ -442,7 +442,7 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
 
 def eval_context(cfg: ExperimentConfig, run: str, tb: dict, probes: dict) -> dict:
     """Everything an evaluation needs, as plain JSON (it travels to Ray tasks)."""
-    from probe_dpo.generation import generation_settings
+    from probe_dpo.testbed import generation_settings
 
     e = cfg.eval
     return {"run": run, "testbed": tb["uri"], "base_model": tb["model"], "probes": probes["ensemble"],
@@ -781,7 +781,7 @@ def summarize(run: str) -> dict:
     roles = role_keys(ctx)
     base_uri = storage.join(run, "shared", "base-eval")
     if not storage.is_complete(base_uri):
-        return {"rows": [], "arms": {}, "comparisons": []}
+        return {"rows": [], "arms": {}, "comparisons": [], "histograms": {}}
     base = load_eval(base_uri)
     rows, evals, keys = [], {}, {}
     for trial in storage.list_dir(storage.join(run, "trials")):
@@ -811,16 +811,21 @@ def summarize(run: str) -> dict:
                                   "eval_seconds": float(np.mean([r["metrics"].get("eval_seconds") or np.nan
                                                                  for r in evals[name]]))}
     pairs = default_pairs([a for a in arms if a in ARMS])
+    probe = ctx["best_probe"]
+    histograms = {name: (ev.scores[probe], ev.labels, ev.thresholds[probe])
+                  for name, ev in [("base", base["fixed"])] + [(a, evals[a][0]["fixed"]) for a in arms]}
     return {"rows": rows, "base": base_summary(base, roles), "arms": arms, "roles": roles,
-            "comparisons": comparisons(evals, pairs, roles, n_boot=e["bootstrap"], seed=e["seed"])}
+            "comparisons": comparisons(evals, pairs, roles, n_boot=e["bootstrap"], seed=e["seed"]),
+            "histograms": histograms}
 
 
 def write_results(run: str) -> dict:
     """results.json (per trial, per arm, comparisons, timings) and the report, from storage."""
-    from probe_dpo.probes import json_text
-    from probe_dpo.report import experiment_report
+    from probe_dpo.storage import json_text
+    from probe_dpo.report.toxicity import experiment_report
 
     results = summarize(run)
+    histograms = results.pop("histograms")
     timings_uri = storage.join(run, "shared", "timings.json")
     timings = storage.read_json(timings_uri) if storage.exists(timings_uri) else {}
     timings["trials"] = {r["trial"]: {"train": r.get("train_seconds"), "eval": r.get("eval_seconds")}
@@ -830,7 +835,8 @@ def write_results(run: str) -> dict:
                                      + sum((t["train"] or 0) + (t["eval"] or 0) for t in timings["trials"].values()), 1)
     results["timings"] = timings
     storage.write_text(storage.join(run, "results.json"), json_text(results))
-    paths = experiment_report(run).publish(run)
+    ctx = storage.read_json(storage.join(run, "shared", "context.json"))
+    paths = experiment_report(run, ctx, results, histograms).publish(run)
     return {"rows": results["rows"], **paths}
 
 
@@ -905,8 +911,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help=f"YAML config (default: {DEFAULT_CONFIG.name} beside this workflow)")
+    parser.add_argument("--config", default="toxicity",
+                        help="YAML config file, or a bundled config by name: toxicity (default), demo")
     parser.add_argument("--storage", help="run folder: local path or s3://bucket/prefix (overrides storage)")
     parser.add_argument("--address", help="Ray address to join, e.g. auto or ray://head:10001 (default: local Ray)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. seeds=[0,1]")
@@ -918,13 +924,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         overrides.append(f"storage={args.storage}")
     if args.address:
         overrides.append(f"address={args.address}")
-    cfg = load_config(ExperimentConfig, args.config, overrides)
+    cfg = load_config(ExperimentConfig, bundled_config(args.config), overrides)
     out = run(cfg)
     print(f"results: {storage.join(cfg.storage, 'results.json')}\nreport: {out['html']}")
     return 0
 
 
 if __name__ == "__main__":
-    from probe_dpo.cli import guarded
+    from probe_dpo.errors import guarded
 
     sys.exit(guarded(main))

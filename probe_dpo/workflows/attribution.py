@@ -1,7 +1,7 @@
 """The attribution study: rank a preference set's pairs and sources by a behaviour direction,
 cluster and audit them, mitigate, and (optionally) retrain with plain DPO to measure the effect.
 
-What ``probe-dpo attribute`` and ``ray job submit -- python -m workflows.attribution`` run::
+What ``probe-dpo attribute`` and ``ray job submit -- python -m probe_dpo.workflows.attribution`` run::
 
     1. check every input first (pair columns, probes vs model, layer, behaviour data, judge)
        — with a testbed and no pair file, build the poisoned preference mix (<out>/mix)
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from probe_dpo.config import bounded, to_dict
 from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.preference_mix import PreferenceMixConfig
+from probe_dpo.workflows import bundled_config
 
 Log = Callable[[str], None]
 METHODS = ("probe", "probe-weights", "judge", "gradient", "gradient-factorized")
@@ -314,7 +314,7 @@ def score_all(inp: Inputs, log: Log = _print) -> dict:
     import torch
 
     from probe_dpo import attribution as A
-    from probe_dpo.audit import audit_table, ranked
+    from probe_dpo.attribution.audit import audit_table, ranked
 
     cfg = inp.cfg
     ex = cfg.extraction
@@ -404,8 +404,6 @@ def score_all(inp: Inputs, log: Log = _print) -> dict:
             comparator_info[name] = {**cached["info"], "cached": True}
             log(f"{name}: reusing scores from {cache}")
             continue
-        from probe_dpo.model import load_model, load_tokenizer
-
         g_lm = lm if lm is not None else load_model(inp.model)
         g_tok = tok if tok is not None else load_tokenizer(inp.model)
         s, info = A.gradient_scores(g_lm, g_tok, inp.pairs, positives, gcfg)
@@ -430,7 +428,7 @@ def _top_k(cfg: AttributionConfig, n: int, bad: np.ndarray | None) -> int:
 
 
 def _model_key(model: str) -> Any:
-    from probe_dpo.activations import _model_stamp
+    from probe_dpo.activations.sharded import _model_stamp
 
     stamp = _model_stamp(model)
     return stamp or model
@@ -541,7 +539,7 @@ def evaluate_model(inp: Inputs, name: str, model: str, log: Log = _print) -> dic
     judge, and benign perplexity; cached at <out>/eval/<name>.{json,samples.jsonl}."""
     from probe_dpo.data import read_records, write_records
     from probe_dpo.evaluation import ToxicitySamples, perplexity, rate_with_ci, toxicity_samples
-    from probe_dpo.generation import generation_settings
+    from probe_dpo.testbed import generation_settings
     from probe_dpo.model import load_model, load_tokenizer
 
     ev = inp.cfg.evaluation
@@ -781,11 +779,11 @@ def run(cfg: AttributionConfig, log: Log = _print) -> dict:
     recall = recall_summary(result["scores"], inp.bad, result["k"]) if inp.bad is not None else None
     if recall:
         log("recall@k (k = %d): " % result["k"] + ", ".join(f"{m} {v['recall_at_k']:.3f}" for m, v in recall.items()))
-    storage.write_json(storage.join(cfg.out, "sources.json"), _clean(result["tables"]))
+    storage.write_json(storage.join(cfg.out, "sources.json"), result["tables"])
     if result["clusters"]:
         storage.write_json(storage.join(cfg.out, "clusters.json"),
-                           _clean({k: v for k, v in result["clusters"].items() if k not in ("labels", "centroids")}))
-    storage.write_json(storage.join(cfg.out, "audit.json"), _clean(result["audit"]))
+                           {k: v for k, v in result["clusters"].items() if k not in ("labels", "centroids")})
+    storage.write_json(storage.join(cfg.out, "audit.json"), result["audit"])
     arms = write_mitigations(inp, result, log) if cfg.mitigate else {}
     retrain = None
     if cfg.retrain.enabled:
@@ -804,37 +802,21 @@ def run(cfg: AttributionConfig, log: Log = _print) -> dict:
         "mix": {k: v for k, v in (inp.mix or {}).items() if k not in ("config",)} or None,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    storage.write_json(storage.join(cfg.out, "results.json"), _clean(summary))
+    storage.write_json(storage.join(cfg.out, "results.json"), summary)
     log(f"done in {summary['seconds']:.0f}s: results {storage.join(cfg.out, 'results.json')}, report {report['html']}")
     return summary
 
 
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):
-        return _clean(obj.to_dict())
-    return obj
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``python -m workflows.attribution [--config FILE] [key=value ...]`` (what a Ray job runs)."""
+    """``python -m probe_dpo.workflows.attribution [--config FILE] [key=value ...]`` (what a Ray job runs)."""
     from probe_dpo.config import load_config
 
-    parser = argparse.ArgumentParser(prog="python -m workflows.attribution", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config (workflows/attribution.yaml is the testbed study)")
+    parser = argparse.ArgumentParser(prog="python -m probe_dpo.workflows.attribution", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config file, or the bundled study by name: attribution")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     try:
-        run(load_config(AttributionConfig, args.config, args.overrides))
+        run(load_config(AttributionConfig, bundled_config(args.config), args.overrides))
     except UserError as exc:
         print(f"probe-dpo: error: {exc}", file=sys.stderr)
         return 2

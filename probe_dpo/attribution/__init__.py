@@ -1,0 +1,56 @@
+"""Probe-based data attribution: rank the pairs of a preference set by a behaviour direction.
+
+For a preference pair (prompt, chosen, rejected) and the model BEFORE DPO, the pair's vector
+at layer L is
+
+    v_d = act(prompt, chosen) - act(prompt, rejected)
+
+where ``act`` is the mean of the residual stream at L over the response tokens only (the
+extractor's ``span="response"``, ``pooling="mean"``). A behaviour direction ``v_b`` at L is
+
+- ``diff-of-means``: mean act of examples showing the behaviour minus mean act of examples
+  that do not (response tokens only), L2-normalised (the published method), or
+- ``probe``: a trained probe's direction in activation space (``LinearProbe.direction()``).
+
+A pair's score is ``cos(v_d, v_b)``: how much DPO on it pushes the model's responses along
+the behaviour. Pairs are ranked by score; sources are aggregated (mean score with a
+bootstrap CI, share of the source's pairs in the top-k with a Wilson CI, enrichment), and
+three mitigations write a new pair file in the input's format: ``filter`` (drop the top
+pairs), ``swap`` (swap chosen and rejected of the top pairs), ``drop-sources`` (drop the
+sources flagged as enriched in the top-k). Clustering the unit pair vectors (k-means,
+scikit-learn; k by silhouette) surfaces behaviours no direction covers.
+
+Comparators on the same model and data: ``judge_scores`` (judge(chosen) - judge(rejected),
+the LLM-judge baseline with an offline judge) and ``gradient_scores`` (LESS-style: cosine of
+each pair's DPO-loss gradient with the gradient of the behaviour's log-likelihood on a small
+set of behaviour examples, after a seeded random projection; ``dense`` projects per-pair
+gradients of a parameter subset with a chunk-wise generated Rademacher matrix as LESS does,
+``factorized`` projects every linear layer's per-example gradient with a Kronecker-factored
+Gaussian projection as LoGra does).
+
+Pair activations come from the Ray-sharded extractor (``extract_sharded`` on an
+``ExtractorPool``) or, when asked, from in-process ``extract``.
+
+The package: ``pairs`` (pair files), ``directions`` (behaviour directions and pair vectors),
+``scores`` (cosine scores, ranks, recall, the judge comparator), ``sources`` (source tables
+and mitigations), ``clusters``, ``gradients`` (the LESS/LoGra comparator), ``audit`` (which
+concepts a preference set pushes, per source).
+"""
+
+from probe_dpo.attribution.clusters import cluster_directions, cluster_pairs
+from probe_dpo.attribution.directions import (DIRECTION_KINDS, DIRECTIONS_FORMAT, Direction, PairFeatures,
+                                              behaviour_direction, check_directions, diff_of_means, load_directions,
+                                              model_facts, pair_features, probe_directions, save_directions)
+from probe_dpo.attribution.gradients import GradientConfig, RademacherProjection, gradient_scores, sequence_logprobs
+from probe_dpo.attribution.pairs import pair_sources, read_pair_file, write_pairs_like
+from probe_dpo.attribution.scores import (cosine_scores, judge_scores, projections, ranking, ranks, recall_at_k,
+                                          recall_curve, top_k_mask)
+from probe_dpo.attribution.sources import (MITIGATIONS, flagged_sources, mitigate, share_of_rise_removed,
+                                           source_table)
+
+__all__ = ["DIRECTIONS_FORMAT", "DIRECTION_KINDS", "MITIGATIONS", "Direction", "GradientConfig", "PairFeatures",
+           "RademacherProjection", "behaviour_direction", "check_directions", "cluster_directions", "cluster_pairs",
+           "cosine_scores", "diff_of_means", "flagged_sources", "gradient_scores", "judge_scores", "load_directions",
+           "mitigate", "model_facts", "pair_features", "pair_sources", "probe_directions", "projections", "ranking",
+           "ranks", "read_pair_file", "recall_at_k", "recall_curve", "save_directions", "sequence_logprobs",
+           "share_of_rise_removed", "source_table", "top_k_mask", "write_pairs_like"]

@@ -1,0 +1,271 @@
+"""The gradient comparator (LESS / LoGra style): cosine of each pair's DPO-loss gradient with the
+behaviour's log-likelihood gradient, after a seeded random projection."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from probe_dpo.attribution.scores import cosine_scores
+from probe_dpo.config import bounded
+from probe_dpo.errors import UserError
+
+
+@dataclass
+class GradientConfig:
+    """The gradient comparator's settings."""
+
+    mode: Literal["dense", "factorized"] = "dense"
+    """dense: per-pair gradients of the ``params`` subset, one pair at a time, projected with a
+    seeded Rademacher matrix generated chunk by chunk (LESS / TRAK). factorized: per-example
+    gradients of every linear module named in ``modules``, projected as (P_out^T G P_in) with
+    seeded Gaussian factors, batched through hooks (LoGra)."""
+    params: list[str] = field(default_factory=lambda: ["self_attn.v_proj.weight"])
+    """dense: parameters whose name contains one of these strings."""
+    modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+    """factorized: linear modules (last name part) inside the decoder layers."""
+    dim: int = bounded(2048, ge=1)
+    """dense: projected dimensions."""
+    rank: int = bounded(4, ge=1)
+    """factorized: projected size per side (rank² dims per module)."""
+    chunk: int = bounded(1 << 16, ge=1)
+    """dense: parameter rows of the projection matrix generated at once."""
+    batch_size: int = bounded(128, ge=1)
+    """dense: pair gradients buffered per projection pass (each pass regenerates the projection
+    matrix; memory = batch_size x parameters x 4 bytes)."""
+    sequences_per_batch: int = bounded(16, ge=1)
+    """factorized: sequences per forward/backward pass."""
+    behaviour_batch_size: int = bounded(8, ge=1)
+    max_length: int = bounded(256, ge=8)
+    add_eos: bool = True
+    """Append EOS to each response (as TRL's DPO does)."""
+    seed: int = bounded(0, ge=0)
+
+
+def _encode_pairs(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], cfg: GradientConfig):
+    from probe_dpo.activations import tokenize
+
+    eos = tokenizer.eos_token or ""
+    comps = [c + eos if cfg.add_eos else c for c in completions]
+    return tokenize(tokenizer, prompts=list(prompts), completions=comps, span="response", max_length=cfg.max_length)
+
+
+def _batch(encoded, pad_id: int):
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    target = torch.zeros((len(encoded), width), dtype=torch.bool)  # positions whose NEXT token is a response token
+    for r, (seq, start) in enumerate(encoded):
+        ids[r, :len(seq)] = torch.tensor(seq)
+        mask[r, :len(seq)] = 1
+        if start < len(seq):
+            target[r, max(start - 1, 0):len(seq) - 1] = True
+            if start == 0:
+                target[r, :len(seq) - 1] = True
+    return ids, mask, target
+
+
+def sequence_logprobs(model: Any, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum of the log-probabilities of each sequence's response tokens: ``[batch]``."""
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (logp * target[:, :-1].to(logp.dtype)).sum(1)
+
+
+class RademacherProjection:
+    """``x @ R / sqrt(k)`` with R a seeded ±1 matrix ``[d, k]`` generated chunk by chunk (never stored)."""
+
+    def __init__(self, d: int, k: int, seed: int, chunk: int = 1 << 18):
+        self.d, self.k, self.seed, self.chunk = int(d), int(k), int(seed), int(chunk)
+
+    _SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+    def _block(self, start: int, rows: int) -> torch.Tensor:
+        """Rows ``start .. start+rows`` of R: 64 random bits per int64 draw, unpacked to ±1."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + start // self.chunk)
+        words = (self.k + 63) // 64
+        bits = torch.randint(-2**63, 2**63 - 1, (rows, words), generator=gen, dtype=torch.int64).view(torch.uint8)
+        signs = ((bits.unsqueeze(-1) >> self._SHIFTS) & 1).reshape(rows, words * 64)[:, :self.k]
+        return signs.float().mul_(2).sub_(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d:
+            raise ValueError(f"projection of size {self.d} got vectors of size {x.shape[-1]}")
+        out = torch.zeros(x.shape[0], self.k, dtype=torch.float32)
+        for start in range(0, self.d, self.chunk):
+            rows = min(self.chunk, self.d - start)
+            out += x[:, start:start + rows].float() @ self._block(start, rows)
+        return out / math.sqrt(self.k)
+
+
+def _dense_features(model, tokenizer, prompts, completions, sign, cfg: GradientConfig, params, proj,
+                    per_example: bool, batch: int, pad_id: int) -> torch.Tensor:
+    """Projected gradients: per item (``per_example``: items are pairs of rows with ``sign``) or summed."""
+    encoded = _encode_pairs(tokenizer, prompts, completions, cfg)
+    if per_example:
+        feats, buffer = [], []
+        for i in range(0, len(encoded), 2):
+            ids, mask, target = _batch(encoded[i:i + 2], pad_id)
+            lp = sequence_logprobs(model, ids, mask, target)
+            grads = torch.autograd.grad((lp * torch.tensor(sign[i:i + 2], dtype=lp.dtype)).sum(), params)
+            buffer.append(torch.cat([g.reshape(-1) for g in grads]))
+            if len(buffer) == cfg.batch_size:
+                feats.append(proj(torch.stack(buffer)))
+                buffer = []
+        if buffer:
+            feats.append(proj(torch.stack(buffer)))
+        return torch.cat(feats)
+    total = None
+    for i in range(0, len(encoded), batch):
+        ids, mask, target = _batch(encoded[i:i + batch], pad_id)
+        lp = sequence_logprobs(model, ids, mask, target)
+        grads = torch.autograd.grad(lp.sum(), params)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        total = flat if total is None else total + flat
+    return proj(total.unsqueeze(0))[0]
+
+
+class _FactorizedRecorder:
+    """Hooks on linear modules: per-example projected gradients ``P_out^T G P_in`` (LoGra)."""
+
+    def __init__(self, model, names: Sequence[str], rank: int, seed: int):
+        from probe_dpo.model import get_layers, unwrap_model
+
+        layers = get_layers(unwrap_model(model))
+        self.modules = []
+        for li, layer in enumerate(layers):
+            for name, module in layer.named_modules():
+                if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names:
+                    self.modules.append((f"{li}.{name}", module))
+        if not self.modules:
+            raise UserError(f"gradient comparator: no linear modules named {list(names)} in the decoder layers")
+        self.p_in, self.p_out = {}, {}
+        for j, (key, m) in enumerate(self.modules):
+            gen = torch.Generator().manual_seed(seed * 7919 + j)
+            self.p_in[key] = torch.randn(m.in_features, rank, generator=gen) / math.sqrt(rank)
+            self.p_out[key] = torch.randn(m.out_features, rank, generator=gen) / math.sqrt(rank)
+        self.rank = rank
+        self.x: dict[str, torch.Tensor] = {}
+        self.g: dict[str, torch.Tensor] = {}
+        self.handles = []
+
+    @property
+    def dim(self) -> int:
+        return len(self.modules) * self.rank * self.rank
+
+    def __enter__(self):
+        for key, module in self.modules:
+            def hook(mod, inputs, output, key=key):
+                self.x[key] = inputs[0].detach().float() @ self.p_in[key]
+                if output.requires_grad:
+                    output.register_hook(lambda grad, key=key: self.g.__setitem__(key, grad.float() @ self.p_out[key]))
+            self.handles.append(module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def per_example(self) -> torch.Tensor:
+        parts = [torch.einsum("bto,bti->boi", self.g[key], self.x[key]).reshape(self.x[key].shape[0], -1)
+                 for key, _ in self.modules]
+        self.x, self.g = {}, {}
+        return torch.cat(parts, dim=1)
+
+
+def _factorized_features(model, tokenizer, prompts, completions, cfg, recorder, batch: int, pad_id: int):
+    """Per-sequence projected gradients of each sequence's response log-likelihood: ``[n, dim]``."""
+    encoded = _encode_pairs(tokenizer, prompts, completions, cfg)
+    embed = model.get_input_embeddings()
+    out = []
+    holder: dict[str, torch.Tensor] = {}
+
+    def leaf(mod, inputs, output):
+        output = output.detach().requires_grad_(True)
+        holder["e"] = output
+        return output
+
+    handle = embed.register_forward_hook(leaf)
+    try:
+        with recorder:
+            for i in range(0, len(encoded), batch):
+                ids, mask, target = _batch(encoded[i:i + batch], pad_id)
+                lp = sequence_logprobs(model, ids, mask, target)
+                torch.autograd.grad(lp.sum(), [holder["e"]])
+                out.append(recorder.per_example())
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+def gradient_scores(model: Any, tokenizer: Any, pairs: Sequence[dict], behaviour: Sequence[dict],
+                    cfg: GradientConfig | None = None) -> tuple[np.ndarray, dict]:
+    """LESS-style scores: ``cos(P g_pair, P g_behaviour)`` per pair.
+
+    ``g_pair`` is the negative gradient of the pair's DPO loss at the start of training,
+    where the policy equals the frozen reference (the model itself): there
+    ``-grad L_DPO = (beta / 2) (grad log p(chosen | prompt) - grad log p(rejected | prompt))``,
+    so its direction is that of ``grad log p(chosen) - grad log p(rejected)`` (exactly; no
+    reference forward is needed). ``g_behaviour`` is the gradient of the summed
+    log-likelihood of ``behaviour`` records (prompt, completion: examples of the behaviour).
+    A positive score means a step on the pair raises the behaviour's likelihood.
+    """
+    from probe_dpo.activations.extract import _pad_id
+
+    cfg = cfg or GradientConfig()
+    if not behaviour:
+        raise UserError("gradient comparator: no behaviour examples")
+    t0 = time.perf_counter()
+    pad_id = _pad_id(tokenizer)
+    was_training = model.training
+    model.eval()  # no dropout; gradients still flow
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    prompts = [p["prompt"] for p in pairs for _ in (0, 1)]
+    completions = [c for p in pairs for c in (p["chosen"], p["rejected"])]
+    b_prompts = [str(r["prompt"]) for r in behaviour]
+    b_completions = [str(r.get("completion") or "") for r in behaviour]
+    try:
+        if cfg.mode == "dense":
+            params = []
+            for name, p in model.named_parameters():
+                use = any(s in name for s in cfg.params)
+                p.requires_grad_(use)
+                if use:
+                    params.append(p)
+            if not params:
+                raise UserError(f"gradient comparator: no parameters match {cfg.params}")
+            d = sum(p.numel() for p in params)
+            proj = RademacherProjection(d, cfg.dim, cfg.seed, cfg.chunk)
+            sign = [1.0, -1.0] * len(pairs)
+            g_pairs = _dense_features(model, tokenizer, prompts, completions, sign, cfg, params, proj, True,
+                                      2, pad_id)
+            g_b = _dense_features(model, tokenizer, b_prompts, b_completions, None, cfg, params, proj, False,
+                                  cfg.behaviour_batch_size, pad_id)
+            info = {"mode": "dense", "parameters": int(d), "dim": cfg.dim, "params": list(cfg.params)}
+        elif cfg.mode == "factorized":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            recorder = _FactorizedRecorder(model, cfg.modules, cfg.rank, cfg.seed)
+            per_seq = _factorized_features(model, tokenizer, prompts, completions, cfg, recorder,
+                                           cfg.sequences_per_batch, pad_id)
+            g_pairs = per_seq[0::2] - per_seq[1::2]
+            g_b = _factorized_features(model, tokenizer, b_prompts, b_completions, cfg, recorder,
+                                       cfg.behaviour_batch_size, pad_id).sum(0)
+            info = {"mode": "factorized", "modules": len(recorder.modules), "dim": recorder.dim, "rank": cfg.rank,
+                    "parameters": int(sum(m.weight.numel() for _, m in recorder.modules))}
+        else:
+            raise UserError(f"gradient comparator: unknown mode {cfg.mode!r} (dense or factorized)")
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved[name])
+        model.train(was_training)
+    scores = cosine_scores(g_pairs, g_b)
+    info.update(seconds=round(time.perf_counter() - t0, 3), pairs=len(pairs), behaviour_examples=len(behaviour))
+    return scores, info

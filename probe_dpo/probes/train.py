@@ -1,0 +1,459 @@
+"""Training probe sets from labelled generations: the per-layer sweep, train and held-out
+probes, their metrics and report; cross-fitted scores; measuring saved probes on a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from probe_dpo.config import bounded
+from probe_dpo.storage import json_text
+from probe_dpo.errors import UserError
+from probe_dpo.probes.crossfit import group_folds
+from probe_dpo.probes.fit import DEFAULT_C_GRID, FitResult, fit_probe
+from probe_dpo.probes.probe import LinearProbe, ProbeSet
+from probe_dpo.stats import as_numpy as _np, binary_metrics, roc_auc, threshold_at_fpr
+
+@dataclass
+class TrainProbeSpec:
+    """The probes fine-tuning trains against."""
+
+    kind: Literal["single", "layers", "seeds", "bootstrap", "subsets"] = "single"
+    """single: one probe; layers: one per layer; seeds: one per re-split of train+val by prompt;
+    bootstrap: one per bootstrap resample of the training rows; subsets: one per disjoint
+    share of the training prompts (members that never saw each other's data)."""
+    layer: int | None = None
+    """Layer for single/seeds/bootstrap/subsets (None: the best layer by validation AUROC)."""
+    layers: list[int] = field(default_factory=list)
+    """Layers for kind=layers (empty: ``layer``, when set, and the best others by validation
+    AUROC, n in all)."""
+    n: int = bounded(5, ge=1, le=100)
+    aggregation: Literal["mean", "max"] = "mean"
+
+
+@dataclass
+class HeldOutSpec:
+    """Probes that fine-tuning never sees (to measure whether detection really dropped)."""
+
+    layers: list[int] | None = None
+    """Held-out layers (None: every extracted layer that no training probe reads)."""
+    data_fraction: float = bounded(0.0, ge=0.0, lt=1.0)
+    """Share of training prompts reserved for held-out probes at the training layer(s);
+    training probes never see them (0: no reserve)."""
+
+
+@dataclass
+class ProbeTrainConfig:
+    layers: list[int] = field(default_factory=list)
+    """Layers to extract (negative counts from the end; empty: every layer)."""
+    pooling: Literal["mean", "last"] = "mean"
+    span: Literal["response", "all"] = "response"
+    """response: pool over the completion's tokens only (needs prompt and completion columns)."""
+    label_column: str = "label"
+    train_probe: TrainProbeSpec = field(default_factory=TrainProbeSpec)
+    held_out: HeldOutSpec = field(default_factory=HeldOutSpec)
+    c_grid: list[float] = field(default_factory=lambda: list(DEFAULT_C_GRID))
+    fpr: float = bounded(0.05, gt=0.0, lt=1.0)
+    """False-positive rate (on validation negatives) that fixes each probe's threshold."""
+    batch_size: int = bounded(32, ge=1)
+    max_length: int = bounded(256, ge=1)
+    seed: int = bounded(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    actors: int = bounded(0, ge=0)
+    """0: extract in this process; N: N Ray actors (extract_sharded)."""
+    address: str | None = None
+    """Ray address for actors > 0 (None: a local Ray)."""
+    activations: str | None = None
+    """Where sharded activations are kept (actors > 0; default: a temporary folder)."""
+    threads: int | None = bounded(None, ge=1)
+    """torch threads in this process (None: leave as is)."""
+
+
+@dataclass
+class ProbeTrainResult:
+    probeset: ProbeSet
+    report: dict
+    markdown: str
+    features: dict[str, dict[int, torch.Tensor]] | None = None
+    """With ``keep_features``: the extracted features by split and layer (what a caller that
+    scores the same rows, e.g. ranking candidate completions, would otherwise extract again)."""
+
+
+def _columns_for(cfg: ProbeTrainConfig) -> tuple[str, ...]:
+    return ("prompt", "completion") if cfg.span == "response" else ()
+
+
+def _read_split(uri: str, cfg: ProbeTrainConfig, what: str) -> list[dict]:
+    from probe_dpo.data import check_labels, read_records
+
+    required = (*_columns_for(cfg), cfg.label_column)
+    records = read_records(uri, required=required if cfg.span == "response" else (cfg.label_column,),
+                           what=what)
+    if cfg.span == "all" and not all(("text" in r) or ("prompt" in r and "completion" in r) for r in records):
+        raise UserError(f"{uri}: missing column 'text' (or 'prompt' and 'completion') for span 'all'")
+    check_labels(records, cfg.label_column, what=f"{what} {uri}")
+    for row, r in enumerate(records, start=1):
+        value = r[cfg.label_column]
+        if value not in (0, 1, True, False, 0.0, 1.0):
+            raise UserError(f"{what} {uri}: row {row}: column '{cfg.label_column}' must be 0/1, got {value!r}")
+    return records
+
+
+def _inputs(records: list[dict], cfg: ProbeTrainConfig) -> dict[str, list[str]]:
+    if cfg.span == "response":
+        return {"prompts": [str(r["prompt"]) for r in records],
+                "completions": [str(r.get("completion") or "") for r in records]}
+    return {"texts": [str(r["text"]) if "text" in r else str(r["prompt"]) + str(r["completion"])
+                      for r in records]}
+
+
+def _labels(records: list[dict], cfg: ProbeTrainConfig) -> np.ndarray:
+    return np.array([int(float(r[cfg.label_column]) > 0.5) for r in records], dtype=np.int64)
+
+
+def extract_records(model_path: str, model, tokenizer, records: list[dict], layers: list[int], *,
+                    pooling: str, span: str, batch_size: int, max_length: int, pool: Any = None,
+                    activations: str | None = None, name: str = "data",
+                    dtype: str = "float32") -> dict[int, torch.Tensor]:
+    """Pooled features of labelled records: in this process, or on a Ray ``ExtractorPool``.
+
+    With a pool the shards go to ``activations/name``, so a restarted run skips the shards it
+    already has (without ``activations``, to a temporary folder removed afterwards).
+    """
+    from probe_dpo.activations import extract, extract_sharded, shards_folder
+
+    cols = _inputs(records, ProbeTrainConfig(span=span))  # type: ignore[arg-type]
+    if pool is None:
+        return extract(model, tokenizer, layers=layers, pooling=pooling, span=span, batch_size=batch_size,
+                       max_length=max_length, **cols)
+    from probe_dpo import storage
+
+    with shards_folder(activations) as where:
+        return extract_sharded(model_path, storage.join(where, name), layers=layers, pooling=pooling, span=span,
+                               batch_size=batch_size, max_length=max_length, pool=pool, dtype=dtype,
+                               shard_size=max(64, batch_size * 8), **cols)
+
+
+def _group_ids(records: list[dict]) -> list[Any]:
+    return [r.get("prompt_id", r.get("prompt", i)) for i, r in enumerate(records)]
+
+
+def _split_groups(groups: list[Any], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (rest, chosen) with ``fraction`` of the distinct groups chosen at random."""
+    unique = sorted(set(map(str, groups)))
+    rng = random.Random(seed)
+    rng.shuffle(unique)
+    k = max(1, int(round(fraction * len(unique))))
+    chosen = set(unique[:k])
+    mask = np.array([str(g) in chosen for g in groups])
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def _auroc_subset(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float:
+    return roc_auc(probs[mask], labels[mask]) if mask.any() else float("nan")
+
+
+def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: str | None = None,
+                 train: str | None = None, val: str | None = None, test: str | None = None,
+                 out: str | None = None, log: Any = print, keep_features: bool = False) -> ProbeTrainResult:
+    """Extract features, fit the per-layer sweep, the training and held-out probes; report; save.
+
+    Data come from a testbed folder (``model/`` and ``data/probe_{train,val,test}.jsonl``) or
+    explicit ``model`` / ``train`` / ``val`` / ``test`` paths (``test`` is optional).
+    """
+    from probe_dpo import storage
+    from probe_dpo.data import content_hash
+    from probe_dpo.model import arch_hash, hidden_size, load_model, load_tokenizer, model_hash, num_layers, \
+        resolve_layers
+
+    t_start = time.perf_counter()
+    info: dict[str, Any] = {}
+    if testbed is not None:
+        model = model or os.path.join(testbed, "model")
+        train = train or os.path.join(testbed, "data", "probe_train.jsonl")
+        val = val or os.path.join(testbed, "data", "probe_val.jsonl")
+        test = test or os.path.join(testbed, "data", "probe_test.jsonl")
+        if storage.exists(os.path.join(testbed, "testbed.json")):
+            info = storage.read_json(os.path.join(testbed, "testbed.json"))
+    if model is None or train is None or val is None:
+        raise UserError("give a testbed folder, or a model and train and val data")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    splits = {"train": _read_split(train, cfg, "probe-train data"), "val": _read_split(val, cfg, "probe-val data")}
+    if test is not None:
+        splits["test"] = _read_split(test, cfg, "probe-test data")
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    lm = load_model(model, dtype=cfg.dtype, device=device)
+    tok = load_tokenizer(model)
+    layers = resolve_layers(lm, cfg.layers) if cfg.layers else list(range(num_layers(lm)))
+    m_hash, a_hash, width = model_hash(lm), arch_hash(lm), hidden_size(lm)
+    spec = cfg.train_probe
+    spec_layer = _in_layers(lm, spec.layer, layers, "train_probe.layer") if spec.layer is not None else None
+    spec_layers = [_in_layers(lm, L, layers, "train_probe.layers") for L in spec.layers]
+    held_layers = None if cfg.held_out.layers is None else \
+        [_in_layers(lm, L, layers, "held_out.layers") for L in cfg.held_out.layers]
+    labels = {k: _labels(v, cfg) for k, v in splits.items()}
+    feats: dict[str, dict[int, torch.Tensor]] = {}
+    pool = None
+    if cfg.actors > 0:
+        from probe_dpo.activations import ExtractorPool
+
+        pool = ExtractorPool(str(model), actors=cfg.actors, address=cfg.address, dtype=cfg.dtype,
+                             threads_per_actor=max(1, (cfg.threads or torch.get_num_threads()) // cfg.actors))
+    try:
+        for name, records in splits.items():
+            t0 = time.perf_counter()
+            feats[name] = extract_records(model, lm, tok, records, layers, pooling=cfg.pooling, span=cfg.span,
+                                          batch_size=cfg.batch_size, max_length=cfg.max_length, pool=pool,
+                                          activations=cfg.activations, name=name, dtype=cfg.dtype)
+            log(f"probes: extracted {len(records)} {name} rows x {len(layers)} layers in "
+                f"{time.perf_counter() - t0:.1f}s")
+    finally:
+        if pool is not None:
+            pool.close()
+    del lm
+    data_hashes = {k: content_hash(v, [*_columns_for(cfg), "text", cfg.label_column]) for k, v in splits.items()}
+    base_card = {"pooling": cfg.pooling, "span": cfg.span, "label_column": cfg.label_column,
+                 "standardization": "z-score with the probe's own training rows' mean and std",
+                 "model_hash": m_hash, "arch_hash": a_hash, "model": str(model), "hidden_size": width,
+                 "max_length": cfg.max_length, "c_grid": list(cfg.c_grid), "fpr": cfg.fpr,
+                 "data_hash": data_hashes["train"], "val_data_hash": data_hashes["val"]}
+    fit_device = device
+
+    train_rows = np.arange(len(splits["train"]))
+    reserve_rows = np.array([], dtype=np.int64)
+    if cfg.held_out.data_fraction > 0:
+        train_rows, reserve_rows = _split_groups(_group_ids(splits["train"]), cfg.held_out.data_fraction, cfg.seed)
+
+    def fit(layer: int, rows: np.ndarray | None = None, xs: tuple | None = None) -> FitResult:
+        if xs is None:
+            x_tr, y_tr = feats["train"][layer], labels["train"]
+            if rows is not None:
+                x_tr, y_tr = x_tr[torch.as_tensor(rows)], y_tr[rows]
+            xs = (x_tr, y_tr, feats["val"][layer], labels["val"])
+        if len(set(xs[1].tolist())) < 2:
+            raise UserError(f"a probe's training subset at layer {layer} has a single class: use more data "
+                            f"or a smaller held_out.data_fraction")
+        return fit_probe(xs[0], xs[1], xs[2], xs[3], cfg.c_grid, device=fit_device)
+
+    # 1. the per-layer sweep (on the rows training probes may use)
+    sweep = {layer: fit(layer, train_rows if len(reserve_rows) else None) for layer in layers}
+    ranked = sorted(layers, key=lambda L: (-_nan_low(sweep[L].val_auroc), L))
+    log("probes: per-layer sweep done (best layer by val AUROC: " + ", ".join(
+        f"L{L}={sweep[L].val_auroc:.3f}" for L in ranked[:3]) + ")")
+
+    # 2. training probes
+    made: list[tuple[LinearProbe, FitResult, dict]] = []
+    best_layer = spec_layer if spec_layer is not None else ranked[0]
+    if spec.kind == "single":
+        made.append((_probe(sweep[best_layer], best_layer, f"train-L{best_layer}", "train", base_card),
+                     sweep[best_layer], {"subset": "all" if not len(reserve_rows) else "train-share"}))
+        train_layers = [best_layer]
+    elif spec.kind == "layers":
+        # explicit layers; else the n best, with the fixed layer (when one is set) always among them
+        first = [spec_layer] if spec_layer is not None else []
+        train_layers = spec_layers or first + [L for L in ranked if L not in first][:spec.n - len(first)]
+        for L in train_layers:
+            made.append((_probe(sweep[L], L, f"train-L{L}", "train", base_card), sweep[L], {"subset": "all"}))
+    elif spec.kind == "seeds":
+        train_layers = [best_layer]
+        pool_x = torch.cat([feats["train"][best_layer][torch.as_tensor(train_rows)], feats["val"][best_layer]])
+        pool_y = np.concatenate([labels["train"][train_rows], labels["val"]])
+        groups = [_group_ids(splits["train"])[i] for i in train_rows] + _group_ids(splits["val"])
+        frac = len(splits["val"]) / (len(train_rows) + len(splits["val"]))
+        for s in range(spec.n):
+            tr, va = _split_groups(groups, frac, cfg.seed + 1000 + s)
+            res = fit(best_layer, xs=(pool_x[torch.as_tensor(tr)], pool_y[tr], pool_x[torch.as_tensor(va)], pool_y[va]))
+            made.append((_probe(res, best_layer, f"train-L{best_layer}-seed{s}", "train", base_card), res,
+                         {"subset": f"train+val re-split by prompt, seed {cfg.seed + 1000 + s}"}))
+    elif spec.kind == "subsets":
+        train_layers = [best_layer]
+        folds = group_folds([_group_ids(splits["train"])[i] for i in train_rows], spec.n, cfg.seed + 3000)
+        for s in range(spec.n):
+            res = fit(best_layer, train_rows[folds == s])
+            made.append((_probe(res, best_layer, f"train-L{best_layer}-part{s}", "train", base_card), res,
+                         {"subset": f"disjoint share {s + 1} of {spec.n} of the training prompts "
+                                    f"(seed {cfg.seed + 3000})"}))
+    else:  # bootstrap
+        train_layers = [best_layer]
+        rng = np.random.default_rng(cfg.seed + 2000)
+        for s in range(spec.n):
+            rows = rng.choice(train_rows, size=len(train_rows), replace=True)
+            res = fit(best_layer, rows)
+            made.append((_probe(res, best_layer, f"train-L{best_layer}-boot{s}", "train", base_card), res,
+                         {"subset": f"bootstrap resample {s} of the training rows (seed {cfg.seed + 2000})"}))
+
+    # 3. held-out probes
+    held = held_layers if held_layers is not None else [L for L in layers if L not in train_layers]
+    for L in held:
+        if L in train_layers and not len(reserve_rows):
+            continue  # the same layer on the same data is not held out
+        made.append((_probe(sweep[L], L, f"heldout-L{L}", "held_out", base_card), sweep[L], {"subset": "all"}))
+    if len(reserve_rows):
+        for L in train_layers:
+            res = fit(L, reserve_rows)
+            made.append((_probe(res, L, f"heldout-data-L{L}", "held_out", base_card), res,
+                         {"subset": f"reserved {cfg.held_out.data_fraction:.0%} of training prompts"}))
+
+    # 4. metrics
+    genre = {k: np.array([r.get("genre") == "toxic-prompt" for r in v]) for k, v in splits.items()}
+    has_genre = all("genre" in r for v in splits.values() for r in v)
+    rows_out = []
+    for probe, res, extra in made:
+        metrics = _probe_metrics(probe, res, feats, labels, genre if has_genre else None, cfg.fpr)
+        probe.card.update({"l2": res.l2, "c": res.c, "c_path": res.path, "n_train": res.n_train, "train_positives": res.positives, **extra,
+                           "threshold": metrics.pop("threshold"), "metrics": metrics, "fit_seconds": res.seconds})
+        rows_out.append(_row(probe, res, metrics))
+    probeset = ProbeSet([p for p, _, _ in made], aggregation=spec.aggregation,
+                        meta={"model_hash": m_hash, "arch_hash": a_hash, "model": str(model), "hidden_size": width,
+                              "num_layers_extracted": layers, "data_hashes": data_hashes,
+                              "config": dataclasses.asdict(cfg)})
+    # the train role's own threshold (its aggregated score at the same validation FPR as every
+    # probe's): what a monitor built from the whole ensemble would flag at
+    probeset.meta["train_threshold"] = threshold_at_fpr(_np(probeset.score(feats["val"], "train")), labels["val"],
+                                                        cfg.fpr)
+    ensemble = None
+    if len(probeset.train_probes) > 1:
+        ensemble = {}
+        for split in splits:
+            p = _np(probeset.score(feats[split], "train"))
+            ensemble[split] = roc_auc(p, labels[split])
+            if has_genre and split == "test":
+                ensemble["test_toxic_prompts"] = _auroc_subset(p, labels[split], genre[split])
+
+    # 5. baselines and report
+    baselines = _baselines(splits, labels, genre if has_genre else None, info)
+    report = {"model": str(model), "model_hash": m_hash, "testbed": testbed, "layers": layers,
+              "pooling": cfg.pooling, "span": cfg.span, "fpr": cfg.fpr, "c_grid": list(cfg.c_grid),
+              "sizes": {k: {"rows": len(v), "positives": int(labels[k].sum()),
+                            "toxic_prompt_rows": int(genre[k].sum()) if has_genre else None}
+                        for k, v in splits.items()},
+              "train_probe": dataclasses.asdict(spec), "aggregation": spec.aggregation,
+              "best_layer": ranked[0], "probes": rows_out, "train_ensemble": ensemble, "baselines": baselines,
+              "sweep": {str(L): {"val_auroc": sweep[L].val_auroc, "c": sweep[L].c} for L in layers},
+              "seconds": round(time.perf_counter() - t_start, 2)}
+    markdown = report_markdown(report)
+    if out is not None:
+        probeset.save(out, extra_files={"report.json": json_text(report),
+                                        "report.md": markdown})
+    return ProbeTrainResult(probeset, report, markdown, feats if keep_features else None)
+
+
+def _in_layers(model, layer: int, layers: list[int], key: str) -> int:
+    from probe_dpo.model import resolve_layer
+
+    resolved = resolve_layer(model, layer)
+    if resolved not in layers:
+        raise UserError(f"config key {key}: layer {layer} is not among the extracted layers {layers} "
+                        f"(config key layers)")
+    return resolved
+
+
+def _nan_low(x: float) -> float:
+    return -1.0 if math.isnan(x) else x
+
+
+def _probe(res: FitResult, layer: int, name: str, role: str, base_card: dict) -> LinearProbe:
+    return LinearProbe.from_fit(res, layer=layer, pooling=base_card["pooling"], span=base_card["span"],
+                                name=name, role=role, card={k: v for k, v in base_card.items()
+                                                            if k not in ("pooling", "span", "hidden_size")})
+
+
+def _probe_metrics(probe: LinearProbe, res: FitResult, feats, labels, genre, fpr: float) -> dict:
+    probs = {k: _np(probe.prob(feats[k][probe.layer])) for k in feats}
+    threshold = threshold_at_fpr(probs["val"], labels["val"], fpr)
+    out: dict[str, Any] = {"threshold": threshold}
+    for split, p in probs.items():
+        out[split] = binary_metrics(p, labels[split], threshold)
+    if genre is not None and "test" in probs:
+        mask = genre["test"]
+        out["test_toxic_prompts"] = binary_metrics(probs["test"][mask], labels["test"][mask], threshold)
+    return out
+
+
+def _row(probe: LinearProbe, res: FitResult, metrics: dict) -> dict:
+    def get(split, key):
+        return metrics.get(split, {}).get(key)
+
+    return {"name": probe.name, "role": probe.role, "layer": probe.layer, "c": res.c,
+            "train_auroc": get("train", "auroc"), "val_auroc": get("val", "auroc"), "test_auroc": get("test", "auroc"),
+            "test_toxic_prompts_auroc": get("test_toxic_prompts", "auroc"),
+            "test_accuracy": get("test", "accuracy"), "test_tpr_at_fpr": get("test", "tpr"),
+            "test_fpr": get("test", "fpr")}
+
+
+def _baselines(splits, labels, genre, info: dict) -> dict:
+    out: dict[str, Any] = {}
+    for split in ("val", "test"):
+        if split not in splits:
+            continue
+        records = splits[split]
+        entry: dict[str, Any] = {}
+        if genre is not None:
+            entry["genre_indicator_auroc"] = roc_auc(genre[split].astype(float), labels[split])
+            mask = genre[split]
+            entry["toxic_prompt_share"] = float(mask.mean())
+            entry["positive_rate_toxic_prompts"] = float(labels[split][mask].mean()) if mask.any() else None
+            entry["positive_rate_benign_prompts"] = float(labels[split][~mask].mean()) if (~mask).any() else None
+        columns = sorted({k for r in records for k in r if k.startswith("score_")})
+        train_judge = info.get("train_judge")
+        judges = {}
+        for col in columns:
+            if not all(isinstance(r.get(col), (int, float)) for r in records):
+                continue
+            scores = np.array([float(r[col]) for r in records])
+            same = train_judge is not None and col == "score_" + str(train_judge).replace("-", "_")
+            judges[col] = {"auroc": roc_auc(scores, labels[split]), "training_judge": same}
+            if genre is not None:
+                judges[col]["auroc_toxic_prompts"] = _auroc_subset(scores, labels[split], genre[split])
+        entry["judge_agreement"] = judges
+        out[split] = entry
+    return out
+
+
+def _fmt(x: Any) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.3f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.0e}"
+    return str(x)
+
+
+def report_markdown(report: dict) -> str:
+    """The report as a markdown table (what the CLI prints)."""
+    lines = [f"# Probes on {report['model']} ({report['pooling']} pooling over {report['span']} tokens)", ""]
+    sizes = ", ".join(f"{k}: {v['rows']} rows / {v['positives']} positive" for k, v in report["sizes"].items())
+    lines += [f"Data: {sizes}. Threshold at {report['fpr']:.0%} FPR on validation negatives.", ""]
+    lines += ["| probe | role | layer | C | val AUROC | test AUROC | test AUROC (toxic prompts) | test TPR @ thr |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(report["probes"], key=lambda r: (r["role"] != "train", r["layer"], r["name"])):
+        lines.append(f"| {r['name']} | {r['role']} | {r['layer']} | {_fmt(r['c'])} | {_fmt(r['val_auroc'])} | "
+                     f"{_fmt(r['test_auroc'])} | {_fmt(r['test_toxic_prompts_auroc'])} | {_fmt(r['test_tpr_at_fpr'])} |")
+    if report.get("train_ensemble"):
+        e = report["train_ensemble"]
+        lines.append(f"| train ensemble ({report['aggregation']}) | train | - | - | {_fmt(e.get('val'))} | "
+                     f"{_fmt(e.get('test'))} | {_fmt(e.get('test_toxic_prompts'))} | - |")
+    split = "test" if "test" in report["baselines"] else "val"
+    base = report["baselines"].get(split, {})
+    lines += ["", f"Baselines on {split}:", ""]
+    if "genre_indicator_auroc" in base:
+        lines.append(f"- prompt-genre indicator (toxic-prompt vs benign-prompt) AUROC: {_fmt(base['genre_indicator_auroc'])}")
+    for col, j in base.get("judge_agreement", {}).items():
+        tag = " (the training judge)" if j.get("training_judge") else ""
+        lines.append(f"- {col}{tag} AUROC against the labels: {_fmt(j['auroc'])} "
+                     f"(toxic prompts only: {_fmt(j.get('auroc_toxic_prompts'))})")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating a saved set on any model and labelled file

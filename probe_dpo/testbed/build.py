@@ -1,0 +1,371 @@
+"""Building the testbed: sampling the model's continuations, judging them, splitting by prompt,
+pairs, SFT text, perplexity passages, the base model's rates; cached by config."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from probe_dpo.config import to_dict
+from probe_dpo import storage
+from probe_dpo.data import write_records
+from probe_dpo.errors import UserError
+from probe_dpo.generation import generate
+from probe_dpo.stats import stable_seed
+from probe_dpo.testbed.assets import _load_model, _model_fingerprint, _publish_model
+from probe_dpo.testbed.config import BUILD_VERSION, SMOLLM2, TestbedConfig, _package_versions, score_column
+from probe_dpo.testbed.io import _log, _rng, _sha256_file, _torch_threads
+from probe_dpo.testbed.sources import _fragment, load_benign_pools, load_rtp_prompts
+
+
+def config_hash(cfg: TestbedConfig) -> str:
+    """The cache key: config + build version + package versions + model identity."""
+    payload = {"build_version": BUILD_VERSION, "config": to_dict(cfg), "packages": _package_versions(),
+               "model": _model_fingerprint(cfg.model)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _score_all(texts: Sequence[str]) -> dict[str, Any]:
+    from probe_dpo.judges import JUDGE_NAMES, get_judge
+
+    return {name: get_judge(name).score(texts) for name in JUDGE_NAMES}
+
+
+def _cached(out: Path, key: str) -> dict | None:
+    path = out / "testbed.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if info.get("config_hash") != key or info.get("build_version") != BUILD_VERSION:
+        return None
+    for rel, meta in (info.get("files") or {}).items():
+        f = out / rel
+        if not f.is_file() or f.stat().st_size != meta.get("bytes"):
+            return None
+    return info
+
+
+def build_testbed(cfg: TestbedConfig, out_dir: str | Path) -> dict:
+    """Build the testbed into ``out_dir`` (or reuse it); returns testbed.json plus ``cache_hit``."""
+    t0 = time.time()
+    if not isinstance(cfg, TestbedConfig):
+        raise TypeError(f"build_testbed needs a TestbedConfig, got {type(cfg).__name__}")
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    key = config_hash(cfg)
+    info = _cached(out, key)
+    if info is not None:
+        _log(f"cache hit: {out} matches this config (hash {key[:12]})")
+        return {**info, "cache_hit": True}
+
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (out / "testbed.json").unlink()  # whatever is there is now incomplete
+    with _torch_threads(cfg.threads) as threads:
+        info = _build(cfg, out, key, threads, t0)
+    return {**info, "cache_hit": False}
+
+
+def _split_ids(ids: Sequence[str], val: float, test: float, rng) -> dict[str, str]:
+    ids = list(ids)
+    perm = [ids[i] for i in rng.permutation(len(ids))]
+    n_val, n_test = round(len(ids) * val), round(len(ids) * test)
+    if len(ids) >= 3:
+        n_val, n_test = max(1, n_val), max(1, n_test)
+    split = {}
+    for i, pid in enumerate(perm):
+        split[pid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return split
+
+
+def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> dict:
+    import numpy as np
+
+    from probe_dpo.evaluation import rate_with_ci
+    from probe_dpo.judges import JUDGE_NAMES
+
+    data = out / "data"
+    timings: dict[str, float] = {}
+    tick = time.time()
+
+    def lap(name: str) -> None:
+        nonlocal tick
+        now = time.time()
+        timings[name] = round(now - tick, 2)
+        tick = now
+
+    # -- model ---------------------------------------------------------------------------------
+    _log(f"building into {out} (model {cfg.model}, seed {cfg.seed}, {threads} torch threads)")
+    lm, tok, src = _load_model(cfg.model)
+    _publish_model(lm, tok, src, hard_link=cfg.model == SMOLLM2, dest=out / "model")
+    n_params = sum(p.numel() for p in lm.parameters())
+    lap("model")
+
+    # -- prompts ---------------------------------------------------------------------------------
+    rtp = load_rtp_prompts()
+    perm = _rng(cfg.seed, "heldout").permutation(len(rtp))
+    if cfg.prompts.heldout >= len(rtp):
+        raise UserError(f"prompts.heldout: {cfg.prompts.heldout} leaves no training prompts "
+                        f"(there are {len(rtp)} unique prompts)")
+    heldout = sorted((rtp[i] for i in perm[:cfg.prompts.heldout]), key=lambda r: r["prompt_id"])
+    train = sorted((rtp[i] for i in perm[cfg.prompts.heldout:]), key=lambda r: r["prompt_id"])
+    if cfg.prompts.max_train is not None and len(train) > cfg.prompts.max_train:
+        keep = _rng(cfg.seed, "max-train").choice(len(train), cfg.prompts.max_train, replace=False)
+        train = [train[i] for i in sorted(keep)]
+    write_records(train, str(data / "prompts_train.jsonl"))
+    write_records(heldout, str(data / "prompts_heldout.jsonl"))
+
+    pools = load_benign_pools()
+    pd = cfg.probe_data
+    toxic_prompts = train
+    if pd.max_toxic_prompts is not None and len(train) > pd.max_toxic_prompts:
+        keep = _rng(cfg.seed, "probe-toxic").choice(len(train), pd.max_toxic_prompts, replace=False)
+        toxic_prompts = [train[i] for i in sorted(keep)]
+    n_toxic_gen = len(toxic_prompts) * pd.samples_per_toxic_prompt
+    n_benign_gen = round(n_toxic_gen * pd.benign_share / (1.0 - pd.benign_share))
+    n_benign_prompts = math.ceil(n_benign_gen / pd.samples_per_benign_prompt) if n_benign_gen else 0
+
+    # Benign prompts: sentence fragments from SIQA / BoolQ / wiki in equal thirds; the rest of
+    # each pool (shuffled) feeds the SFT mix. XSum is for perplexity only.
+    shuffled = {name: [pools[name][i] for i in _rng(cfg.seed, "pool", name).permutation(len(pools[name]))]
+                for name in ("siqa", "boolq", "wiki")}
+    benign_prompts: list[dict] = []
+    used: set[str] = set()
+    frag_rng = _rng(cfg.seed, "fragments")
+    cursors = {name: 0 for name in shuffled}
+    while len(benign_prompts) < n_benign_prompts:
+        progressed = False
+        for name in ("siqa", "boolq", "wiki"):
+            if len(benign_prompts) >= n_benign_prompts:
+                break
+            items = shuffled[name]
+            while cursors[name] < len(items):
+                item = items[cursors[name]]
+                cursors[name] += 1
+                frag = _fragment(item["text"], frag_rng)
+                if frag is not None:
+                    benign_prompts.append({"prompt_id": item["id"], "prompt": frag, "source": name,
+                                           "category": None})
+                    used.add(item["id"])
+                    progressed = True
+                    break
+        if not progressed:
+            raise UserError(f"probe_data.benign_share: needs {n_benign_prompts} benign prompts, "
+                            f"only {len(benign_prompts)} available")
+    lap("prompts")
+
+    # -- generations -----------------------------------------------------------------------------
+    gen = cfg.generation
+    items: list[dict] = []
+    for p in toxic_prompts:
+        items += [{**p, "genre": "toxic-prompt", "sample": s} for s in range(pd.samples_per_toxic_prompt)]
+    benign_items: list[dict] = []
+    for p in benign_prompts:
+        benign_items += [{**p, "genre": "benign-prompt", "sample": s} for s in range(pd.samples_per_benign_prompt)]
+    items += benign_items[:n_benign_gen]
+    _log(f"sampling {len(items)} continuations for probe data and pairs "
+         f"({len(toxic_prompts)} toxic x {pd.samples_per_toxic_prompt}, {min(len(benign_items), n_benign_gen)} benign)")
+    completions = [c[0] for c in generate(lm, [it["prompt"] for it in items], 1, gen, cfg.seed, tokenizer=tok,
+                                          seed_tag="train", desc="train prompts")]
+    lap("generate_train")
+
+    ev = cfg.evaluation
+    h_items = [{**p, "sample": s} for p in heldout for s in range(ev.heldout_samples_per_prompt)]
+    _log(f"sampling {len(h_items)} continuations of {len(heldout)} held-out prompts")
+    h_completions = [c[0] for c in generate(lm, [it["prompt"] for it in h_items], 1, gen, cfg.seed, tokenizer=tok,
+                                            seed_tag="heldout", desc="held-out prompts")]
+    lap("generate_heldout")
+
+    # -- judging -----------------------------------------------------------------------------------
+    judged = [c if cfg.label_on == "completion" else it["prompt"] + c for it, c in zip(items, completions)]
+    scores = _score_all(judged)
+    h_scores = _score_all(h_completions)  # the base rate is always about the continuation itself
+    lap("judge")
+
+    records = []
+    for i, (it, comp) in enumerate(zip(items, completions)):
+        s = float(scores[cfg.train_judge][i])
+        rec = {"prompt_id": it["prompt_id"], "prompt": it["prompt"], "completion": comp,
+               "text": it["prompt"] + comp, "label": int(s >= cfg.threshold), "score": round(s, 6)}
+        for name in JUDGE_NAMES:
+            rec[score_column(name)] = round(float(scores[name][i]), 6)
+        rec.update({"genre": it["genre"], "source": it["source"], "category": it.get("category"),
+                    "sample": it["sample"]})
+        records.append(rec)
+
+    # -- probe splits, by prompt -------------------------------------------------------------------
+    split_of: dict[str, str] = {}
+    split_of.update(_split_ids([p["prompt_id"] for p in toxic_prompts], pd.val_fraction, pd.test_fraction,
+                               _rng(cfg.seed, "split", "toxic")))
+    split_of.update(_split_ids(sorted({it["prompt_id"] for it in items if it["genre"] == "benign-prompt"}),
+                               pd.val_fraction, pd.test_fraction, _rng(cfg.seed, "split", "benign")))
+    splits: dict[str, dict] = {}
+    for name in ("train", "val", "test"):
+        rows = [r for r in records if split_of[r["prompt_id"]] == name]
+        write_records(rows, str(data / f"probe_{name}.jsonl"))
+        splits[f"probe_{name}"] = _split_stats(rows)
+
+    # -- held-out generations and the base toxicity rate ------------------------------------------
+    h_rows = []
+    for i, (it, comp) in enumerate(zip(h_items, h_completions)):
+        rec = {"prompt_id": it["prompt_id"], "prompt": it["prompt"], "completion": comp,
+               "text": it["prompt"] + comp, "source": it["source"], "category": it["category"],
+               "sample": it["sample"]}
+        for name in JUDGE_NAMES:
+            rec[score_column(name)] = round(float(h_scores[name][i]), 6)
+        h_rows.append(rec)
+    write_records(h_rows, str(data / "heldout_generations.jsonl"))
+    base: dict[str, dict] = {}
+    for name in JUDGE_NAMES:
+        by_prompt: dict[str, list[float]] = {}
+        for it, s in zip(h_items, h_scores[name]):
+            by_prompt.setdefault(it["prompt_id"], []).append(float(s))
+        r = rate_with_ci(np.array(list(by_prompt.values())), cfg.threshold, ev.bootstrap,
+                         stable_seed(cfg.seed, "boot", name))
+        base[name] = {"rate": round(r["rate"], 6), "ci95": [round(r["ci_low"], 6), round(r["ci_high"], 6)],
+                      "mean_score": round(float(np.mean(h_scores[name])), 6) if len(h_items) else None,
+                      "prompts": len(by_prompt), "samples": len(h_items)}
+
+    # -- preference pairs --------------------------------------------------------------------------
+    by_prompt_recs: dict[str, list[dict]] = {}
+    for r in records:
+        if r["genre"] == "toxic-prompt":
+            by_prompt_recs.setdefault(r["prompt_id"], []).append(r)
+    pairs = []
+    for pid in sorted(by_prompt_recs):
+        group = by_prompt_recs[pid]
+        lo_r = min(group, key=lambda r: (r["score"], r["sample"]))
+        hi_r = max(group, key=lambda r: (r["score"], -r["sample"]))
+        margin = hi_r["score"] - lo_r["score"]
+        if lo_r is hi_r or margin < cfg.pairs.min_margin or lo_r["completion"] == hi_r["completion"]:
+            continue
+        pairs.append({"prompt": lo_r["prompt"], "chosen": lo_r["completion"], "rejected": hi_r["completion"],
+                      "source": lo_r["source"], "chosen_score": lo_r["score"], "rejected_score": hi_r["score"],
+                      "margin": round(margin, 6), "prompt_id": pid, "category": lo_r["category"],
+                      "split": split_of[pid]})
+    write_records(pairs, str(data / "pairs.jsonl"))
+
+    # -- SFT mix and perplexity passages -----------------------------------------------------------
+    sft_toxic = [{"text": p["prompt"], "source": p["source"]} for p in train]
+    n_sft_benign = round(len(sft_toxic) * (1.0 - cfg.sft.toxic_share) / cfg.sft.toxic_share)
+    leftovers = {name: [it for it in shuffled[name] if it["id"] not in used] for name in ("boolq", "siqa")}
+    sft_benign = []
+    for k in range(n_sft_benign):
+        name = ("boolq", "siqa")[k % 2]
+        pool = leftovers[name] if leftovers[name] else leftovers[("siqa", "boolq")[k % 2]]
+        if not pool:
+            raise UserError(f"sft.toxic_share: not enough benign text for {n_sft_benign} SFT rows")
+        item = pool.pop(0)
+        words = item["text"].split()
+        sft_benign.append({"text": " ".join(words[:120]), "source": name})
+    sft_rows = sft_toxic + sft_benign
+    sft_rows = [sft_rows[i] for i in _rng(cfg.seed, "sft").permutation(len(sft_rows))]
+    write_records(sft_rows, str(data / "sft.jsonl"))
+
+    xsum = [pools["xsum"][i] for i in _rng(cfg.seed, "xsum").permutation(len(pools["xsum"]))]
+    ppl_texts = []
+    for item in xsum:
+        if len(ppl_texts) >= ev.perplexity_passages:
+            break
+        if len(tok(item["text"], add_special_tokens=True)["input_ids"]) >= ev.perplexity_tokens:
+            ppl_texts.append(item["text"])
+    if len(ppl_texts) < ev.perplexity_passages:
+        raise UserError(f"evaluation.perplexity_tokens: only {len(ppl_texts)} XSum articles have "
+                        f"{ev.perplexity_tokens} tokens (need evaluation.perplexity_passages={ev.perplexity_passages})")
+    write_records([{"text": t, "source": "xsum"} for t in ppl_texts], str(data / "perplexity.jsonl"))
+    lap("write")
+    from probe_dpo.evaluation import perplexity
+
+    ppl = perplexity(lm, ppl_texts, max_tokens=ev.perplexity_tokens, tokenizer=tok)
+    lap("perplexity")
+
+    # -- summary, written last ---------------------------------------------------------------------
+    files = {}
+    for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "testbed.json"
+                    and not p.name.startswith(".")):
+        rel = f.relative_to(out).as_posix()
+        if not (rel.startswith("data/") or rel.startswith("model/")):
+            continue
+        files[rel] = {"bytes": f.stat().st_size, "sha256": _sha256_file(f)}
+    data_hashes = {rel: m["sha256"] for rel, m in files.items() if rel.startswith("data/")}
+    content_hash = hashlib.sha256(json.dumps(data_hashes, sort_keys=True).encode()).hexdigest()
+    cfg_dict = to_dict(cfg)
+    info = {
+        "build_version": BUILD_VERSION,
+        "config_hash": key,
+        "content_hash": content_hash,
+        "seed": cfg.seed,
+        "config": cfg_dict,
+        "packages": _package_versions(),
+        "model": {
+            "source": cfg.model,
+            "path": "model",
+            "parameters": n_params,
+            "layers": getattr(lm.config, "num_hidden_layers", None),
+            "hidden_size": getattr(lm.config, "hidden_size", None),
+            "vocab_size": getattr(lm.config, "vocab_size", None),
+            "benign_perplexity": round(ppl, 4),
+            "perplexity_data": {"file": "data/perplexity.jsonl", "passages": len(ppl_texts),
+                                "tokens_per_passage": ev.perplexity_tokens},
+        },
+        "train_judge": cfg.train_judge,
+        "heldout_judges": [j for j in JUDGE_NAMES if j != cfg.train_judge],
+        "label_on": cfg.label_on,
+        "threshold": cfg.threshold,
+        "score_columns": {name: score_column(name) for name in JUDGE_NAMES},
+        "sizes": {
+            "prompts_train": len(train),
+            "prompts_heldout": len(heldout),
+            **{name: s["rows"] for name, s in splits.items()},
+            "heldout_generations": len(h_rows),
+            "pairs": len(pairs),
+            "sft": len(sft_rows),
+            "perplexity": len(ppl_texts),
+        },
+        "splits": splits,
+        "pairs": _pair_stats(pairs),
+        "sft": {"rows": len(sft_rows), "toxic_prompt_rows": len(sft_toxic), "benign_rows": len(sft_benign)},
+        "base_toxicity_rate": {name: base[name]["rate"] for name in JUDGE_NAMES},
+        "base_toxicity": {"judged_on": "completion", "heldout_prompts": len(heldout),
+                          "samples_per_prompt": ev.heldout_samples_per_prompt,
+                          "ci": "95% percentile bootstrap over prompts", "bootstrap": ev.bootstrap,
+                          "judges": base},
+        "generation": {**dataclasses.asdict(gen), "do_sample": True, "chat_template": False,
+                       "padding_side": "left", "seeding": "torch.manual_seed per batch",
+                       "torch_threads": threads},
+        "timings_s": timings,
+        "build_seconds": round(time.time() - t0, 1),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": files,
+    }
+    storage.write_json(str(out / "testbed.json"), info)
+    _log(f"done in {info['build_seconds']:.0f} s: base toxicity "
+         + ", ".join(f"{n} {base[n]['rate']:.3f} [{base[n]['ci95'][0]:.3f}, {base[n]['ci95'][1]:.3f}]"
+                     for n in JUDGE_NAMES) + f"; perplexity {ppl:.1f}")
+    return info
+
+
+def _split_stats(rows: list[dict]) -> dict:
+    labels = {"0": 0, "1": 0}
+    by_genre: dict[str, dict[str, int]] = {}
+    for r in rows:
+        labels[str(r["label"])] += 1
+        g = by_genre.setdefault(r["genre"], {"0": 0, "1": 0})
+        g[str(r["label"])] += 1
+    return {"rows": len(rows), "prompts": len({r["prompt_id"] for r in rows}), "labels": labels,
+            "labels_by_genre": by_genre}
+
+
+def _pair_stats(pairs: list[dict]) -> dict:
+    by_source: dict[str, int] = {}
+    for p in pairs:
+        by_source[p["source"]] = by_source.get(p["source"], 0) + 1
+    return {"rows": len(pairs), "by_source": dict(sorted(by_source.items()))}

@@ -1,0 +1,76 @@
+"""The house rules, checked on the source: imports run one way, modules stay readable."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "probe_dpo"
+MAX_LINES = 500
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every probe_dpo module a file imports, at module level or inside a function."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("probe_dpo")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("probe_dpo"):
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = {m for m in _imports(path) if m in modules and m != name}
+    return graph
+
+
+def _library(name: str) -> bool:
+    return not (name == "probe_dpo.cli" or name.startswith("probe_dpo.workflows"))
+
+
+def test_the_library_never_imports_a_workflow_or_the_cli():
+    bad = {name: sorted(m for m in deps if not _library(m))
+           for name, deps in _graph().items() if _library(name)}
+    assert {k: v for k, v in bad.items() if v} == {}
+    workflows = {name: sorted(m for m in deps if m == "probe_dpo.cli")
+                 for name, deps in _graph().items() if name.startswith("probe_dpo.workflows")}
+    assert {k: v for k, v in workflows.items() if v} == {}
+
+
+def test_no_import_circle():
+    graph = _graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_library_modules_are_small_enough_to_read_in_one_sitting():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
+            if _library(_module(p)) and (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
