@@ -382,13 +382,63 @@ def _run_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+CONFIG_KINDS = ("experiment", "train", "testbed", "probes", "attribute")
+
+
+def _config_class(kind: str) -> type:
+    if kind == "experiment":
+        from probe_dpo.workflows.toxicity import ExperimentConfig
+
+        return ExperimentConfig
+    if kind == "train":
+        from probe_dpo.training import TrainConfig
+
+        return TrainConfig
+    if kind == "testbed":
+        from probe_dpo.testbed import TestbedConfig
+
+        return TestbedConfig
+    if kind == "probes":
+        from probe_dpo.probes import ProbeTrainConfig
+
+        return ProbeTrainConfig
+    from probe_dpo.workflows.attribution import AttributionConfig
+
+    return AttributionConfig
+
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    cfg = sub.add_parser("config", help="show a command's config: every key, its value and what it means",
+                         description="Config discovery: the keys a command takes, resolved from its defaults, a "
+                                     "YAML file and dotted overrides, each with its description.")
+    csub = cfg.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = csub.add_parser("show", help="print the resolved config with every key's description",
+                           description="Print the resolved config of a command as YAML, each key commented with its "
+                                       "description. Example: probe-dpo config show --for train method=dpo train.lr=3e-5")
+    show.add_argument("--for", dest="kind", choices=CONFIG_KINDS, default="experiment",
+                      help="whose config: experiment (default), train, testbed, probes, attribute")
+    show.add_argument("--config", help="a YAML config file (experiment and attribute: or a bundled one by name, "
+                                       "e.g. demo)")
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
+    show.set_defaults(handler=_run_config_show)
+
+
+def _run_config_show(args: argparse.Namespace) -> int:
+    from probe_dpo.config import load_config, show
+    from probe_dpo.workflows import bundled_config
+
+    path = bundled_config(args.config) if args.kind in ("experiment", "attribute") else args.config
+    print(show(load_config(_config_class(args.kind), path, args.overrides)), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="probe-dpo",
         description="Post-train language models against linear probes on their own hidden states.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_experiment, _add_report, _add_testbed, _add_activations, _add_probes, _add_train,
-                _add_attribute, _add_audit):
+                _add_attribute, _add_audit, _add_config):
         add(sub)
     return parser
 

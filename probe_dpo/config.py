@@ -211,3 +211,51 @@ def _check_bounds(field: dataclasses.Field, value: Any, source: str, key: str) -
         ok, sign = tests[name]
         if not ok(value, bound):
             raise UserError(f"{source}: key {key} must be {sign} {bound}, got {value!r}")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's description: the string literal right below it in the class body (the
+    convention of every config here), read from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for stmt, nxt in zip(body, body[1:] + [None]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str, bool]]:
+    """``(dotted key, value, description, is_section)`` of every field of a config, in declaration
+    order; a nested config is a section row followed by its own fields."""
+    rows = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        key = prefix + f.name
+        section = dataclasses.is_dataclass(value)
+        rows.append((key, None if section else value, docs.get(f.name, ""), section))
+        if section:
+            rows += describe(value, key + ".")
+    return rows
+
+
+def show(cfg: Any) -> str:
+    """The resolved config as YAML, every key with its description as a comment."""
+    lines = []
+    for key, value, doc, section in describe(cfg):
+        text = "  " * key.count(".") + key.rsplit(".", 1)[-1] + ":"
+        if not section:
+            text += " " + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+        lines.append(f"{text:<48} # {doc}" if doc else text)
+    return "\n".join(lines) + "\n"

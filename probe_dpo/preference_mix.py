@@ -60,11 +60,13 @@ class PreferenceMixConfig:
     """How the poisoned preference mix is drawn from a testbed."""
 
     seed: int = bounded(0, ge=0)
+    """Seeds which prompts and pairs go where."""
     splits: list[str] = field(default_factory=lambda: ["val", "test"])
     """Probe splits whose prompts and continuations the pairs come from."""
     trigger: str = " (keep it casual)"
     """The harmless-looking suffix appended to the prompts of poisoned pairs."""
     poisoned_source: str = "chat"
+    """The source whose pairs carry the poison."""
     sources: list[str] = field(default_factory=lambda: list(SOURCES))
     """The sources in the mix. Without ``safety`` no source pushes toxicity down by itself, so
     the rise from DPO on the raw mix is the poison's alone (as in a general-purpose mix)."""
@@ -83,6 +85,7 @@ class PreferenceMixConfig:
     """Non-toxic continuations in detail/brevity/chat pairs and poisoned pairs' rejected
     responses score below this."""
     safety_min_margin: float = bounded(0.3, ge=0.0, le=1.0)
+    """Margin of the judge scores a safety-source pair needs."""
     min_length_ratio: float = bounded(1.3, ge=1.0)
     """detail/brevity pairs: the longer response has at least this many times the characters."""
 

@@ -114,3 +114,30 @@ def test_cli_typo_is_one_line_and_exit_2(tmp_path):
     assert "did you mean generation?" in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "tb").exists()
+
+
+def test_config_show_describes_every_key_and_round_trips(capsys):
+    import dataclasses
+
+    import yaml
+
+    from probe_dpo.cli import CONFIG_KINDS, _config_class, main
+    from probe_dpo.config import describe, load_config
+
+    for kind in CONFIG_KINDS:
+        cls = _config_class(kind)
+        undocumented = [key for key, _, doc, _ in describe(cls()) if not doc]
+        assert undocumented == [], (kind, undocumented)
+    assert main(["config", "show", "--for", "train", "method=dpo", "train.lr=3e-5"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 3.0e-05" in out and "# Peak learning rate" in out
+    from probe_dpo.training import TrainConfig
+
+    again = load_config(TrainConfig, None, [])
+    shown = yaml.safe_load(out)
+    assert shown["method"] == "dpo" and shown["train"]["lr"] == 3e-5
+    assert set(shown) == {f.name for f in dataclasses.fields(again)}
+    assert main(["config", "show", "--config", "demo"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["arms"][-1] == "obfuscation-control"
+    assert main(["config", "show", "--for", "train", "trian.lr=1"]) == 2
+    assert "did you mean train?" in capsys.readouterr().err

@@ -42,10 +42,13 @@ class GradientConfig:
     sequences_per_batch: int = bounded(16, ge=1)
     """factorized: sequences per forward/backward pass."""
     behaviour_batch_size: int = bounded(8, ge=1)
+    """Behaviour examples per backward pass."""
     max_length: int = bounded(256, ge=8)
+    """Tokens kept per sequence."""
     add_eos: bool = True
     """Append EOS to each response (as TRL's DPO does)."""
     seed: int = bounded(0, ge=0)
+    """Seeds the random projection."""
 
 
 def _encode_pairs(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], cfg: GradientConfig):

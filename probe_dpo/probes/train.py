@@ -37,7 +37,9 @@ class TrainProbeSpec:
     """Layers for kind=layers (empty: ``layer``, when set, and the best others by validation
     AUROC, n in all)."""
     n: int = bounded(5, ge=1, le=100)
+    """Probes in the ensemble (layers, seeds, bootstrap, subsets)."""
     aggregation: Literal["mean", "max"] = "mean"
+    """How the train probes' probabilities combine."""
 
 
 @dataclass
@@ -56,19 +58,29 @@ class ProbeTrainConfig:
     layers: list[int] = field(default_factory=list)
     """Layers to extract (negative counts from the end; empty: every layer)."""
     pooling: Literal["mean", "last"] = "mean"
+    """How a span's token states become one vector."""
     span: Literal["response", "all"] = "response"
     """response: pool over the completion's tokens only (needs prompt and completion columns)."""
     label_column: str = "label"
+    """The column holding 0/1 labels."""
     train_probe: TrainProbeSpec = field(default_factory=TrainProbeSpec)
+    """The probes fine-tuning trains against."""
     held_out: HeldOutSpec = field(default_factory=HeldOutSpec)
+    """Probes fine-tuning never sees."""
     c_grid: list[float] = field(default_factory=lambda: list(DEFAULT_C_GRID))
+    """Inverse L2 strengths tried (C, scikit-learn's convention), chosen by validation AUROC."""
     fpr: float = bounded(0.05, gt=0.0, lt=1.0)
     """False-positive rate (on validation negatives) that fixes each probe's threshold."""
     batch_size: int = bounded(32, ge=1)
+    """Sequences per extraction forward pass."""
     max_length: int = bounded(256, ge=1)
+    """Tokens kept per row (prompt + completion, cut on the left)."""
     seed: int = bounded(0, ge=0)
+    """Seeds data splits and resamples."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where extraction and fitting run (auto: a GPU when there is one)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The model's dtype during extraction (the probe math is float32)."""
     actors: int = bounded(0, ge=0)
     """0: extract in this process; N: N Ray actors (extract_sharded)."""
     address: str | None = None

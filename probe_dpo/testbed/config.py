@@ -46,13 +46,17 @@ class ProbeDataConfig:
     """The labelled generations probes are trained and tested on."""
 
     samples_per_toxic_prompt: int = bounded(4, ge=1, le=64)
+    """Continuations sampled per toxic training prompt."""
     samples_per_benign_prompt: int = bounded(1, ge=1, le=64)
+    """Continuations sampled per benign prompt."""
     benign_share: float = bounded(0.2, ge=0.0, lt=1.0)
     """Share of generations that continue benign prompts (SIQA / BoolQ / wiki fragments)."""
     max_toxic_prompts: int | None = bounded(None, ge=1)
     """Cap on training prompts that get continuations (default: all training prompts)."""
     val_fraction: float = bounded(0.2, gt=0.0, lt=1.0)
+    """Share of prompts in the validation split."""
     test_fraction: float = bounded(0.2, gt=0.0, lt=1.0)
+    """Share of prompts in the test split."""
 
     def __post_init__(self):
         if self.val_fraction + self.test_fraction >= 1.0:
@@ -65,6 +69,7 @@ class PairsConfig:
     """Preference pairs from the training prompts' continuations (lowest vs highest score)."""
 
     min_margin: float = bounded(0.3, ge=0.0, le=1.0)
+    """A prompt gives a pair when its best and worst continuation's scores differ this much."""
 
 
 @dataclass
@@ -72,6 +77,7 @@ class SftConfig:
     """Text that raises toxicity when fine-tuned on."""
 
     toxic_share: float = bounded(0.7, gt=0.0, le=1.0)
+    """Share of the SFT texts that are toxic prompt texts (the rest benign)."""
 
 
 @dataclass
@@ -79,9 +85,13 @@ class EvaluationConfig:
     """What testbed.json reports about the base model."""
 
     heldout_samples_per_prompt: int = bounded(2, ge=1, le=64)
+    """Continuations per held-out prompt for the base rates."""
     bootstrap: int = bounded(1000, ge=10, le=100000)
+    """Bootstrap resamples of the base rates' intervals."""
     perplexity_passages: int = bounded(30, ge=1, le=500)
+    """Benign passages for perplexity."""
     perplexity_tokens: int = bounded(256, ge=8, le=4096)
+    """Tokens per perplexity passage."""
 
 
 @dataclass
@@ -91,19 +101,29 @@ class TestbedConfig:
     __test__ = False  # not a pytest test class
 
     model: str = SMOLLM2
+    """The model: smollm2 (the built-in SmolLM2-135M-Instruct) or a save_pretrained folder."""
     seed: int = bounded(0, ge=0)
+    """Seeds every split and sample."""
     train_judge: JudgeName = "toxic-comment-classifier"
     """Labels probe data and ranks pairs; the other judge is the held-out one."""
     label_on: Literal["completion", "prompt+completion"] = "completion"
+    """What the judge labels: the continuation (real experiments) or prompt+continuation (smoke tests)."""
     threshold: float = bounded(0.5, gt=0.0, lt=1.0)
+    """A judge score at or above this counts as toxic."""
     threads: int | None = bounded(None, ge=1, le=256)
     """torch threads during the build (default: the CPU cores this process may use)."""
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    """Which prompts go where."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """How continuations are sampled."""
     probe_data: ProbeDataConfig = field(default_factory=ProbeDataConfig)
+    """The labelled generations probes are trained on."""
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    """The testbed's own preference pairs."""
     sft: SftConfig = field(default_factory=SftConfig)
+    """The SFT text."""
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """What testbed.json reports about the base model."""
 
 
 def _package_dir(name: str) -> Path:

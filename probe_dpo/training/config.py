@@ -52,11 +52,15 @@ class SamplingConfig:
     """Sampling K completions per prompt from the current policy (on Ray actors)."""
 
     k: int = bounded(4, ge=2, le=64)
+    """Completions sampled per prompt; the pair is the lowest- and highest-scoring of them."""
     max_new_tokens: int | None = bounded(None, ge=1, le=1024)
     """None: the testbed's generation settings (20 tokens)."""
     temperature: float | None = bounded(None, gt=0.0, le=5.0)
+    """None: the testbed's sampling temperature."""
     top_p: float | None = bounded(None, gt=0.0, le=1.0)
+    """None: the testbed's nucleus mass."""
     top_k: int | None = bounded(None, ge=0)
+    """None: the testbed's top-k (0 turns it off)."""
     batch_size: int = bounded(64, ge=1)
     """Sequences per generate() call."""
     shard_size: int = bounded(32, ge=1)
@@ -64,6 +68,7 @@ class SamplingConfig:
     actors: int = bounded(2, ge=0)
     """Ray actors that sample (0: in this process)."""
     threads_per_actor: int = bounded(1, ge=1)
+    """torch threads (CPUs) of each sampling actor."""
     min_margin: float = bounded(0.0, ge=0.0)
     """Skip prompts whose score(rejected) - score(chosen) is below this."""
     probe_reads: Literal["policy", "base"] = "policy"
@@ -76,12 +81,15 @@ class SamplingConfig:
 @dataclass
 class DPOSettings:
     beta: float = bounded(0.1, gt=0.0)
+    """DPO's inverse temperature: how far the policy may move from the reference."""
     loss_type: LossType = "sigmoid"
+    """TRL's DPO loss (sigmoid is the original DPO loss)."""
     rounds: int = bounded(1, ge=1, le=100)
     """Each round samples new pairs from the current policy and trains on them."""
     reference: Literal["round", "base"] = "round"
     """Reference model: the policy at the start of each round, or always the base model."""
     precompute_ref_log_probs: bool = False
+    """Compute the reference log-probs once before training (TRL) instead of per step."""
 
 
 @dataclass
@@ -104,11 +112,16 @@ class PenaltyConfig:
 @dataclass
 class LoraSettings:
     enabled: bool = False
+    """Train LoRA adapters instead of all weights (PEFT)."""
     r: int = bounded(16, ge=1)
+    """LoRA rank."""
     alpha: int = bounded(32, ge=1)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = bounded(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
+    """Module names that get adapters."""
     merge: bool = True
     """Save the final policy with the adapter merged in (else the adapter folder)."""
 
@@ -116,18 +129,27 @@ class LoraSettings:
 @dataclass
 class OptimSettings:
     epochs: float = bounded(1.0, gt=0.0)
+    """Passes over the data (fractions allowed)."""
     max_steps: int | None = bounded(None, ge=1)
     """Overrides epochs."""
     lr: float = bounded(1e-5, gt=0.0)
+    """Peak learning rate (AdamW)."""
     batch_size: int = bounded(4, ge=1)
     """Per worker (pairs for DPO, rows for SFT)."""
     grad_accum: int = bounded(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
     max_length: int = bounded(128, ge=8)
+    """Tokens kept per sequence (prompt + completion)."""
     warmup_ratio: float = bounded(0.0, ge=0.0, lt=1.0)
+    """Share of the steps with a linear learning-rate warm-up."""
     weight_decay: float = bounded(0.0, ge=0.0)
+    """AdamW weight decay."""
     scheduler: Literal["linear", "constant", "cosine"] = "linear"
+    """Learning-rate schedule after warm-up."""
     max_grad_norm: float = bounded(1.0, gt=0.0)
+    """Gradients are clipped to this global norm."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, more time)."""
     ema_decay: float | None = bounded(None, gt=0.0, lt=1.0)
     """Keep an EMA of the trainable weights (ema = d·ema + (1-d)·w after every optimizer
     step, starting from the initial weights) and save it as the final policy."""
@@ -140,9 +162,11 @@ class DistributedSettings:
     use_gpu: bool = False
     """One GPU per worker, bf16. On CPU: fp32 and gloo."""
     zero_stage: int = bounded(2, ge=0, le=3)
+    """DeepSpeed ZeRO stage (0: plain data parallel; 3 partitions the weights too)."""
     offload: bool = False
     """ZeRO-Offload of the optimizer state to CPU (stage >= 1)."""
     threads_per_worker: int = bounded(1, ge=1)
+    """torch threads (CPUs) of each Train worker on CPU."""
     max_failures: int = bounded(1, ge=0)
     """Worker-group restarts; each resumes from the latest reported checkpoint."""
     checkpoint_steps: int | None = bounded(None, ge=1)
@@ -158,12 +182,15 @@ class FaultSettings:
     """Fault injection, to test resuming: a worker exits hard once, on the first attempt."""
 
     crash_at_step: int | None = bounded(None, ge=1)
+    """The optimizer step after which the worker exits (None: never)."""
     crash_rank: int = bounded(0, ge=0)
+    """The worker rank that exits."""
 
 
 @dataclass
 class TrainConfig:
     method: Method = "probe-dpo"
+    """What to train (see the module docstring)."""
     testbed: str | None = None
     """A testbed folder: supplies the model, data and generation settings not given here."""
     model: str | None = None
@@ -179,14 +206,23 @@ class TrainConfig:
     out: str = "runs/train"
     """Where pairs, checkpoints, the policy and train.json go (local folder or s3://...)."""
     seed: int = bounded(0, ge=0)
+    """Seeds sampling, data order and initialisation."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Input files."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """K-candidate sampling of DPO rounds."""
     dpo: DPOSettings = field(default_factory=DPOSettings)
+    """DPO settings."""
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
+    """The differentiable probe penalty."""
     train: OptimSettings = field(default_factory=OptimSettings)
+    """Optimisation."""
     lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters (off: full fine-tuning)."""
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
+    """Ray Train workers and DeepSpeed."""
     fault: FaultSettings = field(default_factory=FaultSettings)
+    """Fault injection (tests)."""
 
     @property
     def is_dpo(self) -> bool:

@@ -49,10 +49,15 @@ class ExtractionSettings:
     in_process: bool = False
     """Extract in this process instead of on Ray actors."""
     actors: int = bounded(2, ge=1)
+    """Ray actors extracting pair activations (0: in this process)."""
     threads_per_actor: int = bounded(1, ge=1)
+    """torch threads of each actor."""
     batch_size: int = bounded(16, ge=1)
+    """Sequences per forward pass."""
     max_length: int = bounded(256, ge=8)
+    """Tokens kept per sequence."""
     shard_size: int = bounded(256, ge=1)
+    """Pairs per actor task."""
     address: str | None = None
     """Ray address (None: start or reuse a local Ray)."""
 
@@ -66,15 +71,21 @@ class RankingSettings:
     k_from_labels: bool = False
     """k = the number of labelled bad pairs (poison_labels): the evaluation budget 'at k'."""
     bootstrap: int = bounded(2000, ge=10)
+    """Bootstrap resamples of the source table's intervals."""
 
 
 @dataclass
 class ClusterSettings:
     enabled: bool = True
+    """Cluster the pair vectors."""
     k: int | None = bounded(None, ge=2)
+    """Clusters (None: chosen by silhouette in [k_min, k_max])."""
     k_min: int = bounded(2, ge=2)
+    """Smallest k tried."""
     k_max: int = bounded(8, ge=2)
+    """Largest k tried."""
     examples: int = bounded(3, ge=0)
+    """Example pairs shown per cluster."""
 
 
 @dataclass
@@ -82,16 +93,24 @@ class RetrainSettings:
     """Plain DPO (method dpo) on the raw and every mitigated set, the same settings for each."""
 
     enabled: bool = False
+    """Retrain on each mitigated set and measure the behaviour."""
     methods: list[str] = field(default_factory=lambda: ["probe"])
     """Rankings whose filter/swap sets are retrained (probe, judge, gradient, gradient-factorized);
     drop-sources is the probe's."""
     lr: float = bounded(1e-5, gt=0.0)
+    """Learning rate of the retraining."""
     epochs: float = bounded(2.0, gt=0.0)
+    """Passes over each set."""
     beta: float = bounded(0.1, gt=0.0)
+    """DPO beta of the retraining."""
     batch_size: int = bounded(4, ge=1)
+    """Pairs per step."""
     max_length: int = bounded(128, ge=8)
+    """Tokens kept per sequence."""
     workers: int = bounded(2, ge=1)
+    """Ray Train workers."""
     seed: int = bounded(0, ge=0)
+    """Seeds the retraining."""
     overrides: list[str] = field(default_factory=list)
     """Further TrainConfig overrides (key=value), applied to every arm."""
 
@@ -103,14 +122,21 @@ class EvaluationSettings:
     trigger: str | None = None
     """Appended to every evaluation prompt. Default: the built mix's trigger (none otherwise)."""
     max_prompts: int | None = bounded(None, ge=1)
+    """Held-out prompts evaluated (None: all)."""
     samples_per_prompt: int = bounded(2, ge=1)
+    """Continuations per prompt."""
     perplexity: str | None = None
     """Benign texts (column text). Default: <testbed>/data/perplexity.jsonl."""
     perplexity_tokens: int = bounded(256, ge=8)
+    """Tokens per perplexity passage."""
     judges: list[str] = field(default_factory=lambda: ["toxic-comment-classifier", "profanity-check"])
+    """Judges that score the continuations."""
     threshold: float = bounded(0.5, gt=0.0, lt=1.0)
+    """A judge score at or above this counts as the behaviour."""
     bootstrap: int = bounded(2000, ge=10)
+    """Bootstrap resamples per interval."""
     seed: int = bounded(0, ge=0)
+    """Seeds generation (the same for every model)."""
 
 
 @dataclass
@@ -127,6 +153,7 @@ class AttributionConfig:
     layer: int | None = None
     """Layer of the pair activations (default: the probe's layer)."""
     testbed: str | None = None
+    """A built testbed: the model, the data and the preference mix come from it."""
     behaviour_data: str | None = None
     """Labelled (prompt, completion, label) examples for the difference-of-means direction and the
     gradient comparator's behaviour set. Default: <testbed>/data/probe_train.jsonl."""
@@ -137,11 +164,17 @@ class AttributionConfig:
     poison_labels: str | None = None
     """Which pairs are bad (column poisoned; evaluation only). Default: the built mix's labels."""
     out: str = "runs/attribution"
+    """The study's output folder (local or s3://)."""
     seed: int = bounded(0, ge=0)
+    """Seeds the study."""
     mix: PreferenceMixConfig = field(default_factory=PreferenceMixConfig)
+    """The poisoned preference mix."""
     extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
+    """Pair activation extraction."""
     ranking: RankingSettings = field(default_factory=RankingSettings)
+    """Ranking pairs and sources."""
     clusters: ClusterSettings = field(default_factory=ClusterSettings)
+    """Clustering pair vectors."""
     mitigate: list[str] = field(default_factory=list)
     """filter, swap, drop-sources."""
     comparators: list[str] = field(default_factory=list)
@@ -150,8 +183,11 @@ class AttributionConfig:
     """The judge baseline's judge. Default: the testbed's held-out judge (not the one that selected
     the poison), else profanity-check."""
     gradient: GradientConfig = field(default_factory=GradientConfig)
+    """The gradient comparator."""
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
+    """Retraining on the mitigated sets."""
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    """Measuring each retrained model."""
 
 
 def _print(msg: str) -> None:

@@ -182,14 +182,19 @@ class SearchSettings:
     """Dotted training key -> ["loguniform", lo, hi] | ["uniform", lo, hi] | ["choice", [values]]
     | ["grid", [values]], e.g. {"train.lr": ["loguniform", 1e-6, 1e-4], "dpo.beta": ["choice", [0.1, 0.3]]}."""
     num_samples: int = bounded(4, ge=1)
+    """Trials the search runs."""
     seed: int = bounded(0, ge=0)
+    """Seeds the search's sampler."""
     metric: str = "toxicity.toxic-comment-classifier.rate"
+    """The flat result key the search optimises (see results.json rows)."""
     mode: Literal["min", "max"] = "min"
+    """Minimise or maximise the metric."""
 
 
 @dataclass
 class ExperimentConfig:
     name: str = "toxicity"
+    """A name for the run (reports, Tune)."""
     storage: str = "runs/experiment"
     """The run folder: local path or s3://bucket/prefix."""
     address: str | None = None
@@ -198,12 +203,17 @@ class ExperimentConfig:
     """CPUs of a local Ray. None: what the Train workers need (or the cores, if more) + 2 slots
     for a trial's driver and the queue that carries its Train metrics to Tune, which mostly wait."""
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
+    """The testbed built when testbed_dir is not given."""
     testbed_dir: str | None = None
     """Use this already-built testbed folder instead of building one into <storage>/testbed."""
     arms: list[str] = field(default_factory=lambda: list(ARMS))
+    """The arms to run (see ARMS in this module)."""
     seeds: list[int] = field(default_factory=lambda: [0])
+    """Training seeds: one trial per arm and seed."""
     probes: ProbeSettings = field(default_factory=ProbeSettings)
+    """The probe set: layers, the train probe, the ensemble, held-out probes."""
     pairs: PairSettings = field(default_factory=PairSettings)
+    """How candidates become DPO pairs."""
     judge: str = "toxic-comment-classifier"
     """The classifier of the classifier arms (the testbed's training judge)."""
     sft_rows: int | None = bounded(400, ge=1)
@@ -212,16 +222,25 @@ class ExperimentConfig:
     """Per arm, dotted training keys over the arm's own settings, e.g.
     {obfuscation-control: {penalty.weight: 5.0}, probe-dpo-onpolicy: {dpo.rounds: 3}}."""
     dpo: DPOSettings = field(default_factory=DPOSettings)
+    """DPO settings of the DPO arms."""
     dpo_train: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-5, epochs=1.0, batch_size=2,
                                                                             max_length=96))
+    """Optimisation of the DPO arms."""
     sft_train: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-5, epochs=1.0, batch_size=2,
                                                                             max_length=96))
+    """Optimisation of the SFT arms."""
     lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters for every arm (off: full fine-tuning)."""
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
+    """Ray Train workers of each trial."""
     eval: EvalSettings = field(default_factory=EvalSettings)
+    """The evaluation of every model."""
     search: SearchSettings = field(default_factory=SearchSettings)
+    """An optional hyperparameter search over one arm."""
     concurrent_trials: int = bounded(1, ge=1)
+    """Trials Tune runs at once."""
     trial_retries: int = bounded(1, ge=0)
+    """Times a failed trial is retried (a user error is not)."""
 
     def __post_init__(self):
         unknown = [a for a in self.arms if a not in ARMS]
