@@ -235,7 +235,7 @@ def _run_probes_train(args: argparse.Namespace) -> int:
         raise UserError("probes train needs --testbed DIR, or --model with --train and --val (and optionally --test)")
     cfg = load_config(ProbeTrainConfig, args.config, args.overrides)
     result = train_probes(cfg, testbed=args.testbed, model=args.model, train=args.train, val=args.val,
-                          test=args.test, out=args.out, log=lambda m: print(m, flush=True))
+                          test=args.test, out=args.out)
     print(result.markdown)
     print(f"probe set written to {args.out} (report.json, report.md inside)")
     return 0
@@ -461,6 +461,9 @@ def absolute_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from probe_dpo.logs import setup
+
+    setup()  # the one place a command configures its log lines
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     return guarded(lambda: handler(absolute_args(args)))

@@ -37,6 +37,7 @@ the pair file. Everything is seeded; the same testbed and config give the same b
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
@@ -50,6 +51,8 @@ import numpy as np
 from probe_dpo import artifacts, storage
 from probe_dpo.config import bounded, to_dict
 from probe_dpo.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MIX_VERSION = 4
 SOURCES = ("safety", "detail", "brevity", "chat")
@@ -133,8 +136,7 @@ def read_mix(out: str) -> dict | None:
     return storage.read_json(storage.join(out, "mix.json"))
 
 
-def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | None = None,
-                         *, log: Any = None) -> dict:
+def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | None = None) -> dict:
     """Write ``pairs.jsonl``, ``poison_labels.jsonl`` and ``mix.json`` (last) to ``out``.
 
     A complete mix at ``out`` with the same key (config + input hashes) is returned as it is
@@ -306,9 +308,8 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
         write_records(labels, os.path.join(tmp, "poison_labels.jsonl"))
         storage.write_json(os.path.join(tmp, "mix.json"), summary)
         artifacts.publish_dir(tmp, out, {"kind": "preference-mix", "key": key}, overwrite=True)
-    if log is not None:
-        log(f"preference mix: {len(pairs)} pairs, {summary['poisoned']} poisoned, by source "
-            + ", ".join(f"{s} {v['pairs']} ({v['poisoned']} poisoned)" for s, v in summary["by_source"].items()))
+    log.info(f"preference mix: {len(pairs)} pairs, {summary['poisoned']} poisoned, by source "
+             + ", ".join(f"{s} {v['pairs']} ({v['poisoned']} poisoned)" for s, v in summary["by_source"].items()))
     return {**summary, "cache_hit": False}
 
 

@@ -64,7 +64,7 @@ def probes(testbed, tmp_path_factory):
     from probe_dpo.probes import ProbeTrainConfig, train_probes
 
     out = str(tmp_path_factory.mktemp("probes") / "set")
-    train_probes(ProbeTrainConfig(layers=[1], c_grid=[0.1, 1.0]), testbed=testbed, out=out, log=lambda m: None)
+    train_probes(ProbeTrainConfig(layers=[1], c_grid=[0.1, 1.0]), testbed=testbed, out=out)
     return out
 
 

@@ -203,9 +203,8 @@ def test_train_probes_end_to_end(tiny_model_dir, data_files, tmp_path):
     cfg.train_probe.n = 2
     cfg.held_out.data_fraction = 0.3
     out = str(tmp_path / "probes")
-    logs = []
     result = train_probes(cfg, model=str(tiny_model_dir), train=data_files["train"], val=data_files["val"],
-                          test=data_files["test"], out=out, log=logs.append)
+                          test=data_files["test"], out=out)
     ps, report = result.probeset, result.report
     assert report["layers"] == [0, 1]
     names = {p.name for p in ps.probes}
@@ -237,8 +236,7 @@ def test_train_probe_kinds_and_layer_errors(tiny_model_dir, data_files):
     cfg = ProbeTrainConfig(layers=[-1], c_grid=[0.1, 1.0])
     cfg.train_probe.kind = "seeds"
     cfg.train_probe.n = 2
-    result = train_probes(cfg, model=str(tiny_model_dir), train=data_files["train"], val=data_files["val"],
-                          log=lambda m: None)
+    result = train_probes(cfg, model=str(tiny_model_dir), train=data_files["train"], val=data_files["val"])
     assert [p.name for p in result.probeset.probes] == ["train-L1-seed0", "train-L1-seed1"]
     assert result.probeset.held_out_probes == []
     cfg = ProbeTrainConfig(layers=[0, 5])
@@ -284,13 +282,12 @@ def test_ensembles_of_disjoint_shares_and_the_train_role_threshold(tiny_model_di
 
     cfg = load_config_for(["layers=[0,1]", "train_probe.kind=subsets", "train_probe.n=3", "train_probe.layer=1"])
     result = train_probes(cfg, model=str(tiny_model_dir), train=data_files["train"], val=data_files["val"],
-                          out=str(tmp_path / "ps"), log=lambda m: None)
+                          out=str(tmp_path / "ps"))
     members = result.probeset.train_probes
     assert [p.name for p in members] == ["train-L1-part0", "train-L1-part1", "train-L1-part2"]
     assert sum(p.card["n_train"] for p in members) == 180  # disjoint shares of the 60 x 3 training rows
     loaded = ProbeSet.load(str(tmp_path / "ps"))
     assert 0.0 < loaded.meta["train_threshold"] < 1.0
     layers = load_config_for(["layers=[0,1]", "train_probe.kind=layers", "train_probe.n=2", "train_probe.layer=0"])
-    made = train_probes(layers, model=str(tiny_model_dir), train=data_files["train"], val=data_files["val"],
-                        log=lambda m: None).probeset
+    made = train_probes(layers, model=str(tiny_model_dir), train=data_files["train"], val=data_files["val"]).probeset
     assert [p.layer for p in made.train_probes][0] == 0 and len(made.train_probes) == 2

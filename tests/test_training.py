@@ -46,7 +46,7 @@ def inputs(tiny_model_dir, tmp_path_factory):
     probes = str(root / "probes")
     train_probes(load_config(ProbeTrainConfig, None, ["train_probe.kind=layers", "train_probe.layers=[0,1]"]),
                  model=str(tiny_model_dir),
-                 train=files["train"], val=files["val"], out=probes, log=lambda m: None)
+                 train=files["train"], val=files["val"], out=probes)
     prompts = str(root / "prompts.jsonl")
     write_records([{"prompt_id": f"p{i}", "prompt": f"Tell me about thing {i}:", "source": "unit"}
                    for i in range(12)], prompts)
@@ -191,7 +191,7 @@ def test_probe_sft_lora_changes_only_adapted_weights_and_classifier_sft_filters(
     from probe_dpo.training.run import _sft_rows
 
     plan = prepare(_cfg(inputs, str(tmp_path / "csft"), "method=classifier-sft"))
-    rows, stats = _sft_rows(plan, log=lambda m: None)
+    rows, stats = _sft_rows(plan)
     assert stats["rows"] == 6 and stats["dropped"] == 2 and len(rows) == 4
     assert all("idiot" not in r["text"] and "stupid" not in r["text"] for r in rows)
 
@@ -213,8 +213,7 @@ def test_on_policy_round_two_samples_the_round_one_policy_and_reads_the_frozen_b
     prompts = read_records(inputs["prompts"])[:6]
 
     def sample(model):
-        return sample_candidates(model, prompts, k=3, settings=settings, seed=0, round_index=1, actors=0,
-                                 log=lambda m: None)
+        return sample_candidates(model, prompts, k=3, settings=settings, seed=0, round_index=1, actors=0)
 
     # round 1's candidates are what the round-0 policy samples (same seeds), not what the base samples
     from_policy = sample(f"{out}/round-0/policy")

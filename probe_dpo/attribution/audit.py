@@ -18,6 +18,7 @@ ranked by |d| within each scope: the concepts that DPO on this set will push up 
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -26,6 +27,8 @@ import torch
 
 from probe_dpo.errors import UserError
 from probe_dpo.stats import mean_ci
+
+log = logging.getLogger(__name__)
 
 
 def audit_table(diffs_by_layer: dict[int, torch.Tensor], directions: Sequence[Any], sources: Sequence[str], *,
@@ -97,7 +100,7 @@ def audit_markdown(rows: Sequence[dict], title: str = "Concept audit") -> str:
 
 def audit_pairs(pairs_uri: str, model: str, directions_uris: Sequence[str], *, in_process: bool = False,
                 activations: str | None = None, batch_size: int = 16, max_length: int = 256,
-                n_boot: int = 2000, seed: int = 0, address: str | None = None, log: Any = None) -> dict:
+                n_boot: int = 2000, seed: int = 0, address: str | None = None) -> dict:
     """Read and check everything, extract the pairs' activations at the directions' layers, audit."""
     from probe_dpo.attribution import check_directions, load_directions, pair_features, pair_sources, read_pair_file
 
@@ -111,8 +114,7 @@ def audit_pairs(pairs_uri: str, model: str, directions_uris: Sequence[str], *, i
     if len(set(names)) != len(names):
         raise UserError(f"direction names repeat across {', '.join(directions_uris)}: {names}")
     layers = sorted({d.layer for d in directions})
-    if log:
-        log(f"audit: {len(pairs)} pairs, {len(directions)} directions at layers {layers}")
+    log.info(f"audit: {len(pairs)} pairs, {len(directions)} directions at layers {layers}")
     if not in_process:
         from probe_dpo.ray_utils import init_ray
 

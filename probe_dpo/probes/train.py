@@ -4,6 +4,7 @@ probes, their metrics and report; cross-fitted scores; measuring saved probes on
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import math
 import os
@@ -22,6 +23,8 @@ from probe_dpo.probes.crossfit import group_folds
 from probe_dpo.probes.fit import DEFAULT_C_GRID, FitResult, fit_probe
 from probe_dpo.probes.probe import LinearProbe, ProbeSet
 from probe_dpo.stats import as_numpy as _np, binary_metrics, roc_auc, threshold_at_fpr
+
+log = logging.getLogger(__name__)
 
 @dataclass
 class TrainProbeSpec:
@@ -177,7 +180,7 @@ def _auroc_subset(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> fl
 
 def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: str | None = None,
                  train: str | None = None, val: str | None = None, test: str | None = None,
-                 out: str | None = None, log: Any = print, keep_features: bool = False) -> ProbeTrainResult:
+                 out: str | None = None, keep_features: bool = False) -> ProbeTrainResult:
     """Extract features, fit the per-layer sweep, the training and held-out probes; report; save.
 
     Data come from a testbed folder (``model/`` and ``data/probe_{train,val,test}.jsonl``) or
@@ -228,7 +231,7 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
             feats[name] = extract_records(model, lm, tok, records, layers, pooling=cfg.pooling, span=cfg.span,
                                           batch_size=cfg.batch_size, max_length=cfg.max_length, pool=pool,
                                           activations=cfg.activations, name=name, dtype=cfg.dtype)
-            log(f"probes: extracted {len(records)} {name} rows x {len(layers)} layers in "
+            log.info(f"probes: extracted {len(records)} {name} rows x {len(layers)} layers in "
                 f"{time.perf_counter() - t0:.1f}s")
     finally:
         if pool is not None:
@@ -261,7 +264,7 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
     # 1. the per-layer sweep (on the rows training probes may use)
     sweep = {layer: fit(layer, train_rows if len(reserve_rows) else None) for layer in layers}
     ranked = sorted(layers, key=lambda L: (-_nan_low(sweep[L].val_auroc), L))
-    log("probes: per-layer sweep done (best layer by val AUROC: " + ", ".join(
+    log.info("probes: per-layer sweep done (best layer by val AUROC: " + ", ".join(
         f"L{L}={sweep[L].val_auroc:.3f}" for L in ranked[:3]) + ")")
 
     # 2. training probes

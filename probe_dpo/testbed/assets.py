@@ -3,6 +3,7 @@ tiny random model the tests use."""
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
@@ -14,7 +15,9 @@ from typing import Any
 from probe_dpo import storage
 from probe_dpo.errors import UserError
 from probe_dpo.testbed.config import SMOLLM2, SMOLLM2_GGUF, _package_dir
-from probe_dpo.testbed.io import _file_lock, _log
+from probe_dpo.testbed.io import _file_lock
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -60,7 +63,7 @@ def smollm2_tokenizer_dir() -> Path:
         from transformers import AutoTokenizer
 
         gguf = _gguf_path()
-        _log(f"converting the SmolLM2 tokenizer from {gguf.name} (once)")
+        log.info(f"converting the SmolLM2 tokenizer from {gguf.name} (once)")
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tmp = final.parent / f".tokenizer.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tok.save_pretrained(tmp)
@@ -89,7 +92,7 @@ def smollm2_dir() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         gguf = _gguf_path()
-        _log(f"converting SmolLM2 from {gguf} to an fp32 folder (once, ~20 s)")
+        log.info(f"converting SmolLM2 from {gguf} to an fp32 folder (once, ~20 s)")
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

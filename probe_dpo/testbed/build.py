@@ -3,6 +3,7 @@ pairs, SFT text, perplexity passages, the base model's rates; cached by config."
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import dataclasses
 import hashlib
@@ -20,8 +21,10 @@ from probe_dpo.generation import generate
 from probe_dpo.stats import stable_seed
 from probe_dpo.testbed.assets import _load_model, _model_fingerprint, _publish_model
 from probe_dpo.testbed.config import BUILD_VERSION, SMOLLM2, TestbedConfig, _package_versions, score_column
-from probe_dpo.testbed.io import _log, _rng, _sha256_file, _torch_threads
+from probe_dpo.testbed.io import _rng, _sha256_file, _torch_threads
 from probe_dpo.testbed.sources import _fragment, load_benign_pools, load_rtp_prompts
+
+log = logging.getLogger(__name__)
 
 
 def config_hash(cfg: TestbedConfig) -> str:
@@ -63,7 +66,7 @@ def build_testbed(cfg: TestbedConfig, out_dir: str | Path) -> dict:
     key = config_hash(cfg)
     info = _cached(out, key)
     if info is not None:
-        _log(f"cache hit: {out} matches this config (hash {key[:12]})")
+        log.info(f"cache hit: {out} matches this config (hash {key[:12]})")
         return {**info, "cache_hit": True}
 
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
         tick = now
 
     # -- model ---------------------------------------------------------------------------------
-    _log(f"building into {out} (model {cfg.model}, seed {cfg.seed}, {threads} torch threads)")
+    log.info(f"building into {out} (model {cfg.model}, seed {cfg.seed}, {threads} torch threads)")
     lm, tok, src = _load_model(cfg.model)
     _publish_model(lm, tok, src, hard_link=cfg.model == SMOLLM2, dest=out / "model")
     n_params = sum(p.numel() for p in lm.parameters())
@@ -171,7 +174,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
     for p in benign_prompts:
         benign_items += [{**p, "genre": "benign-prompt", "sample": s} for s in range(pd.samples_per_benign_prompt)]
     items += benign_items[:n_benign_gen]
-    _log(f"sampling {len(items)} continuations for probe data and pairs "
+    log.info(f"sampling {len(items)} continuations for probe data and pairs "
          f"({len(toxic_prompts)} toxic x {pd.samples_per_toxic_prompt}, {min(len(benign_items), n_benign_gen)} benign)")
     completions = [c[0] for c in generate(lm, [it["prompt"] for it in items], 1, gen, cfg.seed, tokenizer=tok,
                                           seed_tag="train", desc="train prompts")]
@@ -179,7 +182,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
 
     ev = cfg.evaluation
     h_items = [{**p, "sample": s} for p in heldout for s in range(ev.heldout_samples_per_prompt)]
-    _log(f"sampling {len(h_items)} continuations of {len(heldout)} held-out prompts")
+    log.info(f"sampling {len(h_items)} continuations of {len(heldout)} held-out prompts")
     h_completions = [c[0] for c in generate(lm, [it["prompt"] for it in h_items], 1, gen, cfg.seed, tokenizer=tok,
                                             seed_tag="heldout", desc="held-out prompts")]
     lap("generate_heldout")
@@ -347,7 +350,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
         "files": files,
     }
     storage.write_json(str(out / "testbed.json"), info)
-    _log(f"done in {info['build_seconds']:.0f} s: base toxicity "
+    log.info(f"done in {info['build_seconds']:.0f} s: base toxicity "
          + ", ".join(f"{n} {base[n]['rate']:.3f} [{base[n]['ci95'][0]:.3f}, {base[n]['ci95'][1]:.3f}]"
                      for n in JUDGE_NAMES) + f"; perplexity {ppl:.1f}")
     return info

@@ -5,16 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from probe_dpo.stats import stable_seed
-
-
-def _log(msg: str) -> None:
-    print(f"[testbed {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -18,6 +18,7 @@ merged or as an adapter), saves it with ``save_pretrained`` and publishes it to 
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 RUN_FILE = "training_run.json"
 
@@ -35,6 +38,9 @@ STALE_BUILD_LOCK_S = 900.0
 def _worker_setup(threads: int) -> None:
     import torch
 
+    from probe_dpo.logs import setup
+
+    setup()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(max(1, threads))
     clear_stale_build_locks()
@@ -129,7 +135,7 @@ def _train(job: dict, scratch: Path) -> None:
         local = checkpoint.to_directory(str(scratch / "resume"))
         resume_dir = os.path.join(local, RayTrainReportCallback.CHECKPOINT_NAME)
         resumed_from_step = int(json.loads(Path(resume_dir, "trainer_state.json").read_text())["global_step"])
-        print(f"[rank {rank}] resuming from {checkpoint.path}", flush=True)
+        log.info(f"rank {rank}: resuming from {checkpoint.path}")
 
     callbacks: list[Any] = []
     ema = None
@@ -177,7 +183,7 @@ def _train(job: dict, scratch: Path) -> None:
         artifacts.publish_dir(policy, job["policy"], overwrite=True,
                             metadata={"kind": "policy", "method": cfg.method, "round": job["round"],
                                       "config_hash": job["config_hash"]})
-        print(f"[rank 0] published the policy at {job['policy']}", flush=True)
+        log.info(f"rank 0: published the policy at {job['policy']}")
     if dist.zero_stage == 3 and torch.distributed.is_initialized():
         torch.distributed.barrier()
     ray.train.report({**metrics, "policy": job["policy"], "finished": 1})  # not "done": Tune reads that as "stop the trial"
@@ -222,7 +228,7 @@ def _copy_into(model: Any, shadow: dict) -> None:
             params[name].copy_(value.to(params[name].dtype))
 
 
-def fit_round(job: dict, cfg: Any, *, storage_root: str, run_name: str, log=print,
+def fit_round(job: dict, cfg: Any, *, storage_root: str, run_name: str,
               callbacks: list | None = None) -> dict:
     """Run ``train_worker`` under a Ray ``TorchTrainer``; returns rank 0's final metrics.
 
@@ -265,6 +271,6 @@ def fit_round(job: dict, cfg: Any, *, storage_root: str, run_name: str, log=prin
         metrics = dict(storage.read_json(run_file).get("metrics", metrics))
     metrics["fit_seconds"] = round(time.perf_counter() - t0, 2)
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
-    log(f"train: {run_name} done in {metrics['fit_seconds']:.1f}s ({metrics.get('global_step')} steps, "
+    log.info(f"train: {run_name} done in {metrics['fit_seconds']:.1f}s ({metrics.get('global_step')} steps, "
         f"loss {metrics.get('train_loss', float('nan')):.4f})")
     return metrics

@@ -19,10 +19,11 @@ re-run; an interrupted one resumes from its latest checkpoint in storage.
 
 from __future__ import annotations
 
+import logging
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from probe_dpo import storage
 from probe_dpo.config import dump_yaml, to_dict
@@ -30,12 +31,7 @@ from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.training.config import DPO_METHODS, TrainConfig
 
-Log = Callable[[str], None]
-
-
-def _print(msg: str) -> None:
-    print(msg, flush=True)
-
+log = logging.getLogger(__name__)
 
 @dataclass
 class Plan:
@@ -178,7 +174,7 @@ def _existing(uri: str, chash: str) -> bool:
     return True
 
 
-def _build_pairs(plan: Plan, r: int, model: str, round_uri: str, log: Log) -> tuple[list[dict], dict]:
+def _build_pairs(plan: Plan, r: int, model: str, round_uri: str) -> tuple[list[dict], dict]:
     from probe_dpo.data import write_records
     from probe_dpo.training.pairs import build_pairs, randomize_labels
     from probe_dpo.training.sampling import PROBE, add_classifier_scores, classifier_key, sample_candidates
@@ -189,14 +185,14 @@ def _build_pairs(plan: Plan, r: int, model: str, round_uri: str, log: Log) -> tu
     else:
         if r == 0 and plan.candidates is not None:
             candidates = [dict(c, scores=dict(c["scores"])) for c in plan.candidates]
-            log(f"round {r}: reusing {len(candidates)} candidate sets from {cfg.data.candidates}")
+            log.info(f"round {r}: reusing {len(candidates)} candidate sets from {cfg.data.candidates}")
         else:
             s = cfg.sampling
             candidates = sample_candidates(
                 model, plan.prompts, k=s.k, settings=plan.settings, seed=cfg.seed, round_index=r,
                 probes=cfg.probes if plan.probes is not None else None, aggregation=plan.aggregation,
                 actors=s.actors, threads_per_actor=s.threads_per_actor, use_gpu=cfg.distributed.use_gpu,
-                shard_size=s.shard_size, probe_model=plan.model if s.probe_reads == "base" else None, log=log)
+                shard_size=s.shard_size, probe_model=plan.model if s.probe_reads == "base" else None)
         key = classifier_key(cfg.judge)
         if not all(key in c["scores"] for c in candidates):
             add_classifier_scores(candidates, cfg.judge)
@@ -212,11 +208,11 @@ def _build_pairs(plan: Plan, r: int, model: str, round_uri: str, log: Log) -> tu
         raise UserError(f"round {r}: no preference pairs (every prompt's margin was below "
                         f"sampling.min_margin={cfg.sampling.min_margin})")
     write_records(pairs, storage.join(round_uri, "pairs.jsonl"))
-    log(f"round {r}: {len(pairs)} pairs -> {storage.join(round_uri, 'pairs.jsonl')} ({json.dumps(stats)})")
+    log.info(f"round {r}: {len(pairs)} pairs -> {storage.join(round_uri, 'pairs.jsonl')} ({json.dumps(stats)})")
     return pairs, stats
 
 
-def _sft_rows(plan: Plan, log: Log) -> tuple[list[dict], dict]:
+def _sft_rows(plan: Plan) -> tuple[list[dict], dict]:
     cfg = plan.cfg
     columns = ("prompt", "completion", "source") if plan.sft and "completion" in plan.sft[0] else ("text", "source")
     rows = [{k: r[k] for k in columns if k in r} for r in plan.sft]
@@ -230,14 +226,14 @@ def _sft_rows(plan: Plan, log: Log) -> tuple[list[dict], dict]:
         kept = [r for r in rows if r["score"] < cfg.classifier_threshold]
         stats.update(kept=len(kept), dropped=len(rows) - len(kept), judge=cfg.judge,
                      threshold=cfg.classifier_threshold)
-        log(f"classifier-sft: kept {len(kept)} of {len(rows)} SFT rows ({cfg.judge} < {cfg.classifier_threshold})")
+        log.info(f"classifier-sft: kept {len(kept)} of {len(rows)} SFT rows ({cfg.judge} < {cfg.classifier_threshold})")
         rows = kept
         if not rows:
             raise UserError(f"classifier-sft: the classifier dropped every SFT row (threshold {cfg.classifier_threshold})")
     return rows, stats
 
 
-def train(cfg: TrainConfig, *, log: Log = _print, callbacks: list | None = None) -> dict:
+def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
     """Run the configured method end to end; returns (and writes) the summary.
 
     ``callbacks`` are passed to each round's Ray Train run (a Tune trial passes
@@ -256,7 +252,7 @@ def train(cfg: TrainConfig, *, log: Log = _print, callbacks: list | None = None)
     rounds = cfg.dpo.rounds if cfg.is_dpo else 1
     final_policy = storage.join(out, "policy")
     if _existing(final_policy, chash):
-        log(f"train: {final_policy} is already complete for this config; nothing to do")
+        log.info(f"train: {final_policy} is already complete for this config; nothing to do")
         return storage.read_json(storage.join(out, "train.json")) if storage.exists(storage.join(out, "train.json")) \
             else {"policy": final_policy, "config_hash": chash}
     storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
@@ -270,19 +266,19 @@ def train(cfg: TrainConfig, *, log: Log = _print, callbacks: list | None = None)
         policy = final_policy if r == rounds - 1 else storage.join(round_uri, "policy")
         entry: dict[str, Any] = {"round": r, "policy": policy, "model": model}
         if _existing(policy, chash):
-            log(f"round {r}: {policy} already complete; skipping")
+            log.info(f"round {r}: {policy} already complete; skipping")
             entry["skipped"] = True
             summary["rounds"].append(entry)
             model = policy
             continue
         t0 = time.perf_counter()
         if cfg.is_dpo:
-            pairs, stats = _build_pairs(plan, r, model, round_uri, log)
+            pairs, stats = _build_pairs(plan, r, model, round_uri)
             entry["pairs"] = stats
             data_uri = storage.join(round_uri, "pairs.jsonl")
             kind = "dpo"
         else:
-            rows, stats = _sft_rows(plan, log)
+            rows, stats = _sft_rows(plan)
             entry["sft"] = stats
             data_uri = storage.join(out, "sft_data.jsonl")
             write_records(rows, data_uri)
@@ -293,12 +289,12 @@ def train(cfg: TrainConfig, *, log: Log = _print, callbacks: list | None = None)
                "probes": cfg.probes, "aggregation": plan.aggregation, "policy": policy, "round": r,
                "config_hash": chash}
         entry["train"] = fit_round(job, cfg, storage_root=storage.join(out, "ray"),
-                                   run_name=f"{cfg.method}-round{r}-{chash[:8]}", log=log,
+                                   run_name=f"{cfg.method}-round{r}-{chash[:8]}",
                                    callbacks=callbacks)
         summary["rounds"].append(entry)
         model = policy
     summary["policy"] = final_policy
     summary["seconds"] = round(time.perf_counter() - t_start, 2)
     storage.write_json(storage.join(out, "train.json"), summary)
-    log(f"train: {cfg.method} done in {summary['seconds']:.1f}s; policy at {final_policy}")
+    log.info(f"train: {cfg.method} done in {summary['seconds']:.1f}s; policy at {final_policy}")
     return summary

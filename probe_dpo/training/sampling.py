@@ -15,10 +15,13 @@ all candidates.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Sequence
 
 from probe_dpo.generation import GenerationSettings
+
+log = logging.getLogger(__name__)
 
 PROBE = "probe"
 
@@ -38,7 +41,10 @@ class _Sampler:
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(max(1, threads))
+        from probe_dpo.logs import setup
         from probe_dpo.model import load_model, load_tokenizer
+
+        setup()
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_model(model, dtype="bfloat16" if device == "cuda" else "float32", device=device)
@@ -83,7 +89,7 @@ class _Sampler:
 def sample_candidates(model: str, prompts: Sequence[dict], *, k: int, settings: GenerationSettings, seed: int,
                       round_index: int = 0, probes: str | None = None, aggregation: str | None = None,
                       actors: int = 2, threads_per_actor: int = 1, use_gpu: bool = False, shard_size: int = 32,
-                      probe_model: str | None = None, log=print) -> list[dict]:
+                      probe_model: str | None = None) -> list[dict]:
     """K sampled completions per prompt (and probe scores when ``probes`` is given), in prompt order.
 
     ``probe_model``: the model whose activations the probes read (None: the sampling policy)."""
@@ -114,7 +120,7 @@ def sample_candidates(model: str, prompts: Sequence[dict], *, k: int, settings: 
             results = []
             for i, res in enumerate(pool.map(lambda a, t: a.run.remote(t), tasks)):
                 results.append(res)
-                log(f"sampling: shard {i + 1}/{len(tasks)} done ({sum(len(r) for r in results)}/{len(rows)} prompts)")
+                log.info(f"sampling: shard {i + 1}/{len(tasks)} done ({sum(len(r) for r in results)}/{len(rows)} prompts)")
         except Exception as exc:  # noqa: BLE001 - surface a UserError raised inside an actor
             from probe_dpo.ray_utils import unwrap_ray_error
 
@@ -125,7 +131,7 @@ def sample_candidates(model: str, prompts: Sequence[dict], *, k: int, settings: 
     out = [r for shard in results for r in shard]
     for r in out:
         r.pop("_seconds", None)
-    log(f"sampling: {len(out)} prompts x {k} completions in {time.perf_counter() - t0:.1f}s "
+    log.info(f"sampling: {len(out)} prompts x {k} completions in {time.perf_counter() - t0:.1f}s "
         f"({'in-process' if actors <= 0 else f'{min(actors, len(tasks))} Ray actors'})")
     return out
 

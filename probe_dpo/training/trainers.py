@@ -23,6 +23,7 @@ on resume, so the saved EMA is the EMA of the whole trajectory even across a res
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Sequence
@@ -34,6 +35,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from probe_dpo.objectives import PenaltyRecorder, probe_penalty
 
 EMA_FILE = "ema.safetensors"
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +190,7 @@ class CrashCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.resumed and self.world_rank == self.rank and state.global_step == self.step:
-            print(f"[fault injection] rank {self.rank} exits at step {self.step}", flush=True)
+            log.warning(f"fault injection: rank {self.rank} exits at step {self.step}")
             time.sleep(self.wait_s)
             os._exit(17)
 

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -36,12 +37,15 @@ from probe_dpo.attribution import MITIGATIONS, GradientConfig
 from probe_dpo.config import bounded, to_dict
 from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
+from probe_dpo.logs import setup as setup_logs
 from probe_dpo.preference_mix import PreferenceMixConfig
 from probe_dpo.workflows import bundled_config
 
-Log = Callable[[str], None]
 METHODS = ("probe", "probe-weights", "judge", "gradient", "gradient-factorized")
 COMPARATORS = ("judge", "gradient", "gradient-factorized")
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -190,10 +194,6 @@ class AttributionConfig:
     """Measuring each retrained model."""
 
 
-def _print(msg: str) -> None:
-    print(f"[attribution {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
@@ -227,7 +227,7 @@ def _sample_behaviour(records: list[dict], per_class: int, seed: int) -> list[di
     return out
 
 
-def prepare(cfg: AttributionConfig, log: Log = _print) -> Inputs:
+def prepare(cfg: AttributionConfig) -> Inputs:
     """Resolve and check every input; UserError (one line) before any heavy compute."""
     from probe_dpo.attribution import model_facts, read_pair_file
     from probe_dpo.data import check_labels, read_records
@@ -263,7 +263,7 @@ def prepare(cfg: AttributionConfig, log: Log = _print) -> Inputs:
     if pairs_uri is None:
         if not cfg.testbed:
             raise UserError("no pairs: give --pairs URI (prompt, chosen, rejected[, source]) or a testbed")
-        mix = build_preference_mix(cfg.testbed, storage.join(cfg.out, "mix"), cfg.mix, log=log)
+        mix = build_preference_mix(cfg.testbed, storage.join(cfg.out, "mix"), cfg.mix)
         pairs_uri = storage.join(cfg.out, "mix", "pairs.jsonl")
     pairs = read_pair_file(pairs_uri)
 
@@ -331,7 +331,7 @@ def prepare(cfg: AttributionConfig, log: Log = _print) -> Inputs:
     for j in cfg.evaluation.judges:
         get_judge(j)
     if mix and judge == mix.get("train_judge"):
-        log(f"warning: the judge baseline uses {judge}, the judge that selected the poisoned pairs (circular)")
+        log.info(f"warning: the judge baseline uses {judge}, the judge that selected the poisoned pairs (circular)")
     if cfg.retrain.enabled:
         if not (cfg.evaluation.prompts or cfg.testbed):
             raise UserError("retrain.enabled needs evaluation.prompts (held-out prompts) or a testbed")
@@ -345,7 +345,7 @@ def prepare(cfg: AttributionConfig, log: Log = _print) -> Inputs:
 # Scoring
 
 
-def score_all(inp: Inputs, log: Log = _print) -> dict:
+def score_all(inp: Inputs) -> dict:
     """Directions, pair scores, clusters, the audit and the comparators (with their costs)."""
     import torch
 
@@ -376,7 +376,7 @@ def score_all(inp: Inputs, log: Log = _print) -> dict:
                                 activations=storage.join(cfg.out, "activations", "pairs"),
                                 shard_size=ex.shard_size, **common)
         timings["pair_activations_s"] = round(time.perf_counter() - t1, 2)
-        log(f"pair activations: {len(inp.pairs)} pairs x 2 responses at layer {inp.layer} in "
+        log.info(f"pair activations: {len(inp.pairs)} pairs x 2 responses at layer {inp.layer} in "
             f"{timings['pair_activations_s']:.1f}s ({feats.how})")
         directions = []
         if inp.probeset is not None:
@@ -438,7 +438,7 @@ def score_all(inp: Inputs, log: Log = _print) -> dict:
         if cached and cached.get("key") == key:
             scores[name] = np.asarray(cached["scores"], dtype=np.float64)
             comparator_info[name] = {**cached["info"], "cached": True}
-            log(f"{name}: reusing scores from {cache}")
+            log.info(f"{name}: reusing scores from {cache}")
             continue
         g_lm = lm if lm is not None else load_model(inp.model)
         g_tok = tok if tok is not None else load_tokenizer(inp.model)
@@ -446,7 +446,7 @@ def score_all(inp: Inputs, log: Log = _print) -> dict:
         scores[name] = s
         comparator_info[name] = info
         storage.write_json(cache, {"key": key, "info": info, "scores": s.tolist()})
-        log(f"{name}: {len(inp.pairs)} pairs in {info['seconds']:.1f}s ({info})")
+        log.info(f"{name}: {len(inp.pairs)} pairs in {info['seconds']:.1f}s ({info})")
         del g_lm
     tables = {m: A.source_table(s, sources, k, n_boot=cfg.ranking.bootstrap, seed=cfg.seed) for m, s in scores.items()}
     return {"directions": directions, "primary": primary, "scores": scores, "by_direction": by_direction,
@@ -508,7 +508,7 @@ def write_scores(inp: Inputs, result: dict) -> str:
 # Mitigations, retraining, evaluation
 
 
-def write_mitigations(inp: Inputs, result: dict, log: Log = _print) -> dict[str, dict]:
+def write_mitigations(inp: Inputs, result: dict) -> dict[str, dict]:
     """The cleaned pair files: for the probe ranking every configured mitigation, for each other
     retrained ranking filter and swap. Returns ``{arm: {"uri", ...info}}``."""
     from probe_dpo.attribution import flagged_sources, mitigate, write_pairs_like
@@ -523,7 +523,7 @@ def write_mitigations(inp: Inputs, result: dict, log: Log = _print) -> dict[str,
                 continue
             sources = flagged_sources(result["tables"][method]) if how == "drop-sources" else None
             if how == "drop-sources" and not sources:
-                log(f"{method}-drop-sources: no source is flagged (none is over-represented in the top-k); skipped")
+                log.info(f"{method}-drop-sources: no source is flagged (none is over-represented in the top-k); skipped")
                 arms[f"{method}-{how}"] = {"skipped": "no flagged source", "sources": []}
                 continue
             if how == "drop-sources" and tuple(sources) in dropped:
@@ -542,11 +542,11 @@ def write_mitigations(inp: Inputs, result: dict, log: Log = _print) -> dict[str,
             elif inp.bad is not None:
                 info["bad_affected"] = int(sum(b for b, s in zip(inp.bad, result["sources"]) if s in set(sources)))
             arms[f"{method}-{how}"] = {"uri": uri, **info}
-            log(f"mitigation {method}-{how}: {info['pairs_out']} pairs -> {uri}")
+            log.info(f"mitigation {method}-{how}: {info['pairs_out']} pairs -> {uri}")
     return arms
 
 
-def train_arm(inp: Inputs, name: str, pairs_uri: str, log: Log = _print) -> str:
+def train_arm(inp: Inputs, name: str, pairs_uri: str) -> str:
     """Plain DPO (method dpo) of the base model on ``pairs_uri``; returns the policy URI."""
     from probe_dpo.config import load_config
     from probe_dpo.training import TrainConfig, train
@@ -560,7 +560,7 @@ def train_arm(inp: Inputs, name: str, pairs_uri: str, log: Log = _print) -> str:
     if inp.cfg.extraction.address:
         overrides.append(f"distributed.address={inp.cfg.extraction.address}")
     cfg = load_config(TrainConfig, None, overrides)
-    summary = train(cfg, log=log)
+    summary = train(cfg)
     return summary.get("policy", storage.join(out, "policy"))
 
 
@@ -570,7 +570,7 @@ def _policy_key(model: str) -> Any:
     return _model_key(model)
 
 
-def evaluate_model(inp: Inputs, name: str, model: str, log: Log = _print) -> dict:
+def evaluate_model(inp: Inputs, name: str, model: str) -> dict:
     """Toxicity of the model's continuations of the (triggered) held-out prompts under every
     judge, and benign perplexity; cached at <out>/eval/<name>.{json,samples.jsonl}."""
     from probe_dpo.data import read_records, write_records
@@ -606,23 +606,23 @@ def evaluate_model(inp: Inputs, name: str, model: str, log: Log = _print) -> dic
             "trigger": inp.trigger, "settings": settings.to_dict(), "seconds": round(time.perf_counter() - t0, 2)}
     write_records(samples.to_records(), samples_uri)
     storage.write_json(meta_uri, meta)
-    log(f"eval {name}: " + ", ".join(f"{j} {r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+    log.info(f"eval {name}: " + ", ".join(f"{j} {r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
                                      for j, r in rates.items()) + f"; perplexity {ppl:.2f}")
     return {**meta, "samples": samples}
 
 
-def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict], log: Log = _print) -> dict:
+def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict]) -> dict:
     """Base, raw-mix DPO and every mitigated arm: toxicity, perplexity, share of the rise removed."""
     from probe_dpo.attribution import share_of_rise_removed
 
     ev = inp.cfg.evaluation
-    results: dict[str, dict] = {"base": evaluate_model(inp, "base", inp.model, log)}
+    results: dict[str, dict] = {"base": evaluate_model(inp, "base", inp.model)}
     todo = {"raw": inp.pairs_uri, **{a: v["uri"] for a, v in arms.items() if "uri" in v}}
     for name, uri in todo.items():
         t0 = time.perf_counter()
-        policy = train_arm(inp, name, uri, log)
+        policy = train_arm(inp, name, uri)
         train_s = time.perf_counter() - t0
-        results[name] = evaluate_model(inp, name, policy, log)
+        results[name] = evaluate_model(inp, name, policy)
         results[name]["train_seconds"] = round(train_s, 1)
     base, raw = results["base"], results["raw"]
     summary: dict[str, Any] = {"arms": {}, "judges": list(ev.judges)}
@@ -805,25 +805,25 @@ def _absolute(cfg: AttributionConfig) -> AttributionConfig:
                                poison_labels=fix(cfg.poison_labels), out=fix(cfg.out), evaluation=ev)
 
 
-def run(cfg: AttributionConfig, log: Log = _print) -> dict:
+def run(cfg: AttributionConfig) -> dict:
     t_start = time.perf_counter()
     cfg = _absolute(cfg)
-    inp = prepare(cfg, log)
-    log(f"{len(inp.pairs)} pairs from {inp.pairs_uri}; model {inp.model}; layer {inp.layer}; out {cfg.out}")
-    result = score_all(inp, log)
+    inp = prepare(cfg)
+    log.info(f"{len(inp.pairs)} pairs from {inp.pairs_uri}; model {inp.model}; layer {inp.layer}; out {cfg.out}")
+    result = score_all(inp)
     scores_uri = write_scores(inp, result)
     recall = recall_summary(result["scores"], inp.bad, result["k"]) if inp.bad is not None else None
     if recall:
-        log("recall@k (k = %d): " % result["k"] + ", ".join(f"{m} {v['recall_at_k']:.3f}" for m, v in recall.items()))
+        log.info("recall@k (k = %d): " % result["k"] + ", ".join(f"{m} {v['recall_at_k']:.3f}" for m, v in recall.items()))
     storage.write_json(storage.join(cfg.out, "sources.json"), result["tables"])
     if result["clusters"]:
         storage.write_json(storage.join(cfg.out, "clusters.json"),
                            {k: v for k, v in result["clusters"].items() if k not in ("labels", "centroids")})
     storage.write_json(storage.join(cfg.out, "audit.json"), result["audit"])
-    arms = write_mitigations(inp, result, log) if cfg.mitigate else {}
+    arms = write_mitigations(inp, result) if cfg.mitigate else {}
     retrain = None
     if cfg.retrain.enabled:
-        retrain = retrain_and_evaluate(inp, arms, log)
+        retrain = retrain_and_evaluate(inp, arms)
     rep = build_report(inp, result, recall, arms, retrain)
     report = rep.publish(cfg.out)
     summary = {
@@ -839,12 +839,13 @@ def run(cfg: AttributionConfig, log: Log = _print) -> dict:
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     storage.write_json(storage.join(cfg.out, "results.json"), summary)
-    log(f"done in {summary['seconds']:.0f}s: results {storage.join(cfg.out, 'results.json')}, report {report['html']}")
+    log.info(f"done in {summary['seconds']:.0f}s: results {storage.join(cfg.out, 'results.json')}, report {report['html']}")
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m probe_dpo.workflows.attribution [--config FILE] [key=value ...]`` (what a Ray job runs)."""
+    setup_logs()
     from probe_dpo.config import load_config
 
     parser = argparse.ArgumentParser(prog="python -m probe_dpo.workflows.attribution", description=__doc__.split("\n\n")[0])

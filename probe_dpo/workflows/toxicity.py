@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import json
 import os
 import sys
@@ -46,11 +47,15 @@ from probe_dpo import artifacts, storage
 from probe_dpo.config import bounded, dump_yaml, load_config, to_dict
 from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
+from probe_dpo.logs import setup as setup_logs
 from probe_dpo.testbed import TestbedConfig
 from probe_dpo.workflows import bundled_config
 from probe_dpo.training.config import DistributedSettings, DPOSettings, LoraSettings, OptimSettings
 
 
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -261,10 +266,6 @@ class ExperimentConfig:
 # Small helpers
 
 
-def _log(msg: str) -> None:
-    print(f"[experiment {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def _publish_json(uri: str, files: dict[str, Any], metadata: dict) -> None:
     """Publish a folder of JSON / JSON-lines files as one artifact (manifest last)."""
     from probe_dpo.storage import json_text
@@ -389,8 +390,8 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
     pcfg.train_probe.n = p.ensemble_size
     pcfg.train_probe.layer = train_layer
     pcfg.held_out.data_fraction = p.held_out_fraction
-    _log("probes: extracting base activations and fitting the per-layer sweep")
-    result = train_probes(pcfg, testbed=tb["local"], out=uris["ensemble"], log=_log, keep_features=True)
+    log.info("probes: extracting base activations and fitting the per-layer sweep")
+    result = train_probes(pcfg, testbed=tb["local"], out=uris["ensemble"], keep_features=True)
     ensemble = result.probeset
     members = ensemble.train_probes
     best = (members[0] if train_layer is not None else
@@ -437,7 +438,7 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
         if not pairs:
             raise UserError(f"pairs: the {signal} signal gave no pairs at pairs.min_margin={cfg.pairs.min_margin}")
         write_records(pairs, pairs_uri[signal])
-        _log(f"pairs: {len(pairs)} {signal}-ranked pairs from {len(candidates)} prompts")
+        log.info(f"pairs: {len(pairs)} {signal}-ranked pairs from {len(candidates)} prompts")
     # the positive control fine-tunes on what the training judge calls toxic: the behaviour stays
     control = [{"prompt": r["prompt"], "completion": r["completion"], "prompt_id": r.get("prompt_id"),
                 "source": "judge-toxic-continuation"} for r in rows if int(r["label"]) == 1 and r["completion"].strip()]
@@ -503,6 +504,7 @@ def evaluate_model(model_uri: str, ctx: dict, reference: dict | None = None, tar
     from probe_dpo.model import load_model, load_tokenizer
     from probe_dpo.probes import ProbeSet
 
+    setup_logs()  # a Ray task in its own worker process
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
 
@@ -569,7 +571,7 @@ def load_eval(uri: str) -> dict:
 def base_evaluation(ctx: dict, key: str) -> dict:
     uri = storage.join(ctx["run"], "shared", "base-eval")
     if not _cached(uri, key, "a base-model evaluation"):
-        _log("evaluating the base model (once; every arm is compared with it)")
+        log.info("evaluating the base model (once; every arm is compared with it)")
         result = _run_eval(ctx["base_model"], ctx, None)
         _publish_json(uri, _eval_files(result), {"kind": "evaluation", "key": key, "arm": "base"})
     return load_eval(uri)
@@ -658,6 +660,7 @@ def run_trial(config: dict) -> None:
     from probe_dpo.config import from_dict
     from probe_dpo.training import TrainConfig, train
 
+    setup_logs()  # a Tune trial runs in its own Ray worker process
     spec, ctx, paths = config["spec"], config["ctx"], config["paths"]
     cfg = from_dict(ExperimentConfig, config["experiment"], "experiment config")
     if spec.get("overrides"):
@@ -667,7 +670,7 @@ def run_trial(config: dict) -> None:
     eval_uri = storage.join(ctx["run"], "trials", spec["id"], "eval")
     if not _cached(eval_uri, key, f"trial {spec['id']}"):
         tcfg = from_dict(TrainConfig, tdict, f"trial {spec['id']}")
-        summary = train(tcfg, log=_log, callbacks=[TuneReportCallback()])
+        summary = train(tcfg, callbacks=[TuneReportCallback()])
         reference = load_eval(storage.join(ctx["run"], "shared", "base-eval"))
         result = _run_eval(summary["policy"], ctx, reference, target_role(spec["arm"]))
         last = summary["rounds"][-1]
@@ -719,7 +722,7 @@ def _report_callback(run: str):
             try:
                 write_results(run)
             except Exception as exc:  # noqa: BLE001 - a report failure must not stop the experiment
-                _log(f"report: could not rewrite it yet ({type(exc).__name__}: {exc})")
+                log.info(f"report: could not rewrite it yet ({type(exc).__name__}: {exc})")
 
     return ReportOnComplete()
 
@@ -909,21 +912,22 @@ def run(cfg: ExperimentConfig) -> dict:
     specs = trial_specs(cfg)
     todo = [s for s in specs if not storage.is_complete(storage.join(run_uri, "trials", s["id"], "eval"))]
     if len(todo) < len(specs):
-        _log(f"{len(specs) - len(todo)} of {len(specs)} trials already complete: skipping them")
+        log.info(f"{len(specs) - len(todo)} of {len(specs)} trials already complete: skipping them")
     if todo:
-        _log(f"Tune: {len(todo)} trial(s): {', '.join(s['id'] for s in todo)}")
+        log.info(f"Tune: {len(todo)} trial(s): {', '.join(s['id'] for s in todo)}")
         run_tune(cfg, run_uri, ctx, paths, base_key, todo)
     if cfg.search.arm is not None:
-        _log(f"Tune search over {cfg.search.arm}: {cfg.search.num_samples} samples of {sorted(cfg.search.space)}")
+        log.info(f"Tune search over {cfg.search.arm}: {cfg.search.num_samples} samples of {sorted(cfg.search.space)}")
         run_tune(cfg, run_uri, ctx, paths, base_key, [], search=True)
     _record_timing(run_uri, "this_run_total", time.perf_counter() - t0)
     out = write_results(run_uri)
-    _log(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {len(out['rows'])} trials; report at {out['html']}")
+    log.info(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {len(out['rows'])} trials; report at {out['html']}")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """``probe-dpo experiment``: the same arguments as this module run as a script."""
+    setup_logs()
     parser = argparse.ArgumentParser(prog="probe-dpo experiment", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
