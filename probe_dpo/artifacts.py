@@ -427,3 +427,44 @@ def read_member(uri: str, rel: str, manifest: dict | None = None) -> bytes:
         raise
     _check_bytes(data, entry, where)
     return data
+
+
+def fetch_folder(uri: str) -> Path:
+    """A local copy of a remote folder written without a manifest (a ``save_pretrained`` folder
+    someone else uploaded with ``aws s3 cp``, say), cached under ``$PROBE_DPO_CACHE`` and keyed
+    by the URI and every file's path, size and ETag (or modification time): a changed folder is
+    fetched again, an unchanged one is not. Hidden files are skipped."""
+    with _errors(uri):
+        fs, root = filesystem(uri)
+        listing = fs.find(root, detail=True)
+        files = {}
+        for path, info in sorted(listing.items()):
+            rel = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else None
+            if not rel or info.get("type") == "directory" or any(p.startswith(".") for p in rel.split("/")):
+                continue
+            _check_rel(rel, uri)
+            files[rel] = [info.get("size"), str(info.get("ETag") or info.get("LastModified") or info.get("mtime"))]
+        if not files:
+            raise UserError(f"storage {uri}: an empty folder")
+        key = hashlib.sha256(json.dumps([uri, files], sort_keys=True).encode()).hexdigest()[:16]
+        dest = _cache_root() / f"{uri.rstrip('/').rsplit('/', 1)[-1]}-{key}"
+        if (dest / ".fetched.json").exists():
+            return dest
+        stage = _temp_sibling(str(dest))
+        try:
+            for rel, (size, _) in files.items():
+                local = os.path.join(stage, rel)
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                fs.get_file(f"{root.rstrip('/')}/{rel}", local)
+                if size is not None and os.path.getsize(local) != size:
+                    raise UserError(f"storage {join(uri, rel)}: downloaded {os.path.getsize(local)} bytes, "
+                                    f"the listing says {size}")
+            _write_local(os.path.join(stage, ".fetched.json"), [json.dumps({"uri": uri, "files": files}).encode()])
+            try:
+                os.replace(stage, dest)
+            except OSError:
+                if not (dest / ".fetched.json").exists():  # another process fetched it meanwhile
+                    raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    return dest

@@ -192,7 +192,8 @@ def _has_decoder(base: nn.Module) -> bool:
 
 def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "float32",
                device: str | torch.device | None = None) -> nn.Module:
-    """A causal LM from a ``save_pretrained`` folder, an s3:// URI of one, or a hub id.
+    """A causal LM from a ``save_pretrained`` folder, an s3:// URI of one, or a hub id
+    (``model_dir``: the Hugging Face cache and offline mode are honoured).
 
     Failures (missing folder, no weights, an unknown architecture, weights whose shapes do
     not fit the config, a weight or config file that does not match the manifest it was
@@ -287,17 +288,84 @@ def load_tokenizer(path_or_id: str | os.PathLike):
 
 
 def _local_model_path(path_or_id: str | os.PathLike) -> str:
+    """A local folder holding the model ``path_or_id`` names (see ``model_dir``)."""
+    return model_dir(path_or_id)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?$")
+
+
+def is_hub_id(text: str) -> bool:
+    """True for a Hugging Face model id (``name``, ``org/name``, optionally ``@revision``) that is
+    not a local path."""
+    local = os.path.expanduser(text)
+    return bool(_HUB_ID.match(text)) and not os.path.exists(local) and not text.startswith((".", "/", "~"))
+
+
+HUB_ENV = ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def hub_env() -> dict[str, str]:
+    """This process's Hugging Face cache and offline settings, to send with a job: the workers of
+    a Ray cluster started earlier did not inherit them (``apply_hub_env`` sets them there)."""
+    return {k: os.environ[k] for k in HUB_ENV if os.environ.get(k)}
+
+
+def apply_hub_env(env: dict[str, str] | None) -> None:
+    for key, value in (env or {}).items():
+        if key in HUB_ENV:
+            os.environ[key] = value
+
+
+def model_dir(path_or_id: str | os.PathLike) -> str:
+    """A local folder for a model given as a ``save_pretrained`` folder, a URI of one (``s3://``:
+    a folder this project published, or any folder someone else wrote there, manifest or not) or
+    a Hugging Face id (``org/name`` or ``org/name@revision``).
+
+    A hub id goes through ``huggingface_hub.snapshot_download``, so the Hugging Face cache
+    (``HF_HUB_CACHE`` / ``HF_HOME``) and offline mode (``HF_HUB_OFFLINE=1``: the cached snapshot
+    of ``refs/<revision>``, no network) are honoured. UserError (one line) when nothing is there.
+    """
     text = str(path_or_id)
     if "://" in text:
         from probe_dpo import artifacts, storage
 
         if not storage.exists(text):
             raise UserError(f"cannot load a model from {text}: nothing is stored there")
-        return str(artifacts.fetch_dir(text))
+        if storage.is_complete(text):
+            return str(artifacts.fetch_dir(text))
+        return str(artifacts.fetch_folder(text))  # a folder written without our manifest
     local = os.path.expanduser(text)
-    if text.startswith((".", "/", "~")) and not os.path.isdir(local):
+    if os.path.isdir(local):
+        return local
+    if text.startswith((".", "/", "~")) or not is_hub_id(text):
         raise UserError(f"cannot load a model from {text}: no such folder")
-    return local
+    return _hub_snapshot(text)
+
+
+def _hub_snapshot(text: str) -> str:
+    """The local snapshot folder of a hub model id (downloaded unless offline; cached)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, _, revision = text.partition("@")
+    # read at call time (huggingface_hub reads them once, at import; a Ray worker may have
+    # imported it before the job's settings arrived: see hub_env)
+    home = os.environ.get("HF_HOME")
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.path.expanduser(home), "hub") if home else None)
+    offline = any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    try:
+        return snapshot_download(repo_id=repo, revision=revision or None, cache_dir=cache, local_files_only=offline,
+                                 ignore_patterns=["*.msgpack", "*.h5", "*.ot", "*.onnx", "*.gguf", "original/*"])
+    except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        raise UserError(f"cannot load a model from {text}: not a local folder, and hub id {repo!r} is not in the "
+                        f"Hugging Face cache ({cache or constants.HF_HUB_CACHE})"
+                        + (" while offline (HF_HUB_OFFLINE=1)" if offline else "")) from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise UserError(f"cannot load a model from {text}: {_first_line(exc)}") from None
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:

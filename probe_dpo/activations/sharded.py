@@ -27,12 +27,14 @@ from probe_dpo.errors import UserError
 class _Extractor:
     """A Ray actor holding one copy of the model; runs shards and writes them to storage."""
 
-    def __init__(self, model: str, dtype: str, threads: int, use_gpu: bool):
+    def __init__(self, model: str, dtype: str, threads: int, use_gpu: bool, env: dict | None = None):
         import os
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(max(1, threads))
-        from probe_dpo.model import hidden_size, load_model, load_tokenizer, model_hash, num_layers
+        from probe_dpo.model import apply_hub_env, hidden_size, load_model, load_tokenizer, model_hash, num_layers
+
+        apply_hub_env(env)  # a hub id resolves in the driver's Hugging Face cache
 
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_model(model, dtype=dtype, device=device)
@@ -128,7 +130,10 @@ class ExtractorPool:
         t0 = time.perf_counter()
         remote_cls = ray.remote(num_cpus=0 if use_gpu else threads_per_actor,
                                 num_gpus=1 if use_gpu else 0)(_Extractor)
-        self.actors = [remote_cls.remote(self.model, dtype, threads_per_actor, use_gpu) for _ in range(actors)]
+        from probe_dpo.model import hub_env
+
+        self.actors = [remote_cls.remote(self.model, dtype, threads_per_actor, use_gpu, hub_env())
+                       for _ in range(actors)]
         try:
             infos = ray.get([a.info.remote() for a in self.actors])
         except Exception as exc:  # noqa: BLE001 - a UserError raised while loading the model

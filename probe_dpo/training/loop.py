@@ -109,9 +109,12 @@ def _train(job: dict, scratch: Path) -> None:
     from probe_dpo.training.config import TrainConfig
     from probe_dpo.training.trainers import CrashCallback, EMACallback, build_trainer, deepspeed_config
 
+    from probe_dpo.model import apply_hub_env
+
     cfg: TrainConfig = from_dict(TrainConfig, job["cfg"], "training job")
     dist = cfg.distributed
     _worker_setup(dist.threads_per_worker)
+    apply_hub_env(job.get("env"))  # a hub id resolves in the driver's Hugging Face cache
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     t0 = time.perf_counter()

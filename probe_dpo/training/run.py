@@ -93,9 +93,10 @@ def prepare(cfg: TrainConfig) -> Plan:
     model = cfg.model or (storage.join(cfg.testbed, info["model"].get("path", "model")) if info else None)
     if not model:
         raise UserError("no model: set model=<folder or URI> or testbed=<testbed folder>")
-    if "://" not in model and not storage.exists(storage.join(model, "config.json")):
+    from probe_dpo.model import model_dir, model_facts
+
+    if not storage.exists(storage.join(model_dir(model), "config.json")):  # a hub id: its cached snapshot
         raise UserError(f"model {model}: no config.json there (not a save_pretrained folder)")
-    from probe_dpo.model import model_facts
 
     model_facts(model)
     get_judge(cfg.judge)  # a name check; the classifier itself loads lazily
@@ -239,6 +240,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
     ``callbacks`` are passed to each round's Ray Train run (a Tune trial passes
     ``TuneReportCallback`` so training metrics reach Tune as they are reported)."""
     from probe_dpo.data import write_records
+    from probe_dpo.model import hub_env
     from probe_dpo.ray_utils import init_ray
     from probe_dpo.training.loop import fit_round
 
@@ -287,7 +289,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
         job = {"cfg": to_dict(cfg), "kind": kind, "data": data_uri, "model": model,
                "reference": plan.model if cfg.dpo.reference == "base" else model,
                "probes": cfg.probes, "aggregation": plan.aggregation, "policy": policy, "round": r,
-               "config_hash": chash}
+               "config_hash": chash, "env": hub_env()}
         entry["train"] = fit_round(job, cfg, storage_root=storage.join(out, "ray"),
                                    run_name=f"{cfg.method}-round{r}-{chash[:8]}",
                                    callbacks=callbacks)

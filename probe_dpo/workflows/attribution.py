@@ -254,7 +254,9 @@ def prepare(cfg: AttributionConfig) -> Inputs:
                           if cfg.testbed else None)
     if not model:
         raise UserError("no model: give --model DIR (the model before DPO) or a testbed")
-    if "://" not in model and not storage.exists(storage.join(model, "config.json")):
+    from probe_dpo.model import model_dir
+
+    if not storage.exists(storage.join(model_dir(model), "config.json")):  # a hub id: its cached snapshot
         raise UserError(f"model {model}: no config.json there (not a save_pretrained folder)")
     facts = model_facts(model)
 
