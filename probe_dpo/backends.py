@@ -92,6 +92,23 @@ def _s3() -> Any:
     return fs
 
 
+def storage_options(uri: str) -> dict[str, Any]:
+    """fsspec ``storage_options`` for a library that opens ``uri`` itself (``datasets.load_dataset``,
+    ``load_from_disk``): the same endpoint and retry settings this process's S3 filesystem uses;
+    credentials stay in the environment, where botocore reads them. Empty for other protocols."""
+    if _protocol(uri) not in ("s3", "s3a"):
+        return {}
+    from probe_dpo.ray_utils import load_passed_credentials
+
+    load_passed_credentials()
+    options: dict[str, Any] = {"config_kwargs": {
+        "connect_timeout": _env_number("PROBE_DPO_S3_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT, float),
+        "read_timeout": READ_TIMEOUT, "retries": {"total_max_attempts": _max_attempts(), "mode": "standard"}}}
+    if _endpoint():
+        options["endpoint_url"] = _endpoint()
+    return options
+
+
 def _protocol(uri: str) -> str | None:
     protocol, _ = fsspec.core.split_protocol(os.fspath(uri))
     return protocol

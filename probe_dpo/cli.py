@@ -163,19 +163,19 @@ def _run_activations_extract(args: argparse.Namespace) -> int:
     from probe_dpo.activations import extract_sharded
     from probe_dpo.data import read_records
 
-    from probe_dpo.data import check_columns
+    from probe_dpo.data import chat_value, check_columns, whole_text
 
     records = read_records(args.data, what="activation data")
     has_pairs = all("prompt" in r and "completion" in r for r in records)
     span = args.span or ("response" if has_pairs else "all")
     if span == "response":
         check_columns(records, ("prompt", "completion"), where=args.data)
-        inputs = {"prompts": [str(r["prompt"]) for r in records],
-                  "completions": [str(r.get("completion") or "") for r in records]}
+        inputs = {"prompts": [chat_value(r["prompt"]) for r in records],
+                  "completions": [chat_value(r.get("completion")) for r in records]}
     else:
         if not has_pairs:
             check_columns(records, ("text",), where=args.data)
-        inputs = {"texts": [str(r["text"]) if "text" in r else str(r["prompt"]) + str(r["completion"])
+        inputs = {"texts": [whole_text(r)
                             for r in records]}
 
     def progress(result: dict) -> None:

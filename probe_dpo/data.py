@@ -1,9 +1,14 @@
-"""Record sets: read and write jsonl / parquet files and ``datasets.save_to_disk`` folders.
+"""Record sets: the one reader of every data input (``read_records``) and the writer.
 
-A record set is a list of plain dicts (one per row). Files may be local or remote (any URI
-that ``probe_dpo.storage`` takes). Preference pairs use TRL's column names (``PAIR_COLUMNS``,
-plus an optional ``source``). Bad input raises ``UserError`` with one line naming the file and
-the column / row / line at fault.
+A record set is a list of plain dicts (one per row). ``read_records`` takes local jsonl /
+parquet / csv files and folders of them, ``datasets.save_to_disk`` folders
+(``datasets.load_from_disk``), files on S3 or any URI ``probe_dpo.storage`` takes (read with
+``datasets.load_dataset`` and the ``storage_options`` of this process's S3 settings), and
+Hugging Face dataset ids (``org/name`` or ``org/name:split``, through ``load_dataset`` and its
+cache; offline mode honoured). Preference pairs use TRL's column names (``PAIR_COLUMNS``, plus
+an optional ``source``) in TRL's standard format (strings) or conversational format (lists of
+``{"role", "content"}`` messages; an implicit prompt is split off as TRL does). Bad input
+raises ``UserError`` with one line naming the file and the column / row / line at fault.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import re
 from typing import Any, Sequence
 
 from probe_dpo import storage
@@ -19,6 +26,7 @@ from probe_dpo.errors import UserError
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 JSONL_SUFFIXES = (".jsonl", ".json-lines", ".jsonlines", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+CSV_SUFFIXES = (".csv", ".tsv")
 
 
 def read_records(uri: str, required: Sequence[str] = (), non_empty: Sequence[str] = (),
@@ -26,16 +34,23 @@ def read_records(uri: str, required: Sequence[str] = (), non_empty: Sequence[str
     """Read the records at ``uri`` and check them.
 
     ``uri`` is a ``.jsonl`` file (``.json`` may hold JSON lines or one array of objects), a
-    ``.parquet`` file, a folder saved by ``datasets.Dataset.save_to_disk``, or a folder of
-    jsonl/parquet shards (read in name order). ``required`` columns must exist; ``non_empty``
-    columns must exist and hold no None / blank string / empty list (rows are numbered from 1).
-    ``what`` says what the data is for, in messages ("preference pairs", "probe-train data").
+    ``.parquet`` or ``.csv`` file, a folder saved by ``datasets.Dataset.save_to_disk``, a folder of
+    jsonl/parquet/csv shards (read in name order), any of them on S3, or a Hugging Face dataset id
+    (``org/name``, ``org/name:split``; default split ``train``). ``required`` columns must exist;
+    ``non_empty`` columns must exist and hold no None / blank string / empty list (rows are
+    numbered from 1). ``what`` says what the data is for, in messages ("preference pairs").
     """
     uri = str(uri)
     lower = uri.lower().rstrip("/")
-    if not storage.exists(uri):
+    if is_hub_dataset(uri):
+        records = _load_hub(uri, what)
+    elif not storage.exists(uri):
         raise UserError(f"{what} {uri}: no such file or folder")
-    if lower.endswith(JSONL_SUFFIXES):
+    elif lower.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + CSV_SUFFIXES) and _plain_remote(uri):
+        records = _load_files(uri, what)  # someone else's file on S3: datasets with storage_options
+    elif lower.endswith(CSV_SUFFIXES):
+        records = _load_files(uri, what)
+    elif lower.endswith(JSONL_SUFFIXES):
         records = _read_json_lines(uri)
     elif lower.endswith(PARQUET_SUFFIXES):
         records = _read_parquet(uri)
@@ -45,6 +60,65 @@ def read_records(uri: str, required: Sequence[str] = (), non_empty: Sequence[str
         raise UserError(f"{uri}: empty ({what} needs at least one record)")
     check_columns(records, required, non_empty, uri)
     return records
+
+
+_HUB_DATASET = re.compile(r"^(hf:)?[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.\[\]%:+-]+)?$")
+
+
+def is_hub_dataset(uri: str) -> bool:
+    """True for a Hugging Face dataset id (``org/name[:split]``, or with an ``hf:`` prefix) that is
+    not a local path and has no file suffix."""
+    if uri.startswith("hf:") and not uri.startswith("hf://"):
+        return True
+    name = uri.split(":", 1)[0]
+    return (bool(_HUB_DATASET.match(uri)) and not os.path.exists(os.path.expanduser(name))
+            and not name.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + CSV_SUFFIXES + (".arrow",)))
+
+
+def _load_hub(uri: str, what: str) -> list[dict]:
+    """A hub dataset through ``datasets.load_dataset`` (its cache; offline mode honoured)."""
+    import datasets
+
+    name = uri[3:] if uri.startswith("hf:") else uri
+    name, _, split = name.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; each is this one line
+        raise UserError(f"{what} {uri}: cannot load Hugging Face dataset {name!r} (split {split or 'train'}): "
+                        f"{_first_line(exc)}") from None
+    return ds.to_list()
+
+
+def _plain_remote(uri: str) -> bool:
+    """A remote file that is not a member of an artifact this project published (those are read
+    through ``probe_dpo.storage``, which resolves their current version and checks their hashes)."""
+    return storage.is_remote(uri) and storage._member(uri)[2] is None
+
+
+def _load_files(uri: str, what: str) -> list[dict]:
+    """jsonl / parquet / csv through ``datasets.load_dataset`` (remote: with ``storage_options``)."""
+    import datasets
+
+    from probe_dpo.backends import storage_options
+
+    lower = uri.lower()
+    builder = "csv" if lower.endswith(CSV_SUFFIXES) else "parquet" if lower.endswith(PARQUET_SUFFIXES) else "json"
+    kwargs: dict[str, Any] = {"delimiter": "\t"} if lower.endswith(".tsv") else {}
+    try:
+        ds = datasets.load_dataset(builder, data_files=uri, split="train", storage_options=storage_options(uri),
+                                   **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a parse or access error: one line naming the file
+        if builder == "json":  # rows arrow cannot unify, or malformed: our reader names the line
+            return _read_json_lines(uri)
+        if builder == "parquet":
+            return _read_parquet(uri)
+        raise UserError(f"{what} {uri}: not readable as {builder} ({_first_line(exc)})") from None
+    return ds.to_list()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
 
 
 def check_columns(records: Sequence[dict], required: Sequence[str] = (), non_empty: Sequence[str] = (),
@@ -131,18 +205,76 @@ def finite_number(value: Any) -> float | None:
 SCORE_COLUMNS = ("score", "chosen_score", "rejected_score", "margin")
 
 
+def is_messages(value: Any) -> bool:
+    """True for TRL's conversational format: a non-empty list of ``{"role", "content"}`` dicts."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def message_text(value: Any) -> str:
+    """The text of a string, or of a message list (its messages' contents, one per line): what a
+    judge reads of a conversational completion."""
+    if is_messages(value):
+        return "\n".join(str(m.get("content") or "") for m in value)
+    return "" if value is None else str(value)
+
+
+def chat_value(value: Any) -> Any:
+    """A prompt / completion / text as the extraction and generation code take it: a message list
+    unchanged (rendered with the tokenizer's chat template there), anything else as a string."""
+    return value if is_messages(value) else ("" if value is None else str(value))
+
+
+def whole_text(record: dict) -> Any:
+    """A record's whole text for ``span="all"``: ``text``, a conversation (``messages``), or
+    ``prompt`` + ``completion`` (strings)."""
+    if "text" in record:
+        return chat_value(record["text"])
+    if "messages" in record:
+        return chat_value(record["messages"])
+    return message_text(record.get("prompt")) + message_text(record.get("completion"))
+
+
+def split_implicit_prompt(records: Sequence[dict]) -> list[dict]:
+    """Pairs in TRL's implicit-prompt format (no ``prompt`` column; ``chosen`` / ``rejected`` are
+    whole conversations) with the shared leading messages split off as the prompt, as TRL's
+    ``extract_prompt`` does. Records that have a prompt are returned unchanged."""
+    out = []
+    for r in records:
+        if "prompt" in r or not (is_messages(r.get("chosen")) and is_messages(r.get("rejected"))):
+            out.append(r)
+            continue
+        chosen, rejected = r["chosen"], r["rejected"]
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        out.append({**r, "prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]})
+    return out
+
+
+def read_pair_records(uri: str, non_empty: Sequence[str] = PAIR_COLUMNS, what: str = "preference pairs") -> list[dict]:
+    """Preference pairs in TRL's standard or conversational format (explicit or implicit prompt),
+    checked with ``check_pairs`` before any compute."""
+    records = split_implicit_prompt(read_records(uri, what=what))
+    check_columns(records, PAIR_COLUMNS, non_empty, uri)
+    check_pairs(records, uri)
+    return records
+
+
 def check_pairs(records: Sequence[dict], where: str) -> None:
     """``UserError`` (one line naming ``where`` and the row) unless every record is a usable DPO pair:
-    string ``prompt``/``chosen``/``rejected``, chosen and rejected different texts (an identical
-    pair has no preference to learn: it is refused before any compute), score columns numeric."""
+    ``prompt``/``chosen``/``rejected`` strings (TRL's standard format) or message lists (its
+    conversational format), chosen and rejected different texts (an identical pair has no
+    preference to learn: it is refused before any compute), score columns numeric."""
     for row, r in enumerate(records, start=1):
         for column in PAIR_COLUMNS:
-            if not isinstance(r.get(column), str):
-                raise UserError(f"{where}: row {row}: column '{column}' must be a string, "
-                                f"got {type(r.get(column)).__name__}")
+            if not (isinstance(r.get(column), str) or is_messages(r.get(column))):
+                raise UserError(f"{where}: row {row}: column '{column}' must be a string or a list of "
+                                f"{{role, content}} messages, got {type(r.get(column)).__name__}")
         if "source" in r and r["source"] is not None and not isinstance(r["source"], str):
             raise UserError(f"{where}: row {row}: column 'source' must be a string, got {type(r['source']).__name__}")
-    same = [row for row, r in enumerate(records, start=1) if r["chosen"].strip() == r["rejected"].strip()]
+    same = [row for row, r in enumerate(records, start=1)
+            if message_text(r["chosen"]).strip() == message_text(r["rejected"]).strip()]
     if same:
         raise UserError(f"{where}: row {same[0]}: chosen and rejected are the same text ({len(same)} such "
                         f"row(s) of {len(records)}): a preference pair needs two different responses")
@@ -220,33 +352,45 @@ def _read_parquet(uri: str) -> list[dict]:
         raise UserError(f"{uri}: not a readable parquet file ({exc})") from None
 
 
+def _load_from_disk(uri: str) -> list[dict]:
+    """A ``save_to_disk`` folder through ``datasets.load_from_disk`` (remote: ``storage_options``;
+    an artifact this project published on S3: its current version's folder)."""
+    import datasets
+
+    from probe_dpo.backends import storage_options
+
+    where = uri
+    if storage.is_remote(uri) and storage.is_complete(uri):
+        files_at = storage.read_manifest(uri).get("files_at")
+        where = storage.join(uri, files_at) if files_at else uri
+    try:
+        ds = datasets.load_from_disk(where, storage_options=storage_options(uri) or None)
+    except Exception as exc:  # noqa: BLE001 - a damaged folder: one line naming it
+        raise UserError(f"{uri}: not a readable datasets.save_to_disk folder ({_first_line(exc)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        raise UserError(f"{uri}: a DatasetDict with splits {', '.join(ds)}; point at one split folder")
+    return ds.to_list()
+
+
 def _read_folder(uri: str, what: str) -> list[dict]:
-    """A ``save_to_disk`` folder (its arrow stream files, read with pyarrow) or a folder of shards."""
-    import pyarrow as pa
+    """A ``save_to_disk`` folder or a folder of jsonl / parquet / csv shards."""
 
     names = storage.list_dir(uri)
     if "state.json" in names:
-        state = storage.read_json(storage.join(uri, "state.json"))
-        files = [f["filename"] for f in state.get("_data_files", [])] if isinstance(state, dict) else []
-        records: list[dict] = []
-        for name in files:
-            try:
-                table = pa.ipc.open_stream(pa.BufferReader(storage.read_bytes(storage.join(uri, name)))).read_all()
-            except (pa.ArrowException, OSError) as exc:
-                raise UserError(f"{storage.join(uri, name)}: not a readable arrow file ({exc})") from None
-            records.extend(table.to_pylist())
-        return records
+        return _load_from_disk(uri)
     if "dataset_dict.json" in names:
         splits = storage.read_json(storage.join(uri, "dataset_dict.json")).get("splits", [])
         raise UserError(f"{uri}: a DatasetDict with splits {', '.join(splits)}; point at one split folder, "
                         f"e.g. {storage.join(uri, splits[0] if splits else 'train')}")
-    shards = [n for n in names if n.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES)]
+    shards = [n for n in names if n.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + CSV_SUFFIXES)]
     if not shards:
         kind = "folder" if names else "file"
-        raise UserError(f"{what} {uri}: unsupported {kind}: expected .jsonl, .parquet, a folder of "
-                        "them, or a datasets.save_to_disk folder")
+        raise UserError(f"{what} {uri}: unsupported {kind}: expected .jsonl, .parquet, .csv, a folder of "
+                        "them, a datasets.save_to_disk folder or a Hugging Face dataset id")
     records = []
     for name in shards:
         shard = storage.join(uri, name)
-        records.extend(_read_parquet(shard) if name.lower().endswith(PARQUET_SUFFIXES) else _read_json_lines(shard))
+        lower = name.lower()
+        records.extend(_load_files(shard, what) if lower.endswith(CSV_SUFFIXES) else
+                       _read_parquet(shard) if lower.endswith(PARQUET_SUFFIXES) else _read_json_lines(shard))
     return records

@@ -2,8 +2,9 @@
 
 Used by the testbed build (its probe data and held-out generations), the K-candidate
 sampling of DPO rounds, and every evaluation, so a change of sampling is made once and all
-of them stay comparable. The settings are the testbed's: raw-text continuation (no chat
-template), prompts cut on the left to ``max_prompt_tokens``, top-k/top-p sampling.
+of them stay comparable. The settings are the testbed's: raw-text continuation of string
+prompts; a conversational prompt (a list of role/content messages, TRL's format) goes through
+the tokenizer's chat template with the generation prompt (``probe_dpo.chat``); prompts cut on the left to ``max_prompt_tokens``, top-k/top-p sampling.
 
 Reproducible by construction: prompts are sorted by token length into batches (less
 padding; ties by input order), left-padded, and each batch is seeded from
@@ -52,16 +53,19 @@ class GenerationSettings:
         return dataclasses.asdict(self)
 
 
-def prompt_texts(prompts: Sequence[Any]) -> list[str]:
-    """Prompt strings from a list of strings or of records with a ``prompt`` field."""
+def prompt_texts(prompts: Sequence[Any]) -> list[Any]:
+    """Prompts (strings, or message lists: TRL's conversational format) from a list of them or of
+    records with a ``prompt`` field."""
+    from probe_dpo.data import is_messages
+
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, Mapping):
             if "prompt" not in p:
                 raise UserError(f"prompt record {i + 1} has no 'prompt' field")
             p = p["prompt"]
-        if not isinstance(p, str):
-            raise UserError(f"prompt {i + 1} is not a string ({type(p).__name__})")
+        if not (isinstance(p, str) or is_messages(p)):
+            raise UserError(f"prompt {i + 1} is not a string or a list of role/content messages ({type(p).__name__})")
         out.append(p)
     return out
 
@@ -85,7 +89,9 @@ def generate(model: Any, prompts: Sequence[Any], k: int = 1, settings: Generatio
 
     if k < 1:
         raise UserError(f"samples per prompt must be >= 1, got {k}")
-    texts = prompt_texts(prompts)
+    from probe_dpo.chat import render_prompts
+
+    texts, special = render_prompts(tokenizer, prompt_texts(prompts))  # message lists: the chat template
     if not texts:
         return []
     settings = settings or GenerationSettings()
@@ -95,7 +101,7 @@ def generate(model: Any, prompts: Sequence[Any], k: int = 1, settings: Generatio
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     device = device_of(model)
-    lengths = [len(ids) for ids in tok(texts, add_special_tokens=True, truncation=True,
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=special, truncation=True,
                                        max_length=settings.max_prompt_tokens)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
     per_batch = max(1, settings.batch_size // k)
@@ -110,7 +116,7 @@ def generate(model: Any, prompts: Sequence[Any], k: int = 1, settings: Generatio
             for b, start in enumerate(range(0, len(order), per_batch)):
                 idx = order[start:start + per_batch]
                 enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                          max_length=settings.max_prompt_tokens, add_special_tokens=True).to(device)
+                          max_length=settings.max_prompt_tokens, add_special_tokens=special).to(device)
                 torch.manual_seed(stable_seed(seed, seed_tag, "batch", b))
                 ids = model.generate(**enc, **kwargs)
                 new = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,6 +1,8 @@
 """Extracting pooled hidden states: in-process (``extract``) or sharded over Ray actors.
 
-Inputs are either plain ``texts`` or ``prompts`` + ``completions``. For the latter the
+Inputs are either plain ``texts`` or ``prompts`` + ``completions``, in TRL's standard format
+(strings) or its conversational one (message lists, rendered with the tokenizer's chat
+template: ``probe_dpo.chat``). For prompt + completion the
 prompt and the completion are tokenized separately and concatenated (prompt with the
 tokenizer's special tokens, completion without), which is the token sequence the model
 saw when it generated the completion; the *response span* is the completion's tokens.
@@ -28,6 +30,8 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from probe_dpo.chat import render_pair, render_text
+from probe_dpo.data import is_messages
 from probe_dpo.errors import UserError
 
 
@@ -80,14 +84,19 @@ def tokenize(tokenizer, texts: Sequence[str] | None = None, *, prompts: Sequence
     if max_length < 1:
         raise UserError(f"max_length must be >= 1, got {max_length}")
     if texts is not None:
-        ids = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        ids = _encode(tokenizer, [render_text(tokenizer, t) for t in texts])
         out = []
         for row in ids:
             row = list(row[:max_length]) or _fallback_ids(tokenizer)
             out.append((row, 0))
         return out
-    p_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    if any(map(is_messages, prompts)) or any(map(is_messages, completions)):  # through the chat template
+        rendered = [render_pair(tokenizer, p, c) for p, c in zip(prompts, completions)]
+        p_ids = _encode(tokenizer, [(p, special) for p, _, special in rendered])
+        c_ids = tokenizer([c for _, c, _ in rendered], add_special_tokens=False)["input_ids"] if rendered else []
+    else:
+        p_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
     out = []
     for p, c in zip(p_ids, c_ids):
         row = list(p) + list(c)
@@ -96,6 +105,18 @@ def tokenize(tokenizer, texts: Sequence[str] | None = None, *, prompts: Sequence
             row, start = _fallback_ids(tokenizer), 0
         cut = max(0, len(row) - max_length)
         out.append((row[cut:], max(0, start - cut)))
+    return out
+
+
+def _encode(tokenizer, rendered: Sequence[tuple[str, bool]]) -> list[list[int]]:
+    """Token ids of (text, add_special_tokens) items: one batched call per flag (a chat template
+    writes its own special tokens), in input order."""
+    out: list[list[int]] = [[] for _ in rendered]
+    for flag in (True, False):
+        idx = [i for i, (_, special) in enumerate(rendered) if special is flag]
+        if idx:
+            for i, ids in zip(idx, tokenizer([rendered[i][0] for i in idx], add_special_tokens=flag)["input_ids"]):
+                out[i] = list(ids)
     return out
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from probe_dpo import artifacts, storage
+from probe_dpo.data import chat_value
 from probe_dpo.errors import UserError
 from probe_dpo.storage import json_text
 
@@ -212,8 +213,8 @@ def behaviour_direction(model: Any, records: Sequence[dict], layer: int, *, toke
     check_columns(records, ("prompt", "completion", label_column), where="behaviour data")
     check_labels(records, label_column, what="behaviour data")
     labels = np.array([float(r[label_column]) > 0.5 for r in records])
-    cols = {"prompts": [str(r["prompt"]) for r in records],
-            "completions": [str(r.get("completion") or "") for r in records]}
+    cols = {"prompts": [chat_value(r["prompt"]) for r in records],
+            "completions": [chat_value(r.get("completion")) for r in records]}
     if isinstance(model, torch.nn.Module) or in_process:
         lm, tok = model, tokenizer
         if not isinstance(model, torch.nn.Module):

@@ -13,6 +13,7 @@ import torch
 
 from probe_dpo.attribution.scores import cosine_scores
 from probe_dpo.config import bounded
+from probe_dpo.data import chat_value
 from probe_dpo.errors import UserError
 
 
@@ -232,8 +233,8 @@ def gradient_scores(model: Any, tokenizer: Any, pairs: Sequence[dict], behaviour
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     prompts = [p["prompt"] for p in pairs for _ in (0, 1)]
     completions = [c for p in pairs for c in (p["chosen"], p["rejected"])]
-    b_prompts = [str(r["prompt"]) for r in behaviour]
-    b_completions = [str(r.get("completion") or "") for r in behaviour]
+    b_prompts = [chat_value(r["prompt"]) for r in behaviour]
+    b_completions = [chat_value(r.get("completion")) for r in behaviour]
     try:
         if cfg.mode == "dense":
             params = []

@@ -11,13 +11,12 @@ from probe_dpo.data import PAIR_COLUMNS
 
 
 def read_pair_file(uri: str) -> list[dict]:
-    """Preference pairs (jsonl / parquet / ``save_to_disk`` folder) with non-empty string columns
-    ``prompt``, ``chosen``, ``rejected`` and an optional ``source``; one UserError line otherwise."""
-    from probe_dpo.data import check_pairs, read_records
+    """Preference pairs (any input ``read_records`` takes) with non-empty columns ``prompt``,
+    ``chosen``, ``rejected`` (strings or message lists) and an optional ``source``; one UserError
+    line otherwise, before any extraction."""
+    from probe_dpo.data import read_pair_records
 
-    records = read_records(uri, required=PAIR_COLUMNS, non_empty=PAIR_COLUMNS, what="preference pairs")
-    check_pairs(records, uri)  # strings, chosen != rejected, numeric scores: before any extraction
-    return records
+    return read_pair_records(uri, non_empty=PAIR_COLUMNS)
 
 
 def pair_sources(pairs: Sequence[dict]) -> list[str]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from probe_dpo.config import bounded
+from probe_dpo.data import chat_value, whole_text
 from probe_dpo.storage import json_text
 from probe_dpo.errors import UserError
 from probe_dpo.probes.crossfit import group_folds
@@ -114,8 +115,9 @@ def _read_split(uri: str, cfg: ProbeTrainConfig, what: str) -> list[dict]:
     required = (*_columns_for(cfg), cfg.label_column)
     records = read_records(uri, required=required if cfg.span == "response" else (cfg.label_column,),
                            what=what)
-    if cfg.span == "all" and not all(("text" in r) or ("prompt" in r and "completion" in r) for r in records):
-        raise UserError(f"{uri}: missing column 'text' (or 'prompt' and 'completion') for span 'all'")
+    if cfg.span == "all" and not all(("text" in r) or ("messages" in r) or ("prompt" in r and "completion" in r)
+                                     for r in records):
+        raise UserError(f"{uri}: missing column 'text' (or 'messages', or 'prompt' and 'completion') for span 'all'")
     check_labels(records, cfg.label_column, what=f"{what} {uri}")
     for row, r in enumerate(records, start=1):
         value = r[cfg.label_column]
@@ -126,9 +128,9 @@ def _read_split(uri: str, cfg: ProbeTrainConfig, what: str) -> list[dict]:
 
 def _inputs(records: list[dict], cfg: ProbeTrainConfig) -> dict[str, list[str]]:
     if cfg.span == "response":
-        return {"prompts": [str(r["prompt"]) for r in records],
-                "completions": [str(r.get("completion") or "") for r in records]}
-    return {"texts": [str(r["text"]) if "text" in r else str(r["prompt"]) + str(r["completion"])
+        return {"prompts": [chat_value(r["prompt"]) for r in records],
+                "completions": [chat_value(r.get("completion")) for r in records]}
+    return {"texts": [whole_text(r)
                       for r in records]}
 
 

@@ -93,13 +93,12 @@ def randomize_labels(pairs: Sequence[dict], seed: int) -> list[dict]:
 
 
 def read_pairs(uri: str) -> list[dict]:
-    """A pair file with TRL's columns: string, prompt non-empty, chosen different from rejected,
-    score columns numeric (UserError naming the file, row and column, before any compute)."""
-    from probe_dpo.data import check_pairs, read_records
+    """A pair file with TRL's columns (standard or conversational format): prompt non-empty, chosen
+    different from rejected, score columns numeric (UserError naming the file, row and column,
+    before any compute)."""
+    from probe_dpo.data import read_pair_records
 
-    records = read_records(uri, required=PAIR_COLUMNS, non_empty=("prompt",), what="preference pairs")
-    check_pairs(records, uri)
-    return records
+    return read_pair_records(uri, non_empty=("prompt",))
 
 
 def check_candidates(records: Sequence[dict], uri: str, k_min: int = 2) -> None:

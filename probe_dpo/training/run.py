@@ -153,8 +153,9 @@ def prepare(cfg: TrainConfig) -> Plan:
         uri = data_path(cfg.data.sft, "sft.jsonl", "data.sft")
         rows = read_records(uri, what="SFT data")
         pc = bool(rows) and "completion" in rows[0]
-        check_columns(rows, required=("prompt", "completion") if pc else ("text",),
-                      non_empty=("completion",) if pc else ("text",), where=f"SFT data {uri}")
+        column = "completion" if pc else "messages" if rows and "messages" in rows[0] else "text"
+        check_columns(rows, required=("prompt", "completion") if pc else (column,),
+                      non_empty=(column,), where=f"SFT data {uri}")
         plan.sft = rows[: cfg.data.max_sft] if cfg.data.max_sft else rows
     s = cfg.sampling
     plan.settings = generation_settings(cfg.testbed, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
@@ -215,13 +216,17 @@ def _build_pairs(plan: Plan, r: int, model: str, round_uri: str) -> tuple[list[d
 
 def _sft_rows(plan: Plan) -> tuple[list[dict], dict]:
     cfg = plan.cfg
-    columns = ("prompt", "completion", "source") if plan.sft and "completion" in plan.sft[0] else ("text", "source")
+    columns = (("prompt", "completion", "source") if plan.sft and "completion" in plan.sft[0] else
+               ("messages", "source") if plan.sft and "messages" in plan.sft[0] else ("text", "source"))
     rows = [{k: r[k] for k in columns if k in r} for r in plan.sft]
     stats: dict[str, Any] = {"rows": len(rows)}
     if cfg.method == "classifier-sft":
         from probe_dpo.judges import get_judge
 
-        scores = get_judge(cfg.judge).score([r.get("completion", r.get("text")) for r in rows])
+        from probe_dpo.data import message_text
+
+        scores = get_judge(cfg.judge).score([message_text(r.get("completion", r.get("messages", r.get("text"))))
+                                             for r in rows])
         for r, s in zip(rows, scores):
             r["score"] = round(float(s), 6)
         kept = [r for r in rows if r["score"] < cfg.classifier_threshold]

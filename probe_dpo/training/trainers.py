@@ -272,19 +272,18 @@ def build_trainer(kind: str, model: Any, tokenizer: Any, records: Sequence[dict]
     common = _common_args(train, output_dir=output_dir, seed=cfg.seed, use_gpu=use_gpu, deepspeed=deepspeed,
                           save_steps=save_steps)
     peft_config = lora_config(cfg.lora) if cfg.lora.enabled else None
-    if kind == "dpo":
-        cols = ("prompt", "chosen", "rejected")
-        data = Dataset.from_list([{c: r[c] for c in cols} for r in records])
+    from probe_dpo.chat import trl_pair, trl_sft_row
+
+    if kind == "dpo":  # TRL's standard (strings) or conversational (messages: its chat template) format
+        data = Dataset.from_list([trl_pair(r) for r in records])
         args = DPOConfig(beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
                          precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs, **common)
         trainer = ProbeDPOTrainer(model=model, ref_model=None if peft_config is not None else ref_model, args=args,
                                   train_dataset=data, processing_class=tokenizer, callbacks=list(callbacks),
                                   peft_config=peft_config)
     elif kind == "sft":
-        if records and "completion" in records[0]:  # prompt/completion: loss and penalty on the completion
-            data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])
-        else:
-            data = Dataset.from_list([{"text": r["text"]} for r in records])
+        # text, messages (a conversation) or prompt/completion (loss and penalty on the completion)
+        data = Dataset.from_list([trl_sft_row(r) for r in records])
         args = SFTConfig(dataset_text_field="text", packing=False, **common)
         trainer = ProbeSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                   callbacks=list(callbacks), peft_config=peft_config)
