@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from probe_dpo.config import bounded
+from probe_dpo.tracking import TrackingSettings
 
 Method = Literal["probe-sft", "probe-dpo", "classifier-sft", "classifier-dpo", "sft", "random-dpo", "dpo"]
 METHODS: tuple[str, ...] = ("probe-sft", "probe-dpo", "classifier-sft", "classifier-dpo", "sft", "random-dpo", "dpo")
@@ -223,6 +224,8 @@ class TrainConfig:
     """Ray Train workers and DeepSpeed."""
     fault: FaultSettings = field(default_factory=FaultSettings)
     """Fault injection (tests)."""
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    """Experiment tracking of the training steps (W&B, MLflow, TensorBoard through TRL's report_to)."""
 
     @property
     def is_dpo(self) -> bool:

@@ -115,6 +115,9 @@ def _train(job: dict, scratch: Path) -> None:
     dist = cfg.distributed
     _worker_setup(dist.threads_per_worker)
     apply_hub_env(job.get("env"))  # a hub id resolves in the driver's Hugging Face cache
+    from probe_dpo.tracking import apply_env
+
+    apply_env(job.get("tracking_env"))  # offline W&B, the MLflow file store: read by transformers
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     t0 = time.perf_counter()
@@ -155,7 +158,7 @@ def _train(job: dict, scratch: Path) -> None:
     trainer = build_trainer(job["kind"], model, tokenizer, records, cfg, output_dir=output_dir,
                             ref_model=ref_model, probes=probes, callbacks=callbacks, deepspeed=ds,
                             save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
-                            aggregation=job.get("aggregation") or "mean")
+                            aggregation=job.get("aggregation") or "mean", tracking=job.get("tracking_args"))
     trainer = prepare_trainer(trainer)
     result = trainer.train(resume_from_checkpoint=resume_dir)
     train_seconds = time.perf_counter() - t0

@@ -53,7 +53,7 @@ class Plan:
 def config_hash(cfg: TrainConfig) -> str:
     """What identifies a run's results (not where or how it is run)."""
     data = to_dict(cfg)
-    for key in ("fault",):
+    for key in ("fault", "tracking"):  # where and whether it is logged does not change the results
         data.pop(key, None)
     data["distributed"] = {k: v for k, v in data["distributed"].items()
                            if k in ("workers", "zero_stage", "use_gpu")}
@@ -161,6 +161,11 @@ def prepare(cfg: TrainConfig) -> Plan:
     plan.settings = generation_settings(cfg.testbed, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                         top_p=s.top_p, top_k=s.top_k, batch_size=s.batch_size)
     storage.exists(cfg.out)  # an unreachable bucket fails here, not after sampling
+    if cfg.tracking.report_to:
+        from probe_dpo.tracking import check_installed, log_dir
+
+        check_installed(cfg.tracking)
+        log_dir(cfg.tracking, cfg.out)  # a remote run folder needs tracking.dir
     plan.config_hash = config_hash(cfg)
     return plan
 
@@ -295,8 +300,13 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
                "reference": plan.model if cfg.dpo.reference == "base" else model,
                "probes": cfg.probes, "aggregation": plan.aggregation, "policy": policy, "round": r,
                "config_hash": chash, "env": hub_env()}
-        entry["train"] = fit_round(job, cfg, storage_root=storage.join(out, "ray"),
-                                   run_name=f"{cfg.method}-round{r}-{chash[:8]}",
+        run_name = f"{cfg.method}-round{r}-{chash[:8]}"
+        if cfg.tracking.report_to:
+            from probe_dpo.tracking import trainer_args, trainer_env
+
+            job.update(tracking_env=trainer_env(cfg.tracking, out),
+                       tracking_args=trainer_args(cfg.tracking, out, run_name))
+        entry["train"] = fit_round(job, cfg, storage_root=storage.join(out, "ray"), run_name=run_name,
                                    callbacks=callbacks)
         summary["rounds"].append(entry)
         model = policy

@@ -227,7 +227,7 @@ def deepspeed_config(zero_stage: int, *, offload: bool = False, bf16: bool = Fal
 
 
 def _common_args(train: Any, *, output_dir: str, seed: int, use_gpu: bool, deepspeed: dict | None,
-                 save_steps: int | None, logging_steps: int = 1) -> dict:
+                 save_steps: int | None, logging_steps: int = 1, tracking: dict | None = None) -> dict:
     args = dict(
         output_dir=output_dir, seed=seed, data_seed=seed,
         per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.grad_accum,
@@ -247,6 +247,7 @@ def _common_args(train: Any, *, output_dir: str, seed: int, use_gpu: bool, deeps
         args.update(save_strategy="steps", save_steps=save_steps)
     if deepspeed is not None:
         args["deepspeed"] = deepspeed
+    args.update(tracking or {})  # report_to, run_name, logging_dir (probe_dpo.tracking.trainer_args)
     return args
 
 
@@ -260,17 +261,19 @@ def lora_config(lora: Any):
 def build_trainer(kind: str, model: Any, tokenizer: Any, records: Sequence[dict], cfg: Any, *,
                   output_dir: str, ref_model: Any = None, probes: Sequence[Any] | None = None,
                   callbacks: Sequence[Any] = (), deepspeed: dict | None = None, save_steps: int | None = -1,
-                  use_gpu: bool = False, aggregation: str = "mean"):
+                  use_gpu: bool = False, aggregation: str = "mean", tracking: dict | None = None):
     """A ``ProbeDPOTrainer`` (``kind="dpo"``, records with prompt/chosen/rejected) or a
     ``ProbeSFTTrainer`` (``kind="sft"``, records with text) configured from a ``TrainConfig``.
 
     ``probes``: the training probes for the penalty (used when ``cfg.penalty_weight > 0``).
+    ``tracking``: ``TrainingArguments`` keys from ``probe_dpo.tracking.trainer_args`` (TRL's
+    ``report_to``: W&B, MLflow, TensorBoard); None reports nowhere.
     """
     from datasets import Dataset
 
     train = cfg.train
     common = _common_args(train, output_dir=output_dir, seed=cfg.seed, use_gpu=use_gpu, deepspeed=deepspeed,
-                          save_steps=save_steps)
+                          save_steps=save_steps, tracking=tracking)
     peft_config = lora_config(cfg.lora) if cfg.lora.enabled else None
     from probe_dpo.chat import trl_pair, trl_sft_row
 

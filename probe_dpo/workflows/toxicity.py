@@ -49,6 +49,7 @@ from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.logs import setup as setup_logs
 from probe_dpo.testbed import TestbedConfig
+from probe_dpo.tracking import TrackingSettings
 from probe_dpo.workflows import bundled_config
 from probe_dpo.training.config import DistributedSettings, DPOSettings, LoraSettings, OptimSettings
 
@@ -246,6 +247,9 @@ class ExperimentConfig:
     """Trials Tune runs at once."""
     trial_retries: int = bounded(1, ge=0)
     """Times a failed trial is retried (a user error is not)."""
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    """Experiment tracking: every trial's results (Tune logger callbacks) and training steps (TRL's
+    report_to) to W&B (offline), MLflow (a file store) and/or TensorBoard; off by default."""
 
     def __post_init__(self):
         unknown = [a for a in self.arms if a not in ARMS]
@@ -633,6 +637,11 @@ def train_config_dict(cfg: ExperimentConfig, ctx: dict, paths: dict, spec: dict)
            "distributed": {**to_dict(cfg.distributed), "address": None}}
     if arm.probes is not None:
         out["probes"] = paths[arm.probes]
+    if cfg.tracking.report_to:  # every trial's training steps into the run's one tracking folder
+        from probe_dpo.tracking import log_dir
+
+        out["tracking"] = {**to_dict(cfg.tracking), "dir": log_dir(cfg.tracking, ctx["run"]),
+                           "project": cfg.tracking.project}
     for dotted, value in [*arm.settings, *cfg.arm_settings.get(spec["arm"], {}).items(),
                           *(spec.get("overrides") or {}).items()]:
         _set_dotted(out, dotted, value)
@@ -666,7 +675,7 @@ def run_trial(config: dict) -> None:
     if spec.get("overrides"):
         spec = {**spec, "id": f"search-{spec['arm']}-{json_digest(spec['overrides'])[:8]}"}
     tdict = train_config_dict(cfg, ctx, paths, spec)
-    key = json_digest([tdict, ctx["eval"], config["base_key"]])
+    key = json_digest([{k: v for k, v in tdict.items() if k != "tracking"}, ctx["eval"], config["base_key"]])
     eval_uri = storage.join(ctx["run"], "trials", spec["id"], "eval")
     if not _cached(eval_uri, key, f"trial {spec['id']}"):
         tcfg = from_dict(TrainConfig, tdict, f"trial {spec['id']}")
@@ -762,12 +771,14 @@ def run_tune(cfg: ExperimentConfig, run: str, ctx: dict, paths: dict, base_key: 
         tune_config = tune.TuneConfig(max_concurrent_trials=cfg.concurrent_trials, scheduler=FIFOScheduler())
         name = "arms"
     from probe_dpo.ray_utils import fail_once_on_user_error, raise_user_errors
+    from probe_dpo.tracking import tune_callbacks
 
     trainable = fail_once_on_user_error(run_trial, metric=cfg.search.metric if search else None)  # no retries
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"cpu": 1}), param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=path,
-                                  storage_filesystem=fs, callbacks=[_report_callback(run)],
+                                  storage_filesystem=fs,
+                                  callbacks=[_report_callback(run), *tune_callbacks(cfg.tracking, run)],
                                   failure_config=tune.FailureConfig(max_failures=cfg.trial_retries), verbose=1))
     results = tuner.fit()
     raise_user_errors(results)  # a trial's UserError, as the same one line

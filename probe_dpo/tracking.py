@@ -1,0 +1,127 @@
+"""Experiment tracking: Weights & Biases, MLflow and TensorBoard, all optional and off by default.
+
+Two places report, with the same ``TrackingSettings``:
+
+- **Training steps**: ``report_to`` goes to TRL's / transformers' ``TrainingArguments``, whose
+  own integrations (``WandbCallback``, ``MLFlowCallback``, ``TensorBoardCallback``) log every
+  logging step of rank 0: loss, reward margins and accuracies (DPO), the probe penalty,
+  learning rate. ``trainer_env`` gives the environment those integrations read (offline W&B,
+  an MLflow file store), set in each Ray Train worker.
+- **Tune trials**: ``tune_callbacks`` gives Ray Tune's logger callbacks
+  (``WandbLoggerCallback``, ``MLflowLoggerCallback``, ``TBXLoggerCallback``), which log every
+  result a trial reports (its training metrics as they arrive, then its evaluation).
+
+Everything local by default, so nothing needs a server or network: W&B in offline mode
+(``wandb sync`` uploads later), MLflow into a file store, TensorBoard event files, all under
+``dir`` (default: ``<run folder>/tracking``). Install the packages with
+``pip install probe-dpo[tracking]``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from probe_dpo.errors import UserError
+
+TOOLS = ("wandb", "mlflow", "tensorboard")
+_MODULES = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboardX"}
+
+
+@dataclass
+class TrackingSettings:
+    report_to: list[str] = field(default_factory=list)
+    """Trackers to log to: any of wandb, mlflow, tensorboard (empty: none; the extra
+    probe-dpo[tracking] installs them)."""
+    project: str = "probe-dpo"
+    """The W&B project and the MLflow experiment name."""
+    dir: str | None = None
+    """A local folder for the logs (W&B offline runs, the MLflow file store, TensorBoard event
+    files). None: <run folder>/tracking when the run folder is local."""
+    wandb_mode: str = "offline"
+    """W&B's mode: offline (files only; wandb sync uploads them later) or online."""
+    mlflow_uri: str | None = None
+    """An MLflow tracking URI (a server). None: a file store under dir."""
+
+    def __post_init__(self):
+        unknown = [t for t in self.report_to if t not in TOOLS]
+        if unknown:
+            raise ValueError(f"key tracking.report_to: unknown tracker(s) {unknown} (valid: {', '.join(TOOLS)})")
+        if self.wandb_mode not in ("offline", "online"):
+            raise ValueError(f"key tracking.wandb_mode: offline or online, got {self.wandb_mode!r}")
+
+
+def check_installed(settings: TrackingSettings) -> None:
+    """UserError naming the package when a chosen tracker is not installed."""
+    import importlib.util
+
+    missing = [_MODULES[t] for t in settings.report_to if importlib.util.find_spec(_MODULES[t]) is None]
+    if missing:
+        raise UserError(f"tracking.report_to needs {', '.join(missing)}: pip install 'probe-dpo[tracking]'")
+
+
+def log_dir(settings: TrackingSettings, run: str) -> str:
+    """The local folder the logs go to."""
+    from probe_dpo import storage
+
+    if settings.dir:
+        return storage.absolute(settings.dir)
+    if storage.is_remote(run):
+        raise UserError(f"tracking: the run folder {run} is not local; set tracking.dir to a local folder")
+    return storage.join(storage.absolute(run), "tracking")
+
+
+def trainer_env(settings: TrackingSettings, run: str) -> dict[str, str]:
+    """Environment variables transformers' integrations read (set in every training worker)."""
+    if not settings.report_to:
+        return {}
+    root = log_dir(settings, run)
+    env: dict[str, str] = {}
+    if "wandb" in settings.report_to:
+        env.update(WANDB_MODE=settings.wandb_mode, WANDB_DIR=root, WANDB_PROJECT=settings.project,
+                   WANDB_SILENT="true")
+    if "mlflow" in settings.report_to:
+        env.update(MLFLOW_TRACKING_URI=settings.mlflow_uri or "file:" + os.path.join(root, "mlruns"),
+                   MLFLOW_EXPERIMENT_NAME=settings.project)
+    return env
+
+
+def trainer_args(settings: TrackingSettings, run: str, name: str) -> dict[str, Any]:
+    """``TrainingArguments`` keys: ``report_to``, ``run_name`` and the TensorBoard folder."""
+    if not settings.report_to:
+        return {"report_to": []}
+    return {"report_to": list(settings.report_to), "run_name": name,
+            "logging_dir": os.path.join(log_dir(settings, run), "tensorboard", name)}
+
+
+def apply_env(env: dict[str, str] | None) -> None:
+    for key, value in (env or {}).items():
+        if key.startswith(("WANDB_", "MLFLOW_")):
+            os.environ[key] = value
+
+
+def tune_callbacks(settings: TrackingSettings, run: str) -> list:
+    """Ray Tune logger callbacks for the chosen trackers (each trial's reported results)."""
+    if not settings.report_to:
+        return []
+    check_installed(settings)
+    root = log_dir(settings, run)
+    os.makedirs(root, exist_ok=True)
+    callbacks: list = []
+    if "tensorboard" in settings.report_to:
+        from ray.tune.logger import TBXLoggerCallback
+
+        callbacks.append(TBXLoggerCallback())  # event files in each trial's folder under the Tune storage
+    if "mlflow" in settings.report_to:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(MLflowLoggerCallback(
+            tracking_uri=settings.mlflow_uri or "file:" + os.path.join(root, "mlruns"),
+            experiment_name=settings.project, save_artifact=False))
+    if "wandb" in settings.report_to:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=settings.project, mode=settings.wandb_mode, dir=root,
+                                             upload_checkpoints=False))
+    return callbacks
