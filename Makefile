@@ -28,7 +28,7 @@ $(PY):
 	else $(PIP) install -q torch==2.13.0+cpu || $(PIP) install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
 
 $(STAMP): $(PY) pyproject.toml requirements-assets.txt
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,tracking]"
 	$(PIP) install -q --no-deps -r requirements-assets.txt
 	@touch $(STAMP)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from probe_dpo.report import Report, fmt, fmt_ci
+from probe_dpo.report.curves import training_curves
 
 
 ROLE_TITLES = {"train": "train probe", "ensemble": "probe ensemble", "held_out": "held-out probes",
@@ -48,13 +49,15 @@ def _verdict(d: dict | None, down: str = "drop", up: str = "rise") -> str:
 
 
 def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
-                      scores: Mapping[str, tuple] | None = None) -> Report:
+                      scores: Mapping[str, tuple] | None = None,
+                      histories: Mapping[str, list] | None = None) -> Report:
     """The arms, detection at the base threshold by probe role (fixed texts and the policy's own
     completions), the Atlas outcome, the three Goodhart questions answered against the positive
     control, paired arm comparisons, plots and timings.
 
     ``ctx`` is the run's context, ``res`` its results (``results.json``), ``scores`` the train
-    probe's fixed-text ``(scores, labels, threshold)`` of the base model and each arm."""
+    probe's fixed-text ``(scores, labels, threshold)`` of the base model and each arm,
+    ``histories`` each arm's training ``log_history`` (the training-curves plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,6 +187,10 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
                "AUROC before and after fine-tuning, per arm and probe role")
     rep.figure("toxicity_vs_retention", _tradeoff_plot(names, arms, base, judges),
                "Toxicity against retention: lower-left is better")
+    curves = training_curves(histories) if histories else None
+    if curves is not None:
+        rep.figure("training_curves", curves, "Training curves per arm (first seed, last round): loss, DPO reward "
+                   "margin and probe penalty at every logged optimizer step")
     if scores:
         rep.figure("probe_scores", _score_plot(scores),
                    f"{summary['best_probe']}'s score on the probe-test generations, base vs each arm "

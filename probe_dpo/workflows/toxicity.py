@@ -852,6 +852,18 @@ def summarize(run: str) -> dict:
             "histograms": histograms}
 
 
+def training_histories(run: str, rows: list[dict]) -> dict[str, list]:
+    """Each arm's training ``log_history`` (its first trial's final policy, ``training_run.json``)."""
+    from probe_dpo.training.loop import RUN_FILE
+
+    out: dict[str, list] = {}
+    for row in rows:
+        uri = storage.join(run, "trials", str(row["trial"]), "train", "policy", RUN_FILE)
+        if row["arm"] not in out and storage.exists(uri):
+            out[row["arm"]] = storage.read_json(uri).get("log_history") or []
+    return out
+
+
 def write_results(run: str) -> dict:
     """results.json (per trial, per arm, comparisons, timings) and the report, from storage."""
     from probe_dpo.storage import json_text
@@ -869,7 +881,7 @@ def write_results(run: str) -> dict:
     results["timings"] = timings
     storage.write_text(storage.join(run, "results.json"), json_text(results))
     ctx = storage.read_json(storage.join(run, "shared", "context.json"))
-    paths = experiment_report(run, ctx, results, histograms).publish(run)
+    paths = experiment_report(run, ctx, results, histograms, training_histories(run, results["rows"])).publish(run)
     return {"rows": results["rows"], **paths}
 
 
