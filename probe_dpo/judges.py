@@ -39,6 +39,7 @@ from probe_dpo.errors import UserError
 TOXIC_COMMENT_CLASSIFIER = "toxic-comment-classifier"
 PROFANITY_CHECK = "profanity-check"
 HATESONAR = "hatesonar"
+VADER_NEGATIVE = "vader-negative"
 JUDGE_NAMES: tuple[str, ...] = (TOXIC_COMMENT_CLASSIFIER, PROFANITY_CHECK)
 EVAL_JUDGES: tuple[str, ...] = (TOXIC_COMMENT_CLASSIFIER, PROFANITY_CHECK, HATESONAR)
 
@@ -248,14 +249,170 @@ class HateSonar(Judge):
         return np.clip(np.concatenate(out), 0.0, 1.0)
 
 
-_FACTORIES = {TOXIC_COMMENT_CLASSIFIER: ToxicCommentClassifier, PROFANITY_CHECK: ProfanityCheck,
-              HATESONAR: HateSonar}
+# ---------------------------------------------------------------------------------------------
+# vaderSentiment (a sentiment lexicon and rules): the negative-sentiment example behaviour's judge
+
+class VaderNegative(Judge):
+    """``vaderSentiment`` (MIT): score = max(0, -compound), how negative a text reads (0 for a
+    neutral or positive text, 1 for the most negative). Its lexicon ships in the package."""
+
+    name = VADER_NEGATIVE
+    _analyzer = None
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        texts = _as_texts(texts)
+        if VaderNegative._analyzer is None:
+            try:
+                from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+            except ImportError:
+                raise UserError("judge vader-negative needs the vaderSentiment package "
+                                "(pip install --no-deps vaderSentiment==3.3.2)") from None
+            VaderNegative._analyzer = SentimentIntensityAnalyzer()
+        return np.array([max(0.0, -float(VaderNegative._analyzer.polarity_scores(t)["compound"])) for t in texts],
+                        dtype=np.float64)
 
 
-def get_judge(name: str) -> Judge:
-    """A judge by name: one of ``EVAL_JUDGES``."""
+# ---------------------------------------------------------------------------------------------
+# Pluggable judges: a Python callable, a Hugging Face text-classification model
+
+class CallableJudge(Judge):
+    """A user's function ``fn(texts: list[str]) -> scores`` (one number in [0, 1] per text), named
+    by its ``module:function`` (or ``path/to/file.py:function``) spec."""
+
+    def __init__(self, name: str, target: str):
+        self.name, self.target = name, target
+        self._fn = _load_callable(target)
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        texts = _as_texts(texts)
+        try:
+            out = np.asarray(self._fn(list(texts)) if texts else [], dtype=np.float64).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"judge {self.name}: {self.target} did not return numbers ({exc})") from None
+        if out.shape[0] != len(texts):
+            raise UserError(f"judge {self.name}: {self.target} returned {out.shape[0]} scores for {len(texts)} texts")
+        if out.size and not (np.all(np.isfinite(out)) and out.min() >= 0.0 and out.max() <= 1.0):
+            raise UserError(f"judge {self.name}: {self.target} returned scores outside [0, 1]")
+        return out
+
+
+def _load_callable(target: str):
+    import importlib
+
+    module, _, attr = target.rpartition(":")
     try:
-        factory = _FACTORIES[name]
-    except (KeyError, TypeError):
-        raise UserError(f"unknown judge {name!r} (valid judges: {', '.join(EVAL_JUDGES)})") from None
-    return factory()
+        if module.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(Path(module).stem, module)
+            if spec is None or spec.loader is None:
+                raise ImportError(module)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(module)
+    except (ImportError, OSError, SyntaxError) as exc:
+        raise UserError(f"judge {target}: cannot import {module} ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise UserError(f"judge {target}: {module} has no function {attr!r}")
+    return fn
+
+
+class HFClassifierJudge(Judge):
+    """A Hugging Face text-classification model (a hub id through its cache, a folder or an S3
+    URI): score = the model's probability of ``label`` (softmax, or sigmoid for multi-label)."""
+
+    def __init__(self, name: str, model: str, label: str, batch_size: int = 32, max_length: int = 512):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from probe_dpo.model import model_dir
+
+        self.name, self.batch_size, self.max_length = name, batch_size, max_length
+        local = model_dir(model)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(local)
+            self.model = AutoModelForSequenceClassification.from_pretrained(local, dtype=torch.float32).eval()
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"judge {name}: cannot load a text-classification model from {model} "
+                            f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
+        labels = {str(v).lower(): int(k) for k, v in self.model.config.id2label.items()}
+        if label.lower() not in labels:
+            raise UserError(f"judge {name}: {model} has no label {label!r} (its labels: "
+                            f"{', '.join(str(v) for v in self.model.config.id2label.values())})")
+        self.index = labels[label.lower()]
+        self.multi = self.model.config.problem_type == "multi_label_classification"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def score(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        texts = _as_texts(texts)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True,
+                                     truncation=True, max_length=self.max_length)
+                logits = self.model(**enc).logits.float()
+                probs = torch.sigmoid(logits) if self.multi else torch.softmax(logits, dim=-1)
+                out.append(probs[:, self.index].numpy().astype(np.float64))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
+
+
+_FACTORIES = {TOXIC_COMMENT_CLASSIFIER: ToxicCommentClassifier, PROFANITY_CHECK: ProfanityCheck,
+              HATESONAR: HateSonar, VADER_NEGATIVE: VaderNegative}
+KNOWN_JUDGES: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def parse_judge(spec: str) -> tuple[str, str, str]:
+    """(name, kind, target) of a judge spec, without loading anything; UserError when malformed.
+
+    A spec is a registered name (``KNOWN_JUDGES``), ``module:function`` or
+    ``path/to/file.py:function`` (a callable), or ``hf:<model id, folder or URI>#<label>`` (a
+    text-classification model and the label whose probability is the score); any of them may be
+    prefixed with ``<name>=`` to name the judge in results and columns (default: the spec)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"judge {spec!r}: give a judge name or spec")
+    name, sep, target = spec.partition("=")
+    if not sep:
+        name, target = spec, spec
+    name, target = name.strip(), target.strip()
+    if target in _FACTORIES:
+        return name, "builtin", target
+    if target.startswith("hf:"):
+        model, _, label = target[3:].partition("#")
+        if not model or not label:
+            raise UserError(f"judge {spec}: a Hugging Face judge is hf:<model id or folder>#<label>")
+        return name, "hf", target[3:]
+    module, colon, attr = target.rpartition(":")
+    if colon and module and attr.isidentifier():
+        return name, "callable", target
+    raise UserError(f"unknown judge {spec!r} (a registered judge: {', '.join(KNOWN_JUDGES)}; or module:function; "
+                    "or hf:<model>#<label>)")
+
+
+def judge_name(spec: str) -> str:
+    """The name a judge's scores go under (results, ``score_<name>`` columns)."""
+    return parse_judge(spec)[0]
+
+
+_LOADED: dict[str, Judge] = {}
+
+
+def get_judge(spec: str) -> Judge:
+    """A judge by registered name or spec (``parse_judge``); loaded once per process."""
+    name, kind, target = parse_judge(spec)
+    if spec not in _LOADED:
+        if kind == "builtin":
+            judge = _FACTORIES[target]()
+            if name != target:
+                judge.name = name
+        elif kind == "callable":
+            judge = CallableJudge(name, target)
+        else:
+            model, _, label = target.rpartition("#")
+            judge = HFClassifierJudge(name, model, label)
+        _LOADED[spec] = judge
+    return _LOADED[spec]

@@ -62,7 +62,7 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
 
     matplotlib.use("Agg")
 
-    rep = Report(f"Training against probes: toxicity experiment ({run})")
+    rep = Report(f"Training against probes: {ctx.get('behaviour', 'toxicity')} experiment ({run})")
     if not res.get("base"):
         return rep.text("The base model has not been evaluated yet; the report appears as results arrive.", note=True)
     e, summary = ctx["eval"], ctx["probes_summary"]

@@ -49,6 +49,7 @@ from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.logs import setup as setup_logs
 from probe_dpo.testbed import TestbedConfig
+from probe_dpo.testbed.behaviour import TOXICITY, BehaviourConfig
 from probe_dpo.tracking import TrackingSettings
 from probe_dpo.workflows import bundled_config
 from probe_dpo.training.config import DistributedSettings, DPOSettings, LoraSettings, OptimSettings
@@ -170,12 +171,15 @@ class EvalSettings:
     """torch threads for evaluation on CPU (None: the machine's cores)."""
 
     def __post_init__(self):
-        from probe_dpo.judges import EVAL_JUDGES
+        from probe_dpo.judges import parse_judge
 
-        unknown = [j for j in self.judges if j not in EVAL_JUDGES]
-        if unknown or not self.judges:
-            raise ValueError(f"key eval.judges: unknown judge(s) {unknown} (valid: {', '.join(EVAL_JUDGES)})"
-                             if unknown else "key eval.judges: name at least one judge")
+        if not self.judges:
+            raise ValueError("key eval.judges: name at least one judge")
+        for j in self.judges:  # a registered name, module:function or hf:<model>#<label>
+            try:
+                parse_judge(j)
+            except UserError as exc:
+                raise ValueError(f"key eval.judges: {exc}") from None
 
 
 @dataclass
@@ -212,6 +216,11 @@ class ExperimentConfig:
     """The testbed built when testbed_dir is not given."""
     testbed_dir: str | None = None
     """Use this already-built testbed folder instead of building one into <storage>/testbed."""
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
+    """What the experiment studies: toxicity (the built-in testbed above) or your own behaviour
+    (a model, prompts or labelled probe data, the judge that labels the model's samples; see
+    probe_dpo.testbed.behaviour), built into the same testbed layout. Bundled example:
+    --config sentiment."""
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     """The arms to run (see ARMS in this module)."""
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -316,6 +325,13 @@ def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
         local = Path(cfg.testbed_dir)
         if not (local / "testbed.json").exists():
             raise UserError(f"testbed_dir {local}: no testbed.json (not a built testbed)")
+    elif cfg.behaviour.name != TOXICITY:  # a user's behaviour, built into the same layout
+        from probe_dpo.testbed.behaviour import behaviour_hash, build_behaviour
+
+        judges = [cfg.judge, *cfg.eval.judges]
+        local = (cache_dir() / "behaviours" / behaviour_hash(cfg.behaviour, judges) if storage.is_remote(run)
+                 else Path(storage.join(run, "testbed")))
+        build_behaviour(cfg.behaviour, local, judges)
     elif storage.is_remote(run):
         local = cache_dir() / "testbeds" / config_hash(cfg.testbed)[:16]
         build_testbed(cfg.testbed, local)
@@ -417,7 +433,10 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
     stacked = np.stack([member_scores[q.name] for q in members])
     probs = {"single": member_scores[best.name],
              "ensemble": stacked.max(0) if ensemble.aggregation == "max" else stacked.mean(0)}
-    judge_col = "score_" + cfg.judge.replace("-", "_")
+    from probe_dpo.judges import judge_name
+    from probe_dpo.testbed import score_column
+
+    judge_col = score_column(judge_name(cfg.judge))
     groups: dict[str, dict] = {}
     for i, r in enumerate(rows):
         if r.get("genre", "toxic-prompt") != "toxic-prompt":
@@ -473,7 +492,8 @@ def eval_context(cfg: ExperimentConfig, run: str, tb: dict, probes: dict) -> dic
             "retrain_layers": sorted({probes["best_layer"], *probes["ensemble_layers"]}),
             "best_probe": probes["best_probe"], "best_layer": probes["best_layer"], "held_out": probes["held_out"],
             "generation": generation_settings(tb["local"]).to_dict(), "eval": to_dict(e),
-            "threads": e.threads or len(os.sched_getaffinity(0)), "use_gpu": cfg.distributed.use_gpu}
+            "threads": e.threads or len(os.sched_getaffinity(0)), "use_gpu": cfg.distributed.use_gpu,
+            "behaviour": cfg.behaviour.name}
 
 
 def _eval_inputs(ctx: dict) -> dict:
