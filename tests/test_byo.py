@@ -1,0 +1,166 @@
+"""Bring your own model and data: a model by hub id from the Hugging Face cache (offline), an S3
+model folder without our manifest, data through ``datasets`` (save_to_disk, csv, jsonl on S3
+with storage_options), TRL's conversational format with chat templates, and ``probe-dpo train``
+/ ``probe-dpo attribute`` on all of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from probe_dpo import data, storage
+from probe_dpo.cli import main
+from probe_dpo.errors import UserError
+
+CONV_PAIRS = [
+    {"prompt": [{"role": "user", "content": f"Tell me about topic {i}."}],
+     "chosen": [{"role": "assistant", "content": f"Topic {i} is interesting and kind."}],
+     "rejected": [{"role": "assistant", "content": f"Topic {i} is awful, stupid and boring."}],
+     "source": "good" if i % 2 else "bad"}
+    for i in range(12)
+]
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tiny_model_dir, monkeypatch):
+    """The tiny model as the hub would cache it: models--org--tiny/snapshots/<hash>/ + refs/main,
+    with HF_HUB_CACHE pointing there and the hub offline."""
+    root = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / "models--probe-dpo-test--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return "probe-dpo-test/tiny", repo / "snapshots" / commit
+
+
+def test_model_by_hub_id_from_the_cache_offline(hub_cache):
+    from probe_dpo.model import load_model, load_tokenizer, model_dir, model_facts
+
+    model_id, snapshot = hub_cache
+    assert os.path.samefile(model_dir(model_id), snapshot)
+    assert model_facts(model_id) == {"hidden_size": 64, "num_layers": 2}
+    lm, tok = load_model(model_id), load_tokenizer(model_id)
+    assert lm.config.num_hidden_layers == 2 and tok("hello")["input_ids"]
+    with pytest.raises(UserError) as info:
+        model_dir("probe-dpo-test/absent")
+    assert "\n" not in str(info.value) and "not in the Hugging Face cache" in str(info.value)
+    assert "offline" in str(info.value)
+
+
+def test_s3_model_folder_without_a_manifest(tiny_model_dir, s3_bucket, monkeypatch, tmp_path):
+    from probe_dpo.model import load_model, model_dir
+
+    monkeypatch.setenv("PROBE_DPO_CACHE", str(tmp_path / "cache"))
+    uri = f"{s3_bucket}/someone-else/tiny"
+    for f in sorted(tiny_model_dir.iterdir()):  # uploaded as plain objects, as `aws s3 cp` would
+        storage.write_bytes(f"{uri}/{f.name}", f.read_bytes())
+    assert not storage.is_complete(uri)
+    local = model_dir(uri)
+    assert (tmp_path / "cache") in __import__("pathlib").Path(local).parents
+    assert load_model(uri).config.hidden_size == 64
+    assert model_dir(uri) == local  # cached: an unchanged folder is not fetched again
+
+
+def test_conversational_pairs_in_every_format(tmp_path, s3_bucket, monkeypatch):
+    import datasets
+
+    folder = str(tmp_path / "conv")
+    datasets.Dataset.from_list(CONV_PAIRS).save_to_disk(folder)
+    assert data.read_pair_records(folder) == CONV_PAIRS
+    # the same data as jsonl on S3: read by datasets.load_dataset with the process's storage_options
+    uri = f"{s3_bucket}/pairs/conv.jsonl"
+    data.write_records(CONV_PAIRS, uri)
+    calls = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("storage_options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
+    assert data.read_pair_records(uri) == CONV_PAIRS
+    assert calls and calls[0]["endpoint_url"] == os.environ["AWS_ENDPOINT_URL"]
+    # implicit prompt (TRL): the shared leading messages become the prompt
+    implicit = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in CONV_PAIRS]
+    data.write_records(implicit, str(tmp_path / "implicit.jsonl"))
+    back = data.read_pair_records(str(tmp_path / "implicit.jsonl"))
+    assert [(b["prompt"], b["chosen"], b["rejected"]) for b in back] == \
+        [(p["prompt"], p["chosen"], p["rejected"]) for p in CONV_PAIRS]
+    # csv through datasets
+    (tmp_path / "p.csv").write_text("prompt,chosen,rejected\nhi,hello,go away\nq,a,b\n")
+    assert data.read_pair_records(str(tmp_path / "p.csv"))[0] == {"prompt": "hi", "chosen": "hello",
+                                                                    "rejected": "go away"}
+    with pytest.raises(UserError) as info:
+        data.check_pairs([{"prompt": "p", "chosen": [{"role": "assistant", "content": "same"}],
+                           "rejected": "same "}], "x.jsonl")
+    assert "same text" in str(info.value)
+
+
+def test_hub_dataset_id_offline_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
+    with pytest.raises(UserError) as info:
+        data.read_records("probe-dpo-test/absent-dataset:train", what="preference pairs")
+    assert "\n" not in str(info.value) and "cannot load Hugging Face dataset" in str(info.value)
+
+
+def test_chat_template_in_extraction_and_generation(tiny_model_dir):
+    from probe_dpo.activations import tokenize
+    from probe_dpo.chat import render_pair
+    from probe_dpo.generation import GenerationSettings, generate
+    from probe_dpo.model import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    assert tok.chat_template
+    p, c = CONV_PAIRS[0]["prompt"], CONV_PAIRS[0]["chosen"]
+    head, tail, special = render_pair(tok, p, c)
+    whole = tok.apply_chat_template(p + c, tokenize=False)
+    assert head + tail == whole and not special and "Tell me about topic 0." in head
+    assert "kind" in tail and "Tell me" not in tail
+    (ids, start), = tokenize(tok, prompts=[p], completions=[c], span="response")
+    assert tok.decode(ids[:start]) == head and tok.decode(ids[start:]).strip() == tail.strip()
+    (plain_ids, plain_start), = tokenize(tok, prompts=["Tell me about topic 0."], completions=[" ok"])
+    assert plain_start < start  # a string prompt is raw text: no template around it
+    lm = load_model(tiny_model_dir)
+    out = generate(lm, [p, CONV_PAIRS[1]["prompt"]], 2, GenerationSettings(max_new_tokens=4), 0, tokenizer=tok,
+                   progress=False)
+    assert len(out) == 2 and all(len(o) == 2 for o in out)
+    with pytest.raises(UserError, match="mix strings and message lists"):
+        generate(lm, [p, "a string"], 1, GenerationSettings(max_new_tokens=2), 0, tokenizer=tok, progress=False)
+
+
+def test_train_and_attribute_on_a_hub_id_and_a_save_to_disk_folder(hub_cache, tmp_path, ray_cluster, capsys):
+    """`probe-dpo train method=dpo` and `probe-dpo attribute` on the cached model by id and the
+    conversational pairs saved with datasets.save_to_disk."""
+    import datasets
+
+    model_id, _ = hub_cache
+    pairs = str(tmp_path / "pairs")
+    datasets.Dataset.from_list(CONV_PAIRS).save_to_disk(pairs)
+    out = str(tmp_path / "dpo")
+    assert main(["train", f"model={model_id}", "method=dpo", f"data.pairs={pairs}", f"out={out}",
+                 "train.max_steps=2", "train.batch_size=2", "train.max_length=64", "distributed.workers=1",
+                 "distributed.zero_stage=0"]) == 0, capsys.readouterr().err
+    summary = json.loads(open(os.path.join(out, "train.json")).read())
+    assert summary["rounds"][0]["train"]["global_step"] == 2 and summary["base_model"] == model_id
+    run = json.loads(open(os.path.join(out, "policy", "training_run.json")).read())
+    assert any("rewards/margins" in h for h in run["log_history"])
+    # attribution: the diff-of-means direction from labelled conversational examples
+    behaviour = [{"prompt": p["prompt"], "completion": p[key], "label": int(key == "rejected")}
+                 for p in CONV_PAIRS for key in ("chosen", "rejected")]
+    data.write_records(behaviour, str(tmp_path / "behaviour.jsonl"))
+    att = str(tmp_path / "attr")
+    assert main(["attribute", "--pairs", pairs, "--model", model_id, "--behaviour-data",
+                 str(tmp_path / "behaviour.jsonl"), "--out", att, "--in-process", "--mitigate", "filter",
+                 "layer=1", "ranking.top_k=4", "ranking.bootstrap=100", "clusters.k_max=3"]) == 0, capsys.readouterr().err
+    results = json.loads(open(os.path.join(att, "results.json")).read())
+    assert results["layer"] == 1 and results["direction"] == "diff-of-means"
+    scores = data.read_records(os.path.join(att, "scores.parquet"))
+    assert len(scores) == len(CONV_PAIRS)
+    bad = [s["score"] for s in scores if s["source"] == "bad"]
+    assert len(bad) == 6
