@@ -84,8 +84,8 @@ def _load_hub(uri: str, what: str) -> list[dict]:
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; each is this one line
-        raise UserError(f"{what} {uri}: cannot load Hugging Face dataset {name!r} (split {split or 'train'}): "
-                        f"{_first_line(exc)}") from None
+        raise UserError(f"{what} {uri}: no such file or folder, and cannot load Hugging Face dataset {name!r} "
+                        f"(split {split or 'train'}): {_first_line(exc)}") from None
     return ds.to_list()
 
 
