@@ -12,6 +12,7 @@ from probe_dpo.attribution.directions import Direction
 from probe_dpo.attribution.pairs import pair_sources
 from probe_dpo.errors import UserError
 from probe_dpo.stats import mean_ci
+from probe_dpo.data import message_text
 
 
 def cluster_pairs(diffs: torch.Tensor, scores: Sequence[float], pairs: Sequence[dict], *,
@@ -68,8 +69,9 @@ def cluster_pairs(diffs: torch.Tensor, scores: Sequence[float], pairs: Sequence[
                  "mean_score": float(s[members].mean()), "ci_low": lo, "ci_high": hi,
                  "silhouette": float(per_sample[members].mean()), "coherence": coherence,
                  "sources": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
-                 "examples": [{"index": int(i), "prompt": pairs[i]["prompt"][:160], "chosen": pairs[i]["chosen"][:160],
-                               "rejected": pairs[i]["rejected"][:160], "source": str(src[i]),
+                 "examples": [{"index": int(i), "prompt": message_text(pairs[i]["prompt"])[:160],
+                               "chosen": message_text(pairs[i]["chosen"])[:160],
+                               "rejected": message_text(pairs[i]["rejected"])[:160], "source": str(src[i]),
                                "score": float(s[i])} for i in near]}
         if direction is not None:
             entry["direction_cosine"] = float(centroid @ direction.vector.double().numpy())

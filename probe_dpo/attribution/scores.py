@@ -74,6 +74,8 @@ def judge_scores(pairs: Sequence[dict], judge: Any) -> np.ndarray:
     from probe_dpo.judges import Judge, get_judge
 
     j = judge if isinstance(judge, Judge) else get_judge(judge)
-    chosen = np.asarray(j.score([p["chosen"] for p in pairs]), dtype=np.float64)
-    rejected = np.asarray(j.score([p["rejected"] for p in pairs]), dtype=np.float64)
+    from probe_dpo.data import message_text
+
+    chosen = np.asarray(j.score([message_text(p["chosen"]) for p in pairs]), dtype=np.float64)
+    rejected = np.asarray(j.score([message_text(p["rejected"]) for p in pairs]), dtype=np.float64)
     return chosen - rejected
