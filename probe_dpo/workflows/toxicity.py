@@ -927,6 +927,10 @@ def run(cfg: ExperimentConfig) -> dict:
     cfg = dataclasses.replace(cfg, storage=storage.absolute(cfg.storage),
                               testbed_dir=storage.absolute(cfg.testbed_dir))
     check_arm_settings(cfg)
+    if cfg.tracking.report_to:  # a missing tracker package fails here, before any compute
+        from probe_dpo.tracking import check_installed
+
+        check_installed(cfg.tracking)
     run_uri = cfg.storage
     storage.exists(run_uri)  # an unreachable bucket fails here, before any compute
     storage.write_text(storage.join(run_uri, "config.yaml"), dump_yaml(cfg))
