@@ -22,7 +22,6 @@ from typing import Sequence
 
 import numpy as np
 
-from probe_dpo.data import PAIR_COLUMNS
 from probe_dpo.errors import UserError
 
 
