@@ -13,6 +13,7 @@ raises ``UserError`` with one line naming the file and the column / row / line a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -104,16 +105,41 @@ def _load_files(uri: str, what: str) -> list[dict]:
     lower = uri.lower()
     builder = "csv" if lower.endswith(CSV_SUFFIXES) else "parquet" if lower.endswith(PARQUET_SUFFIXES) else "json"
     kwargs: dict[str, Any] = {"delimiter": "\t"} if lower.endswith(".tsv") else {}
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # no "Generating train split" bars: a read is one log line or none
     try:
-        ds = datasets.load_dataset(builder, data_files=uri, split="train", storage_options=storage_options(uri),
-                                   **kwargs)
+        with _storage_online(uri):
+            ds = datasets.load_dataset(builder, data_files=uri, split="train", storage_options=storage_options(uri),
+                                       **kwargs)
     except Exception as exc:  # noqa: BLE001 - a parse or access error: one line naming the file
         if builder == "json":  # rows arrow cannot unify, or malformed: our reader names the line
             return _read_json_lines(uri)
         if builder == "parquet":
             return _read_parquet(uri)
         raise UserError(f"{what} {uri}: not readable as {builder} ({_first_line(exc)})") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     return ds.to_list()
+
+
+@contextlib.contextmanager
+def _storage_online(uri: str):
+    """Let ``datasets`` reach the user's own object storage while the Hugging Face Hub stays offline.
+
+    ``HF_DATASETS_OFFLINE`` / ``HF_HUB_OFFLINE`` mean "no Hub"; ``datasets`` (5.2) also refuses
+    every fsspec URL under them ("Offline mode is enabled. Tried to reach s3://..."). For a
+    non-Hub remote URI the flag is lifted for the one call (the Hub is not contacted: the data
+    files are given, and the builder is a packaged one); Hub ids never go through here."""
+    import datasets.config as dconfig
+
+    saved = dconfig.HF_HUB_OFFLINE
+    if storage.is_remote(uri) and not uri.startswith(("hf://", "hf:")):
+        dconfig.HF_HUB_OFFLINE = False
+    try:
+        yield
+    finally:
+        dconfig.HF_HUB_OFFLINE = saved
 
 
 def _first_line(exc: BaseException) -> str:

@@ -79,13 +79,15 @@ def test_conversational_pairs_in_every_format(tmp_path, s3_bucket, monkeypatch):
     calls = []
     real = datasets.load_dataset
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("storage_options"))
-        return real(*args, **kwargs)
+    def spy(*args, **kwargs):  # the real load_dataset, recording what it was given and returned
+        result = real(*args, **kwargs)
+        calls.append((kwargs.get("storage_options"), len(result)))
+        return result
 
     monkeypatch.setattr(datasets, "load_dataset", spy)
     assert data.read_pair_records(uri) == CONV_PAIRS
-    assert calls and calls[0]["endpoint_url"] == os.environ["AWS_ENDPOINT_URL"]
+    assert calls == [(calls[0][0], len(CONV_PAIRS))]  # read by datasets, not by the fallback reader
+    assert calls[0][0]["endpoint_url"] == os.environ["AWS_ENDPOINT_URL"]
     # implicit prompt (TRL): the shared leading messages become the prompt
     implicit = [{"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]} for p in CONV_PAIRS]
     data.write_records(implicit, str(tmp_path / "implicit.jsonl"))

@@ -99,7 +99,9 @@ def test_corrupt_parquet_and_unknown_format(tmp_path):
     (tmp_path / "x.parquet").write_bytes(b"not parquet at all")
     _raises(rf"{tmp_path}/x.parquet: not a readable parquet file", str(tmp_path / "x.parquet"))
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
-    _raises(r"x.csv: unsupported file: expected .jsonl, .parquet", str(tmp_path / "x.csv"))
+    assert data.read_records(str(tmp_path / "x.csv")) == [{"a": 1, "b": 2}]  # csv: through datasets
+    (tmp_path / "x.txt").write_text("a,b\n1,2\n")
+    _raises(r"x.txt: unsupported file: expected .jsonl, .parquet, .csv", str(tmp_path / "x.txt"))
     with pytest.raises(UserError, match=r"out.csv: cannot write records here"):
         data.write_records(PAIRS, str(tmp_path / "out.csv"))
 
@@ -150,5 +152,5 @@ def test_check_numeric_and_pairs():
                                "a preference pair needs two different responses")
     with pytest.raises(UserError, match=r"p.jsonl: row 1: column 'chosen_score' must be a finite number, got 'x'"):
         data.check_pairs([{**PAIRS[0], "chosen_score": "x"}], "p.jsonl")
-    with pytest.raises(UserError, match=r"p.jsonl: row 1: column 'rejected' must be a string, got int"):
+    with pytest.raises(UserError, match=r"p.jsonl: row 1: column 'rejected' must be a string or a list of {role, content} messages, got int"):
         data.check_pairs([{**PAIRS[0], "rejected": 3}], "p.jsonl")
