@@ -798,13 +798,10 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
 
 
 def _absolute(cfg: AttributionConfig) -> AttributionConfig:
-    """Local paths made absolute: Ray workers (training, extraction) run in other folders."""
-    fix = storage.absolute
-    ev = dataclasses.replace(cfg.evaluation, prompts=fix(cfg.evaluation.prompts),
-                             perplexity=fix(cfg.evaluation.perplexity))
-    return dataclasses.replace(cfg, pairs=fix(cfg.pairs), model=fix(cfg.model), probes=fix(cfg.probes),
-                               testbed=fix(cfg.testbed), behaviour_data=fix(cfg.behaviour_data),
-                               poison_labels=fix(cfg.poison_labels), out=fix(cfg.out), evaluation=ev)
+    """Local paths made absolute: Ray workers (training, extraction) run in other folders. An
+    input is rewritten only when it exists here, so a hub id (``org/model``, a dataset id) stays."""
+    return storage.absolute_paths(cfg, ("pairs", "model", "probes", "testbed", "behaviour_data", "poison_labels",
+                                        "evaluation.prompts", "evaluation.perplexity"), outputs=("out",))
 
 
 def run(cfg: AttributionConfig) -> dict:
