@@ -72,32 +72,42 @@ def log_dir(settings: TrackingSettings, run: str) -> str:
     return storage.join(storage.absolute(run), "tracking")
 
 
-def trainer_env(settings: TrackingSettings, run: str) -> dict[str, str]:
-    """Environment variables transformers' integrations read (set in every training worker)."""
+def trainer_env(settings: TrackingSettings, run: str, name: str = "train") -> dict[str, str]:
+    """Environment variables transformers' integrations read (set in every training worker):
+    W&B's mode and folder, MLflow's store, TensorBoard's folder for this run ``name``."""
     if not settings.report_to:
         return {}
     root = log_dir(settings, run)
     env: dict[str, str] = {}
+    if "tensorboard" in settings.report_to:
+        env["TENSORBOARD_LOGGING_DIR"] = os.path.join(root, "tensorboard", name)
     if "wandb" in settings.report_to:
         env.update(WANDB_MODE=settings.wandb_mode, WANDB_DIR=root, WANDB_PROJECT=settings.project,
                    WANDB_SILENT="true")
     if "mlflow" in settings.report_to:
         env.update(MLFLOW_TRACKING_URI=settings.mlflow_uri or "file:" + os.path.join(root, "mlruns"),
                    MLFLOW_EXPERIMENT_NAME=settings.project)
+        if not settings.mlflow_uri:
+            env.update(_FILE_STORE)
     return env
 
 
-def trainer_args(settings: TrackingSettings, run: str, name: str) -> dict[str, Any]:
-    """``TrainingArguments`` keys: ``report_to``, ``run_name`` and the TensorBoard folder."""
+# MLflow 3.17 refuses its file store unless this is set (it is "in maintenance mode"; a database
+# store needs SQLAlchemy, which the light mlflow-skinny does not bring). The file store is what a
+# run without a server writes: plain files next to the run.
+_FILE_STORE = {"MLFLOW_ALLOW_FILE_STORE": "true"}
+
+
+def trainer_args(settings: TrackingSettings, name: str) -> dict[str, Any]:
+    """``TrainingArguments`` keys: ``report_to`` and ``run_name`` (the folders are in ``trainer_env``)."""
     if not settings.report_to:
         return {"report_to": []}
-    return {"report_to": list(settings.report_to), "run_name": name,
-            "logging_dir": os.path.join(log_dir(settings, run), "tensorboard", name)}
+    return {"report_to": list(settings.report_to), "run_name": name}
 
 
 def apply_env(env: dict[str, str] | None) -> None:
     for key, value in (env or {}).items():
-        if key.startswith(("WANDB_", "MLFLOW_")):
+        if key.startswith(("WANDB_", "MLFLOW_", "TENSORBOARD_")):
             os.environ[key] = value
 
 
@@ -116,11 +126,17 @@ def tune_callbacks(settings: TrackingSettings, run: str) -> list:
     if "mlflow" in settings.report_to:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
+        if not settings.mlflow_uri:
+            for key, value in _FILE_STORE.items():  # the callback logs from this (the driver's) process
+                os.environ.setdefault(key, value)
+
         callbacks.append(MLflowLoggerCallback(
             tracking_uri=settings.mlflow_uri or "file:" + os.path.join(root, "mlruns"),
             experiment_name=settings.project, save_artifact=False))
     if "wandb" in settings.report_to:
         from ray.air.integrations.wandb import WandbLoggerCallback
+
+        os.environ["WANDB_MODE"] = settings.wandb_mode  # Ray's callback asks for an API key unless offline
 
         callbacks.append(WandbLoggerCallback(project=settings.project, mode=settings.wandb_mode, dir=root,
                                              upload_checkpoints=False))

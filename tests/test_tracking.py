@@ -41,10 +41,7 @@ def test_trl_report_to_writes_per_step_metrics(tiny_model_dir, tmp_path, monkeyp
 
     settings = TrackingSettings(report_to=["tensorboard", "mlflow", "wandb"], project="byo-test")
     run = str(tmp_path / "run")
-    for key in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_SILENT", "MLFLOW_TRACKING_URI",
-                "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(key, raising=False)
-    env = trainer_env(settings, run)
+    env = trainer_env(settings, run, "dpo-test")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     apply_env(env)
@@ -53,7 +50,7 @@ def test_trl_report_to_writes_per_step_metrics(tiny_model_dir, tmp_path, monkeyp
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     trainer = build_trainer("dpo", model, tok, PAIRS, cfg, output_dir=str(tmp_path / "out"),
                             ref_model=load_model(tiny_model_dir), save_steps=-1,
-                            tracking=trainer_args(settings, run, "dpo-test"))
+                            tracking=trainer_args(settings, "dpo-test"))
     trainer.train()
     root = os.path.join(run, "tracking")
     tags = _tb_tags(os.path.join(root, "tensorboard", "dpo-test"))
@@ -95,7 +92,7 @@ def test_tracking_settings_and_curves(tmp_path):
 
     with pytest.raises(ValueError, match="unknown tracker"):
         TrackingSettings(report_to=["neptune"])
-    assert trainer_args(TrackingSettings(), "r", "n") == {"report_to": []}
+    assert trainer_args(TrackingSettings(), "n") == {"report_to": []}
     with pytest.raises(UserError, match="set tracking.dir"):
         log_dir(TrackingSettings(report_to=["mlflow"]), "s3://bucket/run")
     history = [{"loss": 0.69, "rewards/margins": 0.0, "step": 1}, {"loss": 0.6, "rewards/margins": 0.2, "step": 2},

@@ -304,8 +304,8 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
         if cfg.tracking.report_to:
             from probe_dpo.tracking import trainer_args, trainer_env
 
-            job.update(tracking_env=trainer_env(cfg.tracking, out),
-                       tracking_args=trainer_args(cfg.tracking, out, run_name))
+            job.update(tracking_env=trainer_env(cfg.tracking, out, run_name),
+                       tracking_args=trainer_args(cfg.tracking, run_name))
         entry["train"] = fit_round(job, cfg, storage_root=storage.join(out, "ray"), run_name=run_name,
                                    callbacks=callbacks)
         summary["rounds"].append(entry)
