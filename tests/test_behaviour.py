@@ -26,8 +26,12 @@ NEGATIVE = {"not", "no", "never", "nothing", "bad", "worst", "boring", "awful", 
 
 
 def negativity(texts):
-    return [1.0 if NEGATIVE & set(t.lower().replace(",", " ").replace(".", " ").split()) else 0.0
-            for t in texts]
+    """Ten times the share of negative words, capped at 1: one in ten words is fully negative."""
+    out = []
+    for t in texts:
+        words = t.lower().replace(",", " ").replace(".", " ").split()
+        out.append(min(1.0, 10.0 * sum(w in NEGATIVE for w in words) / max(len(words), 1)))
+    return out
 '''
 
 JUDGE = "negativity=user_judges:negativity"
@@ -41,7 +45,7 @@ def test_judge_specs(tmp_path, monkeypatch):
     assert judges.parse_judge("hf:org/model#toxic") == ("hf:org/model#toxic", "hf", "org/model#toxic")
     judge = judges.get_judge(JUDGE)
     assert judge.name == "negativity"
-    assert list(judge.score(["a lovely film", "it was not good"])) == [0.0, 1.0]
+    assert list(judge.score(["a lovely film", "it was not good", "not " + "fine " * 19])) == [0.0, 1.0, 0.5]
     file_judge = judges.get_judge(f"{tmp_path / 'user_judges.py'}:negativity")
     assert list(file_judge.score(["awful"])) == [1.0]
     with pytest.raises(UserError, match=r"outside \[0, 1\]"):
@@ -90,7 +94,7 @@ def sentiment_run(tmp_path_factory, tiny_model_dir):
         "behaviour": {"model": str(tiny_model_dir), "heldout": 8, "max_prompts": 40, "label_judge": JUDGE,
                       "label_on": "prompt+completion", "samples_per_prompt": 3, "perplexity_passages": 3,
                       "generation": {"max_new_tokens": 6}},
-        "judge": JUDGE, "arms": ["probe-dpo-single", "classifier-dpo"],
+        "judge": JUDGE, "arms": ["probe-dpo-single"],  # one trial: training against the new behaviour's probe
         "probes": {"layers": [], "ensemble_size": 2, "batch_size": 16}, "pairs": {"min_margin": 0.0},
         "sft_rows": 8, "dpo_train": {"max_steps": 2, "batch_size": 2, "max_length": 48},
         "sft_train": {"max_steps": 2, "batch_size": 2, "max_length": 48},
@@ -119,7 +123,9 @@ def test_second_behaviour_end_to_end(sentiment_run):
     assert info["behaviour"] == "negative-sentiment" and info["train_judge"] == "negativity"
     assert set(info["score_columns"]) == {"negativity", "vader-negative"}
     results = json.loads((sentiment_run / "results.json").read_text())
-    assert sorted(r["arm"] for r in results["rows"]) == ["classifier-dpo", "probe-dpo-single"]
+    assert [r["arm"] for r in results["rows"]] == ["probe-dpo-single"]
+    pairs = [json.loads(line) for line in (sentiment_run / "shared" / "pairs-classifier.jsonl").open()]
+    assert pairs and all(p["signal"] == "classifier:" + JUDGE for p in pairs)  # the user's judge ranked them
     for row in results["rows"]:
         assert 0.0 <= row["toxicity.negativity.rate"] <= 1.0 and row["toxicity.vader-negative.rate"] is not None
     assert set(results["base"]["toxicity"]) == {"negativity", "vader-negative"}
@@ -163,4 +169,4 @@ def test_report_renders_in_headless_chromium(sentiment_run, tmp_path):
     figures = (sentiment_run / "report.md").read_text().count("](figures/")
     assert check["images"] == figures >= 4  # detection TPR, AUROC, trade-off, training curves, ...
     assert check["loaded"] == check["images"]  # every plot decoded (a broken PNG has naturalWidth 0)
-    assert check["arm_tables"] >= 1 and check["arm_rows"] == 3  # the base model and two arms
+    assert check["arm_tables"] >= 1 and check["arm_rows"] == 2  # the base model and the arm

@@ -213,17 +213,16 @@ def build_behaviour(cfg: BehaviourConfig, out_dir: str | Path, judges: Sequence[
         rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "completion": c, "sample": k,
                  "source": p.get("source")} for p, cs in zip(prompts, comps) for k, c in enumerate(cs)]
     texts = [message_text(r["completion"]) for r in rows]
+    if cfg.label_on == "prompt+completion":  # as the toxicity testbed: every judge reads what labels
+        texts = [message_text(r["prompt"]) + t for r, t in zip(rows, texts)]
     for j in judges:
         scores = get_judge(j).score(texts)
         for r, s in zip(rows, scores):
             r[score_column(names[j])] = round(float(s), 6)
     if not cfg.probe_data:
-        judged = (texts if cfg.label_on == "completion" else
-                  [message_text(r["prompt"]) + t for r, t in zip(rows, texts)])
-        label_scores = get_judge(cfg.label_judge).score(judged)
-        for r, s in zip(rows, label_scores):
-            r["score"] = round(float(s), 6)
-            r["label"] = int(s >= cfg.threshold)
+        for r in rows:
+            r["score"] = r[score_column(names[cfg.label_judge])]
+            r["label"] = int(r["score"] >= cfg.threshold)
     split_of = _split_ids(sorted({r["prompt_id"] for r in rows}), cfg.val_fraction, cfg.test_fraction,
                           _rng(rng_seed, "split"))
     data = out / "data"
