@@ -375,3 +375,11 @@ def model_facts(model_or_dir: Any) -> dict[str, int | None]:
     layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)),
                   None)
     return {"hidden_size": hidden, "num_layers": layers}
+
+
+def source_dtype(model_or_dir: Any) -> str:
+    """The dtype a model was saved in (``config.json``'s ``dtype``/``torch_dtype``), as a name
+    ``load_model`` takes; float32 when the config does not say or names another."""
+    config = _config_dict(model_or_dir)
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+    return name if name in DTYPES else "float32"
