@@ -371,6 +371,17 @@ def _download(uri: str, manifest: dict, local_dir: str | Path | None) -> Path:
     dest = Path(local_dir) if local_dir is not None else _cache_root() / f"{name}-{key}"
     if _holds(dest, manifest, uri):
         return dest
+    from filelock import FileLock
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # one download per node: the other ranks of a node wait here, then find the folder complete
+    with FileLock(str(dest.parent / f".{dest.name}.fetch-lock")):
+        return _download_locked(uri, manifest, dest)
+
+
+def _download_locked(uri: str, manifest: dict, dest: Path) -> Path:
+    if _holds(dest, manifest, uri):
+        return dest
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / MANIFEST_NAME).exists())):
         raise UserError(f"storage {uri}: cannot fetch into {dest}: it is not empty and holds no artifact")
     with _errors(uri):
