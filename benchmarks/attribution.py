@@ -57,6 +57,7 @@ import time
 from pathlib import Path
 
 from _bench import RESULTS  # noqa: E402 - sets the offline environment first
+
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 METHODS = ("probe", "probe-weights", "probe-in-process", "judge", "gradient", "gradient-factorized")

@@ -28,6 +28,7 @@ import time
 import warnings
 
 from _bench import publish  # noqa: E402 - sets the offline environment first
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 

@@ -30,10 +30,29 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from probe_dpo.errors import UserError
-from probe_dpo.storage import (LEASE_NAME, MANIFEST_NAME, PUBLISHING_NAME, VERSIONS_DIR, ArtifactExists, _check_bytes,
-                               _check_rel, _errors, _local_path, _member_uri, _parse_manifest, _raw_list, _raw_read,
-                               _temp_sibling, _write_local, filesystem, is_complete, is_remote, join, list_dir,
-                               read_manifest)
+from probe_dpo.storage import (
+    LEASE_NAME,
+    MANIFEST_NAME,
+    PUBLISHING_NAME,
+    VERSIONS_DIR,
+    ArtifactExists,
+    _check_bytes,
+    _check_rel,
+    _errors,
+    _local_path,
+    _member_uri,
+    _parse_manifest,
+    _raw_list,
+    _raw_read,
+    _temp_sibling,
+    _write_local,
+    filesystem,
+    is_complete,
+    is_remote,
+    join,
+    list_dir,
+    read_manifest,
+)
 
 _CHUNK = 8 * 2**20
 

@@ -199,7 +199,6 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "float3
     published with) are a UserError that names the path. The model is returned in eval mode.
     """
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     local = _local_model_path(path_or_id)

@@ -15,7 +15,6 @@ import torch
 from probe_dpo import storage
 from probe_dpo.cli import main
 from probe_dpo.data import read_records, write_records
-
 from test_probes import BAD, FILLER, GOOD, labelled_records
 
 torch.set_num_threads(1)

@@ -11,7 +11,6 @@ import torch
 from probe_dpo import storage
 from probe_dpo.cli import main
 from probe_dpo.data import write_records
-
 from test_probes import labelled_records
 
 torch.set_num_threads(1)

@@ -28,7 +28,6 @@ import pytest
 import yaml
 
 from probe_dpo import storage
-
 from test_workflow_toxicity import tiny_config
 
 ARMS = ["probe-dpo-single", "obfuscation-control", "probe-dpo-onpolicy", "random-dpo"]

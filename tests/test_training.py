@@ -29,7 +29,6 @@ from probe_dpo.probes import ProbeTrainConfig, train_probes
 from probe_dpo.testbed import tiny_model_dir as make_tiny
 from probe_dpo.training import TrainConfig, prepare, train
 from probe_dpo.training.pairs import build_pairs, randomize_labels
-
 from test_probes import labelled_records
 
 torch.set_num_threads(1)
@@ -214,9 +213,9 @@ def test_zero3_builds_the_models_partitioned_across_two_workers(inputs, ray_clus
 
 def test_on_policy_round_two_samples_the_round_one_policy_and_reads_the_frozen_base(inputs, ray_cluster, tmp_path):
     from probe_dpo.data import read_records
-    from probe_dpo.testbed import generation_settings
     from probe_dpo.objectives import ProbeSignal
     from probe_dpo.probes import ProbeSet
+    from probe_dpo.testbed import generation_settings
     from probe_dpo.training.sampling import sample_candidates
 
     out = str(tmp_path / "onpolicy")

@@ -30,7 +30,6 @@ import torch
 
 from probe_dpo.errors import UserError
 
-
 Pooling = Literal["mean", "last", "none"]
 
 

@@ -16,7 +16,6 @@ from probe_dpo import artifacts, storage
 from probe_dpo.errors import UserError
 from probe_dpo.storage import json_text
 
-
 DIRECTIONS_FORMAT = "probe_dpo.directions/1"
 
 

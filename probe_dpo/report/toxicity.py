@@ -7,7 +7,6 @@ from typing import Any, Mapping
 
 from probe_dpo.report import Report, fmt, fmt_ci
 
-
 ROLE_TITLES = {"train": "train probe", "ensemble": "probe ensemble", "held_out": "held-out probes",
                "retrained": "retrained probe"}
 CONTROL = "obfuscation-control"

@@ -18,8 +18,8 @@ merged or as an adapter), saves it with ``save_pretrained`` and publishes it to 
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -107,8 +107,13 @@ def _train(job: dict, scratch: Path) -> None:
     from probe_dpo.data import read_records
     from probe_dpo.model import load_model, load_tokenizer
     from probe_dpo.training.config import TrainConfig
-    from probe_dpo.training.trainers import (CrashCallback, EMACallback, build_trainer, deepspeed_config,
-                                             training_arguments)
+    from probe_dpo.training.trainers import (
+        CrashCallback,
+        EMACallback,
+        build_trainer,
+        deepspeed_config,
+        training_arguments,
+    )
 
     cfg: TrainConfig = from_dict(TrainConfig, job["cfg"], "training job")
     dist = cfg.distributed

@@ -19,8 +19,8 @@ re-run; an interrupted one resumes from its latest checkpoint in storage.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any

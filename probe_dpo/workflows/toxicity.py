@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -49,11 +49,8 @@ from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.logs import setup as setup_logs
 from probe_dpo.testbed import TestbedConfig
-from probe_dpo.workflows import bundled_config
 from probe_dpo.training.config import DistributedSettings, DPOSettings, LoraSettings, OptimSettings
-
-
-
+from probe_dpo.workflows import bundled_config
 
 log = logging.getLogger(__name__)
 
@@ -843,8 +840,8 @@ def summarize(run: str) -> dict:
 
 def write_results(run: str) -> dict:
     """results.json (per trial, per arm, comparisons, timings) and the report, from storage."""
-    from probe_dpo.storage import json_text
     from probe_dpo.report.toxicity import experiment_report
+    from probe_dpo.storage import json_text
 
     results = summarize(run)
     histograms = results.pop("histograms")
