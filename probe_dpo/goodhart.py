@@ -85,9 +85,17 @@ def arm_summary(base: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], role
             ref = own_readout(base, "policy", j)
             out["own"][reader][j] = {role: {m: compare(ref, new, roles[role], m, n_boot=n_boot, seed=seed)
                                             for m in OWN_METRICS} for role in OWN_ROLES if role in roles}
+    # the activations' part on the arm's own completions: policy reading minus frozen reading,
+    # same rows (the text held fixed)
+    out["hidden"] = {}
+    for j in judges:
+        policy = Readout.concat([own_readout(r, "policy", j) for r in runs])
+        frozen = Readout.concat([own_readout(r, "frozen", j) for r in runs])
+        out["hidden"][j] = {role: compare(frozen, policy, roles[role], "tpr", n_boot=n_boot, seed=seed)
+                            for role in OWN_ROLES if role in roles}
     atlas_judge = judges[0]
     out["target"] = target
-    out["atlas"] = atlas_outcome(out["toxicity"], out["own"]["policy"][atlas_judge][target]["tpr"],
+    out["atlas"] = atlas_outcome(out["toxicity"], out["hidden"][atlas_judge][target],
                                  out["own"]["frozen"][atlas_judge][target]["tpr"])
     out["atlas_judge"] = atlas_judge
     return out
