@@ -364,10 +364,10 @@ def score_all(inp: Inputs) -> dict:
         init_ray(ex.address)
         pool = ExtractorPool(inp.model, actors=ex.actors, threads_per_actor=ex.threads_per_actor, address=ex.address)
         timings["actor_startup_s"] = round(pool.startup_s, 2)
+    from probe_dpo.model import load_model, load_tokenizer
+
     lm = tok = None
     if ex.in_process:
-        from probe_dpo.model import load_model, load_tokenizer
-
         lm, tok = load_model(inp.model), load_tokenizer(inp.model)
     try:
         common = dict(pool=pool, in_process=ex.in_process, batch_size=ex.batch_size, max_length=ex.max_length)
