@@ -168,9 +168,9 @@ def test_second_run_reuses_everything(study, testbed, probes, capsys):
                "--comparators", "gradient", "ranking.k_from_labels=true", "behaviour_examples=0", "gradient.dim=128",
                "clusters.enabled=false"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "preference mix" not in out or "cache" in out
-    assert "gradient: reusing scores" in out
+    logs = capsys.readouterr().err  # log lines go to stderr
+    assert "preference mix" not in logs or "cache" in logs
+    assert "gradient: reusing scores" in logs
 
 
 def _error(capsys, argv, needle):

@@ -129,6 +129,12 @@ def _train(job: dict, scratch: Path) -> None:
     # the arguments first: under ZeRO-3 they make from_pretrained build the models partitioned
     args = training_arguments(job["kind"], cfg, output_dir=output_dir, deepspeed=ds,
                               save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu)
+    if dist.zero_stage == 3:
+        # zero.Init sizes the partitions from deepspeed.comm's world, which the CPU path of
+        # TrainingArguments never initialises: wrap Ray's process group before the models load
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if dist.use_gpu else "gloo")
     dtype = "bfloat16" if dist.use_gpu else "float32"  # bf16 on a GPU; CPUs train in fp32
     model = load_model(job["model"], dtype=dtype)
     model.train()
@@ -171,6 +177,9 @@ def _train(job: dict, scratch: Path) -> None:
     final_dir = scratch / "final"
     raw = final_dir / "raw"
     trainer.save_model(str(raw))  # every rank (ZeRO-3 gathers); rank 0 writes
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # rank 0's reload below is a plain load, not a collective zero.Init
     metrics: dict[str, Any] = {"train_loss": float(result.training_loss), "global_step": int(trainer.state.global_step),
                                "train_seconds": round(train_seconds, 2), "resumed": checkpoint is not None,
                                "resumed_from_step": resumed_from_step, "parameter_elements_held_at_load": held,
