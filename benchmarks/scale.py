@@ -40,7 +40,6 @@ from pathlib import Path
 
 from _bench import RESULTS, publish  # noqa: E402 - sets the offline environment first
 
-
 # --- GPU assumptions (estimates only) --------------------------------------------------------
 H100_BF16_DENSE_FLOPS = 989e12      # H100 SXM bf16 dense peak (no sparsity)
 H100_HBM_BYTES_PER_S = 3.35e12      # H100 SXM HBM3 bandwidth

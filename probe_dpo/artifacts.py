@@ -30,10 +30,29 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from probe_dpo.errors import UserError
-from probe_dpo.storage import (LEASE_NAME, MANIFEST_NAME, PUBLISHING_NAME, VERSIONS_DIR, ArtifactExists, _check_bytes,
-                               _check_rel, _errors, _local_path, _member_uri, _parse_manifest, _raw_list, _raw_read,
-                               _temp_sibling, _write_local, filesystem, is_complete, is_remote, join, list_dir,
-                               read_manifest)
+from probe_dpo.storage import (
+    LEASE_NAME,
+    MANIFEST_NAME,
+    PUBLISHING_NAME,
+    VERSIONS_DIR,
+    ArtifactExists,
+    _check_bytes,
+    _check_rel,
+    _errors,
+    _local_path,
+    _member_uri,
+    _parse_manifest,
+    _raw_list,
+    _raw_read,
+    _temp_sibling,
+    _write_local,
+    filesystem,
+    is_complete,
+    is_remote,
+    join,
+    list_dir,
+    read_manifest,
+)
 
 _CHUNK = 8 * 2**20
 
@@ -369,6 +388,17 @@ def _download(uri: str, manifest: dict, local_dir: str | Path | None) -> Path:
     key = hashlib.sha256(f"{uri}\n{canonical}".encode()).hexdigest()[:16]
     name = uri.rstrip("/").rsplit("/", 1)[-1]
     dest = Path(local_dir) if local_dir is not None else _cache_root() / f"{name}-{key}"
+    if _holds(dest, manifest, uri):
+        return dest
+    from filelock import FileLock
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # one download per node: the other ranks of a node wait here, then find the folder complete
+    with FileLock(str(dest.parent / f".{dest.name}.fetch-lock")):
+        return _download_locked(uri, manifest, dest)
+
+
+def _download_locked(uri: str, manifest: dict, dest: Path) -> Path:
     if _holds(dest, manifest, uri):
         return dest
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / MANIFEST_NAME).exists())):

@@ -161,9 +161,7 @@ def _add_activations(sub: argparse._SubParsersAction) -> None:
 
 def _run_activations_extract(args: argparse.Namespace) -> int:
     from probe_dpo.activations import extract_sharded
-    from probe_dpo.data import read_records
-
-    from probe_dpo.data import chat_value, check_columns, whole_text
+    from probe_dpo.data import chat_value, check_columns, read_records, whole_text
 
     records = read_records(args.data, what="activation data")
     has_pairs = all("prompt" in r and "completion" in r for r in records)
@@ -242,8 +240,8 @@ def _run_probes_train(args: argparse.Namespace) -> int:
 
 
 def _run_probes_eval(args: argparse.Namespace) -> int:
-    from probe_dpo.storage import json_text
     from probe_dpo.probes import ProbeSet, eval_markdown, evaluate_probes
+    from probe_dpo.storage import json_text
 
     probeset = ProbeSet.load(args.probes)
     results = evaluate_probes(probeset, args.model, args.data, label_column=args.label_column,

@@ -30,6 +30,10 @@ from probe_dpo.evaluation import DEFAULT_THRESHOLD, paired_relative_change
 from probe_dpo.stats import cluster_bootstrap, holm
 
 FIXED_METRICS = ("auroc", "tpr", "fpr", "accuracy", "mean_pos", "mean_neg")
+# The arm comparisons' p-values are bootstrap tail shares, so their resolution is 1/resamples;
+# Holm multiplies the smallest by the number of rows (48 in the demo): 1000 resamples could not
+# show anything below 0.048. 10x the interval's resamples is cheap (per-prompt sums only).
+COMPARISON_RESAMPLES_FACTOR = 10
 OWN_METRICS = ("auroc", "tpr")
 OWN_ROLES = ("train", "ensemble", "held_out")
 READERS = ("policy", "frozen")
@@ -85,9 +89,17 @@ def arm_summary(base: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], role
             ref = own_readout(base, "policy", j)
             out["own"][reader][j] = {role: {m: compare(ref, new, roles[role], m, n_boot=n_boot, seed=seed)
                                             for m in OWN_METRICS} for role in OWN_ROLES if role in roles}
+    # the activations' part on the arm's own completions: policy reading minus frozen reading,
+    # same rows (the text held fixed)
+    out["hidden"] = {}
+    for j in judges:
+        policy = Readout.concat([own_readout(r, "policy", j) for r in runs])
+        frozen = Readout.concat([own_readout(r, "frozen", j) for r in runs])
+        out["hidden"][j] = {role: compare(frozen, policy, roles[role], "tpr", n_boot=n_boot, seed=seed)
+                            for role in OWN_ROLES if role in roles}
     atlas_judge = judges[0]
     out["target"] = target
-    out["atlas"] = atlas_outcome(out["toxicity"], out["own"]["policy"][atlas_judge][target]["tpr"],
+    out["atlas"] = atlas_outcome(out["toxicity"], out["hidden"][atlas_judge][target],
                                  out["own"]["frozen"][atlas_judge][target]["tpr"])
     out["atlas_judge"] = atlas_judge
     return out
@@ -131,6 +143,7 @@ def comparisons(evals: Mapping[str, Sequence[Mapping[str, Any]]], pairs: Sequenc
     """Paired differences between arms: the toxic rate under each judge, and the train probe's
     TPR at its base threshold on fixed texts; p-values Holm-adjusted over every row."""
     rows = []
+    n_boot = n_boot * COMPARISON_RESAMPLES_FACTOR
     for a, b in pairs:
         judges = list(evals[a][0]["toxicity"])
         for j in judges:

@@ -145,8 +145,7 @@ class ToxicCommentClassifier(Judge):
             if cls._loaded is None:
                 _ensure_keras_torch_backend()
                 import keras
-                from keras.layers import (LSTM, Bidirectional, Dense, Dropout, Embedding,
-                                          GlobalMaxPooling1D, Input)
+                from keras.layers import LSTM, Bidirectional, Dense, Dropout, Embedding, GlobalMaxPooling1D, Input
 
                 d = package_dir("toxic_classifier") / "model"
                 with open(d / "tokenizer.pickle", "rb") as handle:

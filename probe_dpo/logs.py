@@ -24,11 +24,23 @@ class _Format(logging.Formatter):
         return super().format(record)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (a redirected or captured
+    stream), as ``logging.lastResort`` does, not to the stream of the first ``setup()``."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+
 def setup(level: int | str | None = None) -> logging.Logger:
     """Send the project's log lines to stderr (once per process; later calls set the level)."""
     logger = logging.getLogger(ROOT)
     if not any(getattr(h, "_probe_dpo", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(_Format("[%(component)s %(asctime)s] %(message)s", datefmt="%H:%M:%S"))
         handler._probe_dpo = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

@@ -200,7 +200,6 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "float3
     published with) are a UserError that names the path. The model is returned in eval mode.
     """
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     local = _local_model_path(path_or_id)
@@ -443,3 +442,11 @@ def model_facts(model_or_dir: Any) -> dict[str, int | None]:
     layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)),
                   None)
     return {"hidden_size": hidden, "num_layers": layers}
+
+
+def source_dtype(model_or_dir: Any) -> str:
+    """The dtype a model was saved in (``config.json``'s ``dtype``/``torch_dtype``), as a name
+    ``load_model`` takes; float32 when the config does not say or names another."""
+    config = _config_dict(model_or_dir)
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+    return name if name in DTYPES else "float32"

@@ -37,9 +37,9 @@ the pair file. Everything is seeded; the same testbed and config give the same b
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time

@@ -194,7 +194,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *,
     else:
         how = "the cluster's own" + (f" (not passed: {', '.join(passed_secrets())}; set PROBE_DPO_PASS_CREDENTIALS=1 "
                                      "to pass them)" if passed_secrets() else "")
-    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    # On a cluster (a Ray job, or joining one) the workers' log lines go to the driver, so that
+    # `ray job logs` shows the training and evaluation progress; the embedded local default
+    # keeps its console to the driver's own lines.
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": address is not None}
     if address is None:
         options["num_cpus"] = num_cpus
     options.update(kwargs)

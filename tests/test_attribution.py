@@ -10,16 +10,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from test_probes import BAD, FILLER, GOOD, labelled_records
 
 from probe_dpo import attribution as A
-from probe_dpo.attribution import gradients as G
 from probe_dpo import storage
 from probe_dpo.activations import extract
+from probe_dpo.attribution import gradients as G
 from probe_dpo.data import write_records
 from probe_dpo.errors import UserError
 from probe_dpo.model import load_model, load_tokenizer
-
-from test_probes import BAD, FILLER, GOOD, labelled_records
 
 torch.set_num_threads(1)
 

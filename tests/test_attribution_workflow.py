@@ -11,12 +11,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from test_probes import BAD, FILLER, GOOD, labelled_records
 
 from probe_dpo import storage
 from probe_dpo.cli import main
 from probe_dpo.data import read_records, write_records
-
-from test_probes import BAD, FILLER, GOOD, labelled_records
 
 torch.set_num_threads(1)
 
@@ -169,9 +168,9 @@ def test_second_run_reuses_everything(study, testbed, probes, capsys):
                "--comparators", "gradient", "ranking.k_from_labels=true", "behaviour_examples=0", "gradient.dim=128",
                "clusters.enabled=false"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "preference mix" not in out or "cache" in out
-    assert "gradient: reusing scores" in out
+    logs = capsys.readouterr().err  # log lines go to stderr
+    assert "preference mix" not in logs or "cache" in logs
+    assert "gradient: reusing scores" in logs
 
 
 def _error(capsys, argv, needle):

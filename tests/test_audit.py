@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_attribution import planted_pairs
 
 from probe_dpo import attribution as A
 from probe_dpo.attribution.audit import audit_markdown, audit_table, effect, ranked
 from probe_dpo.cli import main
 from probe_dpo.data import write_records
-
-from test_attribution import planted_pairs
 
 torch.set_num_threads(1)
 

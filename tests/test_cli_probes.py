@@ -7,12 +7,11 @@ import time
 
 import pytest
 import torch
+from test_probes import labelled_records
 
 from probe_dpo import storage
 from probe_dpo.cli import main
 from probe_dpo.data import write_records
-
-from test_probes import labelled_records
 
 torch.set_num_threads(1)
 

@@ -23,15 +23,14 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
+from test_ray_jobs import ray_head  # noqa: F401 - the real head fixture
 
 from probe_dpo import storage
-
-from test_ray_jobs import ray_head  # noqa: F401 - the real head fixture
 
 JOB = r"""
 import hashlib, json, os, sys

@@ -57,7 +57,8 @@ def test_atlas_outcomes():
     drop = {"delta": -0.3, "delta_ci_low": -0.4, "delta_ci_high": -0.2}
     flat = {"delta": 0.0, "delta_ci_low": -0.1, "delta_ci_high": 0.1}
     assert atlas_outcome({"j1": flat, "j2": flat}, drop, flat) == "obfuscated activations"
-    assert atlas_outcome({"j1": flat}, drop, drop) == "obfuscated policy"
+    assert atlas_outcome({"j1": flat}, drop, drop) == "obfuscated activations"
+    assert atlas_outcome({"j1": flat}, flat, drop) == "obfuscated policy"
     assert atlas_outcome({"j1": drop, "j2": drop}, flat, flat) == "removed"
     assert atlas_outcome({"j1": drop, "j2": flat}, flat, flat) == "mixed"
     assert atlas_outcome({"j1": flat}, flat, flat) == "blatant"

@@ -12,8 +12,8 @@ import torch
 from probe_dpo import storage
 from probe_dpo.data import write_records
 from probe_dpo.errors import UserError
-from probe_dpo.probes import (LinearProbe, ProbeSet, ProbeTrainConfig, binary_metrics, evaluate_probes, fit_probe,
-                              roc_auc, threshold_at_fpr, train_probes)
+from probe_dpo.probes import LinearProbe, ProbeSet, ProbeTrainConfig, evaluate_probes, fit_probe, train_probes
+from probe_dpo.stats import binary_metrics, roc_auc, threshold_at_fpr
 
 torch.set_num_threads(1)
 

@@ -26,10 +26,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_workflow_toxicity import tiny_config
 
 from probe_dpo import storage
-
-from test_workflow_toxicity import tiny_config
 
 ARMS = ["probe-dpo-single", "obfuscation-control", "probe-dpo-onpolicy", "random-dpo"]
 BIN = Path(sys.executable).parent

@@ -35,9 +35,9 @@ def _tb_tags(folder: str) -> set[str]:
 def test_trl_report_to_writes_per_step_metrics(tiny_model_dir, tmp_path, monkeypatch):
     from probe_dpo.config import load_config
     from probe_dpo.model import load_model, load_tokenizer
+    from probe_dpo.tracking import apply_env
     from probe_dpo.training import TrainConfig
     from probe_dpo.training.trainers import build_trainer
-    from probe_dpo.tracking import apply_env
 
     settings = TrackingSettings(report_to=["tensorboard", "mlflow", "wandb"], project="byo-test")
     run = str(tmp_path / "run")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_probes import labelled_records
 
 from probe_dpo import artifacts, storage
 from probe_dpo.cli import main
@@ -29,8 +30,6 @@ from probe_dpo.probes import ProbeTrainConfig, train_probes
 from probe_dpo.testbed import tiny_model_dir as make_tiny
 from probe_dpo.training import TrainConfig, prepare, train
 from probe_dpo.training.pairs import build_pairs, randomize_labels
-
-from test_probes import labelled_records
 
 torch.set_num_threads(1)
 
@@ -196,11 +195,27 @@ def test_probe_sft_lora_changes_only_adapted_weights_and_classifier_sft_filters(
     assert all("idiot" not in r["text"] and "stupid" not in r["text"] for r in rows)
 
 
+def test_zero3_builds_the_models_partitioned_across_two_workers(inputs, ray_cluster, tmp_path):
+    """Under ZeRO-3 the training arguments come first, so from_pretrained runs under
+    deepspeed.zero.Init: each of the two CPU workers holds about half of the weights."""
+    pairs = str(tmp_path / "pairs.jsonl")
+    write_records([{"prompt": f"Say {i}:", "chosen": " thank you friend", "rejected": " you idiot"} for i in range(4)],
+                  pairs)
+    out = str(tmp_path / "zero3")
+    summary = train(_cfg(inputs, out, "method=dpo", f"data.pairs={pairs}", "train.max_steps=1",
+                         "distributed.zero_stage=3", "distributed.workers=2"))
+    m = summary["rounds"][0]["train"]
+    assert m["global_step"] == 1 and m["dtype"] == "float32"
+    assert 0.45 <= m["parameter_elements_held_at_load"] / m["parameter_elements"] <= 0.55, m
+    saved = _tensors(f"{out}/policy")  # the gathered, whole model was published
+    assert sum(t.numel() for t in saved.values()) == sum(t.numel() for t in _tensors(inputs["model"]).values())
+
+
 def test_on_policy_round_two_samples_the_round_one_policy_and_reads_the_frozen_base(inputs, ray_cluster, tmp_path):
     from probe_dpo.data import read_records
-    from probe_dpo.testbed import generation_settings
     from probe_dpo.objectives import ProbeSignal
     from probe_dpo.probes import ProbeSet
+    from probe_dpo.testbed import generation_settings
     from probe_dpo.training.sampling import sample_candidates
 
     out = str(tmp_path / "onpolicy")

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from probe_dpo.cli import main
-from probe_dpo.errors import guarded
 from probe_dpo.data import write_records
-from probe_dpo.errors import UserError, find_user_error
+from probe_dpo.errors import UserError, find_user_error, guarded
 
 BIN = Path(sys.executable).parent
 

@@ -6,7 +6,6 @@ real local Ray head, with its driver killed mid-run and the job resubmitted.
 
 from __future__ import annotations
 
-
 import yaml
 
 from probe_dpo.cli import main

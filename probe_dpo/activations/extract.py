@@ -34,7 +34,6 @@ from probe_dpo.chat import render_pair, render_text
 from probe_dpo.data import is_messages
 from probe_dpo.errors import UserError
 
-
 Pooling = Literal["mean", "last", "none"]
 
 

@@ -18,8 +18,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from probe_dpo.activations.extract import (POOLINGS, Features, _check_inputs, _extract_encoded, _pad_id, inputs_hash,
-                                           tokenize)
+from probe_dpo.activations.extract import (
+    POOLINGS,
+    Features,
+    _check_inputs,
+    _extract_encoded,
+    _pad_id,
+    inputs_hash,
+    tokenize,
+)
 from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 

@@ -10,9 +10,9 @@ import torch
 
 from probe_dpo.attribution.directions import Direction
 from probe_dpo.attribution.pairs import pair_sources
+from probe_dpo.data import message_text
 from probe_dpo.errors import UserError
 from probe_dpo.stats import mean_ci
-from probe_dpo.data import message_text
 
 
 def cluster_pairs(diffs: torch.Tensor, scores: Sequence[float], pairs: Sequence[dict], *,

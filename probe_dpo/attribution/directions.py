@@ -17,7 +17,6 @@ from probe_dpo.data import chat_value
 from probe_dpo.errors import UserError
 from probe_dpo.storage import json_text
 
-
 DIRECTIONS_FORMAT = "probe_dpo.directions/1"
 
 

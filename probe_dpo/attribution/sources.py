@@ -11,7 +11,6 @@ from probe_dpo.attribution.scores import top_k_mask
 from probe_dpo.errors import UserError
 from probe_dpo.stats import cluster_bootstrap, mean_ci, wilson_ci
 
-
 MITIGATIONS = ("filter", "swap", "drop-sources")
 
 

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from probe_dpo.errors import UserError
-from probe_dpo.stats import as_numpy as _np, roc_auc
+from probe_dpo.stats import as_numpy as _np
+from probe_dpo.stats import roc_auc
 
 NEWTON_MAX_DIM = 2048
 _REFORM_AFTER = 10  # CG iterations after which the preconditioning Hessian is re-formed

@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from probe_dpo.storage import json_text
 from probe_dpo.errors import UserError
+from probe_dpo.storage import json_text
 
 FORMAT = "probe_dpo.probeset/1"
 ROLES = ("train", "held_out")

@@ -4,8 +4,8 @@ probes, their metrics and report; cross-fitted scores; measuring saved probes on
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 import math
 import os
 import random
@@ -18,12 +18,13 @@ import torch
 
 from probe_dpo.config import bounded
 from probe_dpo.data import chat_value, whole_text
-from probe_dpo.storage import json_text
 from probe_dpo.errors import UserError
 from probe_dpo.probes.crossfit import group_folds
 from probe_dpo.probes.fit import DEFAULT_C_GRID, FitResult, fit_probe
 from probe_dpo.probes.probe import LinearProbe, ProbeSet
-from probe_dpo.stats import as_numpy as _np, binary_metrics, roc_auc, threshold_at_fpr
+from probe_dpo.stats import as_numpy as _np
+from probe_dpo.stats import binary_metrics, roc_auc, threshold_at_fpr
+from probe_dpo.storage import json_text
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,15 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
     """
     from probe_dpo import storage
     from probe_dpo.data import content_hash
-    from probe_dpo.model import arch_hash, hidden_size, load_model, load_tokenizer, model_hash, num_layers, \
-        resolve_layers
+    from probe_dpo.model import (
+        arch_hash,
+        hidden_size,
+        load_model,
+        load_tokenizer,
+        model_hash,
+        num_layers,
+        resolve_layers,
+    )
 
     t_start = time.perf_counter()
     info: dict[str, Any] = {}

@@ -8,7 +8,6 @@ from typing import Any, Mapping
 from probe_dpo.report import Report, fmt, fmt_ci
 from probe_dpo.report.curves import training_curves
 
-
 ROLE_TITLES = {"train": "train probe", "ensemble": "probe ensemble", "held_out": "held-out probes",
                "retrained": "retrained probe"}
 CONTROL = "obfuscation-control"
@@ -126,13 +125,15 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
         t = arms[a]["target"]
         pol = arms[a]["own"]["policy"][first][t]
         frz = arms[a]["own"]["frozen"][first][t]
+        hidden = (arms[a].get("hidden") or {}).get(first, {}).get(t)
         rows.append([a, ROLE_TITLES[t], fmt(pol["tpr"].get("base"), 2), _moved(pol["tpr"]), _moved(frz["tpr"]),
-                     _moved(pol["auroc"]), _moved(frz["auroc"])])
+                     _delta_ci(hidden), _moved(pol["auroc"]), _moved(frz["auroc"])])
     rep.table(["arm", "probe", "base TPR", "TPR, policy's activations", "TPR, frozen base's activations",
-               "AUROC, policy", "AUROC, frozen base"], rows,
+               "policy minus frozen", "AUROC, policy", "AUROC, frozen base"], rows,
               caption=f"What a deployed monitor sees: each model's continuations of the held-out prompts, labelled by "
                       f"{first}; the probe read from the policy and from a frozen copy of the base model on the same "
-                      "text. Base: the base model's own continuations.")
+                      "text (changes vs the base model's own continuations; 'policy minus frozen' is paired on the "
+                      "same completions: the activations' part with the text held fixed).")
 
     # --- the three questions ---------------------------------------------------------------------
     rep.heading("What the runs say")

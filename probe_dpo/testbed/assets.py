@@ -3,9 +3,9 @@ tiny random model the tests use."""
 
 from __future__ import annotations
 
-import logging
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid

@@ -3,18 +3,18 @@ pairs, SFT text, perplexity passages, the base model's rates; cached by config."
 
 from __future__ import annotations
 
-import logging
 import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe_dpo.config import to_dict
 from probe_dpo import storage
+from probe_dpo.config import to_dict
 from probe_dpo.data import write_records
 from probe_dpo.errors import UserError
 from probe_dpo.generation import generate

@@ -12,7 +12,6 @@ from probe_dpo.config import bounded
 from probe_dpo.errors import UserError
 from probe_dpo.generation import GenerationSettings
 
-
 BUILD_VERSION = 1
 
 

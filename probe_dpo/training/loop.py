@@ -18,8 +18,8 @@ merged or as an adapter), saves it with ``save_pretrained`` and publishes it to 
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -105,18 +105,21 @@ def _train(job: dict, scratch: Path) -> None:
 
     from probe_dpo.config import from_dict
     from probe_dpo.data import read_records
-    from probe_dpo.model import load_model, load_tokenizer
+    from probe_dpo.model import apply_hub_env, load_model, load_tokenizer
+    from probe_dpo.tracking import apply_env
     from probe_dpo.training.config import TrainConfig
-    from probe_dpo.training.trainers import CrashCallback, EMACallback, build_trainer, deepspeed_config
-
-    from probe_dpo.model import apply_hub_env
+    from probe_dpo.training.trainers import (
+        CrashCallback,
+        EMACallback,
+        build_trainer,
+        deepspeed_config,
+        training_arguments,
+    )
 
     cfg: TrainConfig = from_dict(TrainConfig, job["cfg"], "training job")
     dist = cfg.distributed
     _worker_setup(dist.threads_per_worker)
     apply_hub_env(job.get("env"))  # a hub id resolves in the driver's Hugging Face cache
-    from probe_dpo.tracking import apply_env
-
     apply_env(job.get("tracking_env"))  # offline W&B, the MLflow file store: read by transformers
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -124,11 +127,25 @@ def _train(job: dict, scratch: Path) -> None:
 
     records = read_records(job["data"], what="training data")
     tokenizer = load_tokenizer(job["model"])
-    model = load_model(job["model"], dtype="float32")
+    output_dir = str(scratch / "trainer")
+    ds = deepspeed_config(dist.zero_stage, offload=dist.offload, bf16=dist.use_gpu)
+    # the arguments first: under ZeRO-3 they make from_pretrained build the models partitioned
+    args = training_arguments(job["kind"], cfg, output_dir=output_dir, deepspeed=ds,
+                              save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
+                              tracking=job.get("tracking_args"))
+    if dist.zero_stage == 3:
+        # zero.Init sizes the partitions from deepspeed.comm's world, which the CPU path of
+        # TrainingArguments never initialises: wrap Ray's process group before the models load
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if dist.use_gpu else "gloo")
+    dtype = "bfloat16" if dist.use_gpu else "float32"  # bf16 on a GPU; CPUs train in fp32
+    model = load_model(job["model"], dtype=dtype)
     model.train()
     ref_model = None
     if job["kind"] == "dpo" and not cfg.lora.enabled:
-        ref_model = load_model(job["reference"], dtype="float32")
+        ref_model = load_model(job["reference"], dtype=dtype)
+    held, total = parameter_elements(model)
     probes = None
     if cfg.penalty_weight > 0:
         from probe_dpo.probes import ProbeSet
@@ -153,12 +170,10 @@ def _train(job: dict, scratch: Path) -> None:
                                        resumed=checkpoint is not None))
     callbacks.append(RayTrainReportCallback())  # last: the EMA file is in the folder it copies
 
-    output_dir = str(scratch / "trainer")
-    ds = deepspeed_config(dist.zero_stage, offload=dist.offload, bf16=dist.use_gpu)
     trainer = build_trainer(job["kind"], model, tokenizer, records, cfg, output_dir=output_dir,
                             ref_model=ref_model, probes=probes, callbacks=callbacks, deepspeed=ds,
                             save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
-                            aggregation=job.get("aggregation") or "mean", tracking=job.get("tracking_args"))
+                            aggregation=job.get("aggregation") or "mean", args=args)
     trainer = prepare_trainer(trainer)
     result = trainer.train(resume_from_checkpoint=resume_dir)
     train_seconds = time.perf_counter() - t0
@@ -166,9 +181,13 @@ def _train(job: dict, scratch: Path) -> None:
     final_dir = scratch / "final"
     raw = final_dir / "raw"
     trainer.save_model(str(raw))  # every rank (ZeRO-3 gathers); rank 0 writes
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # rank 0's reload below is a plain load, not a collective zero.Init
     metrics: dict[str, Any] = {"train_loss": float(result.training_loss), "global_step": int(trainer.state.global_step),
                                "train_seconds": round(train_seconds, 2), "resumed": checkpoint is not None,
-                               "resumed_from_step": resumed_from_step}
+                               "resumed_from_step": resumed_from_step, "parameter_elements_held_at_load": held,
+                               "parameter_elements": total, "dtype": dtype}
     history = [h for h in trainer.state.log_history if "loss" in h]
     for key in ("probe_penalty", "rewards/accuracies", "rewards/margins", "loss"):
         values = [h[key] for h in history if key in h]
@@ -195,24 +214,36 @@ def _train(job: dict, scratch: Path) -> None:
     ray.train.report({**metrics, "policy": job["policy"], "finished": 1})  # not "done": Tune reads that as "stop the trial"
 
 
+def parameter_elements(model: Any) -> tuple[int, int]:
+    """(elements this rank holds, elements of the model): equal without ZeRO-3; under
+    ``zero.Init`` each rank holds about 1 / world size of them (its ``ds_tensor`` shards)."""
+    held = total = 0
+    for p in model.parameters():
+        total += int(getattr(p, "ds_numel", p.numel()))
+        held += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+    return held, total
+
+
 def finalize_policy(raw: Path, dest: Path, cfg: Any, job: dict, tokenizer: Any,
                     ema_shadow: dict | None) -> Path:
-    """The final ``save_pretrained`` folder from the trainer's saved model (rank 0, CPU)."""
+    """The final ``save_pretrained`` folder from the trainer's saved model (rank 0, CPU), in the
+    base model's own dtype (a bf16 checkpoint stays bf16; a float32 one float32)."""
     import torch
 
-    from probe_dpo.model import load_model
+    from probe_dpo.model import load_model, source_dtype
 
+    dtype = source_dtype(job["model"])
     if cfg.lora.enabled:
         from peft import PeftModel
 
-        base = load_model(job["model"], dtype="float32")
+        base = load_model(job["model"], dtype=dtype)
         model = PeftModel.from_pretrained(base, str(raw))
         if ema_shadow is not None:
             _copy_into(model, ema_shadow)
         if cfg.lora.merge:
             model = model.merge_and_unload()
     else:
-        model = load_model(str(raw), dtype="float32")
+        model = load_model(str(raw), dtype=dtype)
         if ema_shadow is not None:
             _copy_into(model, ema_shadow)
     dest.mkdir(parents=True, exist_ok=True)

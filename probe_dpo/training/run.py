@@ -19,8 +19,8 @@ re-run; an interrupted one resumes from its latest checkpoint in storage.
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,9 +226,8 @@ def _sft_rows(plan: Plan) -> tuple[list[dict], dict]:
     rows = [{k: r[k] for k in columns if k in r} for r in plan.sft]
     stats: dict[str, Any] = {"rows": len(rows)}
     if cfg.method == "classifier-sft":
-        from probe_dpo.judges import get_judge
-
         from probe_dpo.data import message_text
+        from probe_dpo.judges import get_judge
 
         scores = get_judge(cfg.judge).score([message_text(r.get("completion", r.get("messages", r.get("text"))))
                                              for r in rows])

@@ -258,36 +258,52 @@ def lora_config(lora: Any):
                       target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none")
 
 
+def training_arguments(kind: str, cfg: Any, *, output_dir: str, deepspeed: dict | None = None,
+                       save_steps: int | None = -1, use_gpu: bool = False, tracking: dict | None = None):
+    """TRL's ``DPOConfig`` / ``SFTConfig`` of a ``TrainConfig``.
+
+    Made BEFORE the models are loaded when DeepSpeed runs ZeRO-3: the arguments register the
+    DeepSpeed config with transformers, so ``from_pretrained`` builds the model under
+    ``deepspeed.zero.Init`` and every rank only ever holds its own shard of the weights.
+    ``tracking``: keys from ``probe_dpo.tracking.trainer_args`` (TRL's ``report_to``: W&B,
+    MLflow, TensorBoard); None reports nowhere.
+    """
+    common = _common_args(cfg.train, output_dir=output_dir, seed=cfg.seed, use_gpu=use_gpu, deepspeed=deepspeed,
+                          save_steps=save_steps, tracking=tracking)
+    if kind == "dpo":
+        return DPOConfig(beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
+                         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs, **common)
+    if kind == "sft":
+        return SFTConfig(dataset_text_field="text", packing=False, **common)
+    raise ValueError(f"unknown trainer kind {kind!r}")
+
+
 def build_trainer(kind: str, model: Any, tokenizer: Any, records: Sequence[dict], cfg: Any, *,
                   output_dir: str, ref_model: Any = None, probes: Sequence[Any] | None = None,
                   callbacks: Sequence[Any] = (), deepspeed: dict | None = None, save_steps: int | None = -1,
-                  use_gpu: bool = False, aggregation: str = "mean", tracking: dict | None = None):
+                  use_gpu: bool = False, aggregation: str = "mean", args: Any = None):
     """A ``ProbeDPOTrainer`` (``kind="dpo"``, records with prompt/chosen/rejected) or a
-    ``ProbeSFTTrainer`` (``kind="sft"``, records with text) configured from a ``TrainConfig``.
+    ``ProbeSFTTrainer`` (``kind="sft"``, records with text or prompt/completion) configured
+    from a ``TrainConfig`` (``args``: arguments made earlier by ``training_arguments``).
 
     ``probes``: the training probes for the penalty (used when ``cfg.penalty_weight > 0``).
-    ``tracking``: ``TrainingArguments`` keys from ``probe_dpo.tracking.trainer_args`` (TRL's
-    ``report_to``: W&B, MLflow, TensorBoard); None reports nowhere.
     """
     from datasets import Dataset
 
-    train = cfg.train
-    common = _common_args(train, output_dir=output_dir, seed=cfg.seed, use_gpu=use_gpu, deepspeed=deepspeed,
-                          save_steps=save_steps, tracking=tracking)
+    if args is None:
+        args = training_arguments(kind, cfg, output_dir=output_dir, deepspeed=deepspeed, save_steps=save_steps,
+                                  use_gpu=use_gpu)
     peft_config = lora_config(cfg.lora) if cfg.lora.enabled else None
     from probe_dpo.chat import trl_pair, trl_sft_row
 
     if kind == "dpo":  # TRL's standard (strings) or conversational (messages: its chat template) format
         data = Dataset.from_list([trl_pair(r) for r in records])
-        args = DPOConfig(beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
-                         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs, **common)
         trainer = ProbeDPOTrainer(model=model, ref_model=None if peft_config is not None else ref_model, args=args,
                                   train_dataset=data, processing_class=tokenizer, callbacks=list(callbacks),
                                   peft_config=peft_config)
     elif kind == "sft":
         # text, messages (a conversation) or prompt/completion (loss and penalty on the completion)
         data = Dataset.from_list([trl_sft_row(r) for r in records])
-        args = SFTConfig(dataset_text_field="text", packing=False, **common)
         trainer = ProbeSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                   callbacks=list(callbacks), peft_config=peft_config)
     else:

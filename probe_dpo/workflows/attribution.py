@@ -231,9 +231,9 @@ def prepare(cfg: AttributionConfig) -> Inputs:
     """Resolve and check every input; UserError (one line) before any heavy compute."""
     from probe_dpo.attribution import model_facts, read_pair_file
     from probe_dpo.data import check_labels, read_records
-    from probe_dpo.testbed import read_testbed_info
     from probe_dpo.judges import JUDGE_NAMES, get_judge
     from probe_dpo.preference_mix import build_preference_mix, read_poison_labels
+    from probe_dpo.testbed import read_testbed_info
 
     for m in cfg.mitigate:
         if m not in MITIGATIONS:
@@ -366,10 +366,10 @@ def score_all(inp: Inputs) -> dict:
         init_ray(ex.address)
         pool = ExtractorPool(inp.model, actors=ex.actors, threads_per_actor=ex.threads_per_actor, address=ex.address)
         timings["actor_startup_s"] = round(pool.startup_s, 2)
+    from probe_dpo.model import load_model, load_tokenizer
+
     lm = tok = None
     if ex.in_process:
-        from probe_dpo.model import load_model, load_tokenizer
-
         lm, tok = load_model(inp.model), load_tokenizer(inp.model)
     try:
         common = dict(pool=pool, in_process=ex.in_process, batch_size=ex.batch_size, max_length=ex.max_length)
@@ -577,8 +577,8 @@ def evaluate_model(inp: Inputs, name: str, model: str) -> dict:
     judge, and benign perplexity; cached at <out>/eval/<name>.{json,samples.jsonl}."""
     from probe_dpo.data import read_records, write_records
     from probe_dpo.evaluation import ToxicitySamples, perplexity, rate_with_ci, toxicity_samples
-    from probe_dpo.testbed import generation_settings
     from probe_dpo.model import load_model, load_tokenizer
+    from probe_dpo.testbed import generation_settings
 
     ev = inp.cfg.evaluation
     prompts_uri = ev.prompts or storage.join(inp.cfg.testbed, "data", "prompts_heldout.jsonl")

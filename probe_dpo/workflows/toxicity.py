@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -51,11 +51,8 @@ from probe_dpo.logs import setup as setup_logs
 from probe_dpo.testbed import TestbedConfig
 from probe_dpo.testbed.behaviour import TOXICITY, BehaviourConfig
 from probe_dpo.tracking import TrackingSettings
-from probe_dpo.workflows import bundled_config
 from probe_dpo.training.config import DistributedSettings, DPOSettings, LoraSettings, OptimSettings
-
-
-
+from probe_dpo.workflows import bundled_config
 
 log = logging.getLogger(__name__)
 
@@ -886,8 +883,8 @@ def training_histories(run: str, rows: list[dict]) -> dict[str, list]:
 
 def write_results(run: str) -> dict:
     """results.json (per trial, per arm, comparisons, timings) and the report, from storage."""
-    from probe_dpo.storage import json_text
     from probe_dpo.report.toxicity import experiment_report
+    from probe_dpo.storage import json_text
 
     results = summarize(run)
     histograms = results.pop("histograms")
@@ -942,16 +939,18 @@ def run(cfg: ExperimentConfig) -> dict:
     cpus = cfg.ray_cpus or max(len(os.sched_getaffinity(0)), dist.workers * dist.threads_per_worker) + 2
     init_ray(cfg.address, num_cpus=cpus if cfg.address is None else None)
     t = time.perf_counter()
+    built = not storage.is_complete(storage.join(run_uri, "shared", "probes-and-pairs"))
     probes = prepare_probes(cfg, run_uri, tb)
-    if time.perf_counter() - t > 5:
+    if built:
         _record_timing(run_uri, "probes_and_pairs", time.perf_counter() - t)
     ctx = eval_context(cfg, run_uri, tb, probes)
     storage.write_json(storage.join(run_uri, "shared", "context.json"), {**ctx, "arms": cfg.arms, "seeds": cfg.seeds,
                                                                          "probes_summary": probes})
     base_key = json_digest([probes["ensemble"], tb["info"]["content_hash"], ctx["eval"], ctx["generation"]])
     t = time.perf_counter()
+    built = not storage.is_complete(storage.join(run_uri, "shared", "base-eval"))
     base_evaluation(ctx, base_key)
-    if time.perf_counter() - t > 5:
+    if built:
         _record_timing(run_uri, "base_evaluation", time.perf_counter() - t)
     write_results(run_uri)
     paths = {"single": probes["single"], "ensemble": probes["ensemble"], "pairs": probes["pairs"],
