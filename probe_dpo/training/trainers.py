@@ -281,18 +281,20 @@ def training_arguments(kind: str, cfg: Any, *, output_dir: str, deepspeed: dict 
 def build_trainer(kind: str, model: Any, tokenizer: Any, records: Sequence[dict], cfg: Any, *,
                   output_dir: str, ref_model: Any = None, probes: Sequence[Any] | None = None,
                   callbacks: Sequence[Any] = (), deepspeed: dict | None = None, save_steps: int | None = -1,
-                  use_gpu: bool = False, aggregation: str = "mean", args: Any = None):
+                  use_gpu: bool = False, aggregation: str = "mean", args: Any = None,
+                  tracking: dict | None = None):
     """A ``ProbeDPOTrainer`` (``kind="dpo"``, records with prompt/chosen/rejected) or a
     ``ProbeSFTTrainer`` (``kind="sft"``, records with text or prompt/completion) configured
     from a ``TrainConfig`` (``args``: arguments made earlier by ``training_arguments``).
 
     ``probes``: the training probes for the penalty (used when ``cfg.penalty_weight > 0``).
+    ``tracking``: ``report_to`` keys for arguments made here (see ``training_arguments``).
     """
     from datasets import Dataset
 
     if args is None:
         args = training_arguments(kind, cfg, output_dir=output_dir, deepspeed=deepspeed, save_steps=save_steps,
-                                  use_gpu=use_gpu)
+                                  use_gpu=use_gpu, tracking=tracking)
     peft_config = lora_config(cfg.lora) if cfg.lora.enabled else None
     from probe_dpo.chat import trl_pair, trl_sft_row
 
