@@ -219,8 +219,10 @@ def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     from probe_dpo.workflows.attribution import AttributionConfig, _absolute
 
     monkeypatch.chdir(tmp_path)
+    for name in ("p.jsonl", "h.jsonl"):  # inputs are made absolute when they exist here
+        (tmp_path / name).write_text("")
     cfg = _absolute(load_config(AttributionConfig, None, ["out=runs/x", "pairs=p.jsonl", "probes=s3://b/probes",
-                                                          "evaluation.prompts=h.jsonl"]))
+                                                          "evaluation.prompts=h.jsonl", "model=org/model"]))
     assert cfg.out == str(tmp_path / "runs" / "x") and cfg.pairs == str(tmp_path / "p.jsonl")
     assert cfg.probes == "s3://b/probes" and cfg.evaluation.prompts == str(tmp_path / "h.jsonl")
-    assert cfg.model is None
+    assert cfg.model == "org/model"  # a hub id, not a path here: left as it is

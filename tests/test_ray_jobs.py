@@ -165,7 +165,7 @@ def test_experiment_as_a_ray_job_survives_a_killed_driver(tiny_model_dir, ray_he
         assert f"| {arm} |" in md
     assert "How much does detection drop" in md and "retraining" in md and "standard error" in md
     assert "Calibration" in md and "Paired comparisons" in md and "own completions" in md
-    assert storage.read_text(f"{run}/report.html").count("data:image/png;base64,") == 4
+    assert storage.read_text(f"{run}/report.html").count("data:image/png;base64,") == 5  # with the training curves
 
     from probe_dpo.cli import main
 
