@@ -45,3 +45,31 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert cfg.arms == list(ARMS) and len(ARMS) == 11
     for name in ("toxicity.yaml", "demo.yaml"):
         load_config(ExperimentConfig, bundled_config(name))
+
+
+def test_a_rebuilt_testbed_replaces_the_published_data(s3_bucket, tmp_path):
+    """A remote run republishes every data file when the local testbed's content hash changed:
+    a file left from an older testbed would otherwise be read by the trials."""
+    import dataclasses
+    import json
+
+    from probe_dpo import storage
+    from probe_dpo.workflows.toxicity import prepare_testbed
+
+    local = tmp_path / "testbed"
+    (local / "model").mkdir(parents=True)
+    (local / "data").mkdir()
+    (local / "model" / "config.json").write_text("{}")
+
+    def build(content: str, digest: str) -> None:
+        (local / "data" / "prompts.jsonl").write_text(content)
+        (local / "testbed.json").write_text(json.dumps({"content_hash": digest, "files": {}}))
+
+    cfg = dataclasses.replace(load_config(ExperimentConfig), testbed_dir=str(local))
+    run = f"{s3_bucket}/run"
+    build('{"prompt": "old"}\n', "a" * 64)
+    prepare_testbed(cfg, run)
+    build('{"prompt": "new"}\n', "b" * 64)
+    tb = prepare_testbed(cfg, run)
+    assert storage.read_text(storage.join(tb["uri"], "data", "prompts.jsonl")) == '{"prompt": "new"}\n'
+    assert storage.read_json(storage.join(tb["uri"], "testbed.json"))["content_hash"] == "b" * 64

@@ -347,11 +347,15 @@ def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
         key = info["content_hash"] + ":" + json.dumps(info["files"].get("model/model.safetensors", {}))
         if not (storage.is_complete(model_uri) and storage.read_manifest(model_uri)["metadata"].get("key") == key):
             artifacts.publish_dir(local / "model", model_uri, metadata={"kind": "model", "key": key}, overwrite=True)
+        # the data is current when the published testbed.json (written last) has this content hash;
+        # otherwise every file is copied again (a file of an older testbed must not stay)
+        info_uri = storage.join(base, "testbed.json")
+        current = storage.exists(info_uri) and storage.read_json(info_uri).get("content_hash") == info["content_hash"]
         for f in sorted((local / "data").iterdir()):
             target = storage.join(base, "data", f.name)
-            if not storage.exists(target):
+            if not (current and storage.exists(target)):
                 storage.write_bytes(target, f.read_bytes())
-        storage.write_bytes(storage.join(base, "testbed.json"), (local / "testbed.json").read_bytes())
+        storage.write_bytes(info_uri, (local / "testbed.json").read_bytes())
     return {"local": str(local), "uri": base, "model": storage.join(base, "model"), "info": info}
 
 
