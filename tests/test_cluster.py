@@ -375,3 +375,20 @@ def test_dockerfile_install_lines_resolve_in_a_fresh_venv(tmp_path):
         argv = [str(venv / "bin" / "python"), "-m", *argv, "--dry-run", "--quiet"]
         done = subprocess.run(argv, cwd=context, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"`{command}` failed in a fresh venv:\n{done.stderr[-3000:]}"
+
+
+def test_rayjob_experiment_trains_on_the_gpus_it_asks_for():
+    """The shipped RayJob's experiment resolves to a valid config that trains on GPUs, with its
+    concurrent trials' Train workers fitting on one worker pod's GPUs (one GPU per worker)."""
+    from probe_dpo.cli import build_parser
+    from probe_dpo.config import load_config
+    from probe_dpo.workflows import bundled_config
+    from probe_dpo.workflows.toxicity import ExperimentConfig
+
+    argv = _commands()["rayjob.yaml entrypoint"]
+    args = build_parser().parse_args(argv[1:])
+    cfg = load_config(ExperimentConfig, bundled_config(args.config), list(args.overrides))
+    assert cfg.distributed.use_gpu and cfg.concurrent_trials > 1
+    pod = _load(RAYJOB)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpus = int(pod["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert cfg.concurrent_trials * cfg.distributed.workers < gpus  # a GPU left for evaluation tasks
