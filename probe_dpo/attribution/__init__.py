@@ -39,30 +39,30 @@ concepts a preference set pushes, per source).
 
 from probe_dpo.attribution.clusters import cluster_directions, cluster_pairs
 from probe_dpo.attribution.directions import (
-                                              DIRECTION_KINDS,
-                                              DIRECTIONS_FORMAT,
-                                              Direction,
-                                              PairFeatures,
-                                              behaviour_direction,
-                                              check_directions,
-                                              diff_of_means,
-                                              load_directions,
-                                              model_facts,
-                                              pair_features,
-                                              probe_directions,
-                                              save_directions,
+    DIRECTION_KINDS,
+    DIRECTIONS_FORMAT,
+    Direction,
+    PairFeatures,
+    behaviour_direction,
+    check_directions,
+    diff_of_means,
+    load_directions,
+    model_facts,
+    pair_features,
+    probe_directions,
+    save_directions,
 )
 from probe_dpo.attribution.gradients import GradientConfig, RademacherProjection, gradient_scores, sequence_logprobs
 from probe_dpo.attribution.pairs import pair_sources, read_pair_file, write_pairs_like
 from probe_dpo.attribution.scores import (
-                                              cosine_scores,
-                                              judge_scores,
-                                              projections,
-                                              ranking,
-                                              ranks,
-                                              recall_at_k,
-                                              recall_curve,
-                                              top_k_mask,
+    cosine_scores,
+    judge_scores,
+    projections,
+    ranking,
+    ranks,
+    recall_at_k,
+    recall_curve,
+    top_k_mask,
 )
 from probe_dpo.attribution.sources import MITIGATIONS, flagged_sources, mitigate, share_of_rise_removed, source_table
 

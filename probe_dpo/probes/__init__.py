@@ -28,12 +28,12 @@ from probe_dpo.probes.evaluate import eval_markdown, evaluate_probes
 from probe_dpo.probes.fit import DEFAULT_C_GRID, NEWTON_MAX_DIM, FitResult, fit_probe
 from probe_dpo.probes.probe import FORMAT, ROLES, LinearProbe, ProbeSet
 from probe_dpo.probes.train import (
-                                    HeldOutSpec,
-                                    ProbeTrainConfig,
-                                    ProbeTrainResult,
-                                    TrainProbeSpec,
-                                    report_markdown,
-                                    train_probes,
+    HeldOutSpec,
+    ProbeTrainConfig,
+    ProbeTrainResult,
+    TrainProbeSpec,
+    report_markdown,
+    train_probes,
 )
 
 __all__ = ["DEFAULT_C_GRID", "FORMAT", "NEWTON_MAX_DIM", "ROLES", "FitResult", "HeldOutSpec", "LinearProbe",

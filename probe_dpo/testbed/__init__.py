@@ -44,16 +44,16 @@ cache), ``io`` (the build's small file helpers).
 from probe_dpo.testbed.assets import cache_dir, smollm2_dir, smollm2_tokenizer_dir, tiny_model_dir
 from probe_dpo.testbed.build import build_testbed, config_hash
 from probe_dpo.testbed.config import (
-                                      BUILD_VERSION,
-                                      EvaluationConfig,
-                                      PairsConfig,
-                                      ProbeDataConfig,
-                                      PromptsConfig,
-                                      SftConfig,
-                                      TestbedConfig,
-                                      generation_settings,
-                                      read_testbed_info,
-                                      score_column,
+    BUILD_VERSION,
+    EvaluationConfig,
+    PairsConfig,
+    ProbeDataConfig,
+    PromptsConfig,
+    SftConfig,
+    TestbedConfig,
+    generation_settings,
+    read_testbed_info,
+    score_column,
 )
 from probe_dpo.testbed.sources import load_benign_pools, load_rtp_prompts
 

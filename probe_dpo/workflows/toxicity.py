@@ -403,6 +403,7 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
     extra = {"pairs": pairs_uri, "control_sft": control_uri}
     if _cached(marker, key, "probes and pairs"):
         return {**uris, **extra, **storage.read_json(storage.join(marker, "summary.json"))}
+    t0 = time.perf_counter()
     layers, train_layer = resolve_train_layer(p, model_facts(os.path.join(tb["local"], "model"))["num_layers"])
     pcfg = load_config(ProbeTrainConfig, None, [])
     pcfg = dataclasses.replace(pcfg, layers=layers, c_grid=list(p.c_grid), batch_size=p.batch_size,
@@ -477,6 +478,7 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
                "cross_fit_folds": cfg.pairs.cross_fit_folds, "control_rows": len(control),
                "probe_report": result.report, "candidates": len(candidates)}
     _publish_json(marker, {"summary.json": summary}, {"kind": "probes-and-pairs", "key": key})
+    _record_timing(run, "probes_and_pairs", time.perf_counter() - t0)
     return {**uris, **extra, **summary}
 
 
@@ -597,8 +599,10 @@ def base_evaluation(ctx: dict, key: str) -> dict:
     uri = storage.join(ctx["run"], "shared", "base-eval")
     if not _cached(uri, key, "a base-model evaluation"):
         log.info("evaluating the base model (once; every arm is compared with it)")
+        t0 = time.perf_counter()
         result = _run_eval(ctx["base_model"], ctx, None)
         _publish_json(uri, _eval_files(result), {"kind": "evaluation", "key": key, "arm": "base"})
+        _record_timing(ctx["run"], "base_evaluation", time.perf_counter() - t0)
     return load_eval(uri)
 
 
@@ -907,8 +911,8 @@ def write_results(run: str) -> dict:
 
 
 def _record_timing(run: str, stage: str, seconds: float) -> None:
-    """Add one stage's wall seconds to ``shared/timings.json`` (stages skipped as complete on a
-    re-run keep the time they took when they ran)."""
+    """Add one stage's wall seconds to ``shared/timings.json``, called by a stage when it ran
+    (stages skipped as complete on a re-run keep the time they took when they ran)."""
     uri = storage.join(run, "shared", "timings.json")
     timings = storage.read_json(uri) if storage.exists(uri) else {}
     timings[stage] = round(seconds, 1)
@@ -942,20 +946,12 @@ def run(cfg: ExperimentConfig) -> dict:
     dist = cfg.distributed
     cpus = cfg.ray_cpus or max(len(os.sched_getaffinity(0)), dist.workers * dist.threads_per_worker) + 2
     init_ray(cfg.address, num_cpus=cpus if cfg.address is None else None)
-    t = time.perf_counter()
-    built = not storage.is_complete(storage.join(run_uri, "shared", "probes-and-pairs"))
-    probes = prepare_probes(cfg, run_uri, tb)
-    if built:
-        _record_timing(run_uri, "probes_and_pairs", time.perf_counter() - t)
+    probes = prepare_probes(cfg, run_uri, tb)  # each stage records its time when it runs
     ctx = eval_context(cfg, run_uri, tb, probes)
     storage.write_json(storage.join(run_uri, "shared", "context.json"), {**ctx, "arms": cfg.arms, "seeds": cfg.seeds,
                                                                          "probes_summary": probes})
     base_key = json_digest([probes["ensemble"], tb["info"]["content_hash"], ctx["eval"], ctx["generation"]])
-    t = time.perf_counter()
-    built = not storage.is_complete(storage.join(run_uri, "shared", "base-eval"))
     base_evaluation(ctx, base_key)
-    if built:
-        _record_timing(run_uri, "base_evaluation", time.perf_counter() - t)
     write_results(run_uri)
     paths = {"single": probes["single"], "ensemble": probes["ensemble"], "pairs": probes["pairs"],
              "control_sft": probes["control_sft"]}
