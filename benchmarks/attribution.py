@@ -73,10 +73,10 @@ def _rss_peak_bytes() -> int:
 
 def _inputs(spec: dict):
     from probe_dpo.data import read_records
-    from probe_dpo.workflows.attribution import _sample_behaviour
+    from probe_dpo.workflows.attribution_study.inputs import sample_behaviour
 
     pairs = read_records(spec["pairs"])
-    behaviour = _sample_behaviour(read_records(spec["behaviour"]), spec["behaviour_examples"], spec["seed"])
+    behaviour = sample_behaviour(read_records(spec["behaviour"]), spec["behaviour_examples"], spec["seed"])
     return pairs, behaviour
 
 

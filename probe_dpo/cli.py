@@ -112,7 +112,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 def _run_report(args: argparse.Namespace) -> int:
     from probe_dpo import storage
-    from probe_dpo.workflows.toxicity import write_results
+    from probe_dpo.workflows.experiment.results import write_results
 
     if not storage.exists(storage.join(args.run, "shared", "context.json")):
         raise UserError(f"{args.run}: not an experiment run folder (no shared/context.json)")
@@ -321,7 +321,8 @@ def _run_attribute(args: argparse.Namespace) -> int:
 
     from probe_dpo.config import load_config
     from probe_dpo.workflows import bundled_config
-    from probe_dpo.workflows.attribution import AttributionConfig, run
+    from probe_dpo.workflows.attribution import run
+    from probe_dpo.workflows.attribution_study.config import AttributionConfig
 
     overrides = list(args.overrides)
     for key, value in (("pairs", args.pairs), ("model", args.model), ("probes", args.probes), ("out", args.out),
@@ -385,7 +386,7 @@ CONFIG_KINDS = ("experiment", "train", "testbed", "probes", "attribute")
 
 def _config_class(kind: str) -> type:
     if kind == "experiment":
-        from probe_dpo.workflows.toxicity import ExperimentConfig
+        from probe_dpo.workflows.experiment.config import ExperimentConfig
 
         return ExperimentConfig
     if kind == "train":
@@ -400,7 +401,7 @@ def _config_class(kind: str) -> type:
         from probe_dpo.probes import ProbeTrainConfig
 
         return ProbeTrainConfig
-    from probe_dpo.workflows.attribution import AttributionConfig
+    from probe_dpo.workflows.attribution_study.config import AttributionConfig
 
     return AttributionConfig
 

@@ -90,7 +90,18 @@ def _apply_override(cls: type, data: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise UserError(f"{where}: expected key=value, for example train.lr=1e-5")
     dotted, raw = item.split("=", 1)
-    keys = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    set_dotted(cls, data, dotted.strip(), value, where)
+
+
+def set_dotted(cls: type, data: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    """Set ``data[a][b][c] = value`` for ``dotted`` = ``a.b.c``, a key path of the config class
+    ``cls`` (an unknown key is a UserError naming ``where``, with the closest valid key).
+    The value is checked later, when ``from_dict`` builds the config."""
+    keys = dotted.split(".")
     node, node_cls = data, cls
     for depth, key in enumerate(keys):
         prefix = ".".join(keys[:depth])
@@ -100,18 +111,14 @@ def _apply_override(cls: type, data: dict[str, Any], item: str) -> None:
         fields = {f.name: f for f in dataclasses.fields(node_cls) if f.init}
         if key not in fields:
             raise UserError(f"{where}: unknown key {prefix}{key}{_suggest(key, fields, prefix)}")
-        hint = get_type_hints(node_cls)[key]
         if depth == len(keys) - 1:
-            try:
-                node[key] = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError:
-                node[key] = raw
+            node[key] = value
             return
         child = node.get(key)
         if not isinstance(child, dict):
             child = {}
             node[key] = child
-        node, node_cls = child, _dataclass_in(hint)
+        node, node_cls = child, _dataclass_in(get_type_hints(node_cls)[key])
 
 
 def _dataclass_in(hint: Any) -> type | None:

@@ -216,7 +216,8 @@ def test_attribute_help(capsys):
 
 def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     from probe_dpo.config import load_config
-    from probe_dpo.workflows.attribution import AttributionConfig, _absolute
+    from probe_dpo.workflows.attribution import _absolute
+    from probe_dpo.workflows.attribution_study.config import AttributionConfig
 
     monkeypatch.chdir(tmp_path)
     for name in ("p.jsonl", "h.jsonl"):  # inputs are made absolute when they exist here

@@ -383,7 +383,7 @@ def test_rayjob_experiment_trains_on_the_gpus_it_asks_for():
     from probe_dpo.cli import build_parser
     from probe_dpo.config import load_config
     from probe_dpo.workflows import bundled_config
-    from probe_dpo.workflows.toxicity import ExperimentConfig
+    from probe_dpo.workflows.experiment.config import ExperimentConfig
 
     argv = _commands()["rayjob.yaml entrypoint"]
     args = build_parser().parse_args(argv[1:])

@@ -11,7 +11,7 @@ import yaml
 from probe_dpo.cli import main
 from probe_dpo.config import load_config
 from probe_dpo.workflows import bundled_config
-from probe_dpo.workflows.toxicity import ARMS, ExperimentConfig
+from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig
 
 
 def tiny_config(model: str, storage_uri: str, arms: list[str]) -> dict:
@@ -39,6 +39,12 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "unknown arm(s) ['magic-dpo']" in err
     assert main(["experiment", "--config", str(bad), "seedz=[1]"]) == 2
     assert "did you mean seeds?" in capsys.readouterr().err
+    typo = tmp_path / "typo.yaml"  # an arm's training key is checked before any compute
+    typo.write_text(yaml.safe_dump({"arms": ["sft"], "arm_settings": {"sft": {"train.lrr": 1e-4}}}))
+    assert main(["experiment", "--config", str(typo), f"storage={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "arm sft: training key 'train.lrr'" in err and "did you mean train.lr?" in err
+    assert not (tmp_path / "run").exists()
     assert main(["report", str(tmp_path)]) == 2
     assert "not an experiment run folder" in capsys.readouterr().err
     cfg = load_config(ExperimentConfig)  # the defaults are valid and name every arm
@@ -54,7 +60,7 @@ def test_a_rebuilt_testbed_replaces_the_published_data(s3_bucket, tmp_path):
     import json
 
     from probe_dpo import storage
-    from probe_dpo.workflows.toxicity import prepare_testbed
+    from probe_dpo.workflows.experiment.stages import prepare_testbed
 
     local = tmp_path / "testbed"
     (local / "model").mkdir(parents=True)

@@ -1,0 +1,161 @@
+"""The attribution study's typed config: inputs, extraction, ranking, clustering,
+retraining and evaluation settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from probe_dpo.attribution import GradientConfig
+from probe_dpo.config import bounded
+from probe_dpo.preference_mix import PreferenceMixConfig
+
+METHODS = ("probe", "probe-weights", "judge", "gradient", "gradient-factorized")
+COMPARATORS = ("judge", "gradient", "gradient-factorized")
+
+
+
+@dataclass
+class ExtractionSettings:
+    in_process: bool = False
+    """Extract in this process instead of on Ray actors."""
+    actors: int = bounded(2, ge=1)
+    """Ray actors extracting pair activations (0: in this process)."""
+    threads_per_actor: int = bounded(1, ge=1)
+    """torch threads of each actor."""
+    batch_size: int = bounded(16, ge=1)
+    """Sequences per forward pass."""
+    max_length: int = bounded(256, ge=8)
+    """Tokens kept per sequence."""
+    shard_size: int = bounded(256, ge=1)
+    """Pairs per actor task."""
+    address: str | None = None
+    """Ray address (None: start or reuse a local Ray)."""
+
+
+@dataclass
+class RankingSettings:
+    top_k: int | None = bounded(None, ge=1)
+    """Pairs that filter/swap act on, and the k of the source table."""
+    top_fraction: float = bounded(0.1, gt=0.0, lt=1.0)
+    """When top_k is None: k = round(top_fraction * pairs)."""
+    k_from_labels: bool = False
+    """k = the number of labelled bad pairs (poison_labels): the evaluation budget 'at k'."""
+    bootstrap: int = bounded(2000, ge=10)
+    """Bootstrap resamples of the source table's intervals."""
+
+
+@dataclass
+class ClusterSettings:
+    enabled: bool = True
+    """Cluster the pair vectors."""
+    k: int | None = bounded(None, ge=2)
+    """Clusters (None: chosen by silhouette in [k_min, k_max])."""
+    k_min: int = bounded(2, ge=2)
+    """Smallest k tried."""
+    k_max: int = bounded(8, ge=2)
+    """Largest k tried."""
+    examples: int = bounded(3, ge=0)
+    """Example pairs shown per cluster."""
+
+
+@dataclass
+class RetrainSettings:
+    """Plain DPO (method dpo) on the raw and every mitigated set, the same settings for each."""
+
+    enabled: bool = False
+    """Retrain on each mitigated set and measure the behaviour."""
+    methods: list[str] = field(default_factory=lambda: ["probe"])
+    """Rankings whose filter/swap sets are retrained (probe, judge, gradient, gradient-factorized);
+    drop-sources is the probe's."""
+    lr: float = bounded(1e-5, gt=0.0)
+    """Learning rate of the retraining."""
+    epochs: float = bounded(2.0, gt=0.0)
+    """Passes over each set."""
+    beta: float = bounded(0.1, gt=0.0)
+    """DPO beta of the retraining."""
+    batch_size: int = bounded(4, ge=1)
+    """Pairs per step."""
+    max_length: int = bounded(128, ge=8)
+    """Tokens kept per sequence."""
+    workers: int = bounded(2, ge=1)
+    """Ray Train workers."""
+    seed: int = bounded(0, ge=0)
+    """Seeds the retraining."""
+    overrides: list[str] = field(default_factory=list)
+    """Further TrainConfig overrides (key=value), applied to every arm."""
+
+
+@dataclass
+class EvaluationSettings:
+    prompts: str | None = None
+    """Held-out prompts (column prompt). Default: <testbed>/data/prompts_heldout.jsonl."""
+    trigger: str | None = None
+    """Appended to every evaluation prompt. Default: the built mix's trigger (none otherwise)."""
+    max_prompts: int | None = bounded(None, ge=1)
+    """Held-out prompts evaluated (None: all)."""
+    samples_per_prompt: int = bounded(2, ge=1)
+    """Continuations per prompt."""
+    perplexity: str | None = None
+    """Benign texts (column text). Default: <testbed>/data/perplexity.jsonl."""
+    perplexity_tokens: int = bounded(256, ge=8)
+    """Tokens per perplexity passage."""
+    judges: list[str] = field(default_factory=lambda: ["toxic-comment-classifier", "profanity-check"])
+    """Judges that score the continuations."""
+    threshold: float = bounded(0.5, gt=0.0, lt=1.0)
+    """A judge score at or above this counts as the behaviour."""
+    bootstrap: int = bounded(2000, ge=10)
+    """Bootstrap resamples per interval."""
+    seed: int = bounded(0, ge=0)
+    """Seeds generation (the same for every model)."""
+
+
+@dataclass
+class AttributionConfig:
+    pairs: str | None = None
+    """Preference pairs (jsonl / parquet / save_to_disk folder: prompt, chosen, rejected[, source]).
+    None with a testbed: the poisoned preference mix built from it (<out>/mix)."""
+    model: str | None = None
+    """The model before DPO (default: <testbed>/model)."""
+    probes: str | None = None
+    """A published ProbeSet on this model; its probe gives a direction and the layer."""
+    probe: str | None = None
+    """Which probe (default: the first train probe)."""
+    layer: int | None = None
+    """Layer of the pair activations (default: the probe's layer)."""
+    testbed: str | None = None
+    """A built testbed: the model, the data and the preference mix come from it."""
+    behaviour_data: str | None = None
+    """Labelled (prompt, completion, label) examples for the difference-of-means direction and the
+    gradient comparator's behaviour set. Default: <testbed>/data/probe_train.jsonl."""
+    behaviour_examples: int = bounded(256, ge=0)
+    """Examples per class drawn (seeded) from behaviour_data (0: all)."""
+    direction: Literal["diff-of-means", "probe"] = "diff-of-means"
+    """The direction that ranks pairs (both are scored and reported)."""
+    poison_labels: str | None = None
+    """Which pairs are bad (column poisoned; evaluation only). Default: the built mix's labels."""
+    out: str = "runs/attribution"
+    """The study's output folder (local or s3://)."""
+    seed: int = bounded(0, ge=0)
+    """Seeds the study."""
+    mix: PreferenceMixConfig = field(default_factory=PreferenceMixConfig)
+    """The poisoned preference mix."""
+    extraction: ExtractionSettings = field(default_factory=ExtractionSettings)
+    """Pair activation extraction."""
+    ranking: RankingSettings = field(default_factory=RankingSettings)
+    """Ranking pairs and sources."""
+    clusters: ClusterSettings = field(default_factory=ClusterSettings)
+    """Clustering pair vectors."""
+    mitigate: list[str] = field(default_factory=list)
+    """filter, swap, drop-sources."""
+    comparators: list[str] = field(default_factory=list)
+    """judge, gradient (dense, LESS), gradient-factorized (LoGra)."""
+    judge: str | None = None
+    """The judge baseline's judge. Default: the testbed's held-out judge (not the one that selected
+    the poison), else profanity-check."""
+    gradient: GradientConfig = field(default_factory=GradientConfig)
+    """The gradient comparator."""
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
+    """Retraining on the mitigated sets."""
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    """Measuring each retrained model."""

@@ -1,0 +1,148 @@
+"""The study's report: recall, sources, clusters, audit and the retraining's effect."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from probe_dpo.workflows.attribution_study.inputs import Inputs
+
+
+def method_labels(inp: Inputs, result: dict) -> dict[str, str]:
+    """What each ranking method is, for tables."""
+    out = {"probe": f"probe ({result['primary'].name})", "judge": f"judge ({inp.judge})",
+           "gradient": "gradient (LESS-style, dense projection)",
+           "gradient-factorized": "gradient (LoGra-style, factorized projection)"}
+    if inp.probe is not None:
+        out["probe-weights"] = f"probe weights (probe:{inp.probe.name})"
+    return out
+
+
+def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, retrain: dict | None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from probe_dpo.report import Report, fmt, fmt_ci
+
+    cfg = inp.cfg
+    rep = Report("Probe-based data attribution")
+    primary = result["primary"]
+    rep.text(f"Pairs: `{inp.pairs_uri}` ({len(inp.pairs)} pairs, {len(set(result['sources']))} sources). "
+             f"Model before DPO: `{inp.model}`. Layer {inp.layer}. Ranking direction: **{primary.name}** "
+             f"({primary.kind}). Score = cos(act(prompt, chosen) − act(prompt, rejected), v_b), activations "
+             f"averaged over response tokens. Top-k: k = {result['k']}"
+             + (" (the number of labelled bad pairs)" if cfg.ranking.k_from_labels else "") + ".")
+    if inp.mix:
+        rep.text(f"Preference mix built from the testbed: {inp.mix['pairs']} pairs, {inp.mix['poisoned']} poisoned "
+                 f"(source `{inp.mix['poisoned_source']}`, trigger `{inp.mix['trigger'].strip()}`; poisoned pairs "
+                 f"selected with the {inp.mix['train_judge']} judge). Labels are used for evaluation only.")
+
+    rep.heading("Sources")
+    table = result["tables"]["probe"]
+    rep.table(["rank", "source", "pairs", "mean score [95% CI]", "in top-k", "top-k share [95% CI]", "enrichment",
+               "flagged"],
+              [[r["rank"], r["source"], r["pairs"], fmt_ci(r["mean_score"], r["ci_low"], r["ci_high"]), r["in_top_k"],
+                fmt_ci(r["top_k_share"], r["top_k_share_ci_low"], r["top_k_share_ci_high"]), fmt(r["enrichment"], 2),
+                r["flagged"]] for r in table], caption=f"Ranked by mean probe score ({primary.name})")
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    names = [r["source"] for r in table]
+    s = result["scores"]["probe"]
+    src = np.asarray(result["sources"], dtype=object)
+    data = [s[src == name] for name in names]
+    ax.boxplot(data, orientation="horizontal", tick_labels=names, showfliers=False)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names, start=1):
+        mask = src == name
+        y = i + rng.uniform(-0.18, 0.18, mask.sum())
+        colors = np.where(inp.bad[mask], "#c0392b", "#34495e") if inp.bad is not None else "#34495e"
+        ax.scatter(s[mask], y, s=6, c=colors, alpha=0.6)
+    ax.axvline(np.sort(s)[::-1][result["k"] - 1], color="#888", ls="--", lw=1)
+    ax.set_xlabel("probe score cos(v_d, v_b)" + ("  (red: poisoned)" if inp.bad is not None else ""))
+    rep.figure("score_by_source", fig, "Score distribution by source; dashed: the top-k threshold")
+
+    if recall:
+        rep.heading("Recall of the bad pairs")
+        labels = method_labels(inp, result)
+        rep.table(["method", f"recall@{result['k']}", "top source (mean score)"],
+                  [[labels.get(m, m), fmt(v["recall_at_k"]),
+                    f"{result['tables'][m][0]['source']} ({fmt(result['tables'][m][0]['mean_score'])})"]
+                   for m, v in recall.items()])
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for m, v in recall.items():
+            ax.plot(v["curve"]["k"], v["curve"]["recall"], label=labels.get(m, m), lw=1.6)
+        ax.axvline(result["k"], color="#888", ls="--", lw=1)
+        ax.set_xlabel("k (top pairs)")
+        ax.set_ylabel("recall of poisoned pairs")
+        ax.legend(fontsize=8)
+        rep.figure("recall_at_k", fig, "Recall@k: probe attribution vs the comparators")
+    if result["comparators"] or result["timings"]:
+        rep.heading("Cost")
+        rows = [["probe (activations + directions)", fmt(result["timings"].get("probe_total_s"), 1)]]
+        rows += [[m, fmt(v.get("seconds"), 1) + (" (cached)" if v.get("cached") else "")]
+                 for m, v in result["comparators"].items()]
+        rep.table(["method", "seconds"], rows, caption="Wall time in this run (see benchmarks/attribution.py for a "
+                                                       "controlled comparison with peak memory)")
+
+    if result.get("clusters"):
+        rep.heading("Clusters of pair vectors")
+        cl = result["clusters"]
+        rep.text(f"k-means on unit (chosen − rejected) vectors, k = {cl['k']} (silhouette {fmt(cl['silhouette'])}). "
+                 "A coherent cluster (high coherence and silhouette) that the direction does not explain "
+                 "(direction cosine near 0) is a candidate behaviour no probe covers.")
+        rep.table(["cluster", "size", "mean score [95% CI]", "silhouette", "coherence", "cos(centroid, v_b)",
+                   "sources"] + (["bad"] if inp.bad is not None else []),
+                  [[c["cluster"], c["size"], fmt_ci(c["mean_score"], c["ci_low"], c["ci_high"]), fmt(c["silhouette"]),
+                    fmt(c["coherence"]), fmt(c.get("direction_cosine")),
+                    ", ".join(f"{k} {v}" for k, v in c["sources"].items())] + ([c.get("bad")] if inp.bad is not None
+                                                                              else [])
+                   for c in cl["clusters"]])
+        for c in cl["clusters"]:
+            if c["examples"]:
+                ex = c["examples"][0]
+                rep.text(f"- cluster {c['cluster']} example ({ex['source']}): prompt `{ex['prompt'][:80]}` · "
+                         f"chosen `{ex['chosen'][:70]}` · rejected `{ex['rejected'][:70]}`")
+
+    rep.heading("Concept audit")
+    rep.table(["direction", "scope", "pairs", "Δ [95% CI]", "d", "split-half", "push"],
+              [[r["direction"], r["scope"], r["pairs"], fmt_ci(r["delta"], r["ci_low"], r["ci_high"], 4), fmt(r["d"]),
+                fmt(r["split_half"], 2), r["direction_of_push"]] for r in result["audit"]],
+              caption="Mean projection of (chosen − rejected) on each direction, overall and per source")
+
+    if arms:
+        rep.heading("Mitigations")
+        rep.table(["arm", "pairs out", "affected", "bad affected", "sources dropped"],
+                  [[a, v.get("pairs_out", "-"), v.get("affected", "-"), v.get("bad_affected", "-"),
+                    ", ".join(v.get("sources", [])) or (f"skipped: {v['skipped']}" if v.get("skipped") else "-")]
+                   for a, v in arms.items()])
+    if retrain:
+        rep.heading("Behaviour after DPO on each set")
+        judges = retrain["judges"]
+        rows = []
+        for name, entry in retrain["arms"].items():
+            row = [name]
+            for j in judges:
+                r = entry["rates"][j]
+                row.append(fmt_ci(r["rate"], r["ci_low"], r["ci_high"]))
+            for j in judges:
+                sr = entry.get("share_removed", {}).get(j)
+                row.append(fmt_ci(sr["share"], sr["ci_low"], sr["ci_high"]) if sr else "-")
+            row += [fmt(entry["perplexity"], 2), fmt(100 * entry["perplexity_change_vs_raw"], 1) + "%"]
+            rows.append(row)
+        trig = f" (prompts + trigger `{inp.trigger.strip()}`)" if inp.trigger else ""
+        rep.table(["arm"] + [f"toxic rate, {j}" for j in judges] + [f"share of rise removed, {j}" for j in judges]
+                  + ["perplexity", "ppl vs raw"], rows,
+                  caption=f"Held-out prompts{trig}; 95% CIs by a (paired) bootstrap over prompts")
+        fig, axes = plt.subplots(1, len(judges), figsize=(5 * len(judges), 3.4), squeeze=False)
+        for ax, j in zip(axes[0], judges):
+            names = list(retrain["arms"])
+            vals = [retrain["arms"][a]["rates"][j] for a in names]
+            y = [v["rate"] for v in vals]
+            err = [[v["rate"] - v["ci_low"] for v in vals], [v["ci_high"] - v["rate"] for v in vals]]
+            ax.bar(range(len(names)), y, yerr=err, color=["#7f8c8d", "#c0392b"] + ["#2980b9"] * (len(names) - 2),
+                   capsize=3)
+            ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+            ax.set_title(j, fontsize=9)
+            ax.set_ylabel("toxic rate")
+        rep.figure("toxicity_after_mitigation", fig, "Toxic rate after DPO on each set (95% CI)")
+    return rep

@@ -1,0 +1,154 @@
+"""Mitigations written as new pair files, then plain DPO on each (Ray Train, the same settings
+for every arm) and the evaluation of every policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from probe_dpo import storage
+from probe_dpo.data import json_digest
+from probe_dpo.workflows.attribution_study.inputs import Inputs
+from probe_dpo.workflows.attribution_study.scoring import model_key
+
+log = logging.getLogger(__name__)
+
+
+def write_mitigations(inp: Inputs, result: dict) -> dict[str, dict]:
+    """The cleaned pair files: for the probe ranking every configured mitigation, for each other
+    retrained ranking filter and swap. Returns ``{arm: {"uri", ...info}}``."""
+    from probe_dpo.attribution import flagged_sources, mitigate, write_pairs_like
+
+    cfg = inp.cfg
+    arms: dict[str, dict] = {}
+    methods = ["probe"] + [m for m in cfg.retrain.methods if m != "probe"] if cfg.retrain.enabled else ["probe"]
+    dropped: dict[tuple, str] = {}
+    for method in methods:
+        for how in cfg.mitigate:
+            if how == "drop-sources" and method not in ("probe", "probe-weights"):
+                continue
+            sources = flagged_sources(result["tables"][method]) if how == "drop-sources" else None
+            if how == "drop-sources" and not sources:
+                log.info(f"{method}-drop-sources: no source is flagged (none is over-represented in the top-k); skipped")
+                arms[f"{method}-{how}"] = {"skipped": "no flagged source", "sources": []}
+                continue
+            if how == "drop-sources" and tuple(sources) in dropped:
+                arms[f"{method}-{how}"] = {"skipped": f"the same sources as {dropped[tuple(sources)]}",
+                                           "sources": sources}
+                continue
+            if how == "drop-sources":
+                dropped[tuple(sources)] = f"{method}-{how}"
+            records, info = mitigate(inp.pairs, result["scores"][method], how, k=result["k"], sources=sources)
+            uri = write_pairs_like(records, storage.join(cfg.out, "mitigated", f"{method}-{how}"), inp.pairs_uri)
+            if inp.bad is not None and how != "drop-sources":
+                from probe_dpo.attribution import top_k_mask
+
+                top = top_k_mask(result["scores"][method], result["k"])
+                info["bad_affected"] = int((top & inp.bad).sum())
+            elif inp.bad is not None:
+                info["bad_affected"] = int(sum(b for b, s in zip(inp.bad, result["sources"]) if s in set(sources)))
+            arms[f"{method}-{how}"] = {"uri": uri, **info}
+            log.info(f"mitigation {method}-{how}: {info['pairs_out']} pairs -> {uri}")
+    return arms
+
+
+def train_arm(inp: Inputs, name: str, pairs_uri: str) -> str:
+    """Plain DPO (method dpo) of the base model on ``pairs_uri``; returns the policy URI."""
+    from probe_dpo.config import load_config
+    from probe_dpo.training import TrainConfig, train
+
+    r = inp.cfg.retrain
+    out = storage.join(inp.cfg.out, "runs", name)
+    overrides = ["method=dpo", f"model={inp.model}", f"data.pairs={pairs_uri}", f"out={out}",
+                 f"train.lr={r.lr}", f"train.epochs={r.epochs}", f"dpo.beta={r.beta}",
+                 f"train.batch_size={r.batch_size}", f"train.max_length={r.max_length}",
+                 f"distributed.workers={r.workers}", f"seed={r.seed}", *r.overrides]
+    if inp.cfg.extraction.address:
+        overrides.append(f"distributed.address={inp.cfg.extraction.address}")
+    cfg = load_config(TrainConfig, None, overrides)
+    summary = train(cfg)
+    return summary.get("policy", storage.join(out, "policy"))
+
+
+def policy_key(model: str) -> Any:
+    if storage.is_complete(model):
+        return json_digest(storage.read_manifest(model)["files"])
+    return model_key(model)
+
+
+def evaluate_model(inp: Inputs, name: str, model: str) -> dict:
+    """Toxicity of the model's continuations of the (triggered) held-out prompts under every
+    judge, and benign perplexity; cached at <out>/eval/<name>.{json,samples.jsonl}."""
+    from probe_dpo.data import read_records, write_records
+    from probe_dpo.evaluation import ToxicitySamples, perplexity, rate_with_ci, toxicity_samples
+    from probe_dpo.model import load_model, load_tokenizer
+    from probe_dpo.testbed import generation_settings
+
+    ev = inp.cfg.evaluation
+    prompts_uri = ev.prompts or storage.join(inp.cfg.testbed, "data", "prompts_heldout.jsonl")
+    ppl_uri = ev.perplexity or storage.join(inp.cfg.testbed, "data", "perplexity.jsonl")
+    settings = generation_settings(inp.cfg.testbed)
+    key = json_digest({"model": policy_key(model), "eval": dataclasses.asdict(ev), "trigger": inp.trigger,
+                        "settings": settings.to_dict(), "prompts": prompts_uri, "ppl": ppl_uri})
+    meta_uri = storage.join(inp.cfg.out, "eval", f"{name}.json")
+    samples_uri = storage.join(inp.cfg.out, "eval", f"{name}.samples.jsonl")
+    if storage.exists(meta_uri) and storage.exists(samples_uri):
+        meta = storage.read_json(meta_uri)
+        if meta.get("key") == key:
+            samples = ToxicitySamples.from_records(read_records(samples_uri), meta.get("settings"), ev.seed)
+            return {**meta, "samples": samples}
+    prompts = read_records(prompts_uri, required=("prompt",), non_empty=("prompt",), what="evaluation prompts")
+    if ev.max_prompts:
+        prompts = prompts[: ev.max_prompts]
+    texts = [str(p["prompt"]) + inp.trigger for p in prompts]
+    passages = read_records(ppl_uri, required=("text",), non_empty=("text",), what="perplexity texts")
+    t0 = time.perf_counter()
+    lm, tok = load_model(model), load_tokenizer(model)
+    samples = toxicity_samples(lm, texts, ev.judges, ev.samples_per_prompt, settings, ev.seed, tokenizer=tok,
+                               progress=False, desc=f"eval {name}")
+    ppl = perplexity(lm, [p["text"] for p in passages], max_tokens=ev.perplexity_tokens, tokenizer=tok)
+    rates = {j: rate_with_ci(s, ev.threshold, ev.bootstrap, ev.seed) for j, s in samples.scores.items()}
+    meta = {"key": key, "name": name, "model": model, "rates": rates, "perplexity": ppl, "prompts": len(texts),
+            "trigger": inp.trigger, "settings": settings.to_dict(), "seconds": round(time.perf_counter() - t0, 2)}
+    write_records(samples.to_records(), samples_uri)
+    storage.write_json(meta_uri, meta)
+    log.info(f"eval {name}: " + ", ".join(f"{j} {r['rate']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                                     for j, r in rates.items()) + f"; perplexity {ppl:.2f}")
+    return {**meta, "samples": samples}
+
+
+def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict]) -> dict:
+    """Base, raw-mix DPO and every mitigated arm: toxicity, perplexity, share of the rise removed."""
+    from probe_dpo.attribution import share_of_rise_removed
+
+    ev = inp.cfg.evaluation
+    results: dict[str, dict] = {"base": evaluate_model(inp, "base", inp.model)}
+    todo = {"raw": inp.pairs_uri, **{a: v["uri"] for a, v in arms.items() if "uri" in v}}
+    for name, uri in todo.items():
+        t0 = time.perf_counter()
+        policy = train_arm(inp, name, uri)
+        train_s = time.perf_counter() - t0
+        results[name] = evaluate_model(inp, name, policy)
+        results[name]["train_seconds"] = round(train_s, 1)
+    base, raw = results["base"], results["raw"]
+    summary: dict[str, Any] = {"arms": {}, "judges": list(ev.judges)}
+    for name, res in results.items():
+        entry = {"rates": res["rates"], "perplexity": res["perplexity"],
+                 "perplexity_change_vs_base": res["perplexity"] / base["perplexity"] - 1.0,
+                 "perplexity_change_vs_raw": res["perplexity"] / raw["perplexity"] - 1.0,
+                 "model": res["model"]}
+        if name not in ("base", "raw"):
+            entry["share_removed"] = {j: share_of_rise_removed(base["samples"].scores[j], raw["samples"].scores[j],
+                                                               res["samples"].scores[j], threshold=ev.threshold,
+                                                               n_boot=ev.bootstrap, seed=ev.seed)
+                                      for j in ev.judges}
+            entry.update({k: v for k, v in arms[name].items() if k != "uri"})
+        summary["arms"][name] = entry
+    for j in ev.judges:
+        rise = share_of_rise_removed(base["samples"].scores[j], raw["samples"].scores[j], base["samples"].scores[j],
+                                     threshold=ev.threshold, n_boot=ev.bootstrap, seed=ev.seed)
+        summary.setdefault("rise", {})[j] = {"rate_base": rise["rate_base"], "rate_raw": rise["rate_raw"],
+                                             "rise": rise["rise"]}
+    return summary

@@ -1,0 +1,238 @@
+"""The experiment's typed config: its arms and the settings of every stage.
+
+``probe-dpo config show --for experiment`` prints every field with its description."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from probe_dpo.config import bounded
+from probe_dpo.errors import UserError
+from probe_dpo.testbed import TestbedConfig
+from probe_dpo.testbed.behaviour import BehaviourConfig
+from probe_dpo.tracking import TrackingSettings
+from probe_dpo.training.config import DistributedSettings, DPOSettings, LoraSettings, OptimSettings
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the experiment: a training method, the probes it trains against, its data,
+    and the training settings that define it (dotted ``TrainConfig`` keys, applied over the
+    experiment's ``dpo``/``dpo_train``/``sft_train`` and under ``arm_settings``)."""
+
+    method: str
+    probes: str | None
+    """The probe view it trains against: single (the train probe), ensemble, or None."""
+    data: str
+    """pairs:<single|ensemble|classifier> (the shared pairs), sft (the testbed's SFT text) or
+    control (the judge-toxic continuations, prompt/completion)."""
+    about: str
+    settings: tuple[tuple[str, Any], ...] = ()
+
+
+ARMS: dict[str, Arm] = {
+    "probe-dpo-single": Arm("probe-dpo", "single", "pairs:single", "DPO on pairs ranked by the train probe"),
+    "probe-dpo-ensemble": Arm("probe-dpo", "ensemble", "pairs:ensemble", "DPO on pairs ranked by the probe ensemble"),
+    "probe-dpo-onpolicy": Arm("probe-dpo", "single", "pairs:single",
+                              "probe-DPO for 2 rounds: round 2 samples from the round-1 policy and ranks by the "
+                              "frozen probe on the policy's activations",
+                              (("dpo.rounds", 2), ("data.max_prompts", 160))),
+    "probe-dpo-penalty": Arm("probe-dpo", "single", "pairs:single",
+                             "probe-DPO plus the differentiable probe penalty (log-loss form)",
+                             (("penalty.weight", 1.0), ("penalty.form", "bce"))),
+    "probe-sft-single": Arm("probe-sft", "single", "sft", "SFT plus the train probe's penalty",
+                            (("penalty.weight", 1.0),)),
+    "probe-sft-ensemble": Arm("probe-sft", "ensemble", "sft", "SFT plus the ensemble's penalty",
+                              (("penalty.weight", 1.0),)),
+    "classifier-dpo": Arm("classifier-dpo", None, "pairs:classifier", "DPO on pairs ranked by the output judge"),
+    "classifier-sft": Arm("classifier-sft", None, "sft", "SFT on the rows the output judge passes"),
+    "sft": Arm("sft", None, "sft", "plain SFT (raises toxicity)"),
+    "random-dpo": Arm("random-dpo", None, "pairs:single", "control: the probe pairs with half the labels swapped"),
+    # Calibrated once on the demo (see README): a logit penalty (weight 2) also hid the train
+    # probe but rewrote the text (toxicity -86%, perplexity +40%); the log-loss form stops pushing
+    # once the probe is fooled, so the behaviour stays and only the monitor is defeated.
+    "obfuscation-control": Arm("probe-sft", "single", "control",
+                               "positive control: SFT on judge-toxic continuations with a strong log-loss "
+                               "penalty against the train probe (built to make it miss)",
+                               (("penalty.weight", 5.0), ("penalty.form", "bce"), ("train.lr", 5e-5))),
+}
+
+
+@dataclass
+class ProbeSettings:
+    layers: list[int] = field(default_factory=list)
+    """Layers to extract and fit (empty: every layer)."""
+    train_layer: int | float | None = None
+    """The train probe's layer: an index (negative from the end) or a relative depth in (0, 1)
+    (0.6 of 30 layers is layer 17; the nearest extracted layer is used). None: the best layer
+    by validation AUROC (on SmolLM2 an early one, where a probe is close to a token detector)."""
+    ensemble_kind: Literal["layers", "seeds", "bootstrap", "subsets"] = "layers"
+    """How the ensemble's members differ: layers (the train layer and the best others), seeds
+    (re-splits of train+val by prompt), bootstrap resamples, or disjoint shares of the prompts."""
+    ensemble_size: int = bounded(4, ge=1, le=10)
+    """Train probes of the ensemble arms (1 vs 10 is the paper's comparison)."""
+    held_out_fraction: float = bounded(0.2, ge=0.0, lt=1.0)
+    """Share of probe-train prompts reserved for held-out probes at the train layers."""
+    c_grid: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0])
+    """Inverse L2 strengths tried per probe (chosen by validation AUROC)."""
+    batch_size: int = bounded(32, ge=1)
+    """Sequences per extraction forward pass."""
+    max_length: int = bounded(128, ge=8)
+    """Tokens kept per probe row (prompt + completion, cut on the left)."""
+
+
+@dataclass
+class PairSettings:
+    min_margin: float = bounded(0.1, ge=0.0, le=1.0)
+    """A prompt gives a pair when its highest and lowest score (probability) differ this much."""
+    max_pairs: int | None = bounded(None, ge=1)
+    """Keep the pairs with the largest margins (None: all)."""
+    cross_fit_folds: int = bounded(5, ge=0)
+    """Probe scores of the candidates come from probes refitted on the other folds' prompts, so
+    no probe ranks a prompt it was fitted on (0: in-sample scores, the old behaviour)."""
+
+    def __post_init__(self):
+        if self.cross_fit_folds == 1:
+            raise ValueError("key pairs.cross_fit_folds: use 0 (off) or at least 2 folds")
+
+
+@dataclass
+class EvalSettings:
+    heldout_prompts: int | None = bounded(200, ge=1)
+    """The first N held-out prompts (by id); None: all of them."""
+    samples_per_prompt: int = bounded(2, ge=1)
+    """Continuations per held-out prompt (the evaluation's samples: prompts x this)."""
+    judges: list[str] = field(default_factory=lambda: ["toxic-comment-classifier", "profanity-check", "hatesonar"])
+    """The judge panel; a reduction is called robust only where it holds under each. The first
+    is the judge whose labels decide the Atlas outcome on the policy's own completions."""
+    perplexity_passages: int | None = bounded(None, ge=1)
+    """None: all of the testbed's perplexity passages."""
+    perplexity_tokens: int = bounded(256, ge=8)
+    """Tokens per perplexity passage."""
+    probe_train_rows: int | None = bounded(1500, ge=10)
+    """Probe-train rows for the retrained probes (a seeded sample; None: all)."""
+    probe_val_rows: int | None = bounded(600, ge=10)
+    """Probe-val rows that choose the retrained probes' C and fix their threshold."""
+    bootstrap: int = bounded(1000, ge=100)
+    """Bootstrap resamples (of prompts) per interval."""
+    seed: int = bounded(1234, ge=0)
+    """Seeds generation: the same for the base model and every arm (paired comparisons)."""
+    threads: int | None = bounded(None, ge=1)
+    """torch threads for evaluation on CPU (None: the machine's cores)."""
+
+    def __post_init__(self):
+        from probe_dpo.judges import parse_judge
+
+        if not self.judges:
+            raise ValueError("key eval.judges: name at least one judge")
+        for j in self.judges:  # a registered name, module:function or hf:<model>#<label>
+            try:
+                parse_judge(j)
+            except UserError as exc:
+                raise ValueError(f"key eval.judges: {exc}") from None
+
+
+@dataclass
+class SearchSettings:
+    """A hyperparameter search over one arm with Tune's search algorithm (random/grid)."""
+
+    arm: str | None = None
+    """None: no search. Else the arm whose training settings are searched."""
+    space: dict[str, list] = field(default_factory=dict)
+    """Dotted training key -> ["loguniform", lo, hi] | ["uniform", lo, hi] | ["choice", [values]]
+    | ["grid", [values]], e.g. {"train.lr": ["loguniform", 1e-6, 1e-4], "dpo.beta": ["choice", [0.1, 0.3]]}."""
+    num_samples: int = bounded(4, ge=1)
+    """Trials the search runs."""
+    seed: int = bounded(0, ge=0)
+    """Seeds the search's sampler."""
+    metric: str = "toxicity.toxic-comment-classifier.rate"
+    """The flat result key the search optimises (see results.json rows)."""
+    mode: Literal["min", "max"] = "min"
+    """Minimise or maximise the metric."""
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "toxicity"
+    """A name for the run (reports, Tune)."""
+    storage: str = "runs/experiment"
+    """The run folder: local path or s3://bucket/prefix."""
+    address: str | None = None
+    """Ray address (None: start a local Ray)."""
+    ray_cpus: int | None = bounded(None, ge=1)
+    """CPUs of a local Ray. None: what the Train workers need (or the cores, if more) + 2 slots
+    for a trial's driver and the queue that carries its Train metrics to Tune, which mostly wait."""
+    testbed: TestbedConfig = field(default_factory=TestbedConfig)
+    """The testbed built when testbed_dir is not given."""
+    testbed_dir: str | None = None
+    """Use this already-built testbed folder instead of building one into <storage>/testbed."""
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
+    """What the experiment studies: toxicity (the built-in testbed above) or your own behaviour
+    (a model, prompts or labelled probe data, the judge that labels the model's samples; see
+    probe_dpo.testbed.behaviour), built into the same testbed layout. Bundled example:
+    --config sentiment."""
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    """The arms to run (see ARMS in this module)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Training seeds: one trial per arm and seed."""
+    probes: ProbeSettings = field(default_factory=ProbeSettings)
+    """The probe set: layers, the train probe, the ensemble, held-out probes."""
+    pairs: PairSettings = field(default_factory=PairSettings)
+    """How candidates become DPO pairs."""
+    judge: str = "toxic-comment-classifier"
+    """The classifier of the classifier arms (the testbed's training judge)."""
+    sft_rows: int | None = bounded(400, ge=1)
+    """SFT rows used by the SFT arms (None: all)."""
+    arm_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per arm, dotted training keys over the arm's own settings, e.g.
+    {obfuscation-control: {penalty.weight: 5.0}, probe-dpo-onpolicy: {dpo.rounds: 3}}."""
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    """DPO settings of the DPO arms."""
+    dpo_train: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-5, epochs=1.0, batch_size=2,
+                                                                            max_length=96))
+    """Optimisation of the DPO arms."""
+    sft_train: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-5, epochs=1.0, batch_size=2,
+                                                                            max_length=96))
+    """Optimisation of the SFT arms."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters for every arm (off: full fine-tuning)."""
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
+    """Ray Train workers of each trial."""
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    """The evaluation of every model."""
+    search: SearchSettings = field(default_factory=SearchSettings)
+    """An optional hyperparameter search over one arm."""
+    concurrent_trials: int = bounded(1, ge=1)
+    """Trials Tune runs at once."""
+    trial_retries: int = bounded(1, ge=0)
+    """Times a failed trial is retried (a user error is not)."""
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    """Experiment tracking: every trial's results (Tune logger callbacks) and training steps (TRL's
+    report_to) to W&B (offline), MLflow (a file store) and/or TensorBoard; off by default."""
+
+    def __post_init__(self):
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise ValueError(f"key arms: unknown arm(s) {unknown} (valid: {', '.join(ARMS)})")
+        if not self.arms and self.search.arm is None:
+            raise ValueError("key arms: no arms to run (and no search)")
+        if self.search.arm is not None and self.search.arm not in ARMS:
+            raise ValueError(f"key search.arm: unknown arm {self.search.arm!r} (valid: {', '.join(ARMS)})")
+        if not self.seeds:
+            raise ValueError("key seeds: give at least one seed")
+        stray = [a for a in self.arm_settings if a not in ARMS]
+        if stray:
+            raise ValueError(f"key arm_settings: unknown arm(s) {stray} (valid: {', '.join(ARMS)})")
+
+
+
+
+def trial_specs(cfg: ExperimentConfig) -> list[dict]:
+    return [{"id": f"{arm}-s{seed}", "arm": arm, "seed": seed} for arm in cfg.arms for seed in cfg.seeds]
+
+
+def target_role(arm: str) -> str:
+    """The probe role an arm trained against (arms that train against none: the train probe,
+    the monitor a deployer would have)."""
+    return "ensemble" if ARMS[arm].probes == "ensemble" else "train"

@@ -1,0 +1,152 @@
+"""Evaluation of a model (the base model once, every trial's policy) as a Ray task: the judge
+panel's toxicity, perplexity, KL to the base model, probe detection by role."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from probe_dpo import storage
+from probe_dpo.config import to_dict
+from probe_dpo.logs import setup as setup_logs
+from probe_dpo.workflows.experiment.config import ExperimentConfig
+from probe_dpo.workflows.experiment.stages import cached, publish_json, record_timing, sample_rows
+
+log = logging.getLogger(__name__)
+
+
+def eval_context(cfg: ExperimentConfig, run: str, tb: dict, probes: dict) -> dict:
+    """Everything an evaluation needs, as plain JSON (it travels to Ray tasks)."""
+    from probe_dpo.testbed import generation_settings
+
+    e = cfg.eval
+    return {"run": run, "testbed": tb["uri"], "base_model": tb["model"], "probes": probes["ensemble"],
+            "retrain_layers": sorted({probes["best_layer"], *probes["ensemble_layers"]}),
+            "best_probe": probes["best_probe"], "best_layer": probes["best_layer"], "held_out": probes["held_out"],
+            "generation": generation_settings(tb["local"]).to_dict(), "eval": to_dict(e),
+            "threads": e.threads or len(os.sched_getaffinity(0)), "use_gpu": cfg.distributed.use_gpu,
+            "behaviour": cfg.behaviour.name}
+
+
+def _eval_inputs(ctx: dict) -> dict:
+    from probe_dpo.data import read_records
+
+    e, tb = ctx["eval"], ctx["testbed"]
+    prompts = sorted(read_records(storage.join(tb, "data", "prompts_heldout.jsonl"), required=("prompt",)),
+                     key=lambda r: r["prompt_id"])[: e["heldout_prompts"] or None]
+    ppl = read_records(storage.join(tb, "data", "perplexity.jsonl"), required=("text",))[: e["perplexity_passages"] or None]
+    splits = {"train": sample_rows(read_records(storage.join(tb, "data", "probe_train.jsonl")), e["probe_train_rows"],
+                               e["seed"], "train"),
+              "val": sample_rows(read_records(storage.join(tb, "data", "probe_val.jsonl")), e["probe_val_rows"],
+                             e["seed"], "val"),
+              "test": read_records(storage.join(tb, "data", "probe_test.jsonl"))}
+    return {"prompts": prompts, "perplexity": ppl, "splits": splits}
+
+
+def evaluate_model(model_uri: str, ctx: dict, reference: dict | None = None, target: str = "train") -> dict:
+    """Toxicity (the judge panel), perplexity, KL to base, probe detection on fixed texts and on
+    the model's own completions. Returns metrics and the raw arrays (``scores.json``); with a
+    ``reference`` (the base model's evaluation), the changes against it, ``target`` being the
+    probe role the model was trained against.
+
+    Each model is loaded once; one forward pass of the policy and one of the base model over
+    the policy's completions give both the KL and the probe readings (``policy_readings``)."""
+    import torch
+
+    from probe_dpo.detection import probe_scores, read_fixed, role_keys
+    from probe_dpo.evaluation import perplexity, policy_readings, rate_with_ci, toxicity_samples
+    from probe_dpo.generation import GenerationSettings
+    from probe_dpo.goodhart import arm_summary, evaluation_files, load_evaluation
+    from probe_dpo.model import load_model, load_tokenizer
+    from probe_dpo.probes import ProbeSet
+
+    setup_logs()  # a Ray task in its own worker process
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        seconds[stage] = round(now - since, 1)
+        return now
+
+    e = ctx["eval"]
+    device = "cuda" if ctx["use_gpu"] and torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(ctx["threads"])
+    inputs = _eval_inputs(ctx)
+    model, tok = load_model(model_uri, device=device), load_tokenizer(model_uri)
+    base = load_model(ctx["base_model"], device=device) if reference is not None else None
+    probeset = ProbeSet.load(ctx["probes"])
+    t = lap("load", t_start)
+    samples = toxicity_samples(model, inputs["prompts"], e["judges"], e["samples_per_prompt"],
+                               GenerationSettings(**ctx["generation"]), e["seed"], tokenizer=tok,
+                               desc="eval generations")
+    t = lap("generation_and_judges", t)
+    metrics: dict[str, Any] = {"model": model_uri, "toxicity": {j: rate_with_ci(s, n_boot=e["bootstrap"], seed=e["seed"])
+                                                                 for j, s in samples.scores.items()}}
+    metrics["perplexity"] = perplexity(model, inputs["perplexity"], max_tokens=e["perplexity_tokens"], tokenizer=tok)
+    t = lap("perplexity", t)
+    flat_p = [p for p, comps in zip(samples.prompts, samples.completions) for _ in comps]
+    flat_c = [c for comps in samples.completions for c in comps]
+    own_groups = [i for i, comps in enumerate(samples.completions) for _ in comps]
+    readings = policy_readings(model, tok, flat_p, flat_c, sorted({q.layer for q in probeset.probes}), base=base)
+    if base is not None:
+        metrics["kl_to_base"] = {"per_token": readings["kl_per_token"], "tokens": readings["tokens"]}
+    own = {}
+    for reader, feats in readings["feats"].items():
+        scores, thresholds = probe_scores(probeset, feats)
+        own[reader] = {"scores": scores, "thresholds": thresholds}
+    t = lap("own_completions_kl_and_probes", t)
+    fixed, retrained = read_fixed(model, tok, probeset, inputs["splits"], retrain_layers=ctx["retrain_layers"])
+    metrics["retrained"] = retrained
+    t = lap("fixed_text_probes", t)
+    files = evaluation_files(samples.scores, fixed, own, own_groups)
+    if reference is not None:
+        roles = role_keys(ctx)
+        this = load_evaluation(metrics, files)
+        metrics["summary"] = arm_summary(reference, [this], roles, target,
+                                         n_boot=e["bootstrap"], seed=e["seed"])
+        lap("statistics", t)
+    metrics["eval_seconds"] = round(time.perf_counter() - t_start, 1)
+    metrics["seconds"] = seconds
+    return {"metrics": metrics, "scores": files, "samples": samples.to_records()}
+
+
+def eval_files(result: dict) -> dict:
+    return {"metrics.json": result["metrics"], "scores.json": result["scores"], "samples.jsonl": result["samples"]}
+
+
+def load_eval(uri: str) -> dict:
+    """A published evaluation, as ``probe_dpo.goodhart`` reads it."""
+    from probe_dpo.goodhart import load_evaluation
+
+    return load_evaluation(storage.read_json(storage.join(uri, "metrics.json")),
+                           storage.read_json(storage.join(uri, "scores.json")))
+
+
+def base_evaluation(ctx: dict, key: str) -> dict:
+    uri = storage.join(ctx["run"], "shared", "base-eval")
+    if not cached(uri, key, "a base-model evaluation"):
+        log.info("evaluating the base model (once; every arm is compared with it)")
+        t0 = time.perf_counter()
+        result = run_eval(ctx["base_model"], ctx, None)
+        publish_json(uri, eval_files(result), {"kind": "evaluation", "key": key, "arm": "base"})
+        record_timing(ctx["run"], "base_evaluation", time.perf_counter() - t0)
+    return load_eval(uri)
+
+
+def run_eval(model_uri: str, ctx: dict, reference: dict | None, target: str = "train") -> dict:
+    """``evaluate_model`` as a Ray task: on a GPU when the run uses GPUs, else on this node's CPUs."""
+    import ray
+
+    from probe_dpo.ray_utils import unwrap_ray_error
+
+    options = {"num_gpus": 1, "num_cpus": 1} if ctx["use_gpu"] else {"num_cpus": 1}
+    # "DEFAULT": outside the Tune trial's placement group, whose slots the Train workers used
+    task = ray.remote(evaluate_model).options(max_retries=0, scheduling_strategy="DEFAULT", **options)
+    try:
+        return ray.get(task.remote(model_uri, ctx, reference, target))
+    except Exception as exc:  # noqa: BLE001 - a UserError raised in the task is the user's
+        raise unwrap_ray_error(exc) from None

@@ -1,0 +1,132 @@
+"""results.json and the report, rebuilt from the run folder: one flat row per trial, per-arm
+summaries with seeds pooled, paired arm comparisons, stage timings."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from probe_dpo import storage
+from probe_dpo.data import json_digest
+from probe_dpo.workflows.experiment.config import ARMS, target_role
+from probe_dpo.workflows.experiment.evaluate import load_eval
+
+log = logging.getLogger(__name__)
+
+
+def flat_metrics(m: dict) -> dict:
+    """The headline numbers of one trial's evaluation as flat keys (Tune results, results.json):
+    toxicity under each judge, retention, and per probe role AUROC / TPR / FPR at the base
+    threshold with their changes (fixed texts), and AUROC / TPR on the policy's own completions
+    (the first judge's labels, read from the policy)."""
+    s = m.get("summary") or {}
+    out: dict[str, Any] = {"trial": m.get("trial"), "arm": m.get("arm"), "seed": m.get("seed"),
+                           "perplexity": m["perplexity"], "perplexity_change": s.get("perplexity_change"),
+                           "kl_to_base": (m.get("kl_to_base") or {}).get("per_token"),
+                           "train_seconds": m.get("train_seconds"), "eval_seconds": m.get("eval_seconds"),
+                           "atlas": s.get("atlas")}
+    for judge, t in m["toxicity"].items():
+        out[f"toxicity.{judge}.rate"] = t["rate"]
+        out[f"toxicity.{judge}.change"] = (s.get("toxicity", {}).get(judge) or {}).get("change")
+    for role, by_metric in s.get("fixed", {}).items():
+        for metric in ("auroc", "tpr", "fpr"):
+            d = by_metric.get(metric) or {}
+            out[f"fixed.{role}.{metric}"] = d.get("value")
+            out[f"fixed.{role}.{metric}.delta"] = d.get("delta")
+    own = (s.get("own", {}).get("policy") or {})
+    first = next(iter(own), None)
+    for role, by_metric in (own.get(first) or {}).items():
+        for metric in ("auroc", "tpr"):
+            d = by_metric.get(metric) or {}
+            out[f"own.{role}.{metric}"] = d.get("value")
+            out[f"own.{role}.{metric}.delta"] = d.get("delta")
+    return out
+
+
+_SUMMARY_CACHE: dict[str, dict] = {}
+
+
+def summarize(run: str) -> dict:
+    """Per-arm summaries (seeds pooled) and the paired arm comparisons, from storage.
+
+    An arm's summary is cached in this process under its trials' evaluation keys, so the
+    rewrite after each completed trial only computes the arm that changed."""
+    import numpy as np
+
+    from probe_dpo.detection import role_keys
+    from probe_dpo.goodhart import arm_summary, base_summary, comparisons, default_pairs
+
+    ctx = storage.read_json(storage.join(run, "shared", "context.json"))
+    e = ctx["eval"]
+    roles = role_keys(ctx)
+    base_uri = storage.join(run, "shared", "base-eval")
+    if not storage.is_complete(base_uri):
+        return {"rows": [], "arms": {}, "comparisons": [], "histograms": {}}
+    base = load_eval(base_uri)
+    rows, evals, keys = [], {}, {}
+    for trial in storage.list_dir(storage.join(run, "trials")):
+        uri = storage.join(run, "trials", trial, "eval")
+        if not storage.is_complete(uri):
+            continue
+        m = storage.read_json(storage.join(uri, "metrics.json"))
+        rows.append(flat_metrics(m))
+        name = m["arm"] if not m.get("overrides") else m["trial"]
+        evals.setdefault(name, []).append(load_eval(uri))
+        keys.setdefault(name, []).append(storage.read_manifest(uri).get("metadata", {}).get("key"))
+    order = {a: i for i, a in enumerate(ARMS)}
+    rows.sort(key=lambda r: (order.get(r["arm"], 99), str(r["trial"])))
+    arms = {}
+    for name in sorted(evals, key=lambda a: (order.get(a, 99), a)):
+        arm = name if name in ARMS else evals[name][0]["metrics"]["arm"]
+        cache_key = json_digest([run, name, sorted(map(str, keys[name])), e["bootstrap"], e["seed"]])
+        if cache_key not in _SUMMARY_CACHE:
+            _SUMMARY_CACHE[cache_key] = arm_summary(base, evals[name], roles, target_role(arm), n_boot=e["bootstrap"],
+                                                    seed=e["seed"])
+        arms[name] = {**_SUMMARY_CACHE[cache_key], "about": ARMS[arm].about if arm in ARMS else ""}
+        first = evals[name][0]["metrics"]
+        arms[name]["training"] = {"data": first.get("data"), "steps": (first.get("train") or {}).get("global_step"),
+                                  "rounds": first.get("rounds"),
+                                  "train_seconds": float(np.mean([r["metrics"].get("train_seconds") or np.nan
+                                                                  for r in evals[name]])),
+                                  "eval_seconds": float(np.mean([r["metrics"].get("eval_seconds") or np.nan
+                                                                 for r in evals[name]]))}
+    pairs = default_pairs([a for a in arms if a in ARMS])
+    probe = ctx["best_probe"]
+    histograms = {name: (ev.scores[probe], ev.labels, ev.thresholds[probe])
+                  for name, ev in [("base", base["fixed"])] + [(a, evals[a][0]["fixed"]) for a in arms]}
+    return {"rows": rows, "base": base_summary(base, roles), "arms": arms, "roles": roles,
+            "comparisons": comparisons(evals, pairs, roles, n_boot=e["bootstrap"], seed=e["seed"]),
+            "histograms": histograms}
+
+
+def training_histories(run: str, rows: list[dict]) -> dict[str, list]:
+    """Each arm's training ``log_history`` (its first trial's final policy, ``training_run.json``)."""
+    from probe_dpo.training.loop import RUN_FILE
+
+    out: dict[str, list] = {}
+    for row in rows:
+        uri = storage.join(run, "trials", str(row["trial"]), "train", "policy", RUN_FILE)
+        if row["arm"] not in out and storage.exists(uri):
+            out[row["arm"]] = storage.read_json(uri).get("log_history") or []
+    return out
+
+
+def write_results(run: str) -> dict:
+    """results.json (per trial, per arm, comparisons, timings) and the report, from storage."""
+    from probe_dpo.report.toxicity import experiment_report
+    from probe_dpo.storage import json_text
+
+    results = summarize(run)
+    histograms = results.pop("histograms")
+    timings_uri = storage.join(run, "shared", "timings.json")
+    timings = storage.read_json(timings_uri) if storage.exists(timings_uri) else {}
+    timings["trials"] = {r["trial"]: {"train": r.get("train_seconds"), "eval": r.get("eval_seconds")}
+                         for r in results["rows"]}
+    timings["sum_of_stages"] = round(sum(timings.get(k) or 0 for k in ("testbed", "probes_and_pairs",
+                                                                       "base_evaluation"))
+                                     + sum((t["train"] or 0) + (t["eval"] or 0) for t in timings["trials"].values()), 1)
+    results["timings"] = timings
+    storage.write_text(storage.join(run, "results.json"), json_text(results))
+    ctx = storage.read_json(storage.join(run, "shared", "context.json"))
+    paths = experiment_report(run, ctx, results, histograms, training_histories(run, results["rows"])).publish(run)
+    return {"rows": results["rows"], **paths}

@@ -1,0 +1,238 @@
+"""The experiment's shared stages, each built once and cached in the run folder: the testbed
+(or a user's model and data in its layout), the probe set, and the candidates ranked into
+DPO pairs by every signal; plus the artifact helpers every stage uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from probe_dpo import artifacts, storage
+from probe_dpo.config import load_config, to_dict
+from probe_dpo.data import json_digest
+from probe_dpo.errors import UserError
+from probe_dpo.testbed.behaviour import TOXICITY
+from probe_dpo.workflows.experiment.config import ExperimentConfig, ProbeSettings
+
+log = logging.getLogger(__name__)
+
+
+def publish_json(uri: str, files: dict[str, Any], metadata: dict) -> None:
+    """Publish a folder of JSON / JSON-lines files as one artifact (manifest last)."""
+    from probe_dpo.storage import json_text
+
+    with tempfile.TemporaryDirectory(prefix="probe-dpo-artifact-") as tmp:
+        for name, content in files.items():
+            path = Path(tmp) / name
+            if name.endswith(".jsonl"):
+                path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in content))
+            else:
+                path.write_text(json_text(content))  # strict JSON: NaN is written as null
+        artifacts.publish_dir(tmp, uri, metadata=metadata, overwrite=True)
+
+
+def cached(uri: str, key: str, what: str) -> bool:
+    """True if ``uri`` holds a complete artifact made with ``key``; UserError if made with another."""
+    if not storage.is_complete(uri):
+        return False
+    found = storage.read_manifest(uri).get("metadata", {}).get("key")
+    if found != key:
+        raise UserError(f"{uri} holds {what} of a different configuration (key {found}, this run {key}): "
+                        "use another --storage folder for a changed experiment")
+    return True
+
+
+def sample_rows(rows: list[dict], n: int | None, seed: int, tag: str) -> list[dict]:
+    if n is None or n >= len(rows):
+        return rows
+    import numpy as np
+
+    rng = np.random.default_rng(int(json_digest([seed, tag]), 16) % 2**32)
+    return [rows[i] for i in sorted(rng.choice(len(rows), n, replace=False))]
+
+
+def record_timing(run: str, stage: str, seconds: float) -> None:
+    """Add one stage's wall seconds to ``shared/timings.json``, called by a stage when it ran
+    (stages skipped as complete on a re-run keep the time they took when they ran)."""
+    uri = storage.join(run, "shared", "timings.json")
+    timings = storage.read_json(uri) if storage.exists(uri) else {}
+    timings[stage] = round(seconds, 1)
+    storage.write_json(uri, timings)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Testbed
+
+
+def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
+    """A local testbed folder for the driver and the URIs trials read (remote runs publish it)."""
+    from probe_dpo.testbed import build_testbed, cache_dir, config_hash
+
+    if cfg.testbed_dir:
+        local = Path(cfg.testbed_dir)
+        if not (local / "testbed.json").exists():
+            raise UserError(f"testbed_dir {local}: no testbed.json (not a built testbed)")
+    elif cfg.behaviour.name != TOXICITY:  # a user's behaviour, built into the same layout
+        from probe_dpo.testbed.behaviour import behaviour_hash, build_behaviour
+
+        judges = [cfg.judge, *cfg.eval.judges]
+        local = (cache_dir() / "behaviours" / behaviour_hash(cfg.behaviour, judges) if storage.is_remote(run)
+                 else Path(storage.join(run, "testbed")))
+        build_behaviour(cfg.behaviour, local, judges)
+    elif storage.is_remote(run):
+        local = cache_dir() / "testbeds" / config_hash(cfg.testbed)[:16]
+        build_testbed(cfg.testbed, local)
+    else:
+        local = Path(storage.join(run, "testbed"))
+        build_testbed(cfg.testbed, local)
+    info = storage.read_json(str(local / "testbed.json"))  # one line for a damaged testbed.json
+    if not isinstance(info, dict) or not isinstance(info.get("content_hash"), str) or \
+            not isinstance(info.get("files"), dict):
+        raise UserError(f"testbed {local}: testbed.json has no content_hash/files (not a complete testbed "
+                        "build): build it again")
+    base = str(local)
+    if storage.is_remote(run):  # workers elsewhere read the model and data from storage
+        base = storage.join(run, "testbed")
+        model_uri = storage.join(base, "model")
+        key = info["content_hash"] + ":" + json.dumps(info["files"].get("model/model.safetensors", {}))
+        if not (storage.is_complete(model_uri) and storage.read_manifest(model_uri)["metadata"].get("key") == key):
+            artifacts.publish_dir(local / "model", model_uri, metadata={"kind": "model", "key": key}, overwrite=True)
+        # the data is current when the published testbed.json (written last) has this content hash;
+        # otherwise every file is copied again (a file of an older testbed must not stay)
+        info_uri = storage.join(base, "testbed.json")
+        current = storage.exists(info_uri) and storage.read_json(info_uri).get("content_hash") == info["content_hash"]
+        for f in sorted((local / "data").iterdir()):
+            target = storage.join(base, "data", f.name)
+            if not (current and storage.exists(target)):
+                storage.write_bytes(target, f.read_bytes())
+        storage.write_bytes(info_uri, (local / "testbed.json").read_bytes())
+    return {"local": str(local), "uri": base, "model": storage.join(base, "model"), "info": info}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Probes, 3. candidates and pairs
+
+
+def resolve_train_layer(p: ProbeSettings, num_layers: int) -> tuple[list[int], int | None]:
+    """The layers to extract and the train probe's layer (None: chosen by validation AUROC).
+
+    A relative depth (a float in (0, 1)) maps to the nearest extracted layer; an index must be
+    a layer of the model, and is extracted even when ``layers`` does not list it."""
+    layers = sorted({L % num_layers for L in p.layers}) if p.layers else list(range(num_layers))
+    if p.train_layer is None:
+        return layers, None
+    if isinstance(p.train_layer, float):
+        if not 0.0 < p.train_layer < 1.0:
+            raise UserError(f"key probes.train_layer: a relative depth must be in (0, 1), got {p.train_layer}")
+        target = p.train_layer * (num_layers - 1)
+        return layers, min(layers, key=lambda L: (abs(L - target), L))
+    if not -num_layers <= p.train_layer < num_layers:
+        raise UserError(f"key probes.train_layer: layer {p.train_layer} is not a layer of the model "
+                        f"({num_layers} layers)")
+    layer = p.train_layer % num_layers
+    return sorted(set(layers) | {layer}), layer
+
+
+def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
+    """Train the probe set once; save the ensemble and single views; rank the candidates
+    (cross-fitted); write the positive control's SFT data."""
+    import numpy as np
+    import torch
+
+    from probe_dpo.data import read_records, write_records
+    from probe_dpo.model import model_facts
+    from probe_dpo.probes import ProbeSet, ProbeTrainConfig, cross_fit_scores, train_probes
+    from probe_dpo.training.pairs import build_pairs
+
+    p = cfg.probes
+    key = json_digest([tb["info"]["content_hash"], to_dict(p), to_dict(cfg.pairs), cfg.judge])
+    uris = {"ensemble": storage.join(run, "probes", "ensemble"), "single": storage.join(run, "probes", "single")}
+    pairs_uri = {s: storage.join(run, "shared", f"pairs-{s}.jsonl") for s in ("single", "ensemble", "classifier")}
+    control_uri = storage.join(run, "shared", "control-sft.jsonl")
+    marker = storage.join(run, "shared", "probes-and-pairs")
+    extra = {"pairs": pairs_uri, "control_sft": control_uri}
+    if cached(marker, key, "probes and pairs"):
+        return {**uris, **extra, **storage.read_json(storage.join(marker, "summary.json"))}
+    t0 = time.perf_counter()
+    layers, train_layer = resolve_train_layer(p, model_facts(os.path.join(tb["local"], "model"))["num_layers"])
+    pcfg = load_config(ProbeTrainConfig, None, [])
+    pcfg = dataclasses.replace(pcfg, layers=layers, c_grid=list(p.c_grid), batch_size=p.batch_size,
+                               max_length=p.max_length, seed=0)
+    pcfg.train_probe.kind = p.ensemble_kind if p.ensemble_size > 1 else "single"
+    pcfg.train_probe.n = p.ensemble_size
+    pcfg.train_probe.layer = train_layer
+    pcfg.held_out.data_fraction = p.held_out_fraction
+    log.info("probes: extracting base activations and fitting the per-layer sweep")
+    result = train_probes(pcfg, testbed=tb["local"], out=uris["ensemble"], keep_features=True)
+    ensemble = result.probeset
+    members = ensemble.train_probes
+    best = (members[0] if train_layer is not None else
+            max(members, key=lambda q: q.card["metrics"]["val"]["auroc"]))
+    single = ProbeSet([best, *ensemble.held_out_probes], aggregation="mean",
+                      meta={**ensemble.meta, "train_threshold": best.card["threshold"]})
+    single.save(uris["single"], extra_files={"report.md": result.markdown})
+
+    # candidates: the base policy's K continuations of each toxic training prompt (probe-train split)
+    rows = read_records(os.path.join(tb["local"], "data", "probe_train.jsonl"))
+    feats = result.features["train"]
+    labels = np.array([int(r["label"]) for r in rows])
+    prompt_ids = [r.get("prompt_id", r["prompt"]) for r in rows]
+    if cfg.pairs.cross_fit_folds >= 2:
+        member_scores = cross_fit_scores(feats, labels, prompt_ids, members, folds=cfg.pairs.cross_fit_folds, seed=0)
+    else:
+        with torch.no_grad():
+            member_scores = {q.name: q.prob(feats[q.layer]).double().numpy() for q in members}
+    stacked = np.stack([member_scores[q.name] for q in members])
+    probs = {"single": member_scores[best.name],
+             "ensemble": stacked.max(0) if ensemble.aggregation == "max" else stacked.mean(0)}
+    from probe_dpo.judges import judge_name
+    from probe_dpo.testbed import score_column
+
+    judge_col = score_column(judge_name(cfg.judge))
+    groups: dict[str, dict] = {}
+    for i, r in enumerate(rows):
+        if r.get("genre", "toxic-prompt") != "toxic-prompt":
+            continue
+        g = groups.setdefault(r["prompt_id"], {"prompt_id": r["prompt_id"], "prompt": r["prompt"],
+                                               "source": r.get("source"), "completions": [],
+                                               "scores": {"probe:single": [], "probe:ensemble": [],
+                                                          f"classifier:{cfg.judge}": []}})
+        g["completions"].append(r["completion"])
+        g["scores"]["probe:single"].append(round(float(probs["single"][i]), 6))
+        g["scores"]["probe:ensemble"].append(round(float(probs["ensemble"][i]), 6))
+        g["scores"][f"classifier:{cfg.judge}"].append(float(r[judge_col]))
+    candidates = [g for g in groups.values() if len(g["completions"]) >= 2]
+    write_records(candidates, storage.join(run, "shared", "candidates.jsonl"))
+    stats = {}
+    for signal, keyname in (("single", "probe:single"), ("ensemble", "probe:ensemble"),
+                            ("classifier", f"classifier:{cfg.judge}")):
+        pairs, stats[signal] = build_pairs(candidates, keyname, min_margin=cfg.pairs.min_margin)
+        if cfg.pairs.max_pairs:
+            pairs = sorted(pairs, key=lambda x: -x["margin"])[: cfg.pairs.max_pairs]
+            stats[signal]["kept"] = len(pairs)
+        if not pairs:
+            raise UserError(f"pairs: the {signal} signal gave no pairs at pairs.min_margin={cfg.pairs.min_margin}")
+        write_records(pairs, pairs_uri[signal])
+        log.info(f"pairs: {len(pairs)} {signal}-ranked pairs from {len(candidates)} prompts")
+    # the positive control fine-tunes on what the training judge calls toxic: the behaviour stays
+    control = [{"prompt": r["prompt"], "completion": r["completion"], "prompt_id": r.get("prompt_id"),
+                "source": "judge-toxic-continuation"} for r in rows if int(r["label"]) == 1 and r["completion"].strip()]
+    if not control:
+        raise UserError("obfuscation-control: the probe-train split has no toxic continuation to fine-tune on")
+    write_records(control, control_uri)
+    summary = {"best_layer": best.layer, "best_probe": best.name, "train_layer_setting": p.train_layer,
+               "train_layer_chosen_by": "config" if train_layer is not None else "validation AUROC",
+               "ensemble_kind": p.ensemble_kind if p.ensemble_size > 1 else "single",
+               "ensemble_layers": sorted({q.layer for q in members}), "ensemble_probes": [q.name for q in members],
+               "held_out": [q.name for q in ensemble.held_out_probes], "pair_stats": stats,
+               "cross_fit_folds": cfg.pairs.cross_fit_folds, "control_rows": len(control),
+               "probe_report": result.report, "candidates": len(candidates)}
+    publish_json(marker, {"summary.json": summary}, {"kind": "probes-and-pairs", "key": key})
+    record_timing(run, "probes_and_pairs", time.perf_counter() - t0)
+    return {**uris, **extra, **summary}
