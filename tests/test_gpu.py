@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 from test_probes import labelled_records
 from test_training import _cfg, inputs  # noqa: F401 - `inputs` is a module fixture (probes on the tiny model)
@@ -100,10 +100,9 @@ def test_sharded_extraction_on_a_gpu_actor_writes_float32_shards(tiny_model_dir,
     assert meta["dtype"] == "bfloat16" and meta["run"]["use_gpu"] is True and meta["run"]["device"] == "cuda"
     shards = sorted(n for n in storage.list_dir(out) if n.endswith(".safetensors"))
     assert len(shards) == 2
-    for shard in shards:
-        with safe_open(str(Path(out) / shard), framework="pt") as f:
-            for key in ("layer.0", "layer.1"):
-                assert f.get_slice(key).get_dtype() == "F32", (shard, key)
+    for shard in shards:  # the files as written, not as load_activations hands them back
+        tensors = load_bytes(storage.read_bytes(storage.join(out, shard)))
+        assert {k: t.dtype for k, t in tensors.items()} == {"layer.0": torch.float32, "layer.1": torch.float32}
     feats, _ = A.load_activations(out)
     _, max_rel, min_cos = TOLERANCE["tiny"]
     for layer in (0, 1):
@@ -145,9 +144,6 @@ def test_generation_on_gpu_is_seeded():
     first = generate(model, prompts, 3, settings, seed=7, tokenizer=tok, progress=False)
     assert len(first) == len(prompts) and all(len(row) == 3 and all(isinstance(c, str) for c in row) for row in first)
     assert any(c.strip() for row in first for c in row)
-    for row in first:
-        for c in row:
-            assert len(tok(c, add_special_tokens=False)["input_ids"]) <= settings.max_new_tokens + 2  # re-tokenising may merge/split
     assert generate(model, prompts, 3, settings, seed=7, tokenizer=tok, progress=False) == first
     assert generate(model, prompts, 3, settings, seed=8, tokenizer=tok, progress=False) != first
     assert next(model.parameters()).is_cuda and not model.training
