@@ -37,8 +37,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from _bench import RESULTS, publish  # noqa: E402 - sets the offline environment first
+
+if TYPE_CHECKING:  # torch is imported late, after _bench has set the offline environment
+    import torch
 
 # --- GPU assumptions (estimates only) --------------------------------------------------------
 H100_BF16_DENSE_FLOPS = 989e12      # H100 SXM bf16 dense peak (no sparsity)
