@@ -47,6 +47,10 @@ from probe_dpo.errors import UserError, find_user_error, one_line
 
 log = logging.getLogger(__name__)
 
+# True once init_ray has started the embedded local cluster in this process (the driver's
+# machine is then the whole cluster); False when it joined one or Ray was started elsewhere.
+_STARTED_LOCAL_CLUSTER = False
+
 # Credentials: never forwarded through runtime_env.env_vars.
 SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
                 "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -210,6 +214,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *,
             # "local": always a new local cluster. Plain ray.init() would join whatever cluster
             # `ray start` last started on this machine, with other CPUs and another environment.
             ray.init(address=address or "local", runtime_env=renv, **options)
+        global _STARTED_LOCAL_CLUSTER
+        _STARTED_LOCAL_CLUSTER = address is None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"cannot start or join Ray at {address or 'a local cluster'}: {one_line(exc)[:300]}") from None
     finally:
@@ -227,9 +233,76 @@ def _address(ray: Any) -> str:
 
 
 def cluster_gpus() -> int:
+    """GPUs the Ray cluster has now, or can have: the most its autoscaler may add when it
+    declares its node types (KubeRay, autoscaler v2), whichever is larger. An autoscaling
+    cluster that starts with no GPU node still counts the GPUs it can scale to."""
     import ray
 
-    return int(ray.cluster_resources().get("GPU", 0))
+    now = int(ray.cluster_resources().get("GPU", 0))
+    try:  # the same reading Ray Train makes of the autoscaler's cluster config
+        from ray._private.state import state
+
+        most = int((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+    except Exception:  # noqa: BLE001 - no autoscaler config (a local or fixed-size cluster)
+        most = 0
+    return max(now, min(most, 1 << 20))
+
+
+def resolve_use_gpu(setting: bool | str) -> bool:
+    """``use_gpu`` as a bool: ``auto`` is true when the cluster has or can autoscale to a GPU.
+
+    Resolved once per entry point (a training run, an experiment), after Ray is up, so every
+    component after it (Train workers, extraction and sampling actors, evaluation tasks) uses
+    the same answer and the run's config and keys record the bool that ran."""
+    if setting == "auto":
+        return cluster_gpus() > 0
+    return bool(setting)
+
+
+def run_heavy(fn: Callable[..., Any], *args: Any, use_gpu: bool, threads: int | None = None) -> Any:
+    """``fn(*args)`` where model work belongs. Joined to a cluster (an address, a Ray job, or a
+    Ray this process did not start): a Ray task with declared resources (one GPU when
+    ``use_gpu``, else one CPU slot with ``threads`` torch threads), outside any placement group,
+    so the driver on the head node loads no model and a GPU stage waits for a GPU node instead
+    of running on the head's CPUs. On the embedded local default (``init_ray()`` started Ray
+    here, so this machine is the cluster): in this process, where its progress shows.
+
+    A UserError raised inside the task comes back as itself (one line for the user)."""
+    import ray
+
+    if _STARTED_LOCAL_CLUSTER or not ray.is_initialized():
+        return fn(*args)
+    options: dict[str, Any] = {"num_cpus": 1, "max_retries": 0, "scheduling_strategy": "DEFAULT"}
+    if use_gpu:
+        options["num_gpus"] = 1
+    task = ray.remote(_in_task).options(**options)
+    try:
+        return ray.get(task.remote(fn, threads, *args))
+    except Exception as exc:  # noqa: BLE001 - a UserError raised in the task is the user's
+        raise unwrap_ray_error(exc) from None
+
+
+def _in_task(fn: Callable[..., Any], threads: int | None, *args: Any) -> Any:
+    import torch
+
+    from probe_dpo.logs import setup as setup_logs
+
+    setup_logs()  # a task runs in its own worker process
+    if threads:  # Ray sets OMP_NUM_THREADS to the task's CPU slots (1)
+        torch.set_num_threads(threads)
+    return fn(*args)
+
+
+def gpu_actors(asked: int, gpus: int, what: str) -> int:
+    """Actors that each take one GPU: no more than the cluster has or can add (more would wait
+    for a GPU that never comes, a silent hang on a one-GPU machine)."""
+    if gpus == 0:
+        log.warning(f"{what}: use_gpu is set but the Ray cluster has no GPU and declares none it can add; "
+                    "its actors wait for a GPU node to join")
+        return asked
+    if asked > gpus:
+        log.info(f"{what}: {asked} actors asked, the cluster has {gpus} GPU(s): starting {gpus}, one GPU each")
+    return min(asked, gpus)
 
 
 def unwrap_ray_error(exc: BaseException) -> BaseException:

@@ -6,6 +6,8 @@ real local Ray head, with its driver killed mid-run and the job resubmitted.
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from probe_dpo.cli import main
@@ -79,3 +81,30 @@ def test_a_rebuilt_testbed_replaces_the_published_data(s3_bucket, tmp_path):
     tb = prepare_testbed(cfg, run)
     assert storage.read_text(storage.join(tb["uri"], "data", "prompts.jsonl")) == '{"prompt": "new"}\n'
     assert storage.read_json(storage.join(tb["uri"], "testbed.json"))["content_hash"] == "b" * 64
+
+
+def test_on_a_joined_cluster_the_driver_runs_no_model_forward(ray_cluster, tiny_model_dir, tmp_path):
+    """Joined to a cluster (here the session's Ray, which the experiment did not start), the
+    driver only orchestrates: the testbed build, probe extraction and fitting, training and
+    evaluation run in Ray workers with declared resources. A process-wide forward hook counts
+    every module forward of this process, the driver's."""
+    import torch
+
+    from probe_dpo.config import from_dict
+    from probe_dpo.workflows.toxicity import run
+
+    calls: list[str] = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, _: calls.append(type(m).__name__))
+    try:
+        torch.nn.Linear(2, 2)(torch.zeros(1, 2))  # the control: a forward here is counted
+        assert calls == ["Linear"]
+        calls.clear()
+        raw = tiny_config(str(tiny_model_dir), str(tmp_path / "run"), ["sft"])
+        raw["distributed"] = {"workers": 1}
+        out = run(from_dict(ExperimentConfig, raw, "test config"))
+    finally:
+        handle.remove()
+    assert calls == []
+    assert [r["arm"] for r in out["rows"]] == ["sft"] and out["rows"][0]["perplexity"] > 1
+    ctx = json.loads((tmp_path / "run" / "shared" / "context.json").read_text())
+    assert ctx["use_gpu"] is (torch.cuda.is_available())  # "auto", resolved once, as the bool that ran

@@ -121,17 +121,20 @@ class ExtractorPool:
                  use_gpu: bool | None = None, address: str | None = None, dtype: str = "float32"):
         import ray
 
-        from probe_dpo.ray_utils import cluster_gpus, init_ray, unwrap_ray_error
+        from probe_dpo.ray_utils import cluster_gpus, gpu_actors, init_ray, unwrap_ray_error
 
         if threads_per_actor < 1:
             raise UserError(f"threads_per_actor must be >= 1, got {threads_per_actor}")
         if actors is not None and actors < 1:
             raise UserError(f"actors must be >= 1, got {actors}")
         init_ray(address)
+        gpus = cluster_gpus()
         if use_gpu is None:
-            use_gpu = cluster_gpus() > 0
+            use_gpu = gpus > 0
         if actors is None:
-            actors = max(1, cluster_gpus()) if use_gpu else 2
+            actors = max(1, gpus) if use_gpu else 2
+        elif use_gpu:
+            actors = gpu_actors(actors, gpus, "extraction")
         self.model, self.dtype, self.use_gpu = str(model), dtype, use_gpu
         self.threads_per_actor = threads_per_actor
         t0 = time.perf_counter()

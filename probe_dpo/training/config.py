@@ -160,8 +160,9 @@ class OptimSettings:
 class DistributedSettings:
     workers: int = bounded(2, ge=1)
     """Ray Train workers, each a DeepSpeed engine."""
-    use_gpu: bool = False
-    """One GPU per worker, bf16. On CPU: fp32 and gloo."""
+    use_gpu: bool | Literal["auto"] = "auto"
+    """One GPU per worker, bf16, NCCL (and GPUs for the sampling actors and evaluation tasks).
+    false: fp32 on CPUs over gloo. auto: GPUs when the Ray cluster has or can autoscale to them."""
     zero_stage: int = bounded(2, ge=0, le=3)
     """DeepSpeed ZeRO stage (0: plain data parallel; 3 partitions the weights too)."""
     offload: bool = False

@@ -19,6 +19,7 @@ re-run; an interrupted one resumes from its latest checkpoint in storage.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -257,6 +258,12 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
     # relative paths mean the caller's folder; Ray Train workers run elsewhere (issue 19)
     cfg = storage.absolute_paths(cfg, ("testbed", "model", "probes", "data.prompts", "data.sft", "data.pairs",
                                        "data.candidates"), outputs=("out",))
+    if cfg.distributed.use_gpu == "auto":  # one answer for every component, and in the config's key
+        from probe_dpo.ray_utils import resolve_use_gpu
+
+        init_ray(cfg.distributed.address)
+        cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(
+            cfg.distributed, use_gpu=resolve_use_gpu(cfg.distributed.use_gpu)))
     plan = prepare(cfg)
     out = cfg.out
     chash = plan.config_hash

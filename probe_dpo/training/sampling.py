@@ -107,6 +107,10 @@ def sample_candidates(model: str, prompts: Sequence[dict], *, k: int, settings: 
         from ray.util import ActorPool
 
         n = min(actors, len(tasks))
+        if use_gpu:
+            from probe_dpo.ray_utils import cluster_gpus, gpu_actors
+
+            n = gpu_actors(n, cluster_gpus(), "sampling")
         # "DEFAULT": outside a Tune trial's placement group (whose slots its Train workers hold),
         # so an on-policy round inside a trial can start its samplers
         options: dict[str, Any] = {"num_cpus": threads_per_actor, "scheduling_strategy": "DEFAULT"}

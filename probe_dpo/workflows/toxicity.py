@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: ExperimentConfig) -> dict:
     """The whole experiment; re-running it skips everything already complete."""
-    from probe_dpo.ray_utils import init_ray
+    from probe_dpo.ray_utils import init_ray, resolve_use_gpu
 
     t0 = time.perf_counter()
     # Tune trials and Ray workers run in other working directories: no relative paths past here
@@ -68,13 +68,16 @@ def run(cfg: ExperimentConfig) -> dict:
     run_uri = cfg.storage
     storage.exists(run_uri)  # an unreachable bucket fails here, before any compute
     storage.write_text(storage.join(run_uri, "config.yaml"), dump_yaml(cfg))
+    dist = cfg.distributed
+    cpus = cfg.ray_cpus or max(len(os.sched_getaffinity(0)), dist.workers * dist.threads_per_worker) + 2
+    init_ray(cfg.address, num_cpus=cpus if cfg.address is None else None)
+    # one answer for every stage, trial, actor and task (and the bool, not "auto", in their keys)
+    cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(dist, use_gpu=resolve_use_gpu(dist.use_gpu)))
+    log.info(f"devices: {'GPUs (one per Train worker, sampler and model stage)' if cfg.distributed.use_gpu else 'CPUs'}")
     t = time.perf_counter()
     tb = prepare_testbed(cfg, run_uri)
     if time.perf_counter() - t > 5:  # built now (a cache hit takes a moment)
         record_timing(run_uri, "testbed", time.perf_counter() - t)
-    dist = cfg.distributed
-    cpus = cfg.ray_cpus or max(len(os.sched_getaffinity(0)), dist.workers * dist.threads_per_worker) + 2
-    init_ray(cfg.address, num_cpus=cpus if cfg.address is None else None)
     probes = prepare_probes(cfg, run_uri, tb)  # each stage records its time when it runs
     ctx = eval_context(cfg, run_uri, tb, probes)
     storage.write_json(storage.join(run_uri, "shared", "context.json"), {**ctx, "arms": cfg.arms, "seeds": cfg.seeds,

@@ -25,7 +25,7 @@ def eval_context(cfg: ExperimentConfig, run: str, tb: dict, probes: dict) -> dic
     return {"run": run, "testbed": tb["uri"], "base_model": tb["model"], "probes": probes["ensemble"],
             "retrain_layers": sorted({probes["best_layer"], *probes["ensemble_layers"]}),
             "best_probe": probes["best_probe"], "best_layer": probes["best_layer"], "held_out": probes["held_out"],
-            "generation": generation_settings(tb["local"]).to_dict(), "eval": to_dict(e),
+            "generation": generation_settings(tb["uri"]).to_dict(), "eval": to_dict(e),
             "threads": e.threads or len(os.sched_getaffinity(0)), "use_gpu": cfg.distributed.use_gpu,
             "behaviour": cfg.behaviour.name}
 

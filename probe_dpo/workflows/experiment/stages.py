@@ -71,7 +71,18 @@ def record_timing(run: str, stage: str, seconds: float) -> None:
 
 
 def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
-    """A local testbed folder for the driver and the URIs trials read (remote runs publish it)."""
+    """The URIs trials read (``uri``, ``model``) and the testbed's summary (``info``).
+
+    Building samples from the model, so it runs where model work belongs (``run_heavy``: a
+    Ray task on a joined cluster, in this process on the embedded local default); the
+    driver then reads only storage."""
+    from probe_dpo.ray_utils import run_heavy
+
+    return run_heavy(build_testbed_stage, cfg, run, use_gpu=cfg.distributed.use_gpu is True)
+
+
+def build_testbed_stage(cfg: ExperimentConfig, run: str) -> dict:
+    """Build (or check) the testbed in a local folder of this node; remote runs publish it."""
     from probe_dpo.testbed import build_testbed, cache_dir, config_hash
 
     if cfg.testbed_dir:
@@ -112,7 +123,7 @@ def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
             if not (current and storage.exists(target)):
                 storage.write_bytes(target, f.read_bytes())
         storage.write_bytes(info_uri, (local / "testbed.json").read_bytes())
-    return {"local": str(local), "uri": base, "model": storage.join(base, "model"), "info": info}
+    return {"uri": base, "model": storage.join(base, "model"), "info": info}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,14 +153,6 @@ def resolve_train_layer(p: ProbeSettings, num_layers: int) -> tuple[list[int], i
 def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
     """Train the probe set once; save the ensemble and single views; rank the candidates
     (cross-fitted); write the positive control's SFT data."""
-    import numpy as np
-    import torch
-
-    from probe_dpo.data import read_records, write_records
-    from probe_dpo.model import model_facts
-    from probe_dpo.probes import ProbeSet, ProbeTrainConfig, cross_fit_scores, train_probes
-    from probe_dpo.training.pairs import build_pairs
-
     p = cfg.probes
     key = json_digest([tb["info"]["content_hash"], to_dict(p), to_dict(cfg.pairs), cfg.judge])
     uris = {"ensemble": storage.join(run, "probes", "ensemble"), "single": storage.join(run, "probes", "single")}
@@ -159,17 +162,47 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
     extra = {"pairs": pairs_uri, "control_sft": control_uri}
     if cached(marker, key, "probes and pairs"):
         return {**uris, **extra, **storage.read_json(storage.join(marker, "summary.json"))}
+    from probe_dpo.ray_utils import run_heavy
+
     t0 = time.perf_counter()
-    layers, train_layer = resolve_train_layer(p, model_facts(os.path.join(tb["local"], "model"))["num_layers"])
+    summary = run_heavy(build_probes_and_pairs, cfg, run, tb, uris, pairs_uri, control_uri,
+                        use_gpu=cfg.distributed.use_gpu is True, threads=cfg.eval.threads or _cores())
+    publish_json(marker, {"summary.json": summary}, {"kind": "probes-and-pairs", "key": key})
+    record_timing(run, "probes_and_pairs", time.perf_counter() - t0)
+    return {**uris, **extra, **summary}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def build_probes_and_pairs(cfg: ExperimentConfig, run: str, tb: dict, uris: dict, pairs_uri: dict,
+                           control_uri: str) -> dict:
+    """The model work of ``prepare_probes``: extract the base model's activations, fit the
+    probe set, score the candidates (cross-fitted) and write the pairs and the control's data.
+    On a GPU: extraction in bf16, the probe math in fp32."""
+    import numpy as np
+    import torch
+
+    from probe_dpo.data import read_records, write_records
+    from probe_dpo.model import model_facts
+    from probe_dpo.probes import ProbeSet, ProbeTrainConfig, cross_fit_scores, train_probes
+    from probe_dpo.training.pairs import build_pairs
+
+    p = cfg.probes
+    model_dir = storage.join(tb["uri"], "model")
+    layers, train_layer = resolve_train_layer(p, model_facts(model_dir)["num_layers"])
     pcfg = load_config(ProbeTrainConfig, None, [])
+    gpu = cfg.distributed.use_gpu is True and torch.cuda.is_available()
     pcfg = dataclasses.replace(pcfg, layers=layers, c_grid=list(p.c_grid), batch_size=p.batch_size,
-                               max_length=p.max_length, seed=0)
+                               max_length=p.max_length, seed=0, device="cuda" if gpu else "cpu",
+                               dtype="bfloat16" if gpu else "float32")
     pcfg.train_probe.kind = p.ensemble_kind if p.ensemble_size > 1 else "single"
     pcfg.train_probe.n = p.ensemble_size
     pcfg.train_probe.layer = train_layer
     pcfg.held_out.data_fraction = p.held_out_fraction
     log.info("probes: extracting base activations and fitting the per-layer sweep")
-    result = train_probes(pcfg, testbed=tb["local"], out=uris["ensemble"], keep_features=True)
+    result = train_probes(pcfg, testbed=tb["uri"], out=uris["ensemble"], keep_features=True)
     ensemble = result.probeset
     members = ensemble.train_probes
     best = (members[0] if train_layer is not None else
@@ -179,7 +212,7 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
     single.save(uris["single"], extra_files={"report.md": result.markdown})
 
     # candidates: the base policy's K continuations of each toxic training prompt (probe-train split)
-    rows = read_records(os.path.join(tb["local"], "data", "probe_train.jsonl"))
+    rows = read_records(storage.join(tb["uri"], "data", "probe_train.jsonl"))
     feats = result.features["train"]
     labels = np.array([int(r["label"]) for r in rows])
     prompt_ids = [r.get("prompt_id", r["prompt"]) for r in rows]
@@ -233,6 +266,4 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
                "held_out": [q.name for q in ensemble.held_out_probes], "pair_stats": stats,
                "cross_fit_folds": cfg.pairs.cross_fit_folds, "control_rows": len(control),
                "probe_report": result.report, "candidates": len(candidates)}
-    publish_json(marker, {"summary.json": summary}, {"kind": "probes-and-pairs", "key": key})
-    record_timing(run, "probes_and_pairs", time.perf_counter() - t0)
-    return {**uris, **extra, **summary}
+    return summary

@@ -1,0 +1,33 @@
+"""Device choice and where model work runs (``probe_dpo.ray_utils``), on the session's Ray."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from probe_dpo.errors import UserError
+from probe_dpo.ray_utils import cluster_gpus, gpu_actors, resolve_use_gpu, run_heavy
+from probe_dpo.testbed import read_testbed_info
+
+
+def test_auto_resolves_to_what_the_cluster_has(ray_cluster):
+    gpus = int(ray_cluster.cluster_resources().get("GPU", 0))
+    assert cluster_gpus() == gpus
+    assert resolve_use_gpu("auto") is (gpus > 0)
+    assert resolve_use_gpu(True) is True and resolve_use_gpu(False) is False
+
+
+def test_gpu_actors_never_ask_for_more_gpus_than_the_cluster_has():
+    assert gpu_actors(4, 1, "extraction") == 1  # on a one-GPU box: one actor, not a hang
+    assert gpu_actors(2, 8, "sampling") == 2
+    assert gpu_actors(3, 0, "sampling") == 3  # none yet: they wait for an autoscaled GPU node
+
+
+def test_model_work_runs_in_a_ray_task_with_its_threads_on_a_joined_cluster(ray_cluster):
+    import torch
+
+    assert run_heavy(os.getpid, use_gpu=False) != os.getpid()
+    assert run_heavy(torch.get_num_threads, use_gpu=False, threads=3) == 3
+    with pytest.raises(UserError, match="^testbed /nonexistent: no testbed.json"):  # comes back as itself
+        run_heavy(read_testbed_info, "/nonexistent", use_gpu=False)
