@@ -51,6 +51,7 @@ import numpy as np
 from probe_dpo import artifacts, storage
 from probe_dpo.config import bounded, to_dict
 from probe_dpo.errors import UserError
+from probe_dpo.testbed.layout import TestbedPaths
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
     _check(cfg)
     t0 = time.perf_counter()
     info = read_testbed_info(testbed_dir)
-    files = {f"probe_{s}": storage.join(testbed_dir, "data", f"probe_{s}.jsonl") for s in cfg.splits}
+    files = {f"probe_{s}": TestbedPaths(testbed_dir).data(f"probe_{s}") for s in cfg.splits}
     inputs = {}
     for name, uri in files.items():
         if not storage.exists(uri):

@@ -10,6 +10,7 @@ from typing import Any
 
 from probe_dpo import storage
 from probe_dpo.data import json_digest
+from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.workflows.attribution_study.inputs import Inputs
 from probe_dpo.workflows.attribution_study.scoring import model_key
 
@@ -87,8 +88,8 @@ def evaluate_model(inp: Inputs, name: str, model: str) -> dict:
     from probe_dpo.testbed import generation_settings
 
     ev = inp.cfg.evaluation
-    prompts_uri = ev.prompts or storage.join(inp.cfg.testbed, "data", "prompts_heldout.jsonl")
-    ppl_uri = ev.perplexity or storage.join(inp.cfg.testbed, "data", "perplexity.jsonl")
+    prompts_uri = ev.prompts or TestbedPaths(inp.cfg.testbed).data("prompts_heldout")
+    ppl_uri = ev.perplexity or TestbedPaths(inp.cfg.testbed).data("perplexity")
     settings = generation_settings(inp.cfg.testbed)
     key = json_digest({"model": policy_key(model), "eval": dataclasses.asdict(ev), "trigger": inp.trigger,
                         "settings": settings.to_dict(), "prompts": prompts_uri, "ppl": ppl_uri})

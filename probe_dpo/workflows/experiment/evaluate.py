@@ -11,6 +11,7 @@ from typing import Any
 from probe_dpo import storage
 from probe_dpo.config import to_dict
 from probe_dpo.logs import setup as setup_logs
+from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.workflows.experiment.config import ExperimentConfig
 from probe_dpo.workflows.experiment.stages import cached, publish_json, record_timing, sample_rows
 
@@ -33,15 +34,15 @@ def eval_context(cfg: ExperimentConfig, run: str, tb: dict, probes: dict) -> dic
 def _eval_inputs(ctx: dict) -> dict:
     from probe_dpo.data import read_records
 
-    e, tb = ctx["eval"], ctx["testbed"]
-    prompts = sorted(read_records(storage.join(tb, "data", "prompts_heldout.jsonl"), required=("prompt",)),
+    e, tb = ctx["eval"], TestbedPaths(ctx["testbed"])
+    prompts = sorted(read_records(tb.data("prompts_heldout"), required=("prompt",)),
                      key=lambda r: r["prompt_id"])[: e["heldout_prompts"] or None]
-    ppl = read_records(storage.join(tb, "data", "perplexity.jsonl"), required=("text",))[: e["perplexity_passages"] or None]
-    splits = {"train": sample_rows(read_records(storage.join(tb, "data", "probe_train.jsonl")), e["probe_train_rows"],
+    ppl = read_records(tb.data("perplexity"), required=("text",))[: e["perplexity_passages"] or None]
+    splits = {"train": sample_rows(read_records(tb.data("probe_train")), e["probe_train_rows"],
                                e["seed"], "train"),
-              "val": sample_rows(read_records(storage.join(tb, "data", "probe_val.jsonl")), e["probe_val_rows"],
+              "val": sample_rows(read_records(tb.data("probe_val")), e["probe_val_rows"],
                              e["seed"], "val"),
-              "test": read_records(storage.join(tb, "data", "probe_test.jsonl"))}
+              "test": read_records(tb.data("probe_test"))}
     return {"prompts": prompts, "perplexity": ppl, "splits": splits}
 
 

@@ -12,6 +12,7 @@ from probe_dpo.config import set_dotted, to_dict
 from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.logs import setup as setup_logs
+from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig, SearchSettings, target_role
 from probe_dpo.workflows.experiment.evaluate import eval_files, load_eval, run_eval
 from probe_dpo.workflows.experiment.results import flat_metrics, write_results
@@ -31,7 +32,7 @@ def train_config_dict(cfg: ExperimentConfig, ctx: dict, paths: dict, spec: dict)
     elif arm.data == "control":
         data["sft"] = paths["control_sft"]
     else:
-        data["sft"] = storage.join(ctx["testbed"], "data", "sft.jsonl")
+        data["sft"] = TestbedPaths(ctx["testbed"]).data("sft")
         data["max_sft"] = cfg.sft_rows
     out = {"method": arm.method, "model": ctx["base_model"],
            "out": storage.join(ctx["run"], "trials", spec["id"], "train"), "seed": spec["seed"], "judge": cfg.judge,
