@@ -203,7 +203,8 @@ def _build_pairs(plan: Plan, r: int, model: str, round_uri: str) -> tuple[list[d
                 model, plan.prompts, k=s.k, settings=plan.settings, seed=cfg.seed, round_index=r,
                 probes=cfg.probes if plan.probes is not None else None, aggregation=plan.aggregation,
                 actors=s.actors, threads_per_actor=s.threads_per_actor, use_gpu=cfg.distributed.use_gpu,
-                shard_size=s.shard_size, probe_model=plan.model if s.probe_reads == "base" else None)
+                accelerator_type=cfg.distributed.accelerator_type, shard_size=s.shard_size,
+                probe_model=plan.model if s.probe_reads == "base" else None)
         key = classifier_key(cfg.judge)
         if not all(key in c["scores"] for c in candidates):
             add_classifier_scores(candidates, cfg.judge)

@@ -28,6 +28,7 @@ def eval_context(cfg: ExperimentConfig, run: str, tb: dict, probes: dict) -> dic
             "best_probe": probes["best_probe"], "best_layer": probes["best_layer"], "held_out": probes["held_out"],
             "generation": generation_settings(tb["uri"]).to_dict(), "eval": to_dict(e),
             "threads": e.threads or len(os.sched_getaffinity(0)), "use_gpu": cfg.distributed.use_gpu,
+            "accelerator_type": cfg.distributed.accelerator_type,
             "behaviour": cfg.behaviour.name}
 
 
@@ -142,9 +143,9 @@ def run_eval(model_uri: str, ctx: dict, reference: dict | None, target: str = "t
     """``evaluate_model`` as a Ray task: on a GPU when the run uses GPUs, else on this node's CPUs."""
     import ray
 
-    from probe_dpo.ray_utils import unwrap_ray_error
+    from probe_dpo.ray_utils import gpu_options, unwrap_ray_error
 
-    options = {"num_gpus": 1, "num_cpus": 1} if ctx["use_gpu"] else {"num_cpus": 1}
+    options = gpu_options(ctx["use_gpu"], ctx.get("accelerator_type"))
     # "DEFAULT": outside the Tune trial's placement group, whose slots the Train workers used
     task = ray.remote(evaluate_model).options(max_retries=0, scheduling_strategy="DEFAULT", **options)
     try:

@@ -79,7 +79,8 @@ def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
     driver then reads only storage."""
     from probe_dpo.ray_utils import run_heavy
 
-    return run_heavy(build_testbed_stage, cfg, run, use_gpu=cfg.distributed.use_gpu is True)
+    return run_heavy(build_testbed_stage, cfg, run, use_gpu=cfg.distributed.use_gpu is True,
+                     accelerator_type=cfg.distributed.accelerator_type)
 
 
 def build_testbed_stage(cfg: ExperimentConfig, run: str) -> dict:
@@ -167,7 +168,8 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
 
     t0 = time.perf_counter()
     summary = run_heavy(build_probes_and_pairs, cfg, run, tb, uris, pairs_uri, control_uri,
-                        use_gpu=cfg.distributed.use_gpu is True, threads=cfg.eval.threads or _cores())
+                        use_gpu=cfg.distributed.use_gpu is True, threads=cfg.eval.threads or _cores(),
+                        accelerator_type=cfg.distributed.accelerator_type)
     publish_json(marker, {"summary.json": summary}, {"kind": "probes-and-pairs", "key": key})
     record_timing(run, "probes_and_pairs", time.perf_counter() - t0)
     return {**uris, **extra, **summary}

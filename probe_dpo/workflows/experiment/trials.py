@@ -67,6 +67,14 @@ def check_arm_settings(cfg: ExperimentConfig) -> None:
                   f"arm {arm} (its settings and arm_settings.{arm})")
 
 
+def trial_key_fields(tdict: dict) -> dict:
+    """What identifies a trial's result: its training config without where it is logged or which
+    GPU type runs it (so changing those reuses a finished trial)."""
+    out = {k: v for k, v in tdict.items() if k != "tracking"}
+    out["distributed"] = {k: v for k, v in out["distributed"].items() if k != "accelerator_type"}
+    return out
+
+
 def run_trial(config: dict) -> None:
     """A Tune function trainable: train one arm and seed on Ray Train, evaluate, report."""
     from ray import tune
@@ -81,7 +89,7 @@ def run_trial(config: dict) -> None:
     if spec.get("overrides"):
         spec = {**spec, "id": f"search-{spec['arm']}-{json_digest(spec['overrides'])[:8]}"}
     tdict = train_config_dict(cfg, ctx, paths, spec)
-    key = json_digest([{k: v for k, v in tdict.items() if k != "tracking"}, ctx["eval"], config["base_key"]])
+    key = json_digest([trial_key_fields(tdict), ctx["eval"], config["base_key"]])
     eval_uri = storage.join(ctx["run"], "trials", spec["id"], "eval")
     if not cached(eval_uri, key, f"trial {spec['id']}"):
         tcfg = from_dict(TrainConfig, tdict, f"trial {spec['id']}")
