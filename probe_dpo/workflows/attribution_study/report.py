@@ -104,10 +104,11 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
                          f"chosen `{ex['chosen'][:70]}` · rejected `{ex['rejected'][:70]}`")
 
     rep.heading("Concept audit")
-    rep.table(["direction", "scope", "pairs", "Δ [95% CI]", "d", "split-half", "push"],
+    rep.table(["direction", "scope", "pairs", "Δ [95% CI]", "d", "split-half", "p (Holm)", "push"],
               [[r["direction"], r["scope"], r["pairs"], fmt_ci(r["delta"], r["ci_low"], r["ci_high"], 4), fmt(r["d"]),
-                fmt(r["split_half"], 2), r["direction_of_push"]] for r in result["audit"]],
-              caption="Mean projection of (chosen − rejected) on each direction, overall and per source")
+                fmt(r["split_half"], 2), fmt(r.get("p_holm"), 4), r["direction_of_push"]] for r in result["audit"]],
+              caption="Mean projection of (chosen − rejected) on each direction, overall and per source; a push is "
+                      "called where the t-test's p, Holm-adjusted over every row, is below 0.05")
 
     if arms:
         rep.heading("Mitigations")
