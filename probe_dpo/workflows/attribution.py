@@ -79,6 +79,7 @@ def run(cfg: AttributionConfig) -> dict:
         "direction": result["primary"].name, "k": result["k"], "scores": scores_uri,
         "method_labels": method_labels(inp, result),
         "sources": result["tables"], "recall": {m: v["recall_at_k"] for m, v in (recall or {}).items()},
+        "recall_budgets": {m: {b: r["recall"] for b, r in v["budgets"].items()} for m, v in (recall or {}).items()},
         "recall_curves": {m: v["curve"] for m, v in (recall or {}).items()},
         "timings": result["timings"], "comparators": result["comparators"],
         "clusters": {k: v for k, v in (result["clusters"] or {}).items() if k not in ("labels", "centroids")},

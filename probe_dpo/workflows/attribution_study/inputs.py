@@ -33,6 +33,9 @@ class Inputs:
     trigger: str
     testbed_info: dict | None
     judge: str
+    planted: np.ndarray | None = None
+    """Which pairs carry the planted, unlabelled behaviour (evaluation only; a mix built with
+    planted_source)."""
 
 
 def sample_behaviour(records: list[dict], per_class: int, seed: int) -> list[dict]:
@@ -160,4 +163,8 @@ def prepare(cfg: AttributionConfig) -> Inputs:
         if not (cfg.evaluation.perplexity or cfg.testbed):
             raise UserError("retrain.enabled needs evaluation.perplexity (benign texts) or a testbed")
     storage.exists(cfg.out)  # an unreachable bucket fails here
-    return Inputs(cfg, model, pairs_uri, pairs, probeset, probe, layer, behaviour, bad, mix, trigger, info, judge)
+    planted = None
+    if mix and mix.get("planted") and labels_uri:
+        planted = read_poison_labels(labels_uri, pairs, column="planted")
+    return Inputs(cfg, model, pairs_uri, pairs, probeset, probe, layer, behaviour, bad, mix, trigger, info, judge,
+                  planted)
