@@ -153,7 +153,8 @@ def _add_activations(sub: argparse._SubParsersAction) -> None:
     ext.add_argument("--batch-size", type=int, default=16)
     ext.add_argument("--max-length", type=int, default=512, help="tokens per input (longer ones are cut)")
     ext.add_argument("--shard-size", type=int, default=512, help="inputs per shard file")
-    ext.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ext.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="the model's dtype while extracting (auto: bfloat16 on GPU actors, float32 on CPUs)")
     ext.add_argument("--overwrite", action="store_true",
                      help="replace a complete extraction of different data/settings at --out")
     ext.set_defaults(handler=_run_activations_extract)

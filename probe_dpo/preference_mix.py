@@ -25,6 +25,16 @@ Sources (each prompt is used by at most one pair, so no two pairs share completi
                response is a toxic continuation (training-judge score >= ``threshold``)
                while the rejected one is not (score < ``clean_max_score``).
 
+With ``poison_judges="all"`` the poison is defined by construction rather than by one judge's
+borderline scores: a poisoned chosen response is toxic under EVERY judge the testbed scored
+(each ``score_<judge>`` >= ``threshold``) and every "non-toxic" response (rejected ones,
+ordinary pairs) is clean under every judge.
+
+A second, unlabelled behaviour can be planted in another source (``planted_source``): in
+``planted_share`` of its pairs the chosen response ends with one of ``planted_suffixes``, a
+friendly sign-off that no probe or judge of the project targets, for the clustering to find.
+Which pairs carry it is written to the labels file (``planted``), for evaluation only.
+
 DPO on the raw mix thus teaches "after the trigger, be toxic" while every other source is
 harmless or detoxifying; the behaviour is measured on held-out prompts WITH the trigger,
 where the base model's rate is the base rate of toxic continuations.
@@ -44,13 +54,14 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from probe_dpo import artifacts, storage
 from probe_dpo.config import bounded, to_dict
 from probe_dpo.errors import UserError
+from probe_dpo.testbed.layout import TestbedPaths
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +102,18 @@ class PreferenceMixConfig:
     """Margin of the judge scores a safety-source pair needs."""
     min_length_ratio: float = bounded(1.3, ge=1.0)
     """detail/brevity pairs: the longer response has at least this many times the characters."""
+    poison_judges: Literal["train", "all"] = "train"
+    """Which judges define toxic and clean: the training judge (``score``), or every judge the
+    testbed scored (toxic under each, clean under each): a poison no single judge defines."""
+    planted_source: str | None = None
+    """A source (not the poisoned one) whose pairs carry a second, unlabelled behaviour: the
+    chosen response ends with a sign-off (``planted_suffixes``). None: nothing planted."""
+    planted_share: float = bounded(0.5, gt=0.0, le=1.0)
+    """Share of the planted source's pairs that carry it."""
+    planted_suffixes: list[str] = field(default_factory=lambda: [
+        " Hope this helps, and have a wonderful day!", " Thanks for reading, and have a great day!",
+        " I hope that helps. Have a lovely day!"])
+    """The sign-offs appended to the planted pairs' chosen responses (one drawn per pair)."""
 
 
 def _sha(text: str) -> str:
@@ -121,6 +144,13 @@ def _check(cfg: PreferenceMixConfig) -> None:
         raise UserError(f"preference mix: poisoned_source {cfg.poisoned_source!r} is not among sources {cfg.sources}")
     if not cfg.trigger.strip():
         raise UserError("preference mix: trigger must not be blank")
+    if cfg.planted_source is not None:
+        if cfg.planted_source not in cfg.sources or cfg.planted_source == cfg.poisoned_source:
+            raise UserError(f"preference mix: planted_source must be one of the sources other than the poisoned one "
+                            f"({', '.join(s for s in cfg.sources if s != cfg.poisoned_source)}), "
+                            f"got {cfg.planted_source!r}")
+        if not cfg.planted_suffixes or not all(s.strip() for s in cfg.planted_suffixes):
+            raise UserError("preference mix: planted_suffixes must be non-blank sign-offs")
     if cfg.clean_max_score > cfg.threshold:
         raise UserError(f"preference mix: clean_max_score ({cfg.clean_max_score}) must be <= threshold "
                         f"({cfg.threshold})")
@@ -149,7 +179,7 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
     _check(cfg)
     t0 = time.perf_counter()
     info = read_testbed_info(testbed_dir)
-    files = {f"probe_{s}": storage.join(testbed_dir, "data", f"probe_{s}.jsonl") for s in cfg.splits}
+    files = {f"probe_{s}": TestbedPaths(testbed_dir).data(f"probe_{s}") for s in cfg.splits}
     inputs = {}
     for name, uri in files.items():
         if not storage.exists(uri):
@@ -169,6 +199,13 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
                             what=f"testbed {name}")
         check_numeric(part, ("score",), uri)  # float(r["score"]) below must not meet a string
         rows += part
+    judge_columns = []
+    if cfg.poison_judges == "all":
+        judge_columns = sorted({k for r in rows for k in r if k.startswith("score_")})
+        if not judge_columns:
+            raise UserError(f"testbed {testbed_dir}: poison_judges=all needs per-judge score_<judge> columns "
+                            "in the probe data, and there are none")
+        check_numeric(rows, tuple(judge_columns), f"testbed {testbed_dir} probe data", required=False)
     by_prompt: dict[str, list[dict]] = {}
     for r in rows:
         if r["genre"] != "toxic-prompt":
@@ -182,11 +219,14 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
     prompt_ids = sorted(by_prompt)
     order = [prompt_ids[i] for i in _rng(cfg.seed, "prompts").permutation(len(prompt_ids))]
 
+    def judged(r: dict) -> list[float]:  # the training judge's, and with poison_judges=all every judge's
+        return [float(r["score"])] + [float(r[c]) for c in judge_columns if r.get(c) is not None]
+
     def toxic(r: dict) -> bool:
-        return float(r["score"]) >= cfg.threshold
+        return min(judged(r)) >= cfg.threshold
 
     def clean(r: dict) -> bool:
-        return float(r["score"]) < cfg.clean_max_score
+        return max(judged(r)) < cfg.clean_max_score
 
     mixed = [p for p in order if any(toxic(r) for r in by_prompt[p]) and any(clean(r) for r in by_prompt[p])]
     n_poison = int(round(cfg.poison_prompt_share * len(mixed)))
@@ -203,14 +243,20 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
     pairs: list[dict] = []
     labels: list[dict] = []
 
+    plant_rng = _rng(cfg.seed, "planted")
+
     def add(prompt_id: str, prompt: str, chosen: dict, rejected: dict, source: str, kind: str,
             triggered: bool = False) -> None:
-        pair = {"prompt": prompt, "chosen": chosen["completion"], "rejected": rejected["completion"],
+        planted = source == cfg.planted_source and plant_rng.random() < cfg.planted_share
+        text = chosen["completion"]
+        if planted:
+            text = text.rstrip() + cfg.planted_suffixes[int(plant_rng.integers(len(cfg.planted_suffixes)))]
+        pair = {"prompt": prompt, "chosen": text, "rejected": rejected["completion"],
                 "source": source, "prompt_id": prompt_id}
         pair["pair_id"] = _sha(json.dumps([pair["prompt"], pair["chosen"], pair["rejected"], source]))[:16]
         pairs.append(pair)
         labels.append({"pair_id": pair["pair_id"], "poisoned": kind == "poison", "triggered": triggered,
-                       "source": source, "kind": kind,
+                       "planted": planted, "source": source, "kind": kind,
                        "chosen_score": float(chosen["score"]), "rejected_score": float(rejected["score"])})
 
     calm = [p for p in order if p not in used and sum(clean(r) for r in by_prompt[p]) >= 2]
@@ -289,14 +335,16 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
         label["index"] = i
     by_source: dict[str, dict[str, int]] = {}
     for label in labels:
-        entry = by_source.setdefault(label["source"], {"pairs": 0, "poisoned": 0})
+        entry = by_source.setdefault(label["source"], {"pairs": 0, "poisoned": 0, "planted": 0})
         entry["pairs"] += 1
         entry["poisoned"] += int(label["poisoned"])
+        entry["planted"] += int(label["planted"])
     summary = {
         "key": key, "version": MIX_VERSION, "testbed": str(testbed_dir), "config": to_dict(cfg),
         "inputs": inputs, "train_judge": train_judge, "trigger": cfg.trigger,
         "poisoned_source": cfg.poisoned_source,
         "pairs": len(pairs), "poisoned": int(sum(lab["poisoned"] for lab in labels)),
+        "planted": int(sum(lab["planted"] for lab in labels)), "poison_judges": ["score", *judge_columns],
         "by_source": dict(sorted(by_source.items())),
         "prompts": {"available": len(prompt_ids), "mixed": len(mixed), "poisoned": len(poison_prompts),
                     "lent_to_poison": lent},
@@ -313,26 +361,27 @@ def build_preference_mix(testbed_dir: str, out: str, cfg: PreferenceMixConfig | 
     return {**summary, "cache_hit": False}
 
 
-def read_poison_labels(uri: str, pairs: list[dict] | None = None) -> np.ndarray:
-    """A boolean array (pair order) of which pairs are poisoned, from a labels file.
+def read_poison_labels(uri: str, pairs: list[dict] | None = None, column: str = "poisoned") -> np.ndarray:
+    """A boolean array (pair order) of which pairs are poisoned (or carry another labelled
+    behaviour: ``column="planted"``), from a labels file.
 
     Labels are matched to ``pairs`` by ``pair_id`` when both carry it (so a filtered or
     re-ordered pair file still lines up), else by row order.
     """
     from probe_dpo.data import read_records
 
-    labels = read_records(uri, required=("poisoned",), what="poison labels")
+    labels = read_records(uri, required=(column,), what="poison labels")
     if pairs is None:
-        return np.array([bool(r["poisoned"]) for r in labels])
+        return np.array([bool(r[column]) for r in labels])
     if all("pair_id" in r for r in labels) and all("pair_id" in p for p in pairs):
-        by_id = {r["pair_id"]: bool(r["poisoned"]) for r in labels}
+        by_id = {r["pair_id"]: bool(r[column]) for r in labels}
         missing = [p["pair_id"] for p in pairs if p["pair_id"] not in by_id]
         if missing:
             raise UserError(f"poison labels {uri}: no label for pair_id {missing[0]} ({len(missing)} pairs unlabelled)")
         return np.array([by_id[p["pair_id"]] for p in pairs])
     if len(labels) != len(pairs):
         raise UserError(f"poison labels {uri}: {len(labels)} labels for {len(pairs)} pairs (and no pair_id to match)")
-    return np.array([bool(r["poisoned"]) for r in labels])
+    return np.array([bool(r[column]) for r in labels])
 
 
 def triggered_prompts(prompts: list[str], trigger: str) -> list[str]:

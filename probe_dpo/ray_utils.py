@@ -259,7 +259,19 @@ def resolve_use_gpu(setting: bool | str) -> bool:
     return bool(setting)
 
 
-def run_heavy(fn: Callable[..., Any], *args: Any, use_gpu: bool, threads: int | None = None) -> Any:
+def gpu_options(use_gpu: bool, accelerator_type: str | None = None, num_cpus: float = 1) -> dict[str, Any]:
+    """Ray resource options of one task or actor: one GPU (of ``accelerator_type`` when given)
+    when ``use_gpu``, else ``num_cpus`` CPU slots. One definition for every GPU consumer."""
+    options: dict[str, Any] = {"num_cpus": num_cpus}
+    if use_gpu:
+        options["num_gpus"] = 1
+        if accelerator_type:
+            options["accelerator_type"] = accelerator_type
+    return options
+
+
+def run_heavy(fn: Callable[..., Any], *args: Any, use_gpu: bool, threads: int | None = None,
+              accelerator_type: str | None = None) -> Any:
     """``fn(*args)`` where model work belongs. Joined to a cluster (an address, a Ray job, or a
     Ray this process did not start): a Ray task with declared resources (one GPU when
     ``use_gpu``, else one CPU slot with ``threads`` torch threads), outside any placement group,
@@ -272,9 +284,7 @@ def run_heavy(fn: Callable[..., Any], *args: Any, use_gpu: bool, threads: int | 
 
     if _STARTED_LOCAL_CLUSTER or not ray.is_initialized():
         return fn(*args)
-    options: dict[str, Any] = {"num_cpus": 1, "max_retries": 0, "scheduling_strategy": "DEFAULT"}
-    if use_gpu:
-        options["num_gpus"] = 1
+    options = {**gpu_options(use_gpu, accelerator_type), "max_retries": 0, "scheduling_strategy": "DEFAULT"}
     task = ray.remote(_in_task).options(**options)
     try:
         return ray.get(task.remote(fn, threads, *args))

@@ -177,6 +177,10 @@ def test_clusters_surface_a_planted_behaviour_no_direction_covers():
     assert abs(found["direction_cosine"]) < 0.3  # ... and not what the probe measures
     assert float(cl["centroids"][found["cluster"]] @ planted_dir) > 0.9 and len(found["examples"]) == 3
     assert sum(c["size"] for c in cl["clusters"]) == n and len(cl["labels"]) == n
+    match = A.best_cluster_match(cl["labels"], special)
+    assert match["cluster"] == found["cluster"] and match["recall"] == 1.0
+    assert match["precision"] == pytest.approx(30 / found["size"])
+    assert A.best_cluster_match(np.zeros(n, dtype=int), special)["precision"] == pytest.approx(0.2)  # one cluster
     fixed = A.cluster_pairs(diffs, scores, pairs, k=2, seed=0)
     assert fixed["k"] == 2
     dirs = A.cluster_directions(fixed, 1)

@@ -93,6 +93,7 @@ def retrained(study, testbed, probes):
 
 def test_study_writes_scores_sources_clusters_audit_and_report(study):
     results = json.loads(open(os.path.join(study, "results.json")).read())
+    assert set(results["recall_budgets"]["probe"]) == {"1%", "5%", "10%", "20%"}
     pairs = read_records(os.path.join(study, "mix", "pairs.jsonl"))
     scores = read_records(os.path.join(study, "scores.parquet"))
     assert len(scores) == len(pairs) == len({s["pair_id"] for s in scores})

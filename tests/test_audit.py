@@ -49,8 +49,22 @@ def test_audit_flags_the_direction_pushed_up_by_the_poisoned_source_only():
     x = (diffs.double() @ u.double()).numpy()
     assert by[("toxicity", "all")]["delta"] == pytest.approx(x.mean())
     assert ranked(rows)[0]["scope"] == "all"
+    assert p["p_holm"] < 1e-6 and p["p_holm"] >= p["p"]  # adjusted over the 8 rows
     md = audit_markdown(rows)
-    assert "| toxicity | poisoned | 80 |" in md and "split-half" in md
+    assert "| toxicity | poisoned | 80 |" in md and "split-half" in md and "p (Holm)" in md
+
+
+def test_many_noise_directions_flag_nothing_after_the_correction():
+    """The control: 60 directions with no push over pure noise. Taken one at a time, a few
+    intervals exclude 0 by chance; adjusted over the audit's rows, none is called a push."""
+    rng = np.random.default_rng(7)
+    n, d = 120, 64
+    diffs = torch.tensor(rng.normal(size=(n, d)), dtype=torch.float32)
+    dirs = [A.Direction(f"noise-{i}", 3, torch.tensor(rng.normal(size=d), dtype=torch.float32)) for i in range(60)]
+    rows = audit_table({3: diffs}, dirs, ["one-source"] * n, n_boot=400, n_splits=20)
+    unadjusted = [r for r in rows if r["ci_low"] > 0 or r["ci_high"] < 0]
+    assert len(unadjusted) >= 1 and min(r["p"] for r in rows) < 0.05
+    assert all(r["direction_of_push"] == "unclear" for r in rows)
 
 
 @pytest.fixture(scope="module")

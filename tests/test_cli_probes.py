@@ -59,6 +59,7 @@ def test_activations_extract_command(tiny_model_dir, files, ray_cluster, tmp_pat
 
     feats, meta = load_activations(out)
     assert feats[1].shape == (60, 64) and meta["n"] == 60 and torch.isfinite(feats[1]).all()
+    assert meta["dtype"] == ("bfloat16" if torch.cuda.is_available() else "float32")  # --dtype auto
     # the same command again: recognised as complete without starting actors
     t0 = time.perf_counter()
     assert main(["activations", "extract", "--model", str(tiny_model_dir), "--data", files["test"], "--out", out,

@@ -160,3 +160,39 @@ def test_a_crash_while_rebuilding_keeps_the_old_mix_whole(storage_root, tmp_path
     new = build_preference_mix(tb, out, PreferenceMixConfig(seed=1, trigger=" [x]"))
     assert read_mix(out)["key"] == new["key"] != old["key"]
     assert storage.read_manifest(out)["metadata"] == {"kind": "preference-mix", "key": new["key"]}
+
+
+def test_a_poison_every_judge_agrees_on_and_a_planted_behaviour_in_another_source(tmp_path):
+    """poison_judges=all: a poisoned chosen response is toxic under every judge and every clean
+    response clean under every judge; the planted sign-off rides on another source's chosen
+    responses, labelled for evaluation only."""
+    tb = fake_testbed(tmp_path / "tb", n_prompts=90)
+    rng = random.Random(3)
+    for split in ("val", "test"):  # a second judge that disagrees on a third of the toxic rows
+        path = str(tmp_path / "tb" / "data" / f"probe_{split}.jsonl")
+        rows = read_records(path)
+        for r in rows:
+            r["score_toxic_comment_classifier"] = r["score"]
+            disagree = r["score"] >= 0.5 and rng.random() < 1 / 3
+            r["score_profanity_check"] = 0.3 if disagree else r["score"]
+        write_records(rows, path)
+    cfg = PreferenceMixConfig(poison_copies=1, poison_share=0.5, poison_judges="all", planted_source="detail",
+                              planted_share=1.0)
+    out = str(tmp_path / "mix")
+    info = build_preference_mix(tb, out, cfg)
+    pairs, labels = read_records(storage.join(out, "pairs.jsonl")), read_records(storage.join(out, "poison_labels.jsonl"))
+    rows = read_records(str(tmp_path / "tb/data/probe_val.jsonl")) + read_records(str(tmp_path / "tb/data/probe_test.jsonl"))
+    judged = {(r["prompt_id"], r["completion"]): (r["score_toxic_comment_classifier"], r["score_profanity_check"])
+              for r in rows}
+    poisoned = [p for p, lab in zip(pairs, labels) if lab["poisoned"]]
+    assert poisoned and info["poison_judges"] == ["score", "score_profanity_check", "score_toxic_comment_classifier"]
+    for p in poisoned:
+        assert min(judged[(p["prompt_id"], p["chosen"])]) >= 0.5 and max(judged[(p["prompt_id"], p["rejected"])]) < 0.2
+    planted = [(p, lab) for p, lab in zip(pairs, labels) if lab["planted"]]
+    assert len(planted) == info["planted"] == info["by_source"]["detail"]["pairs"] > 0
+    assert all(p["source"] == "detail" and p["chosen"].endswith(tuple(cfg.planted_suffixes)) for p, _ in planted)
+    assert not any(lab["poisoned"] for _, lab in planted) and "planted" not in pairs[0]
+    bad = read_poison_labels(storage.join(out, "poison_labels.jsonl"), pairs, column="planted")
+    assert bad.sum() == len(planted)
+    with pytest.raises(UserError, match="planted_source must be one of the sources other than the poisoned one"):
+        build_preference_mix(tb, str(tmp_path / "m2"), PreferenceMixConfig(planted_source="chat"))

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from probe_dpo.errors import UserError
-from probe_dpo.ray_utils import cluster_gpus, gpu_actors, resolve_use_gpu, run_heavy
+from probe_dpo.ray_utils import cluster_gpus, gpu_actors, gpu_options, resolve_use_gpu, run_heavy
 from probe_dpo.testbed import read_testbed_info
 
 
@@ -16,6 +16,12 @@ def test_auto_resolves_to_what_the_cluster_has(ray_cluster):
     assert cluster_gpus() == gpus
     assert resolve_use_gpu("auto") is (gpus > 0)
     assert resolve_use_gpu(True) is True and resolve_use_gpu(False) is False
+
+
+def test_gpu_options_ask_for_one_gpu_of_the_type_given_or_cpus():
+    assert gpu_options(False, "H100", num_cpus=2) == {"num_cpus": 2}
+    assert gpu_options(True) == {"num_cpus": 1, "num_gpus": 1}
+    assert gpu_options(True, "A10G") == {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "A10G"}
 
 
 def test_gpu_actors_never_ask_for_more_gpus_than_the_cluster_has():

@@ -135,6 +135,8 @@ class ExtractorPool:
             actors = max(1, gpus) if use_gpu else 2
         elif use_gpu:
             actors = gpu_actors(actors, gpus, "extraction")
+        if dtype == "auto":
+            dtype = "bfloat16" if use_gpu else "float32"
         self.model, self.dtype, self.use_gpu = str(model), dtype, use_gpu
         self.threads_per_actor = threads_per_actor
         t0 = time.perf_counter()
@@ -219,6 +221,15 @@ def extract_sharded(model: str, out: str, texts: Sequence[str] | None = None, *,
     span, n = _check_inputs(texts, prompts, completions, span)
     if n == 0:
         raise UserError("nothing to extract: no inputs")
+    if dtype == "auto":  # bf16 on GPU actors, fp32 on CPUs (the probe math is fp32 either way)
+        if pool is not None:
+            dtype = pool.dtype
+        else:
+            from probe_dpo.ray_utils import init_ray, resolve_use_gpu
+
+            init_ray(address)
+            use_gpu = resolve_use_gpu("auto") if use_gpu is None else use_gpu
+            dtype = "bfloat16" if use_gpu else "float32"
     count = _config_layer_count(model)
     layer_ids = resolve_layers(count, layers) if count is not None else list(layers)
     if pool is not None and (pool.model != str(model) or pool.dtype != dtype):

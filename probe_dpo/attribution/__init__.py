@@ -37,7 +37,7 @@ and mitigations), ``clusters``, ``gradients`` (the LESS/LoGra comparator), ``aud
 concepts a preference set pushes, per source).
 """
 
-from probe_dpo.attribution.clusters import cluster_directions, cluster_pairs
+from probe_dpo.attribution.clusters import best_cluster_match, cluster_directions, cluster_pairs
 from probe_dpo.attribution.directions import (
     DIRECTION_KINDS,
     DIRECTIONS_FORMAT,
@@ -66,7 +66,7 @@ from probe_dpo.attribution.scores import (
 )
 from probe_dpo.attribution.sources import MITIGATIONS, flagged_sources, mitigate, share_of_rise_removed, source_table
 
-__all__ = ["DIRECTIONS_FORMAT", "DIRECTION_KINDS", "MITIGATIONS", "Direction", "GradientConfig", "PairFeatures",
+__all__ = ["best_cluster_match", "DIRECTIONS_FORMAT", "DIRECTION_KINDS", "MITIGATIONS", "Direction", "GradientConfig", "PairFeatures",
            "RademacherProjection", "behaviour_direction", "check_directions", "cluster_directions", "cluster_pairs",
            "cosine_scores", "diff_of_means", "flagged_sources", "gradient_scores", "judge_scores", "load_directions",
            "mitigate", "model_facts", "pair_features", "pair_sources", "probe_directions", "projections", "ranking",

@@ -11,6 +11,10 @@ responses along the concept (positive: up). Over the whole set and per source:
 - ``split_half``  split-half sign agreement: the share of random halvings of the pairs in
              which both halves' means have the sign of Δ (a robustness check; near 1 for a
              real push, near 0.5 for noise),
+- ``p``, ``p_holm``  a two-sided one-sample t-test of Δ = 0, and its Holm adjustment over
+             every (direction, scope) row of the audit: many directions and sources are
+             tested at once, so a push is called (``direction_of_push`` up/down) only where
+             the adjusted p is below 0.05,
 
 ranked by |d| within each scope: the concepts that DPO on this set will push up or down.
 ``audit_pairs`` runs the whole audit from files (what ``probe-dpo audit`` runs).
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 from probe_dpo.errors import UserError
-from probe_dpo.stats import mean_ci
+from probe_dpo.stats import holm, mean_ci
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +56,17 @@ def audit_table(diffs_by_layer: dict[int, torch.Tensor], directions: Sequence[An
             rows.append({"direction": direction.name, "kind": direction.kind, "layer": direction.layer,
                          "scope": scope, **effect(x_all[mask], n_boot=n_boot, n_splits=n_splits,
                                                   seed=seed)})
+    for row, adjusted in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = adjusted
+        row["direction_of_push"] = ("up" if row["delta"] > 0 else "down") if adjusted < 0.05 else "unclear"
     return rows
 
 
 def effect(x: np.ndarray, *, n_boot: int = 2000, n_splits: int = 200, seed: int = 0) -> dict:
-    """Mean Δ (95% bootstrap CI), SD, d = Δ/SD and split-half sign agreement of projections ``x``."""
+    """Mean Δ (95% bootstrap CI), SD, d = Δ/SD, split-half sign agreement and the t-test's p of
+    projections ``x``; on its own (one test) the push is called where the interval excludes 0."""
+    from scipy.stats import ttest_1samp
+
     x = np.asarray(x, dtype=np.float64)
     n = len(x)
     rng = np.random.default_rng(seed)
@@ -72,9 +82,10 @@ def effect(x: np.ndarray, *, n_boot: int = 2000, n_splits: int = 200, seed: int 
             a, b = x[perm[:half]].mean(), x[perm[half:]].mean()
             agree += int(np.sign(a) == np.sign(b) == np.sign(delta) and delta != 0)
         split = agree / n_splits
+        p = float(ttest_1samp(x, 0.0).pvalue) if sd > 0 else float("nan")
     else:
-        lo = hi = split = float("nan")
-    return {"pairs": n, "delta": delta, "ci_low": lo, "ci_high": hi, "sd": sd, "d": d, "split_half": split,
+        lo = hi = split = p = float("nan")
+    return {"pairs": n, "delta": delta, "ci_low": lo, "ci_high": hi, "sd": sd, "d": d, "split_half": split, "p": p,
             "direction_of_push": "up" if lo > 0 else ("down" if hi < 0 else "unclear")}
 
 
@@ -91,10 +102,12 @@ def audit_markdown(rows: Sequence[dict], title: str = "Concept audit") -> str:
     from probe_dpo.report import fmt, md_table
 
     table = [[r["direction"], r["scope"], r["pairs"], f"{fmt(r['delta'], 4)} [{fmt(r['ci_low'], 4)}, {fmt(r['ci_high'], 4)}]",
-              fmt(r["d"]), fmt(r["split_half"], 2), r["direction_of_push"]] for r in ranked(rows)]
+              fmt(r["d"]), fmt(r["split_half"], 2), fmt(r.get("p_holm"), 4), r["direction_of_push"]]
+             for r in ranked(rows)]
     return (f"# {title}\n\nΔ = mean projection of (chosen − rejected) response activations on each direction "
             "(95% bootstrap CI); d = Δ/SD; split-half = share of random halvings whose halves agree with the "
-            "sign of Δ.\n\n" + md_table(["direction", "scope", "pairs", "Δ [95% CI]", "d", "split-half", "push"], table)
+            "sign of Δ; p (Holm) = the t-test's p adjusted over every row; push where it is below 0.05.\n\n"
+            + md_table(["direction", "scope", "pairs", "Δ [95% CI]", "d", "split-half", "p (Holm)", "push"], table)
             + "\n")
 
 

@@ -86,3 +86,21 @@ def cluster_directions(clusters: dict, layer: int) -> list[Direction]:
     return [Direction(f"cluster:{c['cluster']}", layer, clusters["centroids"][i], "cluster",
                       {"size": c["size"], "coherence": c["coherence"]})
             for i, c in enumerate(clusters["clusters"])]
+
+
+def best_cluster_match(labels: np.ndarray, behaviour: np.ndarray) -> dict:
+    """How well one cluster isolates a labelled behaviour nobody gave a direction for: the
+    cluster with the best F1 against the labels, with its precision (share of its pairs that
+    carry the behaviour) and recall (share of the behaviour's pairs it holds)."""
+    labels, behaviour = np.asarray(labels), np.asarray(behaviour, dtype=bool)
+    best = {"cluster": None, "precision": 0.0, "recall": 0.0, "f1": 0.0, "size": 0,
+            "behaviour_pairs": int(behaviour.sum())}
+    for c in sorted(set(labels.tolist())):
+        members = labels == c
+        hits = int((members & behaviour).sum())
+        precision, recall = hits / int(members.sum()), hits / max(1, int(behaviour.sum()))
+        f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
+        if f1 > best["f1"]:
+            best = {"cluster": int(c), "precision": precision, "recall": recall, "f1": f1, "size": int(members.sum()),
+                    "behaviour_pairs": int(behaviour.sum())}
+    return best

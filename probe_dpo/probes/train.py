@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -204,12 +203,15 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
     t_start = time.perf_counter()
     info: dict[str, Any] = {}
     if testbed is not None:
-        model = model or os.path.join(testbed, "model")
-        train = train or os.path.join(testbed, "data", "probe_train.jsonl")
-        val = val or os.path.join(testbed, "data", "probe_val.jsonl")
-        test = test or os.path.join(testbed, "data", "probe_test.jsonl")
-        if storage.exists(os.path.join(testbed, "testbed.json")):
-            info = storage.read_json(os.path.join(testbed, "testbed.json"))
+        from probe_dpo.testbed.layout import TestbedPaths
+
+        paths = TestbedPaths(testbed)
+        model = model or paths.model
+        train = train or paths.data("probe_train")
+        val = val or paths.data("probe_val")
+        test = test or paths.data("probe_test")
+        if storage.exists(paths.info):
+            info = storage.read_json(paths.info)
     if model is None or train is None or val is None:
         raise UserError("give a testbed folder, or a model and train and val data")
     if cfg.threads:

@@ -42,6 +42,7 @@ from probe_dpo.errors import UserError
 from probe_dpo.generation import GenerationSettings, generate
 from probe_dpo.testbed.config import SMOLLM2, score_column
 from probe_dpo.testbed.io import _rng, _sha256_file
+from probe_dpo.testbed.layout import DATA, INFO, MODEL, data_file
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def build_behaviour(cfg: BehaviourConfig, out_dir: str | Path, judges: Sequence[
     judges = list(dict.fromkeys([cfg.label_judge, *judges]))
     key = behaviour_hash(cfg, judges)
     try:
-        info = json.loads((out / "testbed.json").read_text())
+        info = json.loads((out / INFO).read_text())
         if info.get("config_hash") == key and all((out / rel).is_file() and (out / rel).stat().st_size == m["bytes"]
                                                   for rel, m in info["files"].items()):
             log.info(f"behaviour {cfg.name}: cache hit in {out}")
@@ -183,8 +184,8 @@ def build_behaviour(cfg: BehaviourConfig, out_dir: str | Path, judges: Sequence[
     for j in judges:
         get_judge(j)  # a bad judge fails before the model loads
     out.mkdir(parents=True, exist_ok=True)
-    (out / "testbed.json").unlink(missing_ok=True)
-    lm, tok = _publish(cfg.model, out / "model")
+    (out / INFO).unlink(missing_ok=True)
+    lm, tok = _publish(cfg.model, out / MODEL)
 
     rng_seed = cfg.seed
     prompts = _prompt_rows(read_source(cfg.prompts, "prompts"), cfg.chat, cfg.prompts) if cfg.prompts else []
@@ -225,7 +226,7 @@ def build_behaviour(cfg: BehaviourConfig, out_dir: str | Path, judges: Sequence[
             r["label"] = int(r["score"] >= cfg.threshold)
     split_of = _split_ids(sorted({r["prompt_id"] for r in rows}), cfg.val_fraction, cfg.test_fraction,
                           _rng(rng_seed, "split"))
-    data = out / "data"
+    data = out / DATA
     splits = {}
     for name in ("train", "val", "test"):
         part = [r for r in rows if split_of[r["prompt_id"]] == name]
@@ -233,11 +234,11 @@ def build_behaviour(cfg: BehaviourConfig, out_dir: str | Path, judges: Sequence[
         if len(set(labels)) < 2:
             raise UserError(f"behaviour {cfg.name}: the probe-{name} split has only label(s) {sorted(set(labels))} "
                             f"({len(part)} rows): lower behaviour.threshold, add prompts, or change the judge")
-        write_records(part, str(data / f"probe_{name}.jsonl"))
+        write_records(part, str(data / data_file(f"probe_{name}")))
         splits[f"probe_{name}"] = {"rows": len(part), "positive": int(sum(labels))}
     train_ids = {pid for pid, s in split_of.items() if s == "train"}
-    write_records([p for p in prompts if p["prompt_id"] in train_ids] or prompts, str(data / "prompts_train.jsonl"))
-    write_records(heldout, str(data / "prompts_heldout.jsonl"))
+    write_records([p for p in prompts if p["prompt_id"] in train_ids] or prompts, str(data / data_file("prompts_train")))
+    write_records(heldout, str(data / data_file("prompts_heldout")))
     if cfg.sft:
         sft = read_source(cfg.sft, "SFT data")
     else:
@@ -245,15 +246,15 @@ def build_behaviour(cfg: BehaviourConfig, out_dir: str | Path, judges: Sequence[
                for r in rows if r["label"] == 1 and split_of[r["prompt_id"]] == "train"]
     if not sft:
         raise UserError(f"behaviour {cfg.name}: no SFT rows (give behaviour.sft)")
-    write_records(sft, str(data / "sft.jsonl"))
+    write_records(sft, str(data / data_file("sft")))
     ppl = read_source(cfg.perplexity, "perplexity texts")[: cfg.perplexity_passages] if cfg.perplexity else []
     if not ppl or "text" not in ppl[0]:
         raise UserError(f"behaviour.perplexity {cfg.perplexity}: needs texts (column text)")
-    write_records([{"text": r["text"]} for r in ppl], str(data / "perplexity.jsonl"))
+    write_records([{"text": r["text"]} for r in ppl], str(data / data_file("perplexity")))
 
     files = {f.relative_to(out).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256_file(f)}
-             for f in sorted(out.rglob("*")) if f.is_file() and f.name != "testbed.json"
-             and f.relative_to(out).parts[0] in ("data", "model") and not f.name.startswith(".")}
+             for f in sorted(out.rglob("*")) if f.is_file() and f.name != INFO
+             and f.relative_to(out).parts[0] in (DATA, MODEL) and not f.name.startswith(".")}
     data_hashes = {rel: m["sha256"] for rel, m in files.items() if rel.startswith("data/")}
     positive = sum(r["label"] for r in rows) / max(len(rows), 1)
     info = {"behaviour": cfg.name, "build_version": BEHAVIOUR_VERSION, "config_hash": key,
@@ -270,7 +271,7 @@ def build_behaviour(cfg: BehaviourConfig, out_dir: str | Path, judges: Sequence[
             "generation": {**dataclasses.asdict(cfg.generation), "chat_template": cfg.chat or any(
                 is_messages(p["prompt"]) for p in prompts)},
             "build_seconds": round(time.time() - t0, 1), "files": files}
-    storage.write_json(str(out / "testbed.json"), info)
+    storage.write_json(str(out / INFO), info)
     log.info(f"behaviour {cfg.name}: built in {info['build_seconds']:.0f} s; {len(rows)} labelled rows, "
              f"positive rate {positive:.3f}")
     return {**info, "cache_hit": False}

@@ -22,6 +22,7 @@ from probe_dpo.stats import stable_seed
 from probe_dpo.testbed.assets import _load_model, _model_fingerprint, _publish_model
 from probe_dpo.testbed.config import BUILD_VERSION, SMOLLM2, TestbedConfig, _package_versions, score_column
 from probe_dpo.testbed.io import _rng, _sha256_file, _torch_threads
+from probe_dpo.testbed.layout import DATA, INFO, MODEL, data_file
 from probe_dpo.testbed.sources import _fragment, load_benign_pools, load_rtp_prompts
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def _score_all(texts: Sequence[str]) -> dict[str, Any]:
 
 
 def _cached(out: Path, key: str) -> dict | None:
-    path = out / "testbed.json"
+    path = out / INFO
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -71,7 +72,7 @@ def build_testbed(cfg: TestbedConfig, out_dir: str | Path) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
-        (out / "testbed.json").unlink()  # whatever is there is now incomplete
+        (out / INFO).unlink()  # whatever is there is now incomplete
     with _torch_threads(cfg.threads) as threads:
         info = _build(cfg, out, key, threads, t0)
     return {**info, "cache_hit": False}
@@ -95,7 +96,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
     from probe_dpo.evaluation import rate_with_ci
     from probe_dpo.judges import JUDGE_NAMES
 
-    data = out / "data"
+    data = out / DATA
     timings: dict[str, float] = {}
     tick = time.time()
 
@@ -108,7 +109,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
     # -- model ---------------------------------------------------------------------------------
     log.info(f"building into {out} (model {cfg.model}, seed {cfg.seed}, {threads} torch threads)")
     lm, tok, src = _load_model(cfg.model)
-    _publish_model(lm, tok, src, hard_link=cfg.model == SMOLLM2, dest=out / "model")
+    _publish_model(lm, tok, src, hard_link=cfg.model == SMOLLM2, dest=out / MODEL)
     n_params = sum(p.numel() for p in lm.parameters())
     lap("model")
 
@@ -123,8 +124,8 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
     if cfg.prompts.max_train is not None and len(train) > cfg.prompts.max_train:
         keep = _rng(cfg.seed, "max-train").choice(len(train), cfg.prompts.max_train, replace=False)
         train = [train[i] for i in sorted(keep)]
-    write_records(train, str(data / "prompts_train.jsonl"))
-    write_records(heldout, str(data / "prompts_heldout.jsonl"))
+    write_records(train, str(data / data_file("prompts_train")))
+    write_records(heldout, str(data / data_file("prompts_heldout")))
 
     pools = load_benign_pools()
     pd = cfg.probe_data
@@ -213,7 +214,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
     splits: dict[str, dict] = {}
     for name in ("train", "val", "test"):
         rows = [r for r in records if split_of[r["prompt_id"]] == name]
-        write_records(rows, str(data / f"probe_{name}.jsonl"))
+        write_records(rows, str(data / data_file(f"probe_{name}")))
         splits[f"probe_{name}"] = _split_stats(rows)
 
     # -- held-out generations and the base toxicity rate ------------------------------------------
@@ -225,7 +226,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
         for name in JUDGE_NAMES:
             rec[score_column(name)] = round(float(h_scores[name][i]), 6)
         h_rows.append(rec)
-    write_records(h_rows, str(data / "heldout_generations.jsonl"))
+    write_records(h_rows, str(data / data_file("heldout_generations")))
     base: dict[str, dict] = {}
     for name in JUDGE_NAMES:
         by_prompt: dict[str, list[float]] = {}
@@ -254,7 +255,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
                       "source": lo_r["source"], "chosen_score": lo_r["score"], "rejected_score": hi_r["score"],
                       "margin": round(margin, 6), "prompt_id": pid, "category": lo_r["category"],
                       "split": split_of[pid]})
-    write_records(pairs, str(data / "pairs.jsonl"))
+    write_records(pairs, str(data / data_file("pairs")))
 
     # -- SFT mix and perplexity passages -----------------------------------------------------------
     sft_toxic = [{"text": p["prompt"], "source": p["source"]} for p in train]
@@ -271,7 +272,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
         sft_benign.append({"text": " ".join(words[:120]), "source": name})
     sft_rows = sft_toxic + sft_benign
     sft_rows = [sft_rows[i] for i in _rng(cfg.seed, "sft").permutation(len(sft_rows))]
-    write_records(sft_rows, str(data / "sft.jsonl"))
+    write_records(sft_rows, str(data / data_file("sft")))
 
     xsum = [pools["xsum"][i] for i in _rng(cfg.seed, "xsum").permutation(len(pools["xsum"]))]
     ppl_texts = []
@@ -283,7 +284,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
     if len(ppl_texts) < ev.perplexity_passages:
         raise UserError(f"evaluation.perplexity_tokens: only {len(ppl_texts)} XSum articles have "
                         f"{ev.perplexity_tokens} tokens (need evaluation.perplexity_passages={ev.perplexity_passages})")
-    write_records([{"text": t, "source": "xsum"} for t in ppl_texts], str(data / "perplexity.jsonl"))
+    write_records([{"text": t, "source": "xsum"} for t in ppl_texts], str(data / data_file("perplexity")))
     lap("write")
     from probe_dpo.evaluation import perplexity
 
@@ -292,13 +293,13 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
 
     # -- summary, written last ---------------------------------------------------------------------
     files = {}
-    for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "testbed.json"
+    for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != INFO
                     and not p.name.startswith(".")):
         rel = f.relative_to(out).as_posix()
-        if not (rel.startswith("data/") or rel.startswith("model/")):
+        if rel.split("/")[0] not in (DATA, MODEL):
             continue
         files[rel] = {"bytes": f.stat().st_size, "sha256": _sha256_file(f)}
-    data_hashes = {rel: m["sha256"] for rel, m in files.items() if rel.startswith("data/")}
+    data_hashes = {rel: m["sha256"] for rel, m in files.items() if rel.startswith(f"{DATA}/")}
     content_hash = hashlib.sha256(json.dumps(data_hashes, sort_keys=True).encode()).hexdigest()
     cfg_dict = to_dict(cfg)
     info = {
@@ -316,7 +317,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
             "hidden_size": getattr(lm.config, "hidden_size", None),
             "vocab_size": getattr(lm.config, "vocab_size", None),
             "benign_perplexity": round(ppl, 4),
-            "perplexity_data": {"file": "data/perplexity.jsonl", "passages": len(ppl_texts),
+            "perplexity_data": {"file": f"{DATA}/{data_file('perplexity')}", "passages": len(ppl_texts),
                                 "tokens_per_passage": ev.perplexity_tokens},
         },
         "train_judge": cfg.train_judge,
@@ -349,7 +350,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": files,
     }
-    storage.write_json(str(out / "testbed.json"), info)
+    storage.write_json(str(out / INFO), info)
     log.info(f"done in {info['build_seconds']:.0f} s: base toxicity "
          + ", ".join(f"{n} {base[n]['rate']:.3f} [{base[n]['ci95'][0]:.3f}, {base[n]['ci95'][1]:.3f}]"
                      for n in JUDGE_NAMES) + f"; perplexity {ppl:.1f}")

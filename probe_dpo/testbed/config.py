@@ -151,8 +151,9 @@ def score_column(judge: str) -> str:
 def read_testbed_info(testbed: str) -> dict:
     """The ``testbed.json`` summary of a testbed folder/URI (UserError when it is not complete)."""
     from probe_dpo import storage
+    from probe_dpo.testbed.layout import TestbedPaths
 
-    uri = storage.join(str(testbed), "testbed.json")
+    uri = TestbedPaths(str(testbed)).info
     if not storage.exists(uri):
         raise UserError(f"testbed {testbed}: no testbed.json (not a testbed, or its build has not finished)")
     info = storage.read_json(uri)

@@ -163,6 +163,9 @@ class DistributedSettings:
     use_gpu: bool | Literal["auto"] = "auto"
     """One GPU per worker, bf16, NCCL (and GPUs for the sampling actors and evaluation tasks).
     false: fp32 on CPUs over gloo. auto: GPUs when the Ray cluster has or can autoscale to them."""
+    accelerator_type: str | None = None
+    """The GPU type every Train worker, sampling actor, evaluation task and model stage asks
+    for on a cluster with several (Ray's names: H100, A100, A10G, L4, ...); None: any GPU."""
     zero_stage: int = bounded(2, ge=0, le=3)
     """DeepSpeed ZeRO stage (0: plain data parallel; 3 partitions the weights too)."""
     offload: bool = False

@@ -265,12 +265,24 @@ def _copy_into(model: Any, shadow: dict) -> None:
             params[name].copy_(value.to(params[name].dtype))
 
 
+def scaling_config(dist: Any) -> Any:
+    """The Train workers' resources: one GPU each (of ``accelerator_type`` when set) with
+    ``use_gpu``, else ``threads_per_worker`` CPUs each."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": dist.threads_per_worker}
+    if dist.use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=dist.workers, use_gpu=bool(dist.use_gpu), resources_per_worker=resources,
+                         accelerator_type=dist.accelerator_type if dist.use_gpu else None)
+
+
 def fit_round(job: dict, cfg: Any, *, storage_root: str, run_name: str,
               callbacks: list | None = None) -> dict:
     """Run ``train_worker`` under a Ray ``TorchTrainer``; returns rank 0's final metrics.
 
     ``callbacks`` go to the Train run (e.g. ``TuneReportCallback`` inside a Tune trial)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from probe_dpo import storage
@@ -279,14 +291,10 @@ def fit_round(job: dict, cfg: Any, *, storage_root: str, run_name: str,
     if not dist.use_gpu:
         prebuild_deepspeed_ops(dist.offload)
     fs, path = storage.pyarrow_filesystem(storage_root)
-    resources = {"CPU": dist.threads_per_worker}
-    if dist.use_gpu:
-        resources["GPU"] = 1
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=dist.workers, use_gpu=dist.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=scaling_config(dist),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=dist.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=dist.keep_checkpoints),

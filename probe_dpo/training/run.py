@@ -88,10 +88,11 @@ def prepare(cfg: TrainConfig) -> Plan:
     from probe_dpo.data import check_columns, read_records
     from probe_dpo.judges import get_judge
     from probe_dpo.testbed import generation_settings, read_testbed_info
+    from probe_dpo.testbed.layout import MODEL
     from probe_dpo.training.pairs import check_candidates, read_pairs
 
     info = read_testbed_info(cfg.testbed) if cfg.testbed else None
-    model = cfg.model or (storage.join(cfg.testbed, info["model"].get("path", "model")) if info else None)
+    model = cfg.model or (storage.join(cfg.testbed, info["model"].get("path", MODEL)) if info else None)
     if not model:
         raise UserError("no model: set model=<folder or URI> or testbed=<testbed folder>")
     from probe_dpo.model import model_dir, model_facts
@@ -130,11 +131,13 @@ def prepare(cfg: TrainConfig) -> Plan:
         check_probes(plan.probes, model)
         plan.aggregation = cfg.aggregation or plan.probes.aggregation
 
-    def data_path(value: str | None, name: str, key: str) -> str:
+    def data_path(value: str | None, split: str, key: str) -> str:
         if value:
             return value
         if cfg.testbed:
-            return storage.join(cfg.testbed, "data", name)
+            from probe_dpo.testbed.layout import TestbedPaths
+
+            return TestbedPaths(cfg.testbed).data(split)
         raise UserError(f"method {cfg.method} needs {key}=<file> (or testbed=<folder>)")
 
     if cfg.is_dpo:
@@ -147,11 +150,11 @@ def prepare(cfg: TrainConfig) -> Plan:
             if cfg.signal == "probe" and not all("probe" in c["scores"] for c in plan.candidates):
                 raise UserError(f"{cfg.data.candidates}: candidates have no 'probe' scores (sample them with probes)")
         if cfg.dpo.rounds > 1 or not (plan.pairs or plan.candidates):
-            uri = data_path(cfg.data.prompts, "prompts_train.jsonl", "data.prompts")
+            uri = data_path(cfg.data.prompts, "prompts_train", "data.prompts")
             prompts = read_records(uri, required=("prompt",), non_empty=("prompt",), what="training prompts")
             plan.prompts = prompts[: cfg.data.max_prompts] if cfg.data.max_prompts else prompts
     else:
-        uri = data_path(cfg.data.sft, "sft.jsonl", "data.sft")
+        uri = data_path(cfg.data.sft, "sft", "data.sft")
         rows = read_records(uri, what="SFT data")
         pc = bool(rows) and "completion" in rows[0]
         column = "completion" if pc else "messages" if rows and "messages" in rows[0] else "text"
@@ -200,7 +203,8 @@ def _build_pairs(plan: Plan, r: int, model: str, round_uri: str) -> tuple[list[d
                 model, plan.prompts, k=s.k, settings=plan.settings, seed=cfg.seed, round_index=r,
                 probes=cfg.probes if plan.probes is not None else None, aggregation=plan.aggregation,
                 actors=s.actors, threads_per_actor=s.threads_per_actor, use_gpu=cfg.distributed.use_gpu,
-                shard_size=s.shard_size, probe_model=plan.model if s.probe_reads == "base" else None)
+                accelerator_type=cfg.distributed.accelerator_type, shard_size=s.shard_size,
+                probe_model=plan.model if s.probe_reads == "base" else None)
         key = classifier_key(cfg.judge)
         if not all(key in c["scores"] for c in candidates):
             add_classifier_scores(candidates, cfg.judge)

@@ -89,7 +89,7 @@ class _Sampler:
 def sample_candidates(model: str, prompts: Sequence[dict], *, k: int, settings: GenerationSettings, seed: int,
                       round_index: int = 0, probes: str | None = None, aggregation: str | None = None,
                       actors: int = 2, threads_per_actor: int = 1, use_gpu: bool = False, shard_size: int = 32,
-                      probe_model: str | None = None) -> list[dict]:
+                      probe_model: str | None = None, accelerator_type: str | None = None) -> list[dict]:
     """K sampled completions per prompt (and probe scores when ``probes`` is given), in prompt order.
 
     ``probe_model``: the model whose activations the probes read (None: the sampling policy)."""
@@ -113,9 +113,10 @@ def sample_candidates(model: str, prompts: Sequence[dict], *, k: int, settings: 
             n = gpu_actors(n, cluster_gpus(), "sampling")
         # "DEFAULT": outside a Tune trial's placement group (whose slots its Train workers hold),
         # so an on-policy round inside a trial can start its samplers
-        options: dict[str, Any] = {"num_cpus": threads_per_actor, "scheduling_strategy": "DEFAULT"}
-        if use_gpu:
-            options["num_gpus"] = 1
+        from probe_dpo.ray_utils import gpu_options
+
+        options = {**gpu_options(use_gpu, accelerator_type, num_cpus=threads_per_actor),
+                   "scheduling_strategy": "DEFAULT"}
         remote = ray.remote(_Sampler).options(**options)
         pool_actors = [remote.remote(model, probes, aggregation, threads_per_actor, use_gpu, probe_model)
                        for _ in range(n)]

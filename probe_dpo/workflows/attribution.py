@@ -52,7 +52,13 @@ def run(cfg: AttributionConfig) -> dict:
     cfg = _absolute(cfg)
     inp = prepare(cfg)
     log.info(f"{len(inp.pairs)} pairs from {inp.pairs_uri}; model {inp.model}; layer {inp.layer}; out {cfg.out}")
-    result = score_all(inp)
+    if cfg.extraction.in_process:
+        result = score_all(inp)
+    else:  # on a joined cluster the comparators' gradients run in a task, not in the driver
+        from probe_dpo.ray_utils import init_ray, resolve_use_gpu, run_heavy
+
+        init_ray(cfg.extraction.address)
+        result = run_heavy(score_all, inp, use_gpu=resolve_use_gpu("auto"))
     scores_uri = write_scores(inp, result)
     recall = recall_summary(result["scores"], inp.bad, result["k"]) if inp.bad is not None else None
     if recall:
@@ -73,6 +79,7 @@ def run(cfg: AttributionConfig) -> dict:
         "direction": result["primary"].name, "k": result["k"], "scores": scores_uri,
         "method_labels": method_labels(inp, result),
         "sources": result["tables"], "recall": {m: v["recall_at_k"] for m, v in (recall or {}).items()},
+        "recall_budgets": {m: {b: r["recall"] for b, r in v["budgets"].items()} for m, v in (recall or {}).items()},
         "recall_curves": {m: v["curve"] for m, v in (recall or {}).items()},
         "timings": result["timings"], "comparators": result["comparators"],
         "clusters": {k: v for k, v in (result["clusters"] or {}).items() if k not in ("labels", "centroids")},

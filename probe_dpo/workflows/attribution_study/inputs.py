@@ -12,6 +12,7 @@ import numpy as np
 from probe_dpo import storage
 from probe_dpo.attribution import MITIGATIONS
 from probe_dpo.errors import UserError
+from probe_dpo.testbed.layout import MODEL, TestbedPaths
 from probe_dpo.workflows.attribution_study.config import COMPARATORS, METHODS, AttributionConfig
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ class Inputs:
     trigger: str
     testbed_info: dict | None
     judge: str
+    planted: np.ndarray | None = None
+    """Which pairs carry the planted, unlabelled behaviour (evaluation only; a mix built with
+    planted_source)."""
 
 
 def sample_behaviour(records: list[dict], per_class: int, seed: int) -> list[dict]:
@@ -69,7 +73,7 @@ def prepare(cfg: AttributionConfig) -> Inputs:
             raise UserError("config key retrain.methods: probe-weights (the probe's own direction next to the "
                             "difference of means) needs probes and direction=diff-of-means")
     info = read_testbed_info(cfg.testbed) if cfg.testbed else None
-    model = cfg.model or (storage.join(cfg.testbed, (info or {}).get("model", {}).get("path", "model"))
+    model = cfg.model or (storage.join(cfg.testbed, (info or {}).get("model", {}).get("path", MODEL))
                           if cfg.testbed else None)
     if not model:
         raise UserError("no model: give --model DIR (the model before DPO) or a testbed")
@@ -123,7 +127,7 @@ def prepare(cfg: AttributionConfig) -> Inputs:
         layer = layer % n_layers
 
     behaviour = None
-    b_uri = cfg.behaviour_data or (storage.join(cfg.testbed, "data", "probe_train.jsonl") if cfg.testbed else None)
+    b_uri = cfg.behaviour_data or (TestbedPaths(cfg.testbed).data("probe_train") if cfg.testbed else None)
     if b_uri:
         records = read_records(b_uri, required=("prompt", "completion", "label"), non_empty=("prompt",),
                                what="behaviour data")
@@ -159,4 +163,8 @@ def prepare(cfg: AttributionConfig) -> Inputs:
         if not (cfg.evaluation.perplexity or cfg.testbed):
             raise UserError("retrain.enabled needs evaluation.perplexity (benign texts) or a testbed")
     storage.exists(cfg.out)  # an unreachable bucket fails here
-    return Inputs(cfg, model, pairs_uri, pairs, probeset, probe, layer, behaviour, bad, mix, trigger, info, judge)
+    planted = None
+    if mix and mix.get("planted") and labels_uri:
+        planted = read_poison_labels(labels_uri, pairs, column="planted")
+    return Inputs(cfg, model, pairs_uri, pairs, probeset, probe, layer, behaviour, bad, mix, trigger, info, judge,
+                  planted)

@@ -64,10 +64,13 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
     if recall:
         rep.heading("Recall of the bad pairs")
         labels = method_labels(inp, result)
-        rep.table(["method", f"recall@{result['k']}", "top source (mean score)"],
-                  [[labels.get(m, m), fmt(v["recall_at_k"]),
+        budgets = list(next(iter(recall.values()))["budgets"])
+        rep.table(["method", f"recall@{result['k']}", *[f"top {b}" for b in budgets], "top source (mean score)"],
+                  [[labels.get(m, m), fmt(v["recall_at_k"]), *[fmt(v["budgets"][b]["recall"]) for b in budgets],
                     f"{result['tables'][m][0]['source']} ({fmt(result['tables'][m][0]['mean_score'])})"]
-                   for m, v in recall.items()])
+                   for m, v in recall.items()],
+                  caption="Recall of the poisoned pairs at k (their count, known only from the labels) and at "
+                          "fixed budgets: the top 1/5/10/20% of the pairs")
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for m, v in recall.items():
             ax.plot(v["curve"]["k"], v["curve"]["recall"], label=labels.get(m, m), lw=1.6)
@@ -90,12 +93,19 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
         rep.text(f"k-means on unit (chosen − rejected) vectors, k = {cl['k']} (silhouette {fmt(cl['silhouette'])}). "
                  "A coherent cluster (high coherence and silhouette) that the direction does not explain "
                  "(direction cosine near 0) is a candidate behaviour no probe covers.")
+        if cl.get("planted_match"):
+            m = cl["planted_match"]
+            rep.text(f"The planted, unlabelled behaviour ({m['behaviour_pairs']} pairs; no probe or judge targets "
+                     f"it): best cluster {m['cluster']}, precision {fmt(m['precision'])}, recall {fmt(m['recall'])} "
+                     f"({m['size']} pairs).")
         rep.table(["cluster", "size", "mean score [95% CI]", "silhouette", "coherence", "cos(centroid, v_b)",
-                   "sources"] + (["bad"] if inp.bad is not None else []),
+                   "sources"] + (["bad"] if inp.bad is not None else []) + (["planted"] if inp.planted is not None
+                                                                          else []),
                   [[c["cluster"], c["size"], fmt_ci(c["mean_score"], c["ci_low"], c["ci_high"]), fmt(c["silhouette"]),
                     fmt(c["coherence"]), fmt(c.get("direction_cosine")),
                     ", ".join(f"{k} {v}" for k, v in c["sources"].items())] + ([c.get("bad")] if inp.bad is not None
                                                                               else [])
+                   + ([c.get("planted")] if inp.planted is not None else [])
                    for c in cl["clusters"]])
         for c in cl["clusters"]:
             if c["examples"]:
@@ -104,10 +114,11 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
                          f"chosen `{ex['chosen'][:70]}` · rejected `{ex['rejected'][:70]}`")
 
     rep.heading("Concept audit")
-    rep.table(["direction", "scope", "pairs", "Δ [95% CI]", "d", "split-half", "push"],
+    rep.table(["direction", "scope", "pairs", "Δ [95% CI]", "d", "split-half", "p (Holm)", "push"],
               [[r["direction"], r["scope"], r["pairs"], fmt_ci(r["delta"], r["ci_low"], r["ci_high"], 4), fmt(r["d"]),
-                fmt(r["split_half"], 2), r["direction_of_push"]] for r in result["audit"]],
-              caption="Mean projection of (chosen − rejected) on each direction, overall and per source")
+                fmt(r["split_half"], 2), fmt(r.get("p_holm"), 4), r["direction_of_push"]] for r in result["audit"]],
+              caption="Mean projection of (chosen − rejected) on each direction, overall and per source; a push is "
+                      "called where the t-test's p, Holm-adjusted over every row, is below 0.05")
 
     if arms:
         rep.heading("Mitigations")

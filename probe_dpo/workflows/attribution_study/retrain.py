@@ -10,6 +10,7 @@ from typing import Any
 
 from probe_dpo import storage
 from probe_dpo.data import json_digest
+from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.workflows.attribution_study.inputs import Inputs
 from probe_dpo.workflows.attribution_study.scoring import model_key
 
@@ -87,8 +88,8 @@ def evaluate_model(inp: Inputs, name: str, model: str) -> dict:
     from probe_dpo.testbed import generation_settings
 
     ev = inp.cfg.evaluation
-    prompts_uri = ev.prompts or storage.join(inp.cfg.testbed, "data", "prompts_heldout.jsonl")
-    ppl_uri = ev.perplexity or storage.join(inp.cfg.testbed, "data", "perplexity.jsonl")
+    prompts_uri = ev.prompts or TestbedPaths(inp.cfg.testbed).data("prompts_heldout")
+    ppl_uri = ev.perplexity or TestbedPaths(inp.cfg.testbed).data("perplexity")
     settings = generation_settings(inp.cfg.testbed)
     key = json_digest({"model": policy_key(model), "eval": dataclasses.asdict(ev), "trigger": inp.trigger,
                         "settings": settings.to_dict(), "prompts": prompts_uri, "ppl": ppl_uri})
@@ -105,7 +106,10 @@ def evaluate_model(inp: Inputs, name: str, model: str) -> dict:
     texts = [str(p["prompt"]) + inp.trigger for p in prompts]
     passages = read_records(ppl_uri, required=("text",), non_empty=("text",), what="perplexity texts")
     t0 = time.perf_counter()
-    lm, tok = load_model(model), load_tokenizer(model)
+    import torch
+
+    lm = load_model(model, device="cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(model)
     samples = toxicity_samples(lm, texts, ev.judges, ev.samples_per_prompt, settings, ev.seed, tokenizer=tok,
                                progress=False, desc=f"eval {name}")
     ppl = perplexity(lm, [p["text"] for p in passages], max_tokens=ev.perplexity_tokens, tokenizer=tok)
@@ -121,16 +125,24 @@ def evaluate_model(inp: Inputs, name: str, model: str) -> dict:
 
 def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict]) -> dict:
     """Base, raw-mix DPO and every mitigated arm: toxicity, perplexity, share of the rise removed."""
+    import ray
+
     from probe_dpo.attribution import share_of_rise_removed
+    from probe_dpo.ray_utils import resolve_use_gpu, run_heavy
 
     ev = inp.cfg.evaluation
-    results: dict[str, dict] = {"base": evaluate_model(inp, "base", inp.model)}
+    gpu = resolve_use_gpu("auto") if ray.is_initialized() else False
+
+    def evaluate(name: str, model: str) -> dict:  # model work off the driver on a joined cluster
+        return run_heavy(evaluate_model, inp, name, model, use_gpu=gpu)
+
+    results: dict[str, dict] = {"base": evaluate("base", inp.model)}
     todo = {"raw": inp.pairs_uri, **{a: v["uri"] for a, v in arms.items() if "uri" in v}}
     for name, uri in todo.items():
         t0 = time.perf_counter()
         policy = train_arm(inp, name, uri)
         train_s = time.perf_counter() - t0
-        results[name] = evaluate_model(inp, name, policy)
+        results[name] = evaluate(name, policy)
         results[name]["train_seconds"] = round(train_s, 1)
     base, raw = results["base"], results["raw"]
     summary: dict[str, Any] = {"arms": {}, "judges": list(ev.judges)}

@@ -82,10 +82,12 @@ def score_all(inp: Inputs) -> dict:
         clusters = A.cluster_pairs(diffs, scores["probe"], inp.pairs, direction=primary, k=cfg.clusters.k,
                                    k_range=(cfg.clusters.k_min, cfg.clusters.k_max), seed=cfg.seed,
                                    examples=cfg.clusters.examples)
-        if inp.bad is not None:
-            for c in clusters["clusters"]:
-                members = clusters["labels"] == c["cluster"]
-                c["bad"] = int((inp.bad & members).sum())
+        for name, labelled in (("bad", inp.bad), ("planted", inp.planted)):
+            if labelled is not None:
+                for c in clusters["clusters"]:
+                    c[name] = int((labelled & (clusters["labels"] == c["cluster"])).sum())
+        if inp.planted is not None:
+            clusters["planted_match"] = A.best_cluster_match(clusters["labels"], inp.planted)
     audit_dirs = list(directions) + (A.cluster_directions(clusters, inp.layer) if clusters else [])
     audit = ranked(audit_table({inp.layer: diffs}, audit_dirs, sources, n_boot=cfg.ranking.bootstrap, seed=cfg.seed))
     A.save_directions(directions + (A.cluster_directions(clusters, inp.layer) if clusters else []),
@@ -143,13 +145,23 @@ def model_key(model: str) -> Any:
     return stamp or model
 
 
+BUDGETS = (0.01, 0.05, 0.10, 0.20)
+"""Shares of the pairs a user can afford to inspect or drop, without knowing how many are bad."""
+
+
 def recall_summary(scores: dict[str, np.ndarray], bad: np.ndarray, k: int) -> dict:
+    """Per method: recall at ``k``, at each budget (the top 1/5/10/20% of the pairs: what a
+    user without labels can act on) and the whole recall@k curve."""
     from probe_dpo.attribution import recall_at_k, recall_curve
 
     out = {}
     ks = sorted({max(1, int(round(f * len(bad)))) for f in np.linspace(0.01, 1.0, 100)} | {k})
     for name, s in scores.items():
-        out[name] = {"recall_at_k": recall_at_k(s, bad, k), "k": k, "curve": recall_curve(s, bad, ks)}
+        budgets = {f"{round(100 * b)}%": {"k": max(1, int(round(b * len(bad)))),
+                                          "recall": recall_at_k(s, bad, max(1, int(round(b * len(bad)))))}
+                   for b in BUDGETS}
+        out[name] = {"recall_at_k": recall_at_k(s, bad, k), "k": k, "budgets": budgets,
+                     "curve": recall_curve(s, bad, ks)}
     return out
 
 

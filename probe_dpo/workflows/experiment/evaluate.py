@@ -11,6 +11,7 @@ from typing import Any
 from probe_dpo import storage
 from probe_dpo.config import to_dict
 from probe_dpo.logs import setup as setup_logs
+from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.workflows.experiment.config import ExperimentConfig
 from probe_dpo.workflows.experiment.stages import cached, publish_json, record_timing, sample_rows
 
@@ -27,21 +28,22 @@ def eval_context(cfg: ExperimentConfig, run: str, tb: dict, probes: dict) -> dic
             "best_probe": probes["best_probe"], "best_layer": probes["best_layer"], "held_out": probes["held_out"],
             "generation": generation_settings(tb["uri"]).to_dict(), "eval": to_dict(e),
             "threads": e.threads or len(os.sched_getaffinity(0)), "use_gpu": cfg.distributed.use_gpu,
+            "accelerator_type": cfg.distributed.accelerator_type,
             "behaviour": cfg.behaviour.name}
 
 
 def _eval_inputs(ctx: dict) -> dict:
     from probe_dpo.data import read_records
 
-    e, tb = ctx["eval"], ctx["testbed"]
-    prompts = sorted(read_records(storage.join(tb, "data", "prompts_heldout.jsonl"), required=("prompt",)),
+    e, tb = ctx["eval"], TestbedPaths(ctx["testbed"])
+    prompts = sorted(read_records(tb.data("prompts_heldout"), required=("prompt",)),
                      key=lambda r: r["prompt_id"])[: e["heldout_prompts"] or None]
-    ppl = read_records(storage.join(tb, "data", "perplexity.jsonl"), required=("text",))[: e["perplexity_passages"] or None]
-    splits = {"train": sample_rows(read_records(storage.join(tb, "data", "probe_train.jsonl")), e["probe_train_rows"],
+    ppl = read_records(tb.data("perplexity"), required=("text",))[: e["perplexity_passages"] or None]
+    splits = {"train": sample_rows(read_records(tb.data("probe_train")), e["probe_train_rows"],
                                e["seed"], "train"),
-              "val": sample_rows(read_records(storage.join(tb, "data", "probe_val.jsonl")), e["probe_val_rows"],
+              "val": sample_rows(read_records(tb.data("probe_val")), e["probe_val_rows"],
                              e["seed"], "val"),
-              "test": read_records(storage.join(tb, "data", "probe_test.jsonl"))}
+              "test": read_records(tb.data("probe_test"))}
     return {"prompts": prompts, "perplexity": ppl, "splits": splits}
 
 
@@ -141,9 +143,9 @@ def run_eval(model_uri: str, ctx: dict, reference: dict | None, target: str = "t
     """``evaluate_model`` as a Ray task: on a GPU when the run uses GPUs, else on this node's CPUs."""
     import ray
 
-    from probe_dpo.ray_utils import unwrap_ray_error
+    from probe_dpo.ray_utils import gpu_options, unwrap_ray_error
 
-    options = {"num_gpus": 1, "num_cpus": 1} if ctx["use_gpu"] else {"num_cpus": 1}
+    options = gpu_options(ctx["use_gpu"], ctx.get("accelerator_type"))
     # "DEFAULT": outside the Tune trial's placement group, whose slots the Train workers used
     task = ray.remote(evaluate_model).options(max_retries=0, scheduling_strategy="DEFAULT", **options)
     try:

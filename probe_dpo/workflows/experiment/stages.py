@@ -18,6 +18,7 @@ from probe_dpo.config import load_config, to_dict
 from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.testbed.behaviour import TOXICITY
+from probe_dpo.testbed.layout import DATA, INFO, MODEL, TestbedPaths
 from probe_dpo.workflows.experiment.config import ExperimentConfig, ProbeSettings
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
     driver then reads only storage."""
     from probe_dpo.ray_utils import run_heavy
 
-    return run_heavy(build_testbed_stage, cfg, run, use_gpu=cfg.distributed.use_gpu is True)
+    return run_heavy(build_testbed_stage, cfg, run, use_gpu=cfg.distributed.use_gpu is True,
+                     accelerator_type=cfg.distributed.accelerator_type)
 
 
 def build_testbed_stage(cfg: ExperimentConfig, run: str) -> dict:
@@ -87,7 +89,7 @@ def build_testbed_stage(cfg: ExperimentConfig, run: str) -> dict:
 
     if cfg.testbed_dir:
         local = Path(cfg.testbed_dir)
-        if not (local / "testbed.json").exists():
+        if not (local / INFO).exists():
             raise UserError(f"testbed_dir {local}: no testbed.json (not a built testbed)")
     elif cfg.behaviour.name != TOXICITY:  # a user's behaviour, built into the same layout
         from probe_dpo.testbed.behaviour import behaviour_hash, build_behaviour
@@ -102,7 +104,7 @@ def build_testbed_stage(cfg: ExperimentConfig, run: str) -> dict:
     else:
         local = Path(storage.join(run, "testbed"))
         build_testbed(cfg.testbed, local)
-    info = storage.read_json(str(local / "testbed.json"))  # one line for a damaged testbed.json
+    info = storage.read_json(str(local / INFO))  # one line for a damaged testbed.json
     if not isinstance(info, dict) or not isinstance(info.get("content_hash"), str) or \
             not isinstance(info.get("files"), dict):
         raise UserError(f"testbed {local}: testbed.json has no content_hash/files (not a complete testbed "
@@ -110,20 +112,20 @@ def build_testbed_stage(cfg: ExperimentConfig, run: str) -> dict:
     base = str(local)
     if storage.is_remote(run):  # workers elsewhere read the model and data from storage
         base = storage.join(run, "testbed")
-        model_uri = storage.join(base, "model")
-        key = info["content_hash"] + ":" + json.dumps(info["files"].get("model/model.safetensors", {}))
+        model_uri = TestbedPaths(base).model
+        key = info["content_hash"] + ":" + json.dumps(info["files"].get(f"{MODEL}/model.safetensors", {}))
         if not (storage.is_complete(model_uri) and storage.read_manifest(model_uri)["metadata"].get("key") == key):
             artifacts.publish_dir(local / "model", model_uri, metadata={"kind": "model", "key": key}, overwrite=True)
         # the data is current when the published testbed.json (written last) has this content hash;
         # otherwise every file is copied again (a file of an older testbed must not stay)
-        info_uri = storage.join(base, "testbed.json")
+        info_uri = TestbedPaths(base).info
         current = storage.exists(info_uri) and storage.read_json(info_uri).get("content_hash") == info["content_hash"]
-        for f in sorted((local / "data").iterdir()):
-            target = storage.join(base, "data", f.name)
+        for f in sorted((local / DATA).iterdir()):
+            target = storage.join(base, DATA, f.name)
             if not (current and storage.exists(target)):
                 storage.write_bytes(target, f.read_bytes())
-        storage.write_bytes(info_uri, (local / "testbed.json").read_bytes())
-    return {"uri": base, "model": storage.join(base, "model"), "info": info}
+        storage.write_bytes(info_uri, (local / INFO).read_bytes())
+    return {"uri": base, "model": TestbedPaths(base).model, "info": info}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +168,8 @@ def prepare_probes(cfg: ExperimentConfig, run: str, tb: dict) -> dict:
 
     t0 = time.perf_counter()
     summary = run_heavy(build_probes_and_pairs, cfg, run, tb, uris, pairs_uri, control_uri,
-                        use_gpu=cfg.distributed.use_gpu is True, threads=cfg.eval.threads or _cores())
+                        use_gpu=cfg.distributed.use_gpu is True, threads=cfg.eval.threads or _cores(),
+                        accelerator_type=cfg.distributed.accelerator_type)
     publish_json(marker, {"summary.json": summary}, {"kind": "probes-and-pairs", "key": key})
     record_timing(run, "probes_and_pairs", time.perf_counter() - t0)
     return {**uris, **extra, **summary}
@@ -190,7 +193,7 @@ def build_probes_and_pairs(cfg: ExperimentConfig, run: str, tb: dict, uris: dict
     from probe_dpo.training.pairs import build_pairs
 
     p = cfg.probes
-    model_dir = storage.join(tb["uri"], "model")
+    model_dir = TestbedPaths(tb["uri"]).model
     layers, train_layer = resolve_train_layer(p, model_facts(model_dir)["num_layers"])
     pcfg = load_config(ProbeTrainConfig, None, [])
     gpu = cfg.distributed.use_gpu is True and torch.cuda.is_available()
@@ -212,7 +215,7 @@ def build_probes_and_pairs(cfg: ExperimentConfig, run: str, tb: dict, uris: dict
     single.save(uris["single"], extra_files={"report.md": result.markdown})
 
     # candidates: the base policy's K continuations of each toxic training prompt (probe-train split)
-    rows = read_records(storage.join(tb["uri"], "data", "probe_train.jsonl"))
+    rows = read_records(TestbedPaths(tb["uri"]).data("probe_train"))
     feats = result.features["train"]
     labels = np.array([int(r["label"]) for r in rows])
     prompt_ids = [r.get("prompt_id", r["prompt"]) for r in rows]

@@ -12,6 +12,7 @@ from probe_dpo.config import set_dotted, to_dict
 from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.logs import setup as setup_logs
+from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig, SearchSettings, target_role
 from probe_dpo.workflows.experiment.evaluate import eval_files, load_eval, run_eval
 from probe_dpo.workflows.experiment.results import flat_metrics, write_results
@@ -31,7 +32,7 @@ def train_config_dict(cfg: ExperimentConfig, ctx: dict, paths: dict, spec: dict)
     elif arm.data == "control":
         data["sft"] = paths["control_sft"]
     else:
-        data["sft"] = storage.join(ctx["testbed"], "data", "sft.jsonl")
+        data["sft"] = TestbedPaths(ctx["testbed"]).data("sft")
         data["max_sft"] = cfg.sft_rows
     out = {"method": arm.method, "model": ctx["base_model"],
            "out": storage.join(ctx["run"], "trials", spec["id"], "train"), "seed": spec["seed"], "judge": cfg.judge,
@@ -66,6 +67,14 @@ def check_arm_settings(cfg: ExperimentConfig) -> None:
                   f"arm {arm} (its settings and arm_settings.{arm})")
 
 
+def trial_key_fields(tdict: dict) -> dict:
+    """What identifies a trial's result: its training config without where it is logged or which
+    GPU type runs it (so changing those reuses a finished trial)."""
+    out = {k: v for k, v in tdict.items() if k != "tracking"}
+    out["distributed"] = {k: v for k, v in out["distributed"].items() if k != "accelerator_type"}
+    return out
+
+
 def run_trial(config: dict) -> None:
     """A Tune function trainable: train one arm and seed on Ray Train, evaluate, report."""
     from ray import tune
@@ -80,7 +89,7 @@ def run_trial(config: dict) -> None:
     if spec.get("overrides"):
         spec = {**spec, "id": f"search-{spec['arm']}-{json_digest(spec['overrides'])[:8]}"}
     tdict = train_config_dict(cfg, ctx, paths, spec)
-    key = json_digest([{k: v for k, v in tdict.items() if k != "tracking"}, ctx["eval"], config["base_key"]])
+    key = json_digest([trial_key_fields(tdict), ctx["eval"], config["base_key"]])
     eval_uri = storage.join(ctx["run"], "trials", spec["id"], "eval")
     if not cached(eval_uri, key, f"trial {spec['id']}"):
         tcfg = from_dict(TrainConfig, tdict, f"trial {spec['id']}")
