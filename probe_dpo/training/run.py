@@ -262,13 +262,14 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
     # relative paths mean the caller's folder; Ray Train workers run elsewhere (issue 19)
     cfg = storage.absolute_paths(cfg, ("testbed", "model", "probes", "data.prompts", "data.sft", "data.pairs",
                                        "data.candidates"), outputs=("out",))
+    plan = prepare(cfg)  # every input checked before Ray starts
     if cfg.distributed.use_gpu == "auto":  # one answer for every component, and in the config's key
         from probe_dpo.ray_utils import resolve_use_gpu
 
         init_ray(cfg.distributed.address)
         cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(
             cfg.distributed, use_gpu=resolve_use_gpu(cfg.distributed.use_gpu)))
-    plan = prepare(cfg)
+        plan = dataclasses.replace(plan, cfg=cfg, config_hash=config_hash(cfg))
     out = cfg.out
     chash = plan.config_hash
     rounds = cfg.dpo.rounds if cfg.is_dpo else 1

@@ -46,7 +46,7 @@ from probe_dpo.workflows import bundled_config
 from probe_dpo.workflows.experiment.config import ExperimentConfig, trial_specs
 from probe_dpo.workflows.experiment.evaluate import base_evaluation, eval_context
 from probe_dpo.workflows.experiment.results import write_results
-from probe_dpo.workflows.experiment.stages import prepare_probes, prepare_testbed, record_timing
+from probe_dpo.workflows.experiment.stages import prepare_probes, prepare_testbed, read_built_testbed, record_timing
 from probe_dpo.workflows.experiment.trials import check_arm_settings, run_tune
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ def run(cfg: ExperimentConfig) -> dict:
     run_uri = cfg.storage
     storage.exists(run_uri)  # an unreachable bucket fails here, before any compute
     storage.write_text(storage.join(run_uri, "config.yaml"), dump_yaml(cfg))
+    if cfg.testbed_dir:  # a given testbed is checked before Ray starts
+        read_built_testbed(cfg.testbed_dir)
     dist = cfg.distributed
     cpus = cfg.ray_cpus or max(len(os.sched_getaffinity(0)), dist.workers * dist.threads_per_worker) + 2
     init_ray(cfg.address, num_cpus=cpus if cfg.address is None else None)

@@ -83,14 +83,26 @@ def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
                      accelerator_type=cfg.distributed.accelerator_type)
 
 
+def read_built_testbed(local: str | Path) -> dict:
+    """The ``testbed.json`` of a complete testbed folder; one line for a missing or damaged one
+    (``run`` checks a given ``testbed_dir`` with it before starting Ray)."""
+    local = Path(local)
+    if not (local / INFO).exists():
+        raise UserError(f"testbed_dir {local}: no testbed.json (not a built testbed)")
+    info = storage.read_json(str(local / INFO))  # one line for a damaged testbed.json
+    if not isinstance(info, dict) or not isinstance(info.get("content_hash"), str) or \
+            not isinstance(info.get("files"), dict):
+        raise UserError(f"testbed {local}: testbed.json has no content_hash/files (not a complete testbed "
+                        "build): build it again")
+    return info
+
+
 def build_testbed_stage(cfg: ExperimentConfig, run: str) -> dict:
     """Build (or check) the testbed in a local folder of this node; remote runs publish it."""
     from probe_dpo.testbed import build_testbed, cache_dir, config_hash
 
     if cfg.testbed_dir:
         local = Path(cfg.testbed_dir)
-        if not (local / INFO).exists():
-            raise UserError(f"testbed_dir {local}: no testbed.json (not a built testbed)")
     elif cfg.behaviour.name != TOXICITY:  # a user's behaviour, built into the same layout
         from probe_dpo.testbed.behaviour import behaviour_hash, build_behaviour
 
@@ -104,11 +116,7 @@ def build_testbed_stage(cfg: ExperimentConfig, run: str) -> dict:
     else:
         local = Path(storage.join(run, "testbed"))
         build_testbed(cfg.testbed, local)
-    info = storage.read_json(str(local / INFO))  # one line for a damaged testbed.json
-    if not isinstance(info, dict) or not isinstance(info.get("content_hash"), str) or \
-            not isinstance(info.get("files"), dict):
-        raise UserError(f"testbed {local}: testbed.json has no content_hash/files (not a complete testbed "
-                        "build): build it again")
+    info = read_built_testbed(local)
     base = str(local)
     if storage.is_remote(run):  # workers elsewhere read the model and data from storage
         base = storage.join(run, "testbed")
