@@ -192,6 +192,8 @@ def main() -> int:
     parser.add_argument("--layer", type=int, default=None, help="layer when no probes are given")
     parser.add_argument("--mix", default=None, help="where the poisoned mix is built (default: a cache folder)")
     parser.add_argument("--study", default=None, help="a finished attribution study run (toxicity after filtering)")
+    parser.add_argument("--poison-judges", choices=["train", "all"], default="train",
+                        help="the mix's poison: toxic under the training judge, or under every judge (issue 21)")
     parser.add_argument("--behaviour-examples", type=int, default=256)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seed", type=int, default=0)
@@ -209,10 +211,10 @@ def main() -> int:
     import numpy as np
 
     from probe_dpo import attribution as A
-    from probe_dpo.preference_mix import build_preference_mix, read_poison_labels
+    from probe_dpo.preference_mix import PreferenceMixConfig, build_preference_mix, read_poison_labels
 
     mix_dir = args.mix or os.path.join(os.path.expanduser("~/.cache/probe_dpo"), "attribution-bench-mix")
-    mix = build_preference_mix(args.testbed, mix_dir)
+    mix = build_preference_mix(args.testbed, mix_dir, PreferenceMixConfig(poison_judges=args.poison_judges))
     pairs_uri = os.path.join(mix_dir, "pairs.jsonl")
     pairs = A.read_pair_file(pairs_uri)
     bad = read_poison_labels(os.path.join(mix_dir, "poison_labels.jsonl"), pairs)
@@ -279,7 +281,8 @@ def main() -> int:
     summary = {
         "benchmark": "attribution", "testbed": args.testbed, "model": spec["model"], "layer": layer,
         "pairs": len(pairs), "poisoned": k, "k": k, "behaviour_examples_per_class": args.behaviour_examples,
-        "judge": judge, "poison_selected_by": mix["train_judge"],
+        "judge": judge,
+        "poison_selected_by": mix["train_judge"] if args.poison_judges == "train" else mix["poison_judges"],
         "clear_poison": {"chosen_score_at_least": CLEAR_POISON, "pairs": int(clear.sum())},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "methods": results, "ratios": ratios, "toxicity_after_filtering": toxicity,
