@@ -284,6 +284,16 @@ def run_heavy(fn: Callable[..., Any], *args: Any, use_gpu: bool, threads: int | 
 
     if _STARTED_LOCAL_CLUSTER or not ray.is_initialized():
         return fn(*args)
+    return run_task(fn, *args, use_gpu=use_gpu, threads=threads, accelerator_type=accelerator_type)
+
+
+def run_task(fn: Callable[..., Any], *args: Any, use_gpu: bool, threads: int | None = None,
+             accelerator_type: str | None = None) -> Any:
+    """``fn(*args)`` as a Ray task, always: ``gpu_options`` resources, no retries, and outside
+    any placement group ("DEFAULT": a Tune trial's slots are held by its Train workers). A
+    UserError raised inside comes back as itself."""
+    import ray
+
     options = {**gpu_options(use_gpu, accelerator_type), "max_retries": 0, "scheduling_strategy": "DEFAULT"}
     task = ray.remote(_in_task).options(**options)
     try:

@@ -40,6 +40,7 @@ from probe_dpo.workflows.attribution_study.scoring import recall_summary, score_
 
 log = logging.getLogger(__name__)
 
+
 def _absolute(cfg: AttributionConfig) -> AttributionConfig:
     """Local paths made absolute: Ray workers (training, extraction) run in other folders. An
     input is rewritten only when it exists here, so a hub id (``org/model``, a dataset id) stays."""

@@ -10,7 +10,6 @@ from typing import Any
 
 from probe_dpo import storage
 from probe_dpo.config import to_dict
-from probe_dpo.logs import setup as setup_logs
 from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.workflows.experiment.config import ExperimentConfig
 from probe_dpo.workflows.experiment.stages import cached, publish_json, record_timing, sample_rows
@@ -64,7 +63,6 @@ def evaluate_model(model_uri: str, ctx: dict, reference: dict | None = None, tar
     from probe_dpo.model import load_model, load_tokenizer
     from probe_dpo.probes import ProbeSet
 
-    setup_logs()  # a Ray task in its own worker process
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
 
@@ -140,15 +138,9 @@ def base_evaluation(ctx: dict, key: str) -> dict:
 
 
 def run_eval(model_uri: str, ctx: dict, reference: dict | None, target: str = "train") -> dict:
-    """``evaluate_model`` as a Ray task: on a GPU when the run uses GPUs, else on this node's CPUs."""
-    import ray
+    """``evaluate_model`` as a Ray task (also on the local default): on a GPU when the run uses
+    GPUs, else on this node's CPUs (``evaluate_model`` sets its own torch threads)."""
+    from probe_dpo.ray_utils import run_task
 
-    from probe_dpo.ray_utils import gpu_options, unwrap_ray_error
-
-    options = gpu_options(ctx["use_gpu"], ctx.get("accelerator_type"))
-    # "DEFAULT": outside the Tune trial's placement group, whose slots the Train workers used
-    task = ray.remote(evaluate_model).options(max_retries=0, scheduling_strategy="DEFAULT", **options)
-    try:
-        return ray.get(task.remote(model_uri, ctx, reference, target))
-    except Exception as exc:  # noqa: BLE001 - a UserError raised in the task is the user's
-        raise unwrap_ray_error(exc) from None
+    return run_task(evaluate_model, model_uri, ctx, reference, target, use_gpu=ctx["use_gpu"],
+                    accelerator_type=ctx.get("accelerator_type"))

@@ -123,7 +123,7 @@ def build_testbed_stage(cfg: ExperimentConfig, run: str) -> dict:
         model_uri = TestbedPaths(base).model
         key = info["content_hash"] + ":" + json.dumps(info["files"].get(f"{MODEL}/model.safetensors", {}))
         if not (storage.is_complete(model_uri) and storage.read_manifest(model_uri)["metadata"].get("key") == key):
-            artifacts.publish_dir(local / "model", model_uri, metadata={"kind": "model", "key": key}, overwrite=True)
+            artifacts.publish_dir(local / MODEL, model_uri, metadata={"kind": "model", "key": key}, overwrite=True)
         # the data is current when the published testbed.json (written last) has this content hash;
         # otherwise every file is copied again (a file of an older testbed must not stay)
         info_uri = TestbedPaths(base).info
