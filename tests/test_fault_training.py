@@ -66,7 +66,8 @@ def test_killed_train_worker_resumes_from_s3_and_matches_an_uninterrupted_run(ti
             "method=dpo", f"model={tiny_model_dir}", f"data.pairs={pairs}", f"out={out}", "seed=3",
             "train.max_steps=16", "train.batch_size=2", "train.lr=5e-4", "train.max_length=48",
             "distributed.workers=2", "distributed.zero_stage=2", "distributed.checkpoint_steps=4",
-            "distributed.max_failures=1", "distributed.keep_checkpoints=2"])
+            "distributed.max_failures=1", "distributed.keep_checkpoints=2",
+            "distributed.keep_finished_checkpoints=true"])
 
     clean_out, killed_out = f"{s3_bucket}/uninterrupted", f"{s3_bucket}/killed"
     train(cfg(clean_out))

@@ -136,7 +136,8 @@ def test_probe_dpo_two_zero2_workers_s3_checkpoints_and_ema(inputs, ray_cluster,
     out = f"{s3_bucket}/probe-dpo"
     decay = 0.5
     cfg = _cfg(inputs, out, "method=probe-dpo", "penalty.weight=0.5", "train.max_steps=2", "train.lr=1e-3",
-               "distributed.checkpoint_steps=1", "distributed.keep_checkpoints=2", f"train.ema_decay={decay}")
+               "distributed.checkpoint_steps=1", "distributed.keep_checkpoints=2", f"train.ema_decay={decay}",
+               "distributed.keep_finished_checkpoints=true")
     summary = train(cfg)
     rnd = summary["rounds"][0]
     assert rnd["train"]["global_step"] == 2 and rnd["train"]["resumed"] is False
@@ -179,6 +180,8 @@ def test_probe_sft_lora_changes_only_adapted_weights_and_classifier_sft_filters(
     summary = train(cfg)
     metrics = summary["rounds"][0]["train"]
     assert metrics["global_step"] == 2 and metrics["first_probe_penalty"] > 0
+    # the published policy supersedes the round's Train checkpoints: removed (the EMA test keeps them)
+    assert metrics["checkpoint"] is None and not list(Path(out, "ray").glob("**/checkpoint_*"))
     policy, base = _tensors(f"{out}/policy"), _tensors(inputs["model"])
     assert set(policy) == set(base)  # merged: a plain model again
     assert not torch.allclose(policy["model.layers.0.self_attn.q_proj.weight"],

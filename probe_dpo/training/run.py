@@ -319,6 +319,9 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
                        tracking_args=trainer_args(cfg.tracking, run_name))
         entry["train"] = fit_round(job, cfg, storage_root=storage.join(out, "ray"), run_name=run_name,
                                    callbacks=callbacks)
+        if not cfg.distributed.keep_finished_checkpoints:  # the published policy supersedes them
+            storage.remove(storage.join(out, "ray", run_name))
+            entry["train"]["checkpoint"] = None
         summary["rounds"].append(entry)
         model = policy
     summary["policy"] = final_policy

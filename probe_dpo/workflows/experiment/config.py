@@ -161,8 +161,9 @@ class ExperimentConfig:
     address: str | None = None
     """Ray address (None: start a local Ray)."""
     ray_cpus: int | None = bounded(None, ge=1)
-    """CPUs of a local Ray. None: what the Train workers need (or the cores, if more) + 2 slots
-    for a trial's driver and the queue that carries its Train metrics to Tune, which mostly wait."""
+    """CPUs of a local Ray. None: per concurrent trial, what its Train workers need + 2 slots for
+    the trial's driver and the queue that carries its Train metrics to Tune, which mostly wait
+    (or the cores, if more); + 2 for the sampling actors of an on-policy round."""
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
     """The testbed built when testbed_dir is not given."""
     testbed_dir: str | None = None
@@ -204,7 +205,8 @@ class ExperimentConfig:
     search: SearchSettings = field(default_factory=SearchSettings)
     """An optional hyperparameter search over one arm."""
     concurrent_trials: int = bounded(1, ge=1)
-    """Trials Tune runs at once."""
+    """Trials Tune runs at once. On a few cores, two 1-thread trials finish sooner than one
+    2-thread trial after another (eager PyTorch's small ops leave the second core idle)."""
     trial_retries: int = bounded(1, ge=0)
     """Times a failed trial is retried (a user error is not)."""
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
