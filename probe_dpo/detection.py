@@ -159,16 +159,20 @@ def probe_scores(probeset: Any, feats: Mapping[int, Any]) -> tuple[dict[str, np.
 
 def read_fixed(model: Any, tokenizer: Any, probeset: Any, splits: Mapping[str, Sequence[dict]], *,
                retrain_layers: Sequence[int] = (), c_grid: Sequence[float] | None = None, fpr: float = 0.05,
-               batch_size: int = 32, max_length: int = 256) -> tuple[Readout, dict]:
+               batch_size: int = 32, max_length: int = 256, dtype: str = "float32") -> tuple[Readout, dict]:
     """The probes (and probes retrained on this model) on ``model``'s activations of the test rows.
 
     Records need ``prompt``, ``completion``, ``label`` (and ``prompt_id``). Retrained probes
     are fitted on ``splits["train"]``, C chosen and threshold fixed (at ``fpr``) on
     ``splits["val"]``. Returns the test readout and the retrained probes' fit facts.
+    ``dtype``: the matmul precision of the forward passes (``probe_dpo.precision``); the
+    features and every probe fit are float32 either way.
     """
     import torch
 
     from probe_dpo.activations import extract
+    from probe_dpo.generation import device_of
+    from probe_dpo.precision import autocast
     from probe_dpo.probes import DEFAULT_C_GRID, LinearProbe, fit_probe
     from probe_dpo.stats import threshold_at_fpr
 
@@ -178,9 +182,10 @@ def read_fixed(model: Any, tokenizer: Any, probeset: Any, splits: Mapping[str, S
     layers = sorted({p.layer for p in probeset.probes} | set(retrain_layers))
     feats, labels = {}, {}
     for name, rows in splits.items():
-        feats[name] = extract(model, tokenizer, prompts=[r["prompt"] for r in rows],
-                              completions=[r["completion"] for r in rows], layers=layers,
-                              batch_size=batch_size, max_length=max_length)
+        with autocast(dtype, device_of(model)):
+            feats[name] = extract(model, tokenizer, prompts=[r["prompt"] for r in rows],
+                                  completions=[r["completion"] for r in rows], layers=layers,
+                                  batch_size=batch_size, max_length=max_length)
         labels[name] = np.array([int(r["label"]) for r in rows])
     scores, thresholds = probe_scores(probeset, feats["test"])
     retrained = {}

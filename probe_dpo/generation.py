@@ -11,7 +11,8 @@ padding; ties by input order), left-padded, and each batch is seeded from
 ``(seed, seed_tag, "batch", index)``, so the same model, prompts, settings and seed give the
 same continuations, whichever process runs them.
 
-The backend is Hugging Face ``generate``. vLLM is not offered: ``vllm==0.32`` (the last
+The backend is Hugging Face ``generate``, in float32 or under bfloat16 autocast
+(``GenerationSettings.dtype``). vLLM is not offered: ``vllm==0.32`` (the last
 release on torch 2.13) needs ``transformers<5.20`` and this project pins 5.23 (see the
 closing notes of issue 16 for the measured trade-off on CPU).
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from probe_dpo.config import bounded
 from probe_dpo.errors import UserError
@@ -44,6 +45,11 @@ class GenerationSettings:
     """Sequences per forward pass (prompts per batch = batch_size // samples per prompt)."""
     max_prompt_tokens: int = bounded(64, ge=4, le=4096)
     """Longer prompts keep their last tokens (the end is where the continuation starts)."""
+    dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    """Matmul precision of sampling: bfloat16 runs under autocast (the float32 weights are
+    kept); auto: bfloat16 on a GPU or a CPU with native bfloat16, else float32
+    (``probe_dpo.precision``). Every sampler of a testbed uses its setting, so the base
+    model's and each policy's continuations are sampled alike."""
 
     def replace(self, **changes: Any) -> "GenerationSettings":
         """A copy with ``changes`` (``None`` values are ignored)."""
@@ -87,6 +93,8 @@ def generate(model: Any, prompts: Sequence[Any], k: int = 1, settings: Generatio
     import torch
     from tqdm.auto import tqdm
 
+    from probe_dpo.precision import autocast
+
     if k < 1:
         raise UserError(f"samples per prompt must be >= 1, got {k}")
     from probe_dpo.chat import render_prompts
@@ -111,8 +119,9 @@ def generate(model: Any, prompts: Sequence[Any], k: int = 1, settings: Generatio
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(texts), desc=desc, unit="prompt", file=sys.stderr,
-                                          mininterval=2.0, dynamic_ncols=True, disable=not progress) as bar:
+        with torch.inference_mode(), autocast(settings.dtype, device), \
+                tqdm(total=len(texts), desc=desc, unit="prompt", file=sys.stderr, mininterval=2.0, dynamic_ncols=True,
+                     disable=not progress) as bar:
             for b, start in enumerate(range(0, len(order), per_batch)):
                 idx = order[start:start + per_batch]
                 enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,

@@ -63,3 +63,28 @@ def test_atlas_outcomes():
     assert atlas_outcome({"j1": drop, "j2": flat}, flat, flat) == "mixed"
     assert atlas_outcome({"j1": flat}, flat, flat) == "blatant"
     assert set(ATLAS) == {"removed", "blatant", "obfuscated activations", "obfuscated policy", "mixed"}
+
+
+def test_bf16_probe_reads_stay_close_to_fp32_and_fit_in_fp32(tiny_model_dir):
+    """``read_fixed(dtype="bfloat16")`` runs the forward passes under bf16 autocast (the scores
+    move, a little) while the retrained probes are still fitted on float32 features."""
+    import torch
+
+    from probe_dpo.detection import read_fixed
+    from probe_dpo.model import load_model, load_tokenizer
+    from probe_dpo.probes import LinearProbe, ProbeSet
+
+    lm, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    gen = torch.Generator().manual_seed(0)
+    d = lm.config.hidden_size
+    probe = LinearProbe(torch.randn(d, generator=gen), 0.0, torch.zeros(d), torch.ones(d), layer=1, name="train-L1")
+    words = ["you idiot", "lovely day", "shut up", "thank you", "stupid fool", "kind words"]
+    rows = [{"prompt": f"Row {i} says", "completion": f" {words[i % 6]} {i}", "label": int(i % 2 == 0),
+             "prompt_id": f"p{i // 2}"} for i in range(24)]
+    splits = {"train": rows[:12], "val": rows[12:18], "test": rows[18:] + rows[:6]}
+    out = {dt: read_fixed(lm, tok, ProbeSet([probe]), splits, retrain_layers=[1], dtype=dt)
+           for dt in ("float32", "bfloat16")}
+    a, b = out["float32"][0].scores["train-L1"], out["bfloat16"][0].scores["train-L1"]
+    assert not np.array_equal(a, b) and np.abs(a - b).max() < 0.05
+    assert out["bfloat16"][1]["retrained:L1"]["layer"] == 1
+    assert out["bfloat16"][0].scores["retrained:L1"].dtype == np.float64

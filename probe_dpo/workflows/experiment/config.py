@@ -120,6 +120,12 @@ class EvalSettings:
     """Seeds generation: the same for the base model and every arm (paired comparisons)."""
     threads: int | None = bounded(None, ge=1)
     """torch threads for evaluation on CPU (None: the machine's cores)."""
+    probe_read_dtype: Literal["float32", "bfloat16", "auto"] = "float32"
+    """Matmul precision of reading the fixed probe rows (test, and the retrained probes'
+    train/val) through each model, as ``probe_dpo.precision`` defines it. The base model and
+    every policy are read alike. KL to the base, perplexity and the readings on the model's
+    own completions (one pass with the KL) stay float32. The samples' precision is the
+    testbed's ``generation.dtype``."""
 
     def __post_init__(self):
         from probe_dpo.judges import parse_judge
