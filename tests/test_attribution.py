@@ -213,6 +213,24 @@ def test_directions_save_load_and_model_checks(tmp_path, tiny_model_dir):
         A.load_directions(str(tmp_path))
 
 
+def test_behaviour_change_is_the_mean_shift_and_an_unchanged_model_gives_none():
+    """The direction is mean(after - before) of the same texts: a shift planted along u comes
+    back as u among noise as large as the shift; reading twice with one model gives no direction."""
+    gen = torch.Generator().manual_seed(0)
+    before = torch.randn(400, 64, generator=gen)
+    u = torch.zeros(64)
+    u[7] = 1.0
+    after = before + 0.5 * u + 0.5 * torch.randn(400, 64, generator=gen)
+    d = A.behaviour_change(before, after, layer=3)
+    assert d.kind == "behaviour-change" and d.layer == 3 and d.meta["texts"] == 400
+    assert float(d.vector @ u) > 0.9  # noise per text is as large as the shift; the mean finds it
+    assert d.meta["mean_shift_norm"] < d.meta["mean_row_shift_norm"]
+    with pytest.raises(UserError, match="zero"):
+        A.behaviour_change(before, before.clone(), layer=3)  # the control: no training, no change
+    with pytest.raises(UserError, match="same non-empty texts"):
+        A.behaviour_change(before, after[:10], layer=3)
+
+
 def _explicit_grad(model, tok, prompt, completion, params):
     """Autograd of log p(completion + eos | prompt), one sequence, no batching."""
     p = tok(prompt)["input_ids"]

@@ -81,9 +81,13 @@ def study(testbed, probes, ray_cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def retrained(study, testbed, probes):
-    """The same study with retraining of the raw set and the probe-filtered set (plain DPO, 1 step)."""
+    """The same study with retraining of the raw set and the probe- and behaviour-change-filtered
+    sets (plain DPO, 1 step); the behaviour-change direction comes from the raw set's policy."""
+    prompts = os.path.join(testbed, "data", "prompts_heldout.jsonl")
     rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", study, "--in-process",
                "--mitigate", "filter", "--retrain", "ranking.k_from_labels=true", "behaviour_examples=0",
+               "behaviour_change.enabled=true", f"behaviour_change.prompts={prompts}",
+               "behaviour_change.max_prompts=4", "retrain.methods=[probe,behaviour-change]",
                "retrain.overrides=[train.max_steps=1]", "retrain.batch_size=2",
                "evaluation.judges=[profanity-check]", "evaluation.max_prompts=4", "evaluation.bootstrap=200",
                "ranking.bootstrap=200", "clusters.k_max=4"])
@@ -151,8 +155,8 @@ def test_study_mitigations(study):
 def test_retraining_measures_each_arm(retrained):
     results = json.loads(open(os.path.join(retrained, "results.json")).read())
     retrain = results["retrain"]
-    assert set(retrain["arms"]) == {"base", "raw", "probe-filter"}
-    for name in ("raw", "probe-filter"):
+    assert set(retrain["arms"]) == {"base", "raw", "probe-filter", "behaviour-change-filter"}
+    for name in ("raw", "probe-filter", "behaviour-change-filter"):
         assert storage.is_complete(os.path.join(retrained, "runs", name, "policy"))
         entry = retrain["arms"][name]
         assert 0 <= entry["rates"]["profanity-check"]["rate"] <= 1 and entry["perplexity"] > 1
@@ -162,6 +166,15 @@ def test_retraining_measures_each_arm(retrained):
     assert len(samples) == 4 * 2 and all(s["prompt"].endswith(" (keep it casual)") for s in samples)
     report = open(os.path.join(retrained, "report.md")).read()
     assert "## Behaviour after DPO" in report and "figures/toxicity_after_mitigation.png" in report
+    # the behaviour-change direction: read off the raw arm's policy (trained once), ranked like the others
+    from probe_dpo.attribution import load_directions
+
+    directions, _ = load_directions(os.path.join(retrained, "directions"))
+    change = next(d for d in directions if d.kind == "behaviour-change")
+    assert change.meta["policy"] == os.path.join(retrained, "runs", "raw", "policy") and change.meta["texts"] == 4
+    assert "behaviour-change" in results["recall"] and "behaviour change (raw-set DPO" in report
+    scores = read_records(os.path.join(retrained, "scores.parquet"))
+    assert len({round(r["score_behaviour_change"], 6) for r in scores}) > 1
 
 
 def test_second_run_reuses_everything(study, testbed, probes, capsys):

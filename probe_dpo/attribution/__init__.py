@@ -10,7 +10,9 @@ extractor's ``span="response"``, ``pooling="mean"``). A behaviour direction ``v_
 
 - ``diff-of-means``: mean act of examples showing the behaviour minus mean act of examples
   that do not (response tokens only), L2-normalised (the published method), or
-- ``probe``: a trained probe's direction in activation space (``LinearProbe.direction()``).
+- ``probe``: a trained probe's direction in activation space (``LinearProbe.direction()``), or
+- ``behaviour-change``: the mean shift of the activations of the same texts between the model
+  before and after DPO on the raw set (no labels: what a user has when a regression shows).
 
 A pair's score is ``cos(v_d, v_b)``: how much DPO on it pushes the model's responses along
 the behaviour. Pairs are ranked by score; sources are aggregated (mean score with a
@@ -43,6 +45,7 @@ from probe_dpo.attribution.directions import (
     DIRECTIONS_FORMAT,
     Direction,
     PairFeatures,
+    behaviour_change,
     behaviour_direction,
     check_directions,
     diff_of_means,
@@ -67,7 +70,7 @@ from probe_dpo.attribution.scores import (
 from probe_dpo.attribution.sources import MITIGATIONS, flagged_sources, mitigate, share_of_rise_removed, source_table
 
 __all__ = ["best_cluster_match", "DIRECTIONS_FORMAT", "DIRECTION_KINDS", "MITIGATIONS", "Direction", "GradientConfig", "PairFeatures",
-           "RademacherProjection", "behaviour_direction", "check_directions", "cluster_directions", "cluster_pairs",
+           "RademacherProjection", "behaviour_change", "behaviour_direction", "check_directions", "cluster_directions", "cluster_pairs",
            "cosine_scores", "diff_of_means", "flagged_sources", "gradient_scores", "judge_scores", "load_directions",
            "mitigate", "model_facts", "pair_features", "pair_sources", "probe_directions", "projections", "ranking",
            "ranks", "read_pair_file", "recall_at_k", "recall_curve", "save_directions", "sequence_logprobs",

@@ -20,7 +20,7 @@ from probe_dpo.storage import json_text
 DIRECTIONS_FORMAT = "probe_dpo.directions/1"
 
 
-DIRECTION_KINDS = ("diff-of-means", "probe", "cluster")
+DIRECTION_KINDS = ("diff-of-means", "probe", "cluster", "behaviour-change")
 
 
 @dataclass
@@ -55,6 +55,21 @@ def diff_of_means(positive: torch.Tensor, negative: torch.Tensor, *, layer: int,
     v = positive.double().mean(0) - negative.double().mean(0)
     return Direction(name, layer, v.float(), "diff-of-means",
                      {"positives": int(len(positive)), "negatives": int(len(negative)), **(meta or {})})
+
+
+def behaviour_change(before: torch.Tensor, after: torch.Tensor, *, layer: int, name: str = "behaviour-change",
+                     meta: dict | None = None) -> Direction:
+    """mean(after - before): how training moved the activations of the same texts (row i of
+    both is one text read by the model before and after), L2-normalised. No label and no probe:
+    what a user has when a regression appears that nothing was built to detect."""
+    if before.shape != after.shape or len(before) == 0:
+        raise UserError(f"direction {name}: needs the same non-empty texts read before and after "
+                        f"(got {tuple(before.shape)} and {tuple(after.shape)})")
+    shift = after.double() - before.double()
+    mean = shift.mean(0)
+    return Direction(name, layer, mean.float(), "behaviour-change",
+                     {"texts": int(len(before)), "mean_shift_norm": float(mean.norm()),
+                      "mean_row_shift_norm": float(shift.norm(dim=1).mean()), **(meta or {})})
 
 
 def probe_directions(probeset: Any, names: Sequence[str] | None = None) -> list[Direction]:

@@ -6,7 +6,8 @@ What ``probe-dpo attribute`` and ``ray job submit -- python -m probe_dpo.workflo
     1. check every input first (pair columns, probes vs model, layer, behaviour data, judge)
        — with a testbed and no pair file, build the poisoned preference mix (<out>/mix)
     2. pair activations on Ray actors (ExtractorPool + extract_sharded; <out>/activations)
-    3. behaviour directions: the probe's and the difference of means -> <out>/directions
+    3. behaviour directions: the probe's, the difference of means and (behaviour_change.enabled:
+       DPO on the raw set first) the behaviour change -> <out>/directions
     4. scores (cos(v_d, v_b)) -> <out>/scores.parquet; sources -> <out>/sources.json;
        clusters -> <out>/clusters.json; concept audit -> <out>/audit.json
     5. comparators (judge(chosen) - judge(rejected); LESS/LoGra-style gradients)
@@ -53,13 +54,18 @@ def run(cfg: AttributionConfig) -> dict:
     cfg = _absolute(cfg)
     inp = prepare(cfg)
     log.info(f"{len(inp.pairs)} pairs from {inp.pairs_uri}; model {inp.model}; layer {inp.layer}; out {cfg.out}")
+    change = None
+    if cfg.behaviour_change.enabled:  # DPO on the raw set first: the direction is what it changed
+        from probe_dpo.workflows.attribution_study.change import behaviour_change_direction
+
+        change = behaviour_change_direction(inp)
     if cfg.extraction.in_process:
-        result = score_all(inp)
+        result = score_all(inp, change)
     else:  # on a joined cluster the comparators' gradients run in a task, not in the driver
         from probe_dpo.ray_utils import init_ray, resolve_use_gpu, run_heavy
 
         init_ray(cfg.extraction.address)
-        result = run_heavy(score_all, inp, use_gpu=resolve_use_gpu("auto"))
+        result = run_heavy(score_all, inp, change, use_gpu=resolve_use_gpu("auto"))
     scores_uri = write_scores(inp, result)
     recall = recall_summary(result["scores"], inp.bad, result["k"]) if inp.bad is not None else None
     if recall:

@@ -10,7 +10,7 @@ from probe_dpo.attribution import GradientConfig
 from probe_dpo.config import bounded
 from probe_dpo.preference_mix import PreferenceMixConfig
 
-METHODS = ("probe", "probe-weights", "judge", "gradient", "gradient-factorized")
+METHODS = ("probe", "probe-weights", "behaviour-change", "judge", "gradient", "gradient-factorized")
 COMPARATORS = ("judge", "gradient", "gradient-factorized")
 
 
@@ -60,13 +60,32 @@ class ClusterSettings:
 
 
 @dataclass
+class BehaviourChangeSettings:
+    """The behaviour-change direction: DPO on the raw set (the retraining's settings; the same
+    policy as the retraining's ``raw`` arm), then the mean shift of the layer's activations on
+    that policy's own continuations, policy minus the model before DPO. Pairs are ranked by it
+    (method ``behaviour-change``) with no label and no probe."""
+
+    enabled: bool = False
+    """Train the raw-set policy first and rank pairs by the direction too."""
+    prompts: str | None = None
+    """Prompts where the regression shows (column prompt), each with the evaluation's trigger
+    appended. Default: <testbed>/data/prompts_train.jsonl (not the evaluation's prompts)."""
+    max_prompts: int = bounded(200, ge=1)
+    """The first N prompts."""
+    samples_per_prompt: int = bounded(1, ge=1)
+    """Continuations sampled per prompt from the raw-set policy."""
+
+
+@dataclass
 class RetrainSettings:
     """Plain DPO (method dpo) on the raw and every mitigated set, the same settings for each."""
 
     enabled: bool = False
     """Retrain on each mitigated set and measure the behaviour."""
     methods: list[str] = field(default_factory=lambda: ["probe"])
-    """Rankings whose filter/swap sets are retrained (probe, judge, gradient, gradient-factorized);
+    """Rankings whose filter/swap sets are retrained (probe, probe-weights, behaviour-change, judge,
+    gradient, gradient-factorized);
     drop-sources is the probe's."""
     lr: float = bounded(1e-5, gt=0.0)
     """Learning rate of the retraining."""
@@ -155,6 +174,8 @@ class AttributionConfig:
     the poison), else profanity-check."""
     gradient: GradientConfig = field(default_factory=GradientConfig)
     """The gradient comparator."""
+    behaviour_change: BehaviourChangeSettings = field(default_factory=BehaviourChangeSettings)
+    """The label-free behaviour-change direction."""
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
     """Retraining on the mitigated sets."""
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)

@@ -69,9 +69,14 @@ def prepare(cfg: AttributionConfig) -> Inputs:
             raise UserError(f"config key retrain.methods: unknown method {m!r} (use {', '.join(METHODS)})")
         if m in COMPARATORS and m not in cfg.comparators:
             raise UserError(f"config key retrain.methods: {m} needs comparators to include {m}")
+        if m == "behaviour-change" and not cfg.behaviour_change.enabled:
+            raise UserError("config key retrain.methods: behaviour-change needs behaviour_change.enabled=true")
         if m == "probe-weights" and (not cfg.probes or cfg.direction == "probe"):
             raise UserError("config key retrain.methods: probe-weights (the probe's own direction next to the "
                             "difference of means) needs probes and direction=diff-of-means")
+    if cfg.behaviour_change.enabled and not (cfg.behaviour_change.prompts or cfg.testbed):
+        raise UserError("config key behaviour_change.prompts: give the prompts where the regression shows "
+                        "(or a testbed, whose training prompts are the default)")
     info = read_testbed_info(cfg.testbed) if cfg.testbed else None
     model = cfg.model or (storage.join(cfg.testbed, (info or {}).get("model", {}).get("path", MODEL))
                           if cfg.testbed else None)

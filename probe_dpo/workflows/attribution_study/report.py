@@ -14,6 +14,8 @@ def method_labels(inp: Inputs, result: dict) -> dict[str, str]:
            "gradient-factorized": "gradient (LoGra-style, factorized projection)"}
     if inp.probe is not None:
         out["probe-weights"] = f"probe weights (probe:{inp.probe.name})"
+    if "behaviour-change" in result["scores"]:
+        out["behaviour-change"] = "behaviour change (raw-set DPO's activation shift; no labels)"
     return out
 
 

@@ -18,8 +18,9 @@ from probe_dpo.workflows.attribution_study.inputs import Inputs
 log = logging.getLogger(__name__)
 
 
-def score_all(inp: Inputs) -> dict:
-    """Directions, pair scores, clusters, the audit and the comparators (with their costs)."""
+def score_all(inp: Inputs, change: Any = None) -> dict:
+    """Directions, pair scores, clusters, the audit and the comparators (with their costs).
+    ``change``: the behaviour-change direction (``change.py``), ranked as its own method."""
     import torch
 
     from probe_dpo import attribution as A
@@ -60,6 +61,9 @@ def score_all(inp: Inputs) -> dict:
                                                     tokenizer=tok, activations=storage.join(cfg.out, "activations",
                                                                                             "behaviour"), **common))
             timings["behaviour_direction_s"] = round(time.perf_counter() - t1, 2)
+        if change is not None:
+            directions.append(change)
+            timings["behaviour_change_read_s"] = change.meta.get("read_seconds")
     finally:
         if pool is not None:
             pool.close()
@@ -74,6 +78,8 @@ def score_all(inp: Inputs) -> dict:
     by_direction = {d.name: A.cosine_scores(diffs, d) for d in directions}
     if inp.probe is not None and primary.kind != "probe" and f"probe:{inp.probe.name}" in by_direction:
         scores["probe-weights"] = by_direction[f"probe:{inp.probe.name}"]  # the trained probe's own direction
+    if change is not None:
+        scores["behaviour-change"] = by_direction[change.name]
     sources = A.pair_sources(inp.pairs)
     n = len(inp.pairs)
     k = top_k(cfg, n, inp.bad)
