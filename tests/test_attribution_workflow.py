@@ -87,7 +87,8 @@ def retrained(study, testbed, probes):
     rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", study, "--in-process",
                "--mitigate", "filter", "--retrain", "ranking.k_from_labels=true", "behaviour_examples=0",
                "behaviour_change.enabled=true", f"behaviour_change.prompts={prompts}",
-               "behaviour_change.max_prompts=4", "retrain.methods=[probe,behaviour-change]",
+               "behaviour_change.max_prompts=4", "behaviour_change.contrast=true",
+               "retrain.methods=[probe,behaviour-change]",
                "retrain.overrides=[train.max_steps=1]", "retrain.batch_size=2",
                "evaluation.judges=[profanity-check]", "evaluation.max_prompts=4", "evaluation.bootstrap=200",
                "ranking.bootstrap=200", "clusters.k_max=4"])
@@ -172,6 +173,7 @@ def test_retraining_measures_each_arm(retrained):
     directions, _ = load_directions(os.path.join(retrained, "directions"))
     change = next(d for d in directions if d.kind == "behaviour-change")
     assert change.meta["policy"] == os.path.join(retrained, "runs", "raw", "policy") and change.meta["texts"] == 4
+    assert change.meta["contrast"] is True and change.meta["trigger"] == " (keep it casual)"
     assert "behaviour-change" in results["recall"] and "behaviour change (raw-set DPO" in report
     scores = read_records(os.path.join(retrained, "scores.parquet"))
     assert len({round(r["score_behaviour_change"], 6) for r in scores}) > 1

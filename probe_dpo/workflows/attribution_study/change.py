@@ -56,19 +56,26 @@ def read_change(inp: Inputs, policy: str):
     bc = inp.cfg.behaviour_change
     uri = bc.prompts or TestbedPaths(inp.cfg.testbed).data("prompts_train")
     rows = read_records(uri, required=("prompt",), non_empty=("prompt",), what="behaviour-change prompts")
-    prompts = [str(r["prompt"]) + inp.trigger for r in rows[: bc.max_prompts]]
+    base_prompts = [str(r["prompt"]) for r in rows[: bc.max_prompts]]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     after, tok = load_model(policy, device=device), load_tokenizer(policy)
+    before = load_model(inp.model, device=device)
     settings = generation_settings(inp.cfg.testbed) if inp.cfg.testbed else None
-    outs = generate(after, prompts, bc.samples_per_prompt, settings, seed=inp.cfg.seed, tokenizer=tok,
-                    seed_tag="behaviour-change", desc="raw-set policy continuations")
-    texts = [(p, c) for p, comps in zip(prompts, outs) for c in comps]
-    read = dict(prompts=[p for p, _ in texts], completions=[c for _, c in texts], layers=[inp.layer],
-                pooling="mean", span="response", batch_size=inp.cfg.extraction.batch_size,
-                max_length=inp.cfg.extraction.max_length)
-    h_after = extract(after, tok, **read)[inp.layer]
-    del after
-    h_before = extract(load_model(inp.model, device=device), tok, **read)[inp.layer]
-    return behaviour_change(h_before, h_after, layer=inp.layer,
-                            meta={"prompts": storage.absolute(uri), "trigger": inp.trigger,
-                                  "read_seconds": round(time.perf_counter() - t0, 1)})
+
+    def shift(prompts: list[str], tag: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both models' reading of the policy's own continuations of ``prompts``."""
+        outs = generate(after, prompts, bc.samples_per_prompt, settings, seed=inp.cfg.seed, tokenizer=tok,
+                        seed_tag=tag, desc="raw-set policy continuations")
+        texts = [(p, c) for p, comps in zip(prompts, outs) for c in comps]
+        read = dict(prompts=[p for p, _ in texts], completions=[c for _, c in texts], layers=[inp.layer],
+                    pooling="mean", span="response", batch_size=inp.cfg.extraction.batch_size,
+                    max_length=inp.cfg.extraction.max_length)
+        return extract(before, tok, **read)[inp.layer], extract(after, tok, **read)[inp.layer]
+
+    h_before, h_after = shift([p + inp.trigger for p in base_prompts], "behaviour-change")
+    meta = {"prompts": storage.absolute(uri), "trigger": inp.trigger, "contrast": bc.contrast}
+    if bc.contrast:  # minus what the raw set changed on the same prompts without the trigger
+        c_before, c_after = shift(base_prompts, "behaviour-change-contrast")
+        h_after = h_after - (c_after - c_before).mean(0)
+    meta["read_seconds"] = round(time.perf_counter() - t0, 1)
+    return behaviour_change(h_before, h_after, layer=inp.layer, meta=meta)

@@ -75,6 +75,9 @@ class BehaviourChangeSettings:
     """The first N prompts."""
     samples_per_prompt: int = bounded(1, ge=1)
     """Continuations sampled per prompt from the raw-set policy."""
+    contrast: bool = False
+    """Subtract the shift on the same prompts without the trigger: the change specific to where
+    the regression shows, not everything the raw set changed (style, length). Needs a trigger."""
 
 
 @dataclass

@@ -77,6 +77,8 @@ def prepare(cfg: AttributionConfig) -> Inputs:
     if cfg.behaviour_change.enabled and not (cfg.behaviour_change.prompts or cfg.testbed):
         raise UserError("config key behaviour_change.prompts: give the prompts where the regression shows "
                         "(or a testbed, whose training prompts are the default)")
+    if cfg.behaviour_change.enabled and cfg.behaviour_change.contrast and not (cfg.evaluation.trigger or cfg.testbed):
+        raise UserError("config key behaviour_change.contrast: needs a trigger (evaluation.trigger, or a built mix's)")
     info = read_testbed_info(cfg.testbed) if cfg.testbed else None
     model = cfg.model or (storage.join(cfg.testbed, (info or {}).get("model", {}).get("path", MODEL))
                           if cfg.testbed else None)
