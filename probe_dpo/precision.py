@@ -38,11 +38,16 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def _kind(device: Any) -> str:
+    """"cpu" or "cuda" from a torch device or its name ("cuda:1")."""
+    return getattr(device, "type", str(device)).split(":")[0]
+
+
 def resolve(precision: str, device: Any) -> str:
     """``"float32"`` or ``"bfloat16"`` for work on ``device`` (a torch device or its name)."""
     if precision != "auto":
         return precision
-    kind = getattr(device, "type", str(device)).split(":")[0]
+    kind = _kind(device)
     return "bfloat16" if kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16()) else "float32"
 
 
@@ -52,5 +57,4 @@ def autocast(precision: str, device: Any) -> contextlib.AbstractContextManager:
 
     if resolve(precision, device) != "bfloat16":
         return contextlib.nullcontext()
-    kind = getattr(device, "type", str(device)).split(":")[0]
-    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
+    return torch.autocast(device_type=_kind(device), dtype=torch.bfloat16)

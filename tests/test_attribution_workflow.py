@@ -195,7 +195,7 @@ def _error(capsys, argv, needle):
     assert rc == 2 and err.count("\n") == 0 and err.startswith("probe-dpo: error: ") and needle in err, err
 
 
-def test_one_line_errors(tmp_path, tiny_model_dir, probes, capsys):
+def test_one_line_errors(tmp_path, tiny_model_dir, probes, testbed, capsys):
     from probe_dpo.probes import LinearProbe, ProbeSet
 
     model = str(tiny_model_dir)
@@ -211,6 +211,10 @@ def test_one_line_errors(tmp_path, tiny_model_dir, probes, capsys):
         str(tmp_path / "wide"))
     _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", str(tmp_path / "wide")],
            "come from another model")
+    # a testbed, but the user's own pair file: no mix, so no trigger to contrast with
+    _error(capsys, base + ["--testbed", testbed, "--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes,
+                           "behaviour_change.enabled=true", "behaviour_change.contrast=true"],
+           "behaviour_change.contrast: needs a trigger")
     deep = ProbeSet([LinearProbe(torch.ones(64), 0.0, torch.zeros(64), torch.ones(64), layer=9, name="d")])
     deep.save(str(tmp_path / "deep"))
     _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", str(tmp_path / "deep")],

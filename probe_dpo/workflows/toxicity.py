@@ -71,8 +71,8 @@ def run(cfg: ExperimentConfig) -> dict:
     if cfg.testbed_dir:  # a given testbed is checked before Ray starts
         read_built_testbed(cfg.testbed_dir)
     dist = cfg.distributed
-    lanes = cfg.concurrent_trials * (dist.workers * dist.threads_per_worker + 2)
-    cpus = cfg.ray_cpus or max(len(os.sched_getaffinity(0)), lanes) + 2
+    trial_cpus = cfg.concurrent_trials * (dist.workers * dist.threads_per_worker + 2)
+    cpus = cfg.ray_cpus or max(len(os.sched_getaffinity(0)), trial_cpus) + 2
     init_ray(cfg.address, num_cpus=cpus if cfg.address is None else None)
     # one answer for every stage, trial, actor and task (and the bool, not "auto", in their keys)
     cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(dist, use_gpu=resolve_use_gpu(dist.use_gpu)))

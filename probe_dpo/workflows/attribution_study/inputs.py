@@ -77,8 +77,6 @@ def prepare(cfg: AttributionConfig) -> Inputs:
     if cfg.behaviour_change.enabled and not (cfg.behaviour_change.prompts or cfg.testbed):
         raise UserError("config key behaviour_change.prompts: give the prompts where the regression shows "
                         "(or a testbed, whose training prompts are the default)")
-    if cfg.behaviour_change.enabled and cfg.behaviour_change.contrast and not (cfg.evaluation.trigger or cfg.testbed):
-        raise UserError("config key behaviour_change.contrast: needs a trigger (evaluation.trigger, or a built mix's)")
     info = read_testbed_info(cfg.testbed) if cfg.testbed else None
     model = cfg.model or (storage.join(cfg.testbed, (info or {}).get("model", {}).get("path", MODEL))
                           if cfg.testbed else None)
@@ -153,6 +151,8 @@ def prepare(cfg: AttributionConfig) -> Inputs:
     if cfg.ranking.k_from_labels and (bad is None or not bad.any()):
         raise UserError("ranking.k_from_labels needs poison_labels with at least one bad pair")
     trigger = cfg.evaluation.trigger if cfg.evaluation.trigger is not None else (mix["trigger"] if mix else "")
+    if cfg.behaviour_change.enabled and cfg.behaviour_change.contrast and not trigger:
+        raise UserError("config key behaviour_change.contrast: needs a trigger (evaluation.trigger, or a built mix's)")
     judge = cfg.judge
     if judge is None:
         heldout = (info or {}).get("heldout_judges") or []

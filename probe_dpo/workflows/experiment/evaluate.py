@@ -100,7 +100,7 @@ def evaluate_model(model_uri: str, ctx: dict, reference: dict | None = None, tar
         own[reader] = {"scores": scores, "thresholds": thresholds}
     t = lap("own_completions_kl_and_probes", t)
     fixed, retrained = read_fixed(model, tok, probeset, inputs["splits"], retrain_layers=ctx["retrain_layers"],
-                                  dtype=e.get("probe_read_dtype", "float32"))
+                                  dtype=e["probe_read_dtype"])
     metrics["retrained"] = retrained
     t = lap("fixed_text_probes", t)
     files = evaluation_files(samples.scores, fixed, own, own_groups)
