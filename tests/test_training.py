@@ -272,6 +272,24 @@ def test_probe_sft_on_prompt_completion_rows_penalises_the_completion_tokens(inp
     assert ((batch["labels"] != -100).long() == mask).all()  # the same tokens the LM loss reads
 
 
+def test_the_last_step_writes_no_checkpoint_when_finished_checkpoints_are_removed(inputs, tmp_path):
+    from probe_dpo.model import load_model, load_tokenizer
+    from probe_dpo.training.trainers import SkipFinalCheckpoint, build_trainer
+
+    rows = [{"text": "The river in spring is lovely and calm."}, {"text": "She said thanks a lot."}]
+    cfg = _cfg(inputs, str(tmp_path), "method=sft", "train.max_steps=3", "train.batch_size=1")
+    tok = load_tokenizer(inputs["model"])
+    saved = {}
+    for skip in (False, True):  # the control first: the same run without the callback saves every step
+        out = tmp_path / f"skip-{skip}"
+        trainer = build_trainer("sft", load_model(inputs["model"]), tok, rows, cfg, output_dir=str(out),
+                                save_steps=1, callbacks=[SkipFinalCheckpoint()] if skip else [])
+        trainer.train()
+        saved[skip] = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert saved[False] == ["checkpoint-3"]  # save_total_limit=1 keeps the newest
+    assert saved[True] == ["checkpoint-2"]  # the one a restart would resume from; no final one
+
+
 def test_killed_run_resumes_from_its_checkpoint(inputs, ray_cluster, tmp_path):
     """Kill the driver (and with it the trainer) after the first checkpoint; the same command resumes."""
     out = tmp_path / "resume"

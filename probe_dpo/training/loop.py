@@ -111,6 +111,7 @@ def _train(job: dict, scratch: Path) -> None:
     from probe_dpo.training.trainers import (
         CrashCallback,
         EMACallback,
+        SkipFinalCheckpoint,
         build_trainer,
         deepspeed_config,
         training_arguments,
@@ -168,6 +169,8 @@ def _train(job: dict, scratch: Path) -> None:
     if cfg.fault.crash_at_step is not None:
         callbacks.append(CrashCallback(cfg.fault.crash_at_step, cfg.fault.crash_rank, rank,
                                        resumed=checkpoint is not None))
+    if not dist.keep_finished_checkpoints:
+        callbacks.append(SkipFinalCheckpoint())  # after DefaultFlowCallback, which asks for that save
     callbacks.append(RayTrainReportCallback())  # last: the EMA file is in the folder it copies
 
     trainer = build_trainer(job["kind"], model, tokenizer, records, cfg, output_dir=output_dir,

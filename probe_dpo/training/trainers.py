@@ -195,6 +195,30 @@ class CrashCallback(TrainerCallback):
             os._exit(17)
 
 
+class SkipFinalCheckpoint(TrainerCallback):
+    """No checkpoint after the last optimizer step.
+
+    A checkpoint exists to resume the round; the one the last step would write is resumed by
+    nothing when the round's checkpoints are removed once its policy is published
+    (``distributed.keep_finished_checkpoints: false``): a re-run skips a published round.
+    Writing it cost a full-weight DPO round about 10 s of its 73 (the ZeRO weights and
+    optimizer state, then Ray's copy into storage). Earlier checkpoints (``checkpoint_steps``,
+    earlier epochs) are written as before.
+    """
+
+    @staticmethod
+    def _last(state) -> bool:
+        return state.max_steps > 0 and state.global_step >= state.max_steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._last(state):
+            control.should_save = False
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self._last(state):
+            control.should_save = False
+
+
 # ---------------------------------------------------------------------------------------------
 # Building a trainer
 
