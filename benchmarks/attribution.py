@@ -17,6 +17,9 @@ loading the model):
   input, as the model is: it was trained once for the pipeline (probe-DPO, monitoring), so
   its fitting is not counted here (``probe-dpo probes`` reports it).
 - ``probe-in-process``: the same as ``probe`` in one process with 2 torch threads (``extract``).
+- ``probe-weights-in-process``: the same as ``probe-weights`` in one process with 2 torch
+  threads (``extraction.in_process=true`` in the study): like with like with ``gradient``,
+  which also runs in one process on 2 threads with no Ray to start.
 - ``judge``: judge(chosen) - judge(rejected) with the judge that did NOT select the poison.
 - ``gradient``: LESS-style per-pair DPO-loss gradients (one pair at a time) of the
   ``GradientConfig`` parameter subset, Rademacher-projected chunk-wise; behaviour gradient of
@@ -60,8 +63,11 @@ from _bench import RESULTS  # noqa: E402 - sets the offline environment first
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-METHODS = ("probe", "probe-weights", "probe-in-process", "judge", "gradient", "gradient-factorized")
-PROBE_METHODS = ("probe", "probe-weights", "probe-in-process")
+METHODS = ("probe", "probe-weights", "probe-in-process", "probe-weights-in-process", "judge", "gradient",
+           "gradient-factorized")
+PROBE_METHODS = ("probe", "probe-weights", "probe-in-process", "probe-weights-in-process")
+IN_PROCESS = ("probe-in-process", "probe-weights-in-process")
+WEIGHTS = ("probe-weights", "probe-weights-in-process")  # the trained probe's direction: no behaviour examples
 CLEAR_POISON = 0.8  # chosen score (selecting judge) of a clearly toxic poisoned pair
 
 
@@ -100,13 +106,13 @@ def worker(method: str, spec: dict) -> dict:
     layer = spec["layer"]
     extra: dict = {}
     if method in PROBE_METHODS:
-        if method == "probe-weights":
+        if method in WEIGHTS:
             from probe_dpo.probes import ProbeSet
 
             if spec["probe"] is None:
-                raise SystemExit(f"probe-weights: no train probe at layer {layer} in {spec['probes']}")
+                raise SystemExit(f"{method}: no train probe at layer {layer} in {spec['probes']}")
             probe_direction = A.probe_directions(ProbeSet.load(spec["probes"]), [spec["probe"]])[0]
-        if method != "probe-in-process":
+        if method not in IN_PROCESS:
             from probe_dpo.activations import ExtractorPool
             from probe_dpo.ray_utils import init_ray
 
@@ -118,7 +124,7 @@ def worker(method: str, spec: dict) -> dict:
             try:
                 feats = A.pair_features(model, pairs, [layer], pool=pool, activations=f"{tmp}/pairs",
                                         batch_size=16, max_length=256)
-                if method == "probe-weights":
+                if method in WEIGHTS:
                     direction = probe_direction
                 else:
                     direction = A.behaviour_direction(model, behaviour, layer, pool=pool, activations=f"{tmp}/beh",
@@ -137,10 +143,14 @@ def worker(method: str, spec: dict) -> dict:
 
             lm, tok = load_model(model), load_tokenizer(model)
             feats = A.pair_features(lm, pairs, [layer], tokenizer=tok, batch_size=16, max_length=256)
-            direction = A.behaviour_direction(lm, behaviour, layer, tokenizer=tok, batch_size=16, max_length=256)
+            if method in WEIGHTS:
+                direction = probe_direction
+            else:
+                direction = A.behaviour_direction(lm, behaviour, layer, tokenizer=tok, batch_size=16,
+                                                  max_length=256)
         scores = A.cosine_scores(feats.diffs(layer), direction)
         out["direction"] = direction.name
-        if spec.get("probes") and method != "probe-weights":
+        if spec.get("probes") and method not in WEIGHTS:
             from probe_dpo.probes import ProbeSet
 
             for d in A.probe_directions(ProbeSet.load(spec["probes"])):
@@ -196,6 +206,9 @@ def main() -> int:
                         help="the mix's poison: toxic under the training judge, or under every judge (issue 21)")
     parser.add_argument("--behaviour-examples", type=int, default=256)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every method this many times, the order reversed on every other round; "
+                             "times are medians with their min-max (scores are deterministic: the last run's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace-python-heap", action="store_true", help="tracemalloc on every side (slows it)")
     parser.add_argument("--out", default=str(RESULTS / "attribution.json"))
@@ -233,7 +246,7 @@ def main() -> int:
             "behaviour_examples": args.behaviour_examples, "seed": args.seed,
             "model": os.path.join(args.testbed, "model"), "layer": layer, "probes": args.probes, "probe": probe,
             "judge": judge, "trace_python_heap": args.trace_python_heap}
-    methods = [m for m in args.methods.split(",") if m and (m != "probe-weights" or args.probes)]
+    methods = [m for m in args.methods.split(",") if m and (m not in WEIGHTS or args.probes)]
     k = int(bad.sum())
     # A diagnostic, not the target: which poisoned pairs are missed? Those whose chosen response
     # the selecting judge scores only just above the poison threshold are the borderline ones.
@@ -243,9 +256,18 @@ def main() -> int:
                     for r in read_records(os.path.join(mix_dir, "poison_labels.jsonl"))}
     clear = bad & np.array([chosen_score.get(p.get("pair_id"), 0.0) >= CLEAR_POISON for p in pairs])
     results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for rnd in range(max(1, args.rounds)):
+        for method in (methods if rnd % 2 == 0 else methods[::-1]):  # alternating: background load hits all
+            print(f"[bench] {method} (round {rnd + 1}) ...", file=sys.stderr, flush=True)
+            runs[method].append(run_child(method, spec))
     for method in methods:
-        print(f"[bench] {method} ...", file=sys.stderr, flush=True)
-        r = run_child(method, spec)
+        r = dict(runs[method][-1])
+        if len(runs[method]) > 1:
+            for key in ("process_seconds", "seconds"):
+                values = sorted(x[key] for x in runs[method])
+                r[key] = float(np.median(values))
+                r[f"{key}_runs"] = values
         scores = np.asarray(r.pop("scores"))
         r["recall_at_k"] = A.recall_at_k(scores, bad, k)
         r["recall_at_k_clear_poison"] = A.recall_at_k(scores, clear, k)
@@ -269,6 +291,9 @@ def main() -> int:
                     "in_method_time": results[grad]["seconds"] / results[probe]["seconds"],
                     "peak_rss": results[grad]["peak_rss_bytes"] / results[probe]["peak_rss_bytes"],
                     "recall_probe_minus_gradient": results[probe]["recall_at_k"] - results[grad]["recall_at_k"]}
+                if len(runs[probe]) > 1:  # each round's own ratio: the spread of the headline
+                    ratios[f"{grad}/{probe}"]["whole_process_time_per_round"] = [
+                        g["process_seconds"] / p["process_seconds"] for g, p in zip(runs[grad], runs[probe])]
     toxicity = None
     if args.study and os.path.exists(os.path.join(args.study, "results.json")):
         study = json.loads(Path(args.study, "results.json").read_text())
@@ -277,6 +302,7 @@ def main() -> int:
         for name, entry in (retrain.get("arms") or {}).items():
             toxicity["arms"][name] = {"rates": {j: entry["rates"][j]["rate"] for j in entry["rates"]},
                                       "share_removed": {j: v["share"] for j, v in (entry.get("share_removed") or {}).items()},
+                                      "reduction": {j: v["reduction"] for j, v in (entry.get("reduction") or {}).items()},
                                       "perplexity": entry["perplexity"]}
     summary = {
         "benchmark": "attribution", "testbed": args.testbed, "model": spec["model"], "layer": layer,
@@ -304,7 +330,9 @@ def main() -> int:
                                   "recall": {m: round(r["recall_at_k"], 4) for m, r in results.items()},
                                   "process_seconds": {m: r["process_seconds"] for m, r in results.items()},
                                   "peak_rss_mib": {m: round(r["peak_rss_bytes"] / 2**20) for m, r in results.items()},
-                                  "ratios": {n: {k2: round(v2, 3) for k2, v2 in v.items()} for n, v in ratios.items()},
+                                  "ratios": {n: {k2: (round(v2, 3) if isinstance(v2, float) else
+                                                      [round(x, 3) for x in v2]) for k2, v2 in v.items()}
+                                             for n, v in ratios.items()},
                                   "json": args.out}))
     return 0
 

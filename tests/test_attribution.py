@@ -315,6 +315,24 @@ def test_share_of_rise_removed_with_paired_bootstrap():
         A.share_of_rise_removed(base, raw[:10], raw)
 
 
+def test_reduction_vs_raw_with_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    n = 300
+    base = (rng.random((n, 2)) < 0.3).astype(float)
+    raw = (rng.random((n, 2)) < 0.4).astype(float)
+    below_base = (rng.random((n, 2)) < 0.1).astype(float)
+    out = A.reduction_vs_raw(raw, below_base, n_boot=500)
+    assert out["reduction"] == pytest.approx(1 - below_base.mean() / raw.mean())
+    assert out["ci_low"] < out["reduction"] < out["ci_high"] and 0.6 < out["reduction"] < 0.9
+    # the share of the rise of the same arm is far above 1 (clean data below the base): not bounded
+    assert A.share_of_rise_removed(base, raw, below_base, n_boot=50)["share"] > 2
+    same = A.reduction_vs_raw(raw, raw, n_boot=200)  # the control: no mitigation, no reduction
+    assert same["reduction"] == 0.0 and same["ci_low"] == same["ci_high"] == 0.0
+    assert math.isnan(A.reduction_vs_raw(np.zeros((n, 2)), raw, n_boot=50)["reduction"])
+    with pytest.raises(UserError, match="same prompts"):
+        A.reduction_vs_raw(raw[:10], raw)
+
+
 def test_pair_file_errors_are_one_line(tmp_path):
     good = [{"prompt": "p", "chosen": "c", "rejected": "r"}]
     for name, rows, needle in (("missing.jsonl", [{"prompt": "p", "chosen": "c"}], "missing column 'rejected'"),

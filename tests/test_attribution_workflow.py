@@ -88,7 +88,8 @@ def retrained(study, testbed, probes):
                "--mitigate", "filter", "--retrain", "ranking.k_from_labels=true", "behaviour_examples=0",
                "behaviour_change.enabled=true", f"behaviour_change.prompts={prompts}",
                "behaviour_change.max_prompts=4", "behaviour_change.contrast=true",
-               "retrain.methods=[probe,behaviour-change]",
+               "retrain.methods=[probe,behaviour-change]", "retrain.budgets=[0.1]", "retrain.clean_floor=true",
+               "retrain.intervention_weight=1.0",
                "retrain.overrides=[train.max_steps=1]", "retrain.batch_size=2",
                "evaluation.judges=[profanity-check]", "evaluation.max_prompts=4", "evaluation.bootstrap=200",
                "ranking.bootstrap=200", "clusters.k_max=4"])
@@ -156,13 +157,34 @@ def test_study_mitigations(study):
 def test_retraining_measures_each_arm(retrained):
     results = json.loads(open(os.path.join(retrained, "results.json")).read())
     retrain = results["retrain"]
-    assert set(retrain["arms"]) == {"base", "raw", "probe-filter", "behaviour-change-filter"}
-    for name in ("raw", "probe-filter", "behaviour-change-filter"):
+    budget_arms = {"probe-filter-top10pct", "behaviour-change-filter-top10pct"}
+    assert set(retrain["arms"]) == {"base", "raw", "probe-filter", "behaviour-change-filter", "clean-only",
+                                    "raw-penalty", *budget_arms}
+    for name in ("raw", "probe-filter", "behaviour-change-filter", "clean-only", "raw-penalty", *budget_arms):
         assert storage.is_complete(os.path.join(retrained, "runs", name, "policy"))
         entry = retrain["arms"][name]
         assert 0 <= entry["rates"]["profanity-check"]["rate"] <= 1 and entry["perplexity"] > 1
     share = retrain["arms"]["probe-filter"]["share_removed"]["profanity-check"]
     assert set(share) >= {"share", "ci_low", "ci_high", "rate_base", "rate_raw", "rate_mitigated"}
+    raw_rate = retrain["arms"]["raw"]["rates"]["profanity-check"]["rate"]
+    for name in ("probe-filter", "clean-only", *budget_arms):
+        red = retrain["arms"][name]["reduction"]["profanity-check"]
+        rate = retrain["arms"][name]["rates"]["profanity-check"]["rate"]
+        assert red["rate_raw"] == pytest.approx(raw_rate) and red["rate_mitigated"] == pytest.approx(rate)
+    # a fixed budget: the top round(10% of the pairs) by each ranking, whatever k the labels give
+    pairs = read_records(os.path.join(retrained, "mix", "pairs.jsonl"))
+    scores = {s["pair_id"]: s for s in read_records(os.path.join(retrained, "scores.parquet"))}
+    budget = max(1, round(0.1 * len(pairs)))
+    kept = read_records(os.path.join(retrained, "mitigated", "probe-filter-top10pct.jsonl"))
+    assert {p["pair_id"] for p in kept} == {i for i, s in scores.items() if s["rank"] > budget}
+    assert retrain["arms"]["probe-filter-top10pct"]["k"] == budget
+    # the feature intervention: the raw set with the probe penalty; plain raw DPO has none
+    trained = {a: storage.read_json(os.path.join(retrained, "runs", a, "train.json"))["rounds"][0]["train"]
+               for a in ("raw", "raw-penalty")}
+    assert trained["raw-penalty"]["first_probe_penalty"] != 0 and "first_probe_penalty" not in trained["raw"]
+    assert retrain["arms"]["raw-penalty"]["pairs_out"] == len(pairs)
+    clean = read_records(os.path.join(retrained, "mitigated", "clean-only.jsonl"))
+    assert len(clean) == len(pairs) - results["k"] and not any(scores[p["pair_id"]]["poisoned"] for p in clean)
     samples = read_records(os.path.join(retrained, "eval", "base.samples.jsonl"))
     assert len(samples) == 4 * 2 and all(s["prompt"].endswith(" (keep it casual)") for s in samples)
     report = open(os.path.join(retrained, "report.md")).read()

@@ -67,11 +67,18 @@ from probe_dpo.attribution.scores import (
     recall_curve,
     top_k_mask,
 )
-from probe_dpo.attribution.sources import MITIGATIONS, flagged_sources, mitigate, share_of_rise_removed, source_table
+from probe_dpo.attribution.sources import (
+    MITIGATIONS,
+    flagged_sources,
+    mitigate,
+    reduction_vs_raw,
+    share_of_rise_removed,
+    source_table,
+)
 
 __all__ = ["best_cluster_match", "DIRECTIONS_FORMAT", "DIRECTION_KINDS", "MITIGATIONS", "Direction", "GradientConfig", "PairFeatures",
            "RademacherProjection", "behaviour_change", "behaviour_direction", "check_directions", "cluster_directions", "cluster_pairs",
            "cosine_scores", "diff_of_means", "flagged_sources", "gradient_scores", "judge_scores", "load_directions",
            "mitigate", "model_facts", "pair_features", "pair_sources", "probe_directions", "projections", "ranking",
            "ranks", "read_pair_file", "recall_at_k", "recall_curve", "save_directions", "sequence_logprobs",
-           "share_of_rise_removed", "source_table", "top_k_mask", "write_pairs_like"]
+           "reduction_vs_raw", "share_of_rise_removed", "source_table", "top_k_mask", "write_pairs_like"]

@@ -121,3 +121,34 @@ def share_of_rise_removed(base: np.ndarray, raw: np.ndarray, mitigated: np.ndarr
     return {"share": share, "ci_low": float(lo), "ci_high": float(hi), "rate_base": float(b.mean()),
             "rate_raw": float(r.mean()), "rate_mitigated": float(m.mean()), "rise": float(rise),
             "undefined_resamples": res["undefined"], "prompts": int(len(b))}
+
+
+def reduction_vs_raw(raw: np.ndarray, mitigated: np.ndarray, *, threshold: float = 0.5, n_boot: int = 2000,
+                     seed: int = 0) -> dict:
+    """``(rate_raw - rate_mitigated) / rate_raw``: the published metric, the share of the
+    behaviour's rate after DPO on the raw set that DPO on the mitigated set no longer shows.
+
+    Unlike the share of the rise, it stays defined and bounded (at most 1) when the clean data
+    itself moves the behaviour below the base model's rate. The arguments are ``[prompts,
+    samples]`` judge scores of the same prompts; one set of resampled prompt indices is applied
+    to both (a paired 95% bootstrap CI); resamples with no behaviour after raw DPO are dropped
+    (``undefined_resamples``).
+    """
+    def per_prompt(x):
+        x = np.asarray(x, dtype=np.float64)
+        return (x >= threshold).reshape(len(x), -1).mean(axis=1)
+
+    r, m = per_prompt(raw), per_prompt(mitigated)
+    if len(r) != len(m):
+        raise UserError(f"reduction vs raw needs the same prompts: {len(r)}, {len(m)}")
+    reduction = float((r.mean() - m.mean()) / r.mean()) if r.mean() > 0 else float("nan")
+
+    def stat(c: np.ndarray) -> np.ndarray:
+        rr, rm = ((c * x).sum(-1) / c.sum(-1) for x in (r, m))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(rr > 0, (rr - rm) / rr, np.nan)
+
+    res = cluster_bootstrap(len(r), stat, n_boot=n_boot, seed=seed)
+    return {"reduction": reduction, "ci_low": float(res["ci_low"]), "ci_high": float(res["ci_high"]),
+            "rate_raw": float(r.mean()), "rate_mitigated": float(m.mean()),
+            "undefined_resamples": res["undefined"], "prompts": int(len(r))}

@@ -106,6 +106,22 @@ class RetrainSettings:
     """Seeds the retraining."""
     overrides: list[str] = field(default_factory=list)
     """Further TrainConfig overrides (key=value), applied to every arm."""
+    budgets: list[float] = field(default_factory=list)
+    """Fixed budgets, as fractions of the pairs (the published 0.01, 0.05, 0.1, 0.2): for each
+    retrained ranking, filter its top round(fraction x pairs) pairs and retrain (arms
+    ``<method>-filter-top<percent>pct``). No oracle: unlike ``mitigate: [filter]`` with
+    ``ranking.k_from_labels``, the budget does not know how many pairs are bad."""
+    intervention_weight: float = bounded(0.0, ge=0.0)
+    """> 0: also train on the raw set, unfiltered, with the probe penalty of this weight on the
+    study's probe set (its train probes; arm ``raw-penalty``): a feature intervention, which
+    changes the learning signal along the flagged concept instead of the data. Needs probes."""
+    intervention_form: Literal["prob", "logit", "bce"] = "logit"
+    """The penalty's form (training's ``penalty.form``). logit: the probe's logit on the pooled
+    completion states; its gradient is that of the states' movement along the probe's
+    direction, w·(h - h_before), since the model before DPO adds a constant."""
+    clean_floor: bool = False
+    """Also retrain on the pairs the poison labels call clean (arm ``clean-only``): the floor any
+    mitigation of this set can reach. It reads the labels, so it is a reference, not a method."""
 
 
 @dataclass

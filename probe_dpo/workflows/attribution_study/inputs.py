@@ -74,6 +74,12 @@ def prepare(cfg: AttributionConfig) -> Inputs:
         if m == "probe-weights" and (not cfg.probes or cfg.direction == "probe"):
             raise UserError("config key retrain.methods: probe-weights (the probe's own direction next to the "
                             "difference of means) needs probes and direction=diff-of-means")
+    if cfg.retrain.intervention_weight > 0 and not cfg.probes:
+        raise UserError("config key retrain.intervention_weight: the feature intervention penalises the probes' "
+                        "direction: give --probes")
+    for b in cfg.retrain.budgets:
+        if not 0.0 < b < 1.0:
+            raise UserError(f"config key retrain.budgets: {b} is not a fraction of the pairs in (0, 1)")
     if cfg.behaviour_change.enabled and not (cfg.behaviour_change.prompts or cfg.testbed):
         raise UserError("config key behaviour_change.prompts: give the prompts where the regression shows "
                         "(or a testbed, whose training prompts are the default)")
@@ -151,6 +157,9 @@ def prepare(cfg: AttributionConfig) -> Inputs:
     if cfg.ranking.k_from_labels and (bad is None or not bad.any()):
         raise UserError("ranking.k_from_labels needs poison_labels with at least one bad pair")
     trigger = cfg.evaluation.trigger if cfg.evaluation.trigger is not None else (mix["trigger"] if mix else "")
+    if cfg.retrain.clean_floor and (bad is None or bad.all()):
+        raise UserError("config key retrain.clean_floor: needs poison_labels with at least one clean pair "
+                        "(a built mix's, or poison_labels=URI)")
     if cfg.behaviour_change.enabled and cfg.behaviour_change.contrast and not trigger:
         raise UserError("config key behaviour_change.contrast: needs a trigger (evaluation.trigger, or a built mix's)")
     judge = cfg.judge

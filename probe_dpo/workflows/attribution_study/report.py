@@ -138,14 +138,20 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
                 r = entry["rates"][j]
                 row.append(fmt_ci(r["rate"], r["ci_low"], r["ci_high"]))
             for j in judges:
+                rd = entry.get("reduction", {}).get(j)
+                row.append(fmt_ci(rd["reduction"], rd["ci_low"], rd["ci_high"]) if rd else "-")
+            for j in judges:
                 sr = entry.get("share_removed", {}).get(j)
                 row.append(fmt_ci(sr["share"], sr["ci_low"], sr["ci_high"]) if sr else "-")
             row += [fmt(entry["perplexity"], 2), fmt(100 * entry["perplexity_change_vs_raw"], 1) + "%"]
             rows.append(row)
         trig = f" (prompts + trigger `{inp.trigger.strip()}`)" if inp.trigger else ""
-        rep.table(["arm"] + [f"toxic rate, {j}" for j in judges] + [f"share of rise removed, {j}" for j in judges]
-                  + ["perplexity", "ppl vs raw"], rows,
-                  caption=f"Held-out prompts{trig}; 95% CIs by a (paired) bootstrap over prompts")
+        rep.table(["arm"] + [f"toxic rate, {j}" for j in judges] + [f"reduction vs raw, {j}" for j in judges]
+                  + [f"share of rise removed, {j}" for j in judges] + ["perplexity", "ppl vs raw"], rows,
+                  caption=f"Held-out prompts{trig}; 95% CIs by a (paired) bootstrap over prompts. Reduction vs "
+                          "raw = 1 - rate / rate after DPO on the raw set (the published metric); share of "
+                          "the rise = the part of (raw - base) removed. -topNpct arms filter a fixed budget "
+                          "of the ranking's top pairs; clean-only (the labels' clean pairs) is the floor.")
         fig, axes = plt.subplots(1, len(judges), figsize=(5 * len(judges), 3.4), squeeze=False)
         for ax, j in zip(axes[0], judges):
             names = list(retrain["arms"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from probe_dpo import storage
 from probe_dpo.data import json_digest
@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 def write_mitigations(inp: Inputs, result: dict) -> dict[str, dict]:
     """The cleaned pair files: for the probe ranking every configured mitigation, for each other
-    retrained ranking filter and swap. Returns ``{arm: {"uri", ...info}}``."""
-    from probe_dpo.attribution import flagged_sources, mitigate, write_pairs_like
+    retrained ranking filter and swap; each ranking's filter at every fixed budget; the clean-only
+    floor. Returns ``{arm: {"uri", ...info}}``."""
+    from probe_dpo.attribution import flagged_sources, mitigate, top_k_mask, write_pairs_like
 
     cfg = inp.cfg
     arms: dict[str, dict] = {}
@@ -44,19 +45,35 @@ def write_mitigations(inp: Inputs, result: dict) -> dict[str, dict]:
             records, info = mitigate(inp.pairs, result["scores"][method], how, k=result["k"], sources=sources)
             uri = write_pairs_like(records, storage.join(cfg.out, "mitigated", f"{method}-{how}"), inp.pairs_uri)
             if inp.bad is not None and how != "drop-sources":
-                from probe_dpo.attribution import top_k_mask
-
                 top = top_k_mask(result["scores"][method], result["k"])
                 info["bad_affected"] = int((top & inp.bad).sum())
             elif inp.bad is not None:
                 info["bad_affected"] = int(sum(b for b, s in zip(inp.bad, result["sources"]) if s in set(sources)))
             arms[f"{method}-{how}"] = {"uri": uri, **info}
             log.info(f"mitigation {method}-{how}: {info['pairs_out']} pairs -> {uri}")
+        for budget in cfg.retrain.budgets:
+            name = f"{method}-filter-top{100 * budget:g}pct"  # no % or @: object-store keys
+            k = max(1, int(round(budget * len(inp.pairs))))
+            records, info = mitigate(inp.pairs, result["scores"][method], "filter", k=k)
+            info["budget"] = budget
+            if inp.bad is not None:
+                info["bad_affected"] = int((top_k_mask(result["scores"][method], k) & inp.bad).sum())
+            arms[name] = {"uri": write_pairs_like(records, storage.join(cfg.out, "mitigated", name), inp.pairs_uri),
+                          **info}
+            log.info(f"mitigation {name}: top {k} pairs filtered, {info['pairs_out']} left")
+    if cfg.retrain.clean_floor:
+        records = [dict(p) for p, b in zip(inp.pairs, inp.bad) if not b]
+        arms["clean-only"] = {"uri": write_pairs_like(records, storage.join(cfg.out, "mitigated", "clean-only"),
+                                                      inp.pairs_uri),
+                              "mitigation": "clean-only (oracle: the labels)", "pairs_in": len(inp.pairs),
+                              "pairs_out": len(records), "affected": len(inp.pairs) - len(records),
+                              "bad_affected": int(inp.bad.sum())}
     return arms
 
 
-def train_arm(inp: Inputs, name: str, pairs_uri: str) -> str:
-    """Plain DPO (method dpo) of the base model on ``pairs_uri``; returns the policy URI."""
+def train_arm(inp: Inputs, name: str, pairs_uri: str, extra: Sequence[str] = ()) -> str:
+    """Plain DPO (method dpo) of the base model on ``pairs_uri``; returns the policy URI.
+    ``extra``: TrainConfig overrides of this arm only (the feature intervention's penalty)."""
     from probe_dpo.config import load_config
     from probe_dpo.training import TrainConfig, train
 
@@ -65,7 +82,7 @@ def train_arm(inp: Inputs, name: str, pairs_uri: str) -> str:
     overrides = ["method=dpo", f"model={inp.model}", f"data.pairs={pairs_uri}", f"out={out}",
                  f"train.lr={r.lr}", f"train.epochs={r.epochs}", f"dpo.beta={r.beta}",
                  f"train.batch_size={r.batch_size}", f"train.max_length={r.max_length}",
-                 f"distributed.workers={r.workers}", f"seed={r.seed}", *r.overrides]
+                 f"distributed.workers={r.workers}", f"seed={r.seed}", *r.overrides, *extra]
     if inp.cfg.extraction.address:
         overrides.append(f"distributed.address={inp.cfg.extraction.address}")
     cfg = load_config(TrainConfig, None, overrides)
@@ -124,10 +141,12 @@ def evaluate_model(inp: Inputs, name: str, model: str) -> dict:
 
 
 def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict]) -> dict:
-    """Base, raw-mix DPO and every mitigated arm: toxicity, perplexity, share of the rise removed."""
+    """Base, raw-mix DPO and every mitigated arm: toxicity, perplexity, the reduction of the
+    behaviour's rate relative to raw-mix DPO (the published metric) and the share of the rise
+    (raw minus base) removed."""
     import ray
 
-    from probe_dpo.attribution import share_of_rise_removed
+    from probe_dpo.attribution import reduction_vs_raw, share_of_rise_removed
     from probe_dpo.ray_utils import resolve_use_gpu, run_heavy
 
     ev = inp.cfg.evaluation
@@ -137,10 +156,17 @@ def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict]) -> dict:
         return run_heavy(evaluate_model, inp, name, model, use_gpu=gpu)
 
     results: dict[str, dict] = {"base": evaluate("base", inp.model)}
-    todo = {"raw": inp.pairs_uri, **{a: v["uri"] for a, v in arms.items() if "uri" in v}}
-    for name, uri in todo.items():
+    todo = {"raw": (inp.pairs_uri, []), **{a: (v["uri"], []) for a, v in arms.items() if "uri" in v}}
+    r = inp.cfg.retrain
+    if r.intervention_weight > 0:  # the raw set, with the penalty along the probes' direction
+        todo["raw-penalty"] = (inp.pairs_uri, [f"probes={inp.cfg.probes}", f"penalty.weight={r.intervention_weight}",
+                                               f"penalty.form={r.intervention_form}"])
+        arms = {**arms, "raw-penalty": {"mitigation": f"probe penalty ({r.intervention_form}, "
+                                                      f"weight {r.intervention_weight:g}) on the raw set",
+                                        "pairs_in": len(inp.pairs), "pairs_out": len(inp.pairs), "affected": 0}}
+    for name, (uri, extra) in todo.items():
         t0 = time.perf_counter()
-        policy = train_arm(inp, name, uri)
+        policy = train_arm(inp, name, uri, extra)
         train_s = time.perf_counter() - t0
         results[name] = evaluate(name, policy)
         results[name]["train_seconds"] = round(train_s, 1)
@@ -156,6 +182,9 @@ def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict]) -> dict:
                                                                res["samples"].scores[j], threshold=ev.threshold,
                                                                n_boot=ev.bootstrap, seed=ev.seed)
                                       for j in ev.judges}
+            entry["reduction"] = {j: reduction_vs_raw(raw["samples"].scores[j], res["samples"].scores[j],
+                                                      threshold=ev.threshold, n_boot=ev.bootstrap, seed=ev.seed)
+                                  for j in ev.judges}
             entry.update({k: v for k, v in arms[name].items() if k != "uri"})
         summary["arms"][name] = entry
     for j in ev.judges:
