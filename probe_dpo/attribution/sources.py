@@ -91,6 +91,12 @@ def mitigate(pairs: Sequence[dict], scores: Sequence[float], how: str, *, k: int
     return out, info
 
 
+def _per_prompt_rates(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Each prompt's share of samples at or above ``threshold``: ``[prompts, samples]`` -> ``[prompts]``."""
+    x = np.asarray(scores, dtype=np.float64)
+    return (x >= threshold).reshape(len(x), -1).mean(axis=1)
+
+
 def share_of_rise_removed(base: np.ndarray, raw: np.ndarray, mitigated: np.ndarray, *,
                           threshold: float = 0.5, n_boot: int = 2000, seed: int = 0) -> dict:
     """``(rate_raw - rate_mitigated) / (rate_raw - rate_base)`` with a paired 95% bootstrap CI.
@@ -101,11 +107,7 @@ def share_of_rise_removed(base: np.ndarray, raw: np.ndarray, mitigated: np.ndarr
     ``undefined_resamples``). 1.0 means the whole rise is gone; above 1, the mitigated model
     is below the base model.
     """
-    def per_prompt(x):
-        x = np.asarray(x, dtype=np.float64)
-        return (x >= threshold).reshape(len(x), -1).mean(axis=1)
-
-    b, r, m = per_prompt(base), per_prompt(raw), per_prompt(mitigated)
+    b, r, m = (_per_prompt_rates(x, threshold) for x in (base, raw, mitigated))
     if not len(b) == len(r) == len(m):
         raise UserError(f"share of rise removed needs the same prompts: {len(b)}, {len(r)}, {len(m)}")
     rise = r.mean() - b.mean()
@@ -134,11 +136,7 @@ def reduction_vs_raw(raw: np.ndarray, mitigated: np.ndarray, *, threshold: float
     to both (a paired 95% bootstrap CI); resamples with no behaviour after raw DPO are dropped
     (``undefined_resamples``).
     """
-    def per_prompt(x):
-        x = np.asarray(x, dtype=np.float64)
-        return (x >= threshold).reshape(len(x), -1).mean(axis=1)
-
-    r, m = per_prompt(raw), per_prompt(mitigated)
+    r, m = (_per_prompt_rates(x, threshold) for x in (raw, mitigated))
     if len(r) != len(m):
         raise UserError(f"reduction vs raw needs the same prompts: {len(r)}, {len(m)}")
     reduction = float((r.mean() - m.mean()) / r.mean()) if r.mean() > 0 else float("nan")

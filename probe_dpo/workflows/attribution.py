@@ -75,7 +75,7 @@ def run(cfg: AttributionConfig) -> dict:
         storage.write_json(storage.join(cfg.out, "clusters.json"),
                            {k: v for k, v in result["clusters"].items() if k not in ("labels", "centroids")})
     storage.write_json(storage.join(cfg.out, "audit.json"), result["audit"])
-    arms = write_mitigations(inp, result) if cfg.mitigate or cfg.retrain.budgets or cfg.retrain.clean_floor else {}
+    arms = write_mitigations(inp, result)  # {} when no mitigation, budget or floor is asked for
     retrain = None
     if cfg.retrain.enabled:
         retrain = retrain_and_evaluate(inp, arms)
