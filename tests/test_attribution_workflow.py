@@ -159,8 +159,8 @@ def test_retraining_measures_each_arm(retrained):
     retrain = results["retrain"]
     budget_arms = {"probe-filter-top10pct", "behaviour-change-filter-top10pct"}
     assert set(retrain["arms"]) == {"base", "raw", "probe-filter", "behaviour-change-filter", "clean-only",
-                                    "raw-penalty", *budget_arms}
-    for name in ("raw", "probe-filter", "behaviour-change-filter", "clean-only", "raw-penalty", *budget_arms):
+                                    "raw-penalty-logit", *budget_arms}
+    for name in ("raw", "probe-filter", "behaviour-change-filter", "clean-only", "raw-penalty-logit", *budget_arms):
         assert storage.is_complete(os.path.join(retrained, "runs", name, "policy"))
         entry = retrain["arms"][name]
         assert 0 <= entry["rates"]["profanity-check"]["rate"] <= 1 and entry["perplexity"] > 1
@@ -180,9 +180,9 @@ def test_retraining_measures_each_arm(retrained):
     assert retrain["arms"]["probe-filter-top10pct"]["k"] == budget
     # the feature intervention: the raw set with the probe penalty; plain raw DPO has none
     trained = {a: storage.read_json(os.path.join(retrained, "runs", a, "train.json"))["rounds"][0]["train"]
-               for a in ("raw", "raw-penalty")}
-    assert trained["raw-penalty"]["first_probe_penalty"] != 0 and "first_probe_penalty" not in trained["raw"]
-    assert retrain["arms"]["raw-penalty"]["pairs_out"] == len(pairs)
+               for a in ("raw", "raw-penalty-logit")}
+    assert trained["raw-penalty-logit"]["first_probe_penalty"] != 0 and "first_probe_penalty" not in trained["raw"]
+    assert retrain["arms"]["raw-penalty-logit"]["pairs_out"] == len(pairs)
     clean = read_records(os.path.join(retrained, "mitigated", "clean-only.jsonl"))
     assert len(clean) == len(pairs) - results["k"] and not any(scores[p["pair_id"]]["poisoned"] for p in clean)
     samples = read_records(os.path.join(retrained, "eval", "base.samples.jsonl"))
@@ -246,6 +246,11 @@ def test_one_line_errors(tmp_path, tiny_model_dir, probes, testbed, capsys):
     _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes, "--mitigate", "burn"],
            "unknown mitigation 'burn'")
     _error(capsys, base + ["--pairs", str(tmp_path / "nothere.jsonl"), "--probes", probes], "no such file")
+    _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes, "retrain.budgets=[1.5]"],
+           "retrain.budgets: 1.5 is not a fraction")
+    _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes,
+                           "retrain.intervention_weight=1", "retrain.intervention_forms=[hinge]"],
+           "unknown penalty form 'hinge'")
     assert not os.path.exists(out) or not os.listdir(out)  # nothing was computed
 
 

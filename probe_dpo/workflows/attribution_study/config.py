@@ -113,12 +113,14 @@ class RetrainSettings:
     ``ranking.k_from_labels``, the budget does not know how many pairs are bad."""
     intervention_weight: float = bounded(0.0, ge=0.0)
     """> 0: also train on the raw set, unfiltered, with the probe penalty of this weight on the
-    study's probe set (its train probes; arm ``raw-penalty``): a feature intervention, which
-    changes the learning signal along the flagged concept instead of the data. Needs probes."""
-    intervention_form: Literal["prob", "logit", "bce"] = "logit"
-    """The penalty's form (training's ``penalty.form``). logit: the probe's logit on the pooled
-    completion states; its gradient is that of the states' movement along the probe's
-    direction, w·(h - h_before), since the model before DPO adds a constant."""
+    study's probe set (its train probes; one arm ``raw-penalty-<form>`` per form): a feature
+    intervention, which changes the learning signal along the flagged concept instead of the data.
+    Needs probes."""
+    intervention_forms: list[str] = field(default_factory=lambda: ["logit"])
+    """The penalty's forms (training's ``penalty.form``), an arm each. logit: the probe's logit on
+    the pooled completion states; its gradient is that of the states' movement along the probe's
+    direction, w·(h - h_before), since the model before DPO adds a constant; unbounded, so it can
+    outweigh DPO. prob: the probe's probability, bounded in [0, 1]. bce: softplus(logit)."""
     clean_floor: bool = False
     """Also retrain on the pairs the poison labels call clean (arm ``clean-only``): the floor any
     mitigation of this set can reach. It reads the labels, so it is a reference, not a method."""

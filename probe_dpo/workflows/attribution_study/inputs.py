@@ -77,6 +77,12 @@ def prepare(cfg: AttributionConfig) -> Inputs:
     if cfg.retrain.intervention_weight > 0 and not cfg.probes:
         raise UserError("config key retrain.intervention_weight: the feature intervention penalises the probes' "
                         "direction: give --probes")
+    from probe_dpo.objectives import PENALTY_FORMS
+
+    for form in cfg.retrain.intervention_forms:
+        if form not in PENALTY_FORMS:
+            raise UserError(f"config key retrain.intervention_forms: unknown penalty form {form!r}; "
+                            f"use {', '.join(PENALTY_FORMS)}")
     for b in cfg.retrain.budgets:
         if not 0.0 < b < 1.0:
             raise UserError(f"config key retrain.budgets: {b} is not a fraction of the pairs in (0, 1)")

@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def write_mitigations(inp: Inputs, result: dict) -> dict[str, dict]:
-    """The cleaned pair files: for the probe ranking every configured mitigation, for each other
-    retrained ranking filter and swap; each ranking's filter at every fixed budget; the clean-only
-    floor. Returns ``{arm: {"uri", ...info}}``."""
+    """The cleaned pair files: every configured mitigation for the probe ranking and each retrained
+    ranking (a source set already dropped by an earlier ranking is not trained twice); each
+    ranking's filter at every fixed budget; the clean-only floor. Returns ``{arm: {"uri", ...info}}``."""
     from probe_dpo.attribution import flagged_sources, mitigate, top_k_mask, write_pairs_like
 
     cfg = inp.cfg
@@ -29,8 +29,6 @@ def write_mitigations(inp: Inputs, result: dict) -> dict[str, dict]:
     dropped: dict[tuple, str] = {}
     for method in methods:
         for how in cfg.mitigate:
-            if how == "drop-sources" and method not in ("probe", "probe-weights"):
-                continue
             sources = flagged_sources(result["tables"][method]) if how == "drop-sources" else None
             if how == "drop-sources" and not sources:
                 log.info(f"{method}-drop-sources: no source is flagged (none is over-represented in the top-k); skipped")
@@ -158,12 +156,12 @@ def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict]) -> dict:
     results: dict[str, dict] = {"base": evaluate("base", inp.model)}
     todo = {"raw": (inp.pairs_uri, []), **{a: (v["uri"], []) for a, v in arms.items() if "uri" in v}}
     r = inp.cfg.retrain
-    if r.intervention_weight > 0:  # the raw set, with the penalty along the probes' direction
-        todo["raw-penalty"] = (inp.pairs_uri, [f"probes={inp.cfg.probes}", f"penalty.weight={r.intervention_weight}",
-                                               f"penalty.form={r.intervention_form}"])
-        arms = {**arms, "raw-penalty": {"mitigation": f"probe penalty ({r.intervention_form}, "
-                                                      f"weight {r.intervention_weight:g}) on the raw set",
-                                        "pairs_in": len(inp.pairs), "pairs_out": len(inp.pairs), "affected": 0}}
+    for form in r.intervention_forms if r.intervention_weight > 0 else []:  # the raw set, penalised along the probes
+        name = f"raw-penalty-{form}"
+        todo[name] = (inp.pairs_uri, [f"probes={inp.cfg.probes}", f"penalty.weight={r.intervention_weight}",
+                                      f"penalty.form={form}"])
+        arms = {**arms, name: {"mitigation": f"probe penalty ({form}, weight {r.intervention_weight:g}) on the raw set",
+                               "pairs_in": len(inp.pairs), "pairs_out": len(inp.pairs), "affected": 0}}
     for name, (uri, extra) in todo.items():
         t0 = time.perf_counter()
         policy = train_arm(inp, name, uri, extra)
