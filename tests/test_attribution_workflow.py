@@ -74,6 +74,7 @@ def study(testbed, probes, ray_cluster, tmp_path_factory):
     rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", out,
                "--mitigate", "filter,swap,drop-sources", "--comparators", "judge,gradient",
                "ranking.k_from_labels=true", "behaviour_examples=0", "gradient.dim=128",
+               "retrain.budgets=[0.1]", "retrain.budget_mitigations=[swap]",
                "ranking.bootstrap=200", "clusters.k_max=4"])
     assert rc == 0
     return out
@@ -150,8 +151,14 @@ def test_study_mitigations(study):
         assert arms["probe-drop-sources"]["skipped"]
         report = open(os.path.join(study, "report.md")).read()
         assert f"| probe-drop-sources | - | - | - | skipped: {arms['probe-drop-sources']['skipped']} |" in report
-    assert set(arms) == {"probe-filter", "probe-swap", "probe-drop-sources"}
+    assert set(arms) == {"probe-filter", "probe-swap", "probe-drop-sources", "probe-swap-top10pct"}
     assert arms["probe-filter"]["bad_affected"] == round(results["recall"]["probe"] * k)
+    # a swap at a fixed budget: the top round(10% of the pairs), whatever k the labels give
+    budget = max(1, round(0.1 * len(pairs)))
+    at_budget = {p["pair_id"]: p for p in read_records(os.path.join(study, "mitigated", "probe-swap-top10pct.jsonl"))}
+    flipped = {p["pair_id"] for p in pairs if at_budget[p["pair_id"]]["chosen"] == p["rejected"]}
+    assert flipped == {s["pair_id"] for s in scores if s["rank"] <= budget}
+    assert len(flipped) == budget == arms["probe-swap-top10pct"]["k"]
 
 
 def test_retraining_measures_each_arm(retrained):
@@ -251,6 +258,8 @@ def test_one_line_errors(tmp_path, tiny_model_dir, probes, testbed, capsys):
     _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes,
                            "retrain.intervention_weight=1", "retrain.intervention_forms=[hinge]"],
            "unknown penalty form 'hinge'")
+    _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes,
+                           "retrain.budget_mitigations=[drop-sources]"], "does not act on a number of pairs")
     assert not os.path.exists(out) or not os.listdir(out)  # nothing was computed
 
 

@@ -108,9 +108,12 @@ class RetrainSettings:
     """Further TrainConfig overrides (key=value), applied to every arm."""
     budgets: list[float] = field(default_factory=list)
     """Fixed budgets, as fractions of the pairs (the published 0.01, 0.05, 0.1, 0.2): for each
-    retrained ranking, filter its top round(fraction x pairs) pairs and retrain (arms
-    ``<method>-filter-top<percent>pct``). No oracle: unlike ``mitigate: [filter]`` with
+    retrained ranking, filter (and/or swap: ``budget_mitigations``) its top round(fraction x pairs)
+    pairs and retrain. No oracle: unlike ``mitigate: [filter]`` with
     ``ranking.k_from_labels``, the budget does not know how many pairs are bad."""
+    budget_mitigations: list[str] = field(default_factory=lambda: ["filter"])
+    """The pair-level mitigations (filter, swap) run at every budget (arms
+    ``<method>-<mitigation>-top<percent>pct``)."""
     intervention_weight: float = bounded(0.0, ge=0.0)
     """> 0: also train on the raw set, unfiltered, with the probe penalty of this weight on the
     study's probe set (its train probes; one arm ``raw-penalty-<form>`` per form): a feature

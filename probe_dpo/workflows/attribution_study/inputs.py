@@ -83,6 +83,10 @@ def prepare(cfg: AttributionConfig) -> Inputs:
         if form not in PENALTY_FORMS:
             raise UserError(f"config key retrain.intervention_forms: unknown penalty form {form!r}; "
                             f"use {', '.join(PENALTY_FORMS)}")
+    for how in cfg.retrain.budget_mitigations:
+        if how not in ("filter", "swap"):
+            raise UserError(f"config key retrain.budget_mitigations: {how!r} does not act on a number of pairs; "
+                            "use filter or swap")
     for b in cfg.retrain.budgets:
         if not 0.0 < b < 1.0:
             raise UserError(f"config key retrain.budgets: {b} is not a fraction of the pairs in (0, 1)")

@@ -4,9 +4,12 @@ for every arm) and the evaluation of every policy."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from typing import Any, Sequence
+
+import numpy as np
 
 from probe_dpo import storage
 from probe_dpo.data import json_digest
@@ -20,45 +23,42 @@ log = logging.getLogger(__name__)
 def write_mitigations(inp: Inputs, result: dict) -> dict[str, dict]:
     """The cleaned pair files: every configured mitigation for the probe ranking and each retrained
     ranking (a source set already dropped by an earlier ranking is not trained twice); each
-    ranking's filter at every fixed budget; the clean-only floor. Returns ``{arm: {"uri", ...info}}``."""
+    ranking.s filter (and swap) at every fixed budget; the clean-only floor. Returns ``{arm: {"uri", ...info}}``."""
     from probe_dpo.attribution import flagged_sources, mitigate, top_k_mask, write_pairs_like
 
     cfg = inp.cfg
     arms: dict[str, dict] = {}
+
+    def write(name: str, scores: np.ndarray, how: str, k: int | None = None, sources: list[str] | None = None) -> None:
+        records, info = mitigate(inp.pairs, scores, how, k=k, sources=sources)
+        if inp.bad is not None:
+            hit = np.isin(result["sources"], sources) if how == "drop-sources" else top_k_mask(scores, k)
+            info["bad_affected"] = int((hit & inp.bad).sum())
+        arms[name] = {"uri": write_pairs_like(records, storage.join(cfg.out, "mitigated", name), inp.pairs_uri), **info}
+        log.info(f"mitigation {name}: {info['pairs_out']} pairs -> {arms[name]['uri']}")
+
     methods = ["probe"] + [m for m in cfg.retrain.methods if m != "probe"] if cfg.retrain.enabled else ["probe"]
     dropped: dict[tuple, str] = {}
     for method in methods:
+        scores = result["scores"][method]
         for how in cfg.mitigate:
-            sources = flagged_sources(result["tables"][method]) if how == "drop-sources" else None
-            if how == "drop-sources" and not sources:
+            if how != "drop-sources":
+                write(f"{method}-{how}", scores, how, k=result["k"])
+                continue
+            sources = flagged_sources(result["tables"][method])
+            if not sources:
                 log.info(f"{method}-drop-sources: no source is flagged (none is over-represented in the top-k); skipped")
                 arms[f"{method}-{how}"] = {"skipped": "no flagged source", "sources": []}
-                continue
-            if how == "drop-sources" and tuple(sources) in dropped:
+            elif tuple(sources) in dropped:
                 arms[f"{method}-{how}"] = {"skipped": f"the same sources as {dropped[tuple(sources)]}",
                                            "sources": sources}
-                continue
-            if how == "drop-sources":
+            else:
                 dropped[tuple(sources)] = f"{method}-{how}"
-            records, info = mitigate(inp.pairs, result["scores"][method], how, k=result["k"], sources=sources)
-            uri = write_pairs_like(records, storage.join(cfg.out, "mitigated", f"{method}-{how}"), inp.pairs_uri)
-            if inp.bad is not None and how != "drop-sources":
-                top = top_k_mask(result["scores"][method], result["k"])
-                info["bad_affected"] = int((top & inp.bad).sum())
-            elif inp.bad is not None:
-                info["bad_affected"] = int(sum(b for b, s in zip(inp.bad, result["sources"]) if s in set(sources)))
-            arms[f"{method}-{how}"] = {"uri": uri, **info}
-            log.info(f"mitigation {method}-{how}: {info['pairs_out']} pairs -> {uri}")
-        for budget in cfg.retrain.budgets:
-            name = f"{method}-filter-top{100 * budget:g}pct"  # no % or @: object-store keys
-            k = max(1, int(round(budget * len(inp.pairs))))
-            records, info = mitigate(inp.pairs, result["scores"][method], "filter", k=k)
-            info["budget"] = budget
-            if inp.bad is not None:
-                info["bad_affected"] = int((top_k_mask(result["scores"][method], k) & inp.bad).sum())
-            arms[name] = {"uri": write_pairs_like(records, storage.join(cfg.out, "mitigated", name), inp.pairs_uri),
-                          **info}
-            log.info(f"mitigation {name}: top {k} pairs filtered, {info['pairs_out']} left")
+                write(f"{method}-{how}", scores, how, sources=sources)
+        for budget, how in itertools.product(cfg.retrain.budgets, cfg.retrain.budget_mitigations):
+            # no % or @ in the name: object-store keys
+            write(f"{method}-{how}-top{100 * budget:g}pct", scores, how, k=max(1, int(round(budget * len(inp.pairs)))))
+            arms[f"{method}-{how}-top{100 * budget:g}pct"]["budget"] = budget
     if cfg.retrain.clean_floor:
         records = [dict(p) for p, b in zip(inp.pairs, inp.bad) if not b]
         arms["clean-only"] = {"uri": write_pairs_like(records, storage.join(cfg.out, "mitigated", "clean-only"),
