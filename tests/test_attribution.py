@@ -187,6 +187,36 @@ def test_clusters_surface_a_planted_behaviour_no_direction_covers():
     assert [x.kind for x in dirs] == ["cluster", "cluster"] and all(abs(float(x.vector.norm()) - 1) < 1e-5 for x in dirs)
 
 
+def test_a_fixed_over_clustered_k_isolates_a_small_behaviour_the_silhouette_k_merges():
+    """Why the change clusters use a fixed k: with a strong two-way split (the poison) the
+    silhouette picks k = 2 and the 12 planted pairs (8%) drown in one half; at k = 8 they form
+    their own cluster, and it stands apart most. Control: the same 12 pairs with nothing planted
+    form no such cluster."""
+    rng = np.random.default_rng(1)
+    d, n = 48, 150
+    special = np.zeros(n, dtype=bool)
+    special[rng.choice(n, 12, replace=False)] = True
+    split = np.where(np.arange(n) % 2 == 0, 6.0, -6.0)
+    pairs = [{"prompt": f"p{i}", "chosen": "c", "rejected": "r", "source": "s"} for i in range(n)]
+
+    def vectors(planted: bool) -> torch.Tensor:
+        x = rng.normal(size=(n, d))
+        x[:, 0] += split  # the main split every clustering sees first
+        if planted:
+            x[special, 5] += 12.0  # a clear behaviour, as the sign-off is in the change vectors
+        return torch.tensor(x, dtype=torch.float32)
+
+    x = vectors(True)
+    by_silhouette = A.cluster_pairs(x, np.zeros(n), pairs, k_range=(2, 8), seed=0)
+    assert by_silhouette["k"] == 2 and A.best_cluster_match(by_silhouette["labels"], special)["precision"] < 0.2
+    fixed = A.cluster_pairs(x, np.zeros(n), pairs, k=8, seed=0)
+    match = A.best_cluster_match(fixed["labels"], special)
+    assert match["precision"] >= 0.8 and match["recall"] >= 0.8
+    assert match["cluster"] == max(fixed["clusters"], key=lambda c: c["silhouette"])["cluster"]
+    control = A.cluster_pairs(vectors(False), np.zeros(n), pairs, k=8, seed=0)
+    assert A.best_cluster_match(control["labels"], special)["precision"] < 0.5
+
+
 def test_directions_save_load_and_model_checks(tmp_path, tiny_model_dir):
     from probe_dpo.probes import LinearProbe, ProbeSet
 

@@ -93,7 +93,7 @@ def retrained(study, testbed, probes):
                "retrain.intervention_weight=1.0",
                "retrain.overrides=[train.max_steps=1]", "retrain.batch_size=2",
                "evaluation.judges=[profanity-check]", "evaluation.max_prompts=4", "evaluation.bootstrap=200",
-               "ranking.bootstrap=200", "clusters.k_max=4"])
+               "ranking.bootstrap=200", "clusters.k_max=4", "clusters.change_k=3"])
     assert rc == 0
     return study
 
@@ -206,6 +206,28 @@ def test_retraining_measures_each_arm(retrained):
     assert "behaviour-change" in results["recall"] and "behaviour change (raw-set DPO" in report
     scores = read_records(os.path.join(retrained, "scores.parquet"))
     assert len({round(r["score_behaviour_change"], 6) for r in scores}) > 1
+
+
+def test_change_clusters_group_pairs_by_what_raw_set_dpo_moved(retrained):
+    """The emergent-behaviour clusters: k-means (fixed k) on each pair's change, the raw-set
+    policy's reading of its chosen response minus the model's before DPO."""
+    from probe_dpo import attribution as A
+
+    results = json.loads(open(os.path.join(retrained, "results.json")).read())
+    pairs = read_records(os.path.join(retrained, "mix", "pairs.jsonl"))
+    cl = results["change_clusters"]
+    assert cl["k"] == 3 and sum(c["size"] for c in cl["clusters"]) == len(pairs)
+    assert json.loads(open(os.path.join(retrained, "change_clusters.json")).read())["k"] == 3
+    layer, n = results["layer"], len(pairs)
+    before = A.pair_features(results["model"], pairs, [layer], in_process=True).chosen[layer]
+    after = A.pair_features(os.path.join(retrained, "runs", "raw", "policy"), pairs, [layer], in_process=True)
+    change = after.chosen[layer] - before
+    assert float(change.norm(dim=1).min()) > 0  # the policy moved every chosen response
+    again = A.cluster_pairs(change, np.zeros(n), pairs, k=3, seed=results["config"]["seed"])
+    labels = [r["change_cluster"] for r in read_records(os.path.join(retrained, "scores.parquet"))]
+    assert labels == again["labels"].tolist()
+    report = open(os.path.join(retrained, "report.md")).read()
+    assert "## Emergent behaviours: clusters of what raw-set DPO changed" in report
 
 
 def test_second_run_reuses_everything(study, testbed, probes, capsys):

@@ -9,7 +9,8 @@ What ``probe-dpo attribute`` and ``ray job submit -- python -m probe_dpo.workflo
     3. behaviour directions: the probe's, the difference of means and (behaviour_change.enabled:
        DPO on the raw set first) the behaviour change -> <out>/directions
     4. scores (cos(v_d, v_b)) -> <out>/scores.parquet; sources -> <out>/sources.json;
-       clusters -> <out>/clusters.json; concept audit -> <out>/audit.json
+       clusters -> <out>/clusters.json (and, with the behaviour change, clusters of what raw-set DPO
+       changed in each pair -> <out>/change_clusters.json); concept audit -> <out>/audit.json
     5. comparators (judge(chosen) - judge(rejected); LESS/LoGra-style gradients)
     6. mitigations -> <out>/mitigated/<method>-<filter|swap|drop-sources>.<ext>
     7. retraining (plain DPO on Ray Train, same settings for every arm) and evaluation: the
@@ -49,6 +50,11 @@ def _absolute(cfg: AttributionConfig) -> AttributionConfig:
                                         "evaluation.prompts", "evaluation.perplexity"), outputs=("out",))
 
 
+def _public(clusters: dict) -> dict:
+    """A clustering without its per-pair labels and centroids (they are in scores.parquet and directions)."""
+    return {k: v for k, v in clusters.items() if k not in ("labels", "centroids")}
+
+
 def run(cfg: AttributionConfig) -> dict:
     t_start = time.perf_counter()
     cfg = _absolute(cfg)
@@ -71,9 +77,9 @@ def run(cfg: AttributionConfig) -> dict:
     if recall:
         log.info("recall@k (k = %d): " % result["k"] + ", ".join(f"{m} {v['recall_at_k']:.3f}" for m, v in recall.items()))
     storage.write_json(storage.join(cfg.out, "sources.json"), result["tables"])
-    if result["clusters"]:
-        storage.write_json(storage.join(cfg.out, "clusters.json"),
-                           {k: v for k, v in result["clusters"].items() if k not in ("labels", "centroids")})
+    for name in ("clusters", "change_clusters"):
+        if result[name]:
+            storage.write_json(storage.join(cfg.out, f"{name}.json"), _public(result[name]))
     storage.write_json(storage.join(cfg.out, "audit.json"), result["audit"])
     arms = write_mitigations(inp, result)  # {} when no mitigation, budget or floor is asked for
     retrain = None
@@ -89,7 +95,7 @@ def run(cfg: AttributionConfig) -> dict:
         "recall_budgets": {m: {b: r["recall"] for b, r in v["budgets"].items()} for m, v in (recall or {}).items()},
         "recall_curves": {m: v["curve"] for m, v in (recall or {}).items()},
         "timings": result["timings"], "comparators": result["comparators"],
-        "clusters": {k: v for k, v in (result["clusters"] or {}).items() if k not in ("labels", "centroids")},
+        "clusters": _public(result["clusters"] or {}), "change_clusters": _public(result["change_clusters"] or {}),
         "audit": result["audit"], "mitigations": arms, "retrain": retrain, "report": report,
         "mix": {k: v for k, v in (inp.mix or {}).items() if k not in ("config",)} or None,
         "seconds": round(time.perf_counter() - t_start, 1),

@@ -57,6 +57,12 @@ class ClusterSettings:
     """Largest k tried."""
     examples: int = bounded(3, ge=0)
     """Example pairs shown per cluster."""
+    change_k: int = bounded(8, ge=2)
+    """With behaviour_change.enabled: clusters of the pairs' *change*, how DPO on the raw set moved
+    each chosen response's activations (the policy's reading minus the model's before it: the
+    first and last checkpoints of that run). A fixed k, not the silhouette's: a behaviour carried
+    by a few percent of the pairs cannot win a silhouette contest against the main split, so the
+    pairs are over-clustered and each cluster is shown for a person to name."""
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from probe_dpo.workflows.attribution_study.inputs import Inputs
@@ -95,25 +97,16 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
         rep.text(f"k-means on unit (chosen − rejected) vectors, k = {cl['k']} (silhouette {fmt(cl['silhouette'])}). "
                  "A coherent cluster (high coherence and silhouette) that the direction does not explain "
                  "(direction cosine near 0) is a candidate behaviour no probe covers.")
-        if cl.get("planted_match"):
-            m = cl["planted_match"]
-            rep.text(f"The planted, unlabelled behaviour ({m['behaviour_pairs']} pairs; no probe or judge targets "
-                     f"it): best cluster {m['cluster']}, precision {fmt(m['precision'])}, recall {fmt(m['recall'])} "
-                     f"({m['size']} pairs).")
-        rep.table(["cluster", "size", "mean score [95% CI]", "silhouette", "coherence", "cos(centroid, v_b)",
-                   "sources"] + (["bad"] if inp.bad is not None else []) + (["planted"] if inp.planted is not None
-                                                                          else []),
-                  [[c["cluster"], c["size"], fmt_ci(c["mean_score"], c["ci_low"], c["ci_high"]), fmt(c["silhouette"]),
-                    fmt(c["coherence"]), fmt(c.get("direction_cosine")),
-                    ", ".join(f"{k} {v}" for k, v in c["sources"].items())] + ([c.get("bad")] if inp.bad is not None
-                                                                              else [])
-                   + ([c.get("planted")] if inp.planted is not None else [])
-                   for c in cl["clusters"]])
-        for c in cl["clusters"]:
-            if c["examples"]:
-                ex = c["examples"][0]
-                rep.text(f"- cluster {c['cluster']} example ({ex['source']}): prompt `{ex['prompt'][:80]}` · "
-                         f"chosen `{ex['chosen'][:70]}` · rejected `{ex['rejected'][:70]}`")
+        _clusters(rep, cl, inp)
+    if result.get("change_clusters"):
+        rep.heading("Emergent behaviours: clusters of what raw-set DPO changed")
+        cl = result["change_clusters"]
+        rep.text(f"k-means on each pair's change, k = {cl['k']} (fixed, over-clustered; silhouette "
+                 f"{fmt(cl['silhouette'])}): how DPO on the raw set moved the activations of the pair's chosen "
+                 "response (the policy's reading minus the model's before it). No probe or judge is involved. "
+                 "Listed from the cluster that stands apart most (highest silhouette): a small one whose "
+                 "examples share a pattern is a behaviour the run learned.")
+        _clusters(rep, cl, inp, apart_first=True)
 
     rep.heading("Concept audit")
     rep.table(["direction", "scope", "pairs", "Δ [95% CI]", "d", "split-half", "p (Holm)", "push"],
@@ -165,3 +158,31 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
             ax.set_ylabel("toxic rate")
         rep.figure("toxicity_after_mitigation", fig, "Toxic rate after DPO on each set (95% CI)")
     return rep
+
+
+def _clusters(rep: Any, cl: dict, inp: Inputs, *, apart_first: bool = False) -> None:
+    """A clustering's table (with ``apart_first``, the clusters that stand apart most come first:
+    highest silhouette), the planted behaviour's best match when the mix planted one, and an example
+    pair per cluster."""
+    from probe_dpo.report import fmt, fmt_ci
+
+    clusters = sorted(cl["clusters"], key=lambda c: -c["silhouette"]) if apart_first else cl["clusters"]
+    if cl.get("planted_match"):
+        m = cl["planted_match"]
+        rep.text(f"The planted, unlabelled behaviour ({m['behaviour_pairs']} pairs; no probe or judge targets "
+                 f"it): best cluster {m['cluster']}, precision {fmt(m['precision'])}, recall {fmt(m['recall'])} "
+                 f"({m['size']} pairs).")
+    rep.table(["cluster", "size", "mean score [95% CI]", "silhouette", "coherence", "cos(centroid, v_b)",
+               "sources"] + (["bad"] if inp.bad is not None else []) + (["planted"] if inp.planted is not None
+                                                                      else []),
+              [[c["cluster"], c["size"], fmt_ci(c["mean_score"], c["ci_low"], c["ci_high"]), fmt(c["silhouette"]),
+                fmt(c["coherence"]), fmt(c.get("direction_cosine")),
+                ", ".join(f"{k} {v}" for k, v in c["sources"].items())] + ([c.get("bad")] if inp.bad is not None
+                                                                          else [])
+               + ([c.get("planted")] if inp.planted is not None else [])
+               for c in clusters])
+    for c in clusters:
+        if c["examples"]:
+            ex = c["examples"][0]
+            rep.text(f"- cluster {c['cluster']} example ({ex['source']}): prompt `{ex['prompt'][:80]}` · "
+                     f"chosen `{ex['chosen'][:70]}` · rejected `{ex['rejected'][:70]}`")

@@ -88,12 +88,15 @@ def score_all(inp: Inputs, change: Any = None) -> dict:
         clusters = A.cluster_pairs(diffs, scores["probe"], inp.pairs, direction=primary, k=cfg.clusters.k,
                                    k_range=(cfg.clusters.k_min, cfg.clusters.k_max), seed=cfg.seed,
                                    examples=cfg.clusters.examples)
-        for name, labelled in (("bad", inp.bad), ("planted", inp.planted)):
-            if labelled is not None:
-                for c in clusters["clusters"]:
-                    c[name] = int((labelled & (clusters["labels"] == c["cluster"])).sum())
-        if inp.planted is not None:
-            clusters["planted_match"] = A.best_cluster_match(clusters["labels"], inp.planted)
+        _count_labels(clusters, inp)
+    change_clusters = None
+    if change is not None and cfg.clusters.enabled and n > cfg.clusters.change_k:
+        t1 = time.perf_counter()
+        change_clusters = A.cluster_pairs(_chosen_change(inp, feats, change.meta["policy"]), scores["probe"],
+                                          inp.pairs, direction=primary, k=cfg.clusters.change_k, seed=cfg.seed,
+                                          examples=cfg.clusters.examples)
+        _count_labels(change_clusters, inp)
+        timings["change_clusters_s"] = round(time.perf_counter() - t1, 2)
     audit_dirs = list(directions) + (A.cluster_directions(clusters, inp.layer) if clusters else [])
     audit = ranked(audit_table({inp.layer: diffs}, audit_dirs, sources, n_boot=cfg.ranking.bootstrap, seed=cfg.seed))
     A.save_directions(directions + (A.cluster_directions(clusters, inp.layer) if clusters else []),
@@ -131,9 +134,37 @@ def score_all(inp: Inputs, change: Any = None) -> dict:
         del g_lm
     tables = {m: A.source_table(s, sources, k, n_boot=cfg.ranking.bootstrap, seed=cfg.seed) for m, s in scores.items()}
     return {"directions": directions, "primary": primary, "scores": scores, "by_direction": by_direction,
-            "sources": sources, "k": k, "clusters": clusters, "audit": audit, "tables": tables,
+            "sources": sources, "k": k, "clusters": clusters, "change_clusters": change_clusters, "audit": audit,
+            "tables": tables,
             "timings": timings, "comparators": comparator_info, "diffs_shape": list(diffs.shape),
             "pair_extraction": feats.how, "torch_threads": torch.get_num_threads()}
+
+
+def _chosen_change(inp: Inputs, before: Any, policy: str) -> Any:
+    """Per pair, the raw-set policy's reading of the chosen response minus the model's before DPO
+    (``before``: the pair features already read) at the study's layer. On Ray actors of the
+    policy with shards in <out>/activations/pairs-raw-policy (reused on a re-run), or in-process."""
+    from probe_dpo import attribution as A
+
+    ex = inp.cfg.extraction
+    after = A.pair_features(policy, inp.pairs, [inp.layer], in_process=ex.in_process, batch_size=ex.batch_size,
+                            max_length=ex.max_length, shard_size=ex.shard_size, actors=ex.actors,
+                            threads_per_actor=ex.threads_per_actor, address=ex.address,
+                            activations=storage.join(inp.cfg.out, "activations", "pairs-raw-policy"))
+    return after.chosen[inp.layer] - before.chosen[inp.layer]
+
+
+def _count_labels(clusters: dict, inp: Inputs) -> None:
+    """Known bad and planted pairs per cluster, and the cluster that best isolates the planted
+    behaviour (evaluation only: the clustering never sees them)."""
+    from probe_dpo import attribution as A
+
+    for name, labelled in (("bad", inp.bad), ("planted", inp.planted)):
+        if labelled is not None:
+            for c in clusters["clusters"]:
+                c[name] = int((labelled & (clusters["labels"] == c["cluster"])).sum())
+    if inp.planted is not None:
+        clusters["planted_match"] = A.best_cluster_match(clusters["labels"], inp.planted)
 
 
 def top_k(cfg: AttributionConfig, n: int, bad: np.ndarray | None) -> int:
@@ -187,6 +218,8 @@ def write_scores(inp: Inputs, result: dict) -> str:
                 row[f"score_{name.replace('-', '_')}"] = float(s[i])
         if result.get("clusters"):
             row["cluster"] = int(result["clusters"]["labels"][i])
+        if result.get("change_clusters"):
+            row["change_cluster"] = int(result["change_clusters"]["labels"][i])
         if inp.bad is not None:
             row["poisoned"] = bool(inp.bad[i])
         rows.append(row)
