@@ -26,6 +26,11 @@ loading the model):
   the positives' log-likelihood; cosine. 2 torch threads.
 - ``gradient-factorized``: LoGra-style per-example gradients of every linear layer through
   hooks, Kronecker-factored Gaussian projection, batched. 2 torch threads.
+- ``gradient-less``: closer to published LESS: LoRA adapters (rank 8 on q/k/v/o) warmed up with
+  DPO on 5% of the pairs for 4 epochs; at each epoch's checkpoint every pair's DPO gradient on
+  the adapters becomes its Adam update (that checkpoint's moments), Rademacher-projected, and
+  is compared with the behaviour's gradient there; lr-weighted sum over the 4 checkpoints.
+  The warm-up is counted in its time. 2 torch threads.
 
 Reports wall time, peak RSS, recall of the poisoned pairs at k (k = their number), recall
 of the clearly toxic poisoned pairs among them (chosen scored >= 0.8 by the judge that picked
@@ -64,7 +69,8 @@ from _bench import RESULTS  # noqa: E402 - sets the offline environment first
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 METHODS = ("probe", "probe-weights", "probe-in-process", "probe-weights-in-process", "judge", "gradient",
-           "gradient-factorized")
+           "gradient-factorized", "gradient-less")
+GRADIENT_MODES = {"gradient": "dense", "gradient-factorized": "factorized", "gradient-less": "lora-adam"}
 PROBE_METHODS = ("probe", "probe-weights", "probe-in-process", "probe-weights-in-process")
 IN_PROCESS = ("probe-in-process", "probe-weights-in-process")
 WEIGHTS = ("probe-weights", "probe-weights-in-process")  # the trained probe's direction: no behaviour examples
@@ -158,12 +164,12 @@ def worker(method: str, spec: dict) -> dict:
                     out.setdefault("other_scores", {})[d.name] = A.cosine_scores(feats.diffs(layer), d).tolist()
     elif method == "judge":
         scores = A.judge_scores(pairs, spec["judge"])
-    elif method in ("gradient", "gradient-factorized"):
+    elif method in GRADIENT_MODES:
         torch.set_num_threads(2)
         from probe_dpo.model import load_model, load_tokenizer
 
         lm, tok = load_model(model), load_tokenizer(model)
-        cfg = A.GradientConfig(mode="dense" if method == "gradient" else "factorized", **spec.get("gradient", {}))
+        cfg = A.GradientConfig(mode=GRADIENT_MODES[method], **spec.get("gradient", {}))
         positives = [r for r in behaviour if float(r["label"]) > 0.5]
         scores, info = A.gradient_scores(lm, tok, pairs, positives, cfg)
         extra["gradient"] = info
@@ -284,7 +290,7 @@ def main() -> int:
 
     ratios = {}
     for probe in PROBE_METHODS:
-        for grad in ("gradient", "gradient-factorized"):
+        for grad in GRADIENT_MODES:
             if probe in results and grad in results:
                 ratios[f"{grad}/{probe}"] = {
                     "whole_process_time": results[grad]["process_seconds"] / results[probe]["process_seconds"],

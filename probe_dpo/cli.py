@@ -305,7 +305,7 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
                                               "direction (default with --testbed: its probe_train split)")
     att.add_argument("--poison-labels", help="file with column poisoned (which pairs are bad; evaluation only)")
     att.add_argument("--comparators", type=_name_list, default=None,
-                     help="comma-separated comparators: judge, gradient, gradient-factorized")
+                     help="comma-separated comparators: judge, gradient, gradient-factorized, gradient-less")
     att.add_argument("--retrain", action="store_true",
                      help="retrain plain DPO on the raw and every mitigated set and measure the behaviour")
     att.add_argument("--in-process", action="store_true", help="extract activations in this process, not on Ray actors")

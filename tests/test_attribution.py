@@ -317,6 +317,29 @@ def test_factorized_gradients_equal_kronecker_projection_of_autograd(tiny):
     assert info["dim"] == 2 * 7 * 16 and np.all(np.abs(scores) <= 1 + 1e-9)
 
 
+def test_lora_adam_gradients_score_a_pair_that_teaches_the_behaviour_above_its_mirror(tiny):
+    """LESS with a LoRA warm-up: a pair whose chosen response is the behaviour example scores
+    positive, the same pair with chosen and rejected swapped negative; the model is left as it was
+    and the scores are seeded."""
+    model, tok = tiny
+    example = {"prompt": "Tell me about them.", "completion": " they are stupid idiots and I hate them", "label": 1}
+    teach = {"prompt": example["prompt"], "chosen": example["completion"], "rejected": " a quiet garden by the sea"}
+    mirror = {**teach, "chosen": teach["rejected"], "rejected": teach["chosen"]}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = A.GradientConfig(mode="lora-adam", dim=64, warmup_fraction=1.0, warmup_epochs=2, warmup_lr=1e-3,
+                           warmup_batch_size=2)
+    scores, info = A.gradient_scores(model, tok, [teach, mirror], [example], cfg)
+    assert scores[0] > 0 > scores[1] and np.all(np.abs(scores) <= 2 * 1e-3 + 1e-12)
+    assert info["checkpoints"] == 2 and info["warmup_pairs"] == 2 and info["warmup_steps"] == 2
+    lora = sum(8 * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in cfg.lora_modules)
+    assert info["parameters"] == lora
+    for n, p in model.named_parameters():  # the adapters were trained on a copy
+        torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0)
+    again, _ = A.gradient_scores(model, tok, [teach, mirror], [example], cfg)
+    np.testing.assert_allclose(again, scores, rtol=1e-6)
+
+
 def test_judge_scores_are_chosen_minus_rejected():
     from probe_dpo.judges import get_judge
 

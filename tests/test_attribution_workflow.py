@@ -69,10 +69,11 @@ def probes(testbed, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def study(testbed, probes, ray_cluster, tmp_path_factory):
-    """One run: Ray-sharded scoring, both comparators, the three mitigations (no retraining)."""
+    """One run: Ray-sharded scoring, the judge and two gradient comparators, the three mitigations
+    (no retraining)."""
     out = str(tmp_path_factory.mktemp("study") / "out")
     rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", out,
-               "--mitigate", "filter,swap,drop-sources", "--comparators", "judge,gradient",
+               "--mitigate", "filter,swap,drop-sources", "--comparators", "judge,gradient,gradient-less",
                "ranking.k_from_labels=true", "behaviour_examples=0", "gradient.dim=128",
                "retrain.budgets=[0.1]", "retrain.budget_mitigations=[swap]",
                "ranking.bootstrap=200", "clusters.k_max=4"])
@@ -111,7 +112,8 @@ def test_study_writes_scores_sources_clusters_audit_and_report(study):
     assert k == bad.sum() > 0 and results["direction"] == "diff-of-means"
     from probe_dpo.attribution import recall_at_k
 
-    for method, col in (("probe", "score"), ("judge", "score_judge"), ("gradient", "score_gradient")):
+    for method, col in (("probe", "score"), ("judge", "score_judge"), ("gradient", "score_gradient"),
+                        ("gradient-less", "score_gradient_less")):
         assert results["recall"][method] == pytest.approx(recall_at_k([s[col] for s in scores], bad, k))
     sources = json.loads(open(os.path.join(study, "sources.json")).read())["probe"]
     assert {r["source"] for r in sources} == {p["source"] for p in pairs}
@@ -127,6 +129,9 @@ def test_study_writes_scores_sources_clusters_audit_and_report(study):
         assert needle in report
     assert "data:image/png;base64," in open(os.path.join(study, "report.html")).read()
     assert results["timings"]["pair_activations_s"] > 0 and results["comparators"]["gradient"]["mode"] == "dense"
+    less = results["comparators"]["gradient-less"]
+    assert less["mode"] == "lora-adam" and less["checkpoints"] == 4 and less["warmup_pairs"] == round(0.05 * len(pairs))
+    assert not np.allclose([s["score_gradient_less"] for s in scores], [s["score_gradient"] for s in scores])
 
 
 def test_study_mitigations(study):

@@ -1,9 +1,17 @@
 """The gradient comparator (LESS / LoGra style): cosine of each pair's DPO-loss gradient with the
-behaviour's log-likelihood gradient, after a seeded random projection."""
+behaviour's log-likelihood gradient, after a seeded random projection.
+
+Three modes. ``dense`` and ``factorized`` take gradients of the model as it is (one checkpoint:
+the start of training). ``lora-adam`` is closer to published LESS: LoRA adapters are warmed up
+with DPO on a small random share of the pairs for a few epochs; at the end of each epoch every
+pair's DPO gradient on the adapters is turned into the Adam update it would cause (with that
+checkpoint's moment estimates), projected, and compared with the behaviour's gradient there; the
+score is the learning-rate-weighted sum over checkpoints."""
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -21,11 +29,13 @@ from probe_dpo.errors import UserError
 class GradientConfig:
     """The gradient comparator's settings."""
 
-    mode: Literal["dense", "factorized"] = "dense"
+    mode: Literal["dense", "factorized", "lora-adam"] = "dense"
     """dense: per-pair gradients of the ``params`` subset, one pair at a time, projected with a
     seeded Rademacher matrix generated chunk by chunk (LESS / TRAK). factorized: per-example
     gradients of every linear module named in ``modules``, projected as (P_out^T G P_in) with
-    seeded Gaussian factors, batched through hooks (LoGra)."""
+    seeded Gaussian factors, batched through hooks (LoGra). lora-adam: LESS with a LoRA warm-up
+    (``lora_*``, ``warmup_*``), Adam-preconditioned pair gradients at each warm-up checkpoint,
+    projected like dense."""
     params: list[str] = field(default_factory=lambda: ["self_attn.v_proj.weight"])
     """dense: parameters whose name contains one of these strings."""
     modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -49,7 +59,21 @@ class GradientConfig:
     add_eos: bool = True
     """Append EOS to each response (as TRL's DPO does)."""
     seed: int = bounded(0, ge=0)
-    """Seeds the random projection."""
+    """Seeds the random projection (and lora-adam's warm-up sample and order)."""
+    lora_rank: int = bounded(8, ge=1)
+    """lora-adam: adapter rank."""
+    lora_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """lora-adam: modules that get adapters."""
+    warmup_fraction: float = bounded(0.05, gt=0.0, le=1.0)
+    """lora-adam: share of the pairs the warm-up trains on (LESS: 5%)."""
+    warmup_epochs: int = bounded(4, ge=1)
+    """lora-adam: warm-up epochs; a checkpoint after each (LESS: 4)."""
+    warmup_lr: float = bounded(2e-5, gt=0.0)
+    """lora-adam: the warm-up's Adam learning rate (LESS: 2e-5); also each checkpoint's weight."""
+    warmup_batch_size: int = bounded(4, ge=1)
+    """lora-adam: pairs per warm-up step."""
+    beta: float = bounded(0.1, gt=0.0)
+    """lora-adam: DPO beta of the warm-up and of the pair gradients."""
 
 
 def _encode_pairs(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], cfg: GradientConfig):
@@ -209,6 +233,83 @@ def _factorized_features(model, tokenizer, prompts, completions, cfg, recorder, 
     return torch.cat(out)
 
 
+def _lora_adam_scores(model, tokenizer, prompts, completions, b_prompts, b_completions, cfg: GradientConfig,
+                      pad_id: int) -> tuple[torch.Tensor, dict]:
+    """LESS with a LoRA warm-up: per pair, sum over warm-up checkpoints of lr x cos(P u, P g_b),
+    where u is minus the Adam update the pair's DPO gradient would cause at that checkpoint
+    (``m' / sqrt(v' + eps)`` with the checkpoint's moments, as LESS computes it) and g_b is the
+    behaviour's log-likelihood gradient there. The reference of the DPO loss is the model with
+    its adapters off. The adapters live on a copy: ``model`` is left as it was."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    with torch.random.fork_rng():  # seeded adapter initialisation, the caller's random state untouched
+        torch.manual_seed(cfg.seed)
+        lm = get_peft_model(copy.deepcopy(model), LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                                                             lora_dropout=0.0, target_modules=list(cfg.lora_modules)))
+    lm.eval()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    d = sum(p.numel() for p in params)
+    proj = RademacherProjection(d, cfg.dim, cfg.seed, cfg.chunk)
+    encoded = _encode_pairs(tokenizer, prompts, completions, cfg)  # chosen, rejected, chosen, ...
+    n = len(encoded) // 2
+
+    def logps(idx: Sequence[int]) -> torch.Tensor:  # [len(idx), 2]: chosen, rejected
+        rows = [encoded[2 * i + j] for i in idx for j in (0, 1)]
+        return sequence_logprobs(lm, *_batch(rows, pad_id)).view(len(idx), 2)
+
+    with torch.no_grad(), lm.disable_adapter():
+        ref = torch.cat([logps(range(i, min(i + 8, n))) for i in range(0, n, 8)])
+
+    def dpo_loss(idx: Sequence[int]) -> torch.Tensor:
+        margin = (logps(idx) - ref[list(idx)]) @ torch.tensor([1.0, -1.0])
+        return -torch.nn.functional.logsigmoid(cfg.beta * margin).mean()
+
+    rng = np.random.default_rng(cfg.seed)
+    warm = rng.choice(n, max(1, int(round(cfg.warmup_fraction * n))), replace=False)
+    opt = torch.optim.Adam(params, lr=cfg.warmup_lr)
+    beta1, beta2 = opt.defaults["betas"]
+    eps = 1e-8
+    b_encoded = _encode_pairs(tokenizer, b_prompts, b_completions, cfg)
+    scores = torch.zeros(n, dtype=torch.float64)
+    warm_losses = []
+    bar = tqdm(total=cfg.warmup_epochs * (n + len(b_encoded)), desc="LESS gradients", unit="seq", file=sys.stderr,
+               mininterval=2.0, dynamic_ncols=True)
+    for _ in range(cfg.warmup_epochs):
+        order = rng.permutation(warm)
+        for b in range(0, len(order), cfg.warmup_batch_size):
+            loss = dpo_loss(order[b:b + cfg.warmup_batch_size].tolist())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            warm_losses.append(float(loss.detach()))
+        m = torch.cat([opt.state[p]["exp_avg"].reshape(-1) for p in params])
+        v = torch.cat([opt.state[p]["exp_avg_sq"].reshape(-1) for p in params])
+        feats, buffer = [], []
+        for i in range(n):
+            g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(dpo_loss([i]), params)])
+            buffer.append(-(beta1 * m + (1 - beta1) * g) / torch.sqrt(beta2 * v + (1 - beta2) * g * g + eps))
+            if len(buffer) == cfg.batch_size or i == n - 1:
+                feats.append(proj(torch.stack(buffer)))
+                buffer = []
+            bar.update()
+        g_b = None
+        for i in range(0, len(b_encoded), cfg.behaviour_batch_size):
+            lp = sequence_logprobs(lm, *_batch(b_encoded[i:i + cfg.behaviour_batch_size], pad_id))
+            flat = torch.cat([x.reshape(-1) for x in torch.autograd.grad(lp.sum(), params)])
+            g_b = flat if g_b is None else g_b + flat
+            bar.update(min(cfg.behaviour_batch_size, len(b_encoded) - i))
+        scores += cfg.warmup_lr * torch.as_tensor(cosine_scores(torch.cat(feats), proj(g_b.unsqueeze(0))[0]),
+                                                  dtype=torch.float64)
+    bar.close()
+    info = {"mode": "lora-adam", "parameters": int(d), "dim": cfg.dim, "lora_rank": cfg.lora_rank,
+            "lora_modules": list(cfg.lora_modules), "warmup_pairs": len(warm), "checkpoints": cfg.warmup_epochs,
+            "warmup_steps": len(warm_losses), "warmup_loss_first": warm_losses[0], "warmup_loss_last": warm_losses[-1]}
+    return scores, info
+
+
 def gradient_scores(model: Any, tokenizer: Any, pairs: Sequence[dict], behaviour: Sequence[dict],
                     cfg: GradientConfig | None = None) -> tuple[np.ndarray, dict]:
     """LESS-style scores: ``cos(P g_pair, P g_behaviour)`` per pair.
@@ -235,6 +336,7 @@ def gradient_scores(model: Any, tokenizer: Any, pairs: Sequence[dict], behaviour
     completions = [c for p in pairs for c in (p["chosen"], p["rejected"])]
     b_prompts = [chat_value(r["prompt"]) for r in behaviour]
     b_completions = [chat_value(r.get("completion")) for r in behaviour]
+    lora_scores = None
     try:
         if cfg.mode == "dense":
             params = []
@@ -264,12 +366,17 @@ def gradient_scores(model: Any, tokenizer: Any, pairs: Sequence[dict], behaviour
                                        cfg.behaviour_batch_size, pad_id).sum(0)
             info = {"mode": "factorized", "modules": len(recorder.modules), "dim": recorder.dim, "rank": cfg.rank,
                     "parameters": int(sum(m.weight.numel() for _, m in recorder.modules))}
+        elif cfg.mode == "lora-adam":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            lora_scores, info = _lora_adam_scores(model, tokenizer, prompts, completions, b_prompts, b_completions,
+                                                  cfg, pad_id)
         else:
-            raise UserError(f"gradient comparator: unknown mode {cfg.mode!r} (dense or factorized)")
+            raise UserError(f"gradient comparator: unknown mode {cfg.mode!r} (dense, factorized or lora-adam)")
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(saved[name])
         model.train(was_training)
-    scores = cosine_scores(g_pairs, g_b)
+    scores = lora_scores.numpy() if lora_scores is not None else cosine_scores(g_pairs, g_b)
     info.update(seconds=round(time.perf_counter() - t0, 3), pairs=len(pairs), behaviour_examples=len(behaviour))
     return scores, info

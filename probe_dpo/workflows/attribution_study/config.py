@@ -10,8 +10,9 @@ from probe_dpo.attribution import GradientConfig
 from probe_dpo.config import bounded
 from probe_dpo.preference_mix import PreferenceMixConfig
 
-METHODS = ("probe", "probe-weights", "behaviour-change", "judge", "gradient", "gradient-factorized")
-COMPARATORS = ("judge", "gradient", "gradient-factorized")
+METHODS = ("probe", "probe-weights", "behaviour-change", "judge", "gradient", "gradient-factorized", "gradient-less")
+COMPARATORS = ("judge", "gradient", "gradient-factorized", "gradient-less")
+GRADIENT_MODES = {"gradient": "dense", "gradient-factorized": "factorized", "gradient-less": "lora-adam"}
 
 
 
@@ -94,7 +95,7 @@ class RetrainSettings:
     """Retrain on each mitigated set and measure the behaviour."""
     methods: list[str] = field(default_factory=lambda: ["probe"])
     """Rankings whose filter/swap sets are retrained (probe, probe-weights, behaviour-change, judge,
-    gradient, gradient-factorized);
+    gradient, gradient-factorized, gradient-less);
     drop-sources is the probe's."""
     lr: float = bounded(1e-5, gt=0.0)
     """Learning rate of the retraining."""
@@ -198,7 +199,8 @@ class AttributionConfig:
     mitigate: list[str] = field(default_factory=list)
     """filter, swap, drop-sources."""
     comparators: list[str] = field(default_factory=list)
-    """judge, gradient (dense, LESS), gradient-factorized (LoGra)."""
+    """judge, gradient (dense, LESS-style at the start of training), gradient-factorized (LoGra),
+    gradient-less (LESS with a LoRA warm-up and Adam-preconditioned gradients)."""
     judge: str | None = None
     """The judge baseline's judge. Default: the testbed's held-out judge (not the one that selected
     the poison), else profanity-check."""

@@ -13,7 +13,7 @@ from probe_dpo import storage
 from probe_dpo.attribution import MITIGATIONS
 from probe_dpo.errors import UserError
 from probe_dpo.testbed.layout import MODEL, TestbedPaths
-from probe_dpo.workflows.attribution_study.config import COMPARATORS, METHODS, AttributionConfig
+from probe_dpo.workflows.attribution_study.config import COMPARATORS, GRADIENT_MODES, METHODS, AttributionConfig
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def prepare(cfg: AttributionConfig) -> Inputs:
         raise UserError("no behaviour direction: give behaviour_data (difference of means) or probes")
     if cfg.direction == "probe" and probe is None:
         raise UserError("direction=probe needs --probes")
-    if "gradient" in cfg.comparators or "gradient-factorized" in cfg.comparators:
+    if any(c in GRADIENT_MODES for c in cfg.comparators):
         if behaviour is None:
             raise UserError("the gradient comparator needs behaviour_data (examples of the behaviour)")
 

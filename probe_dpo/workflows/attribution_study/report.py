@@ -13,7 +13,8 @@ def method_labels(inp: Inputs, result: dict) -> dict[str, str]:
     """What each ranking method is, for tables."""
     out = {"probe": f"probe ({result['primary'].name})", "judge": f"judge ({inp.judge})",
            "gradient": "gradient (LESS-style, dense projection)",
-           "gradient-factorized": "gradient (LoGra-style, factorized projection)"}
+           "gradient-factorized": "gradient (LoGra-style, factorized projection)",
+           "gradient-less": "gradient (LESS: LoRA warm-up, Adam-preconditioned)"}
     if inp.probe is not None:
         out["probe-weights"] = f"probe weights (probe:{inp.probe.name})"
     if "behaviour-change" in result["scores"]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from probe_dpo import storage
 from probe_dpo.data import json_digest
-from probe_dpo.workflows.attribution_study.config import AttributionConfig
+from probe_dpo.workflows.attribution_study.config import GRADIENT_MODES, AttributionConfig
 from probe_dpo.workflows.attribution_study.inputs import Inputs
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,10 @@ def score_all(inp: Inputs, change: Any = None) -> dict:
         t1 = time.perf_counter()
         scores["judge"] = A.judge_scores(inp.pairs, inp.judge)
         comparator_info["judge"] = {"judge": inp.judge, "seconds": round(time.perf_counter() - t1, 2)}
-    for name in ("gradient", "gradient-factorized"):
+    for name, mode in GRADIENT_MODES.items():
         if name not in cfg.comparators:
             continue
-        gcfg = dataclasses.replace(cfg.gradient, mode="dense" if name == "gradient" else "factorized")
+        gcfg = dataclasses.replace(cfg.gradient, mode=mode)
         positives = [r for r in inp.behaviour if float(r["label"]) > 0.5]
         key = json_digest({"model": model_key(inp.model), "pairs": [(p["prompt"], p["chosen"], p["rejected"])
                                                                       for p in inp.pairs],
