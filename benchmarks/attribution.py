@@ -70,7 +70,6 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 METHODS = ("probe", "probe-weights", "probe-in-process", "probe-weights-in-process", "judge", "gradient",
            "gradient-factorized", "gradient-less")
-GRADIENT_MODES = {"gradient": "dense", "gradient-factorized": "factorized", "gradient-less": "lora-adam"}
 PROBE_METHODS = ("probe", "probe-weights", "probe-in-process", "probe-weights-in-process")
 IN_PROCESS = ("probe-in-process", "probe-weights-in-process")
 WEIGHTS = ("probe-weights", "probe-weights-in-process")  # the trained probe's direction: no behaviour examples
@@ -101,6 +100,7 @@ def worker(method: str, spec: dict) -> dict:
     import torch
 
     from probe_dpo import attribution as A
+    from probe_dpo.workflows.attribution_study.config import GRADIENT_MODES
 
     pairs, behaviour = _inputs(spec)
     import_s = time.perf_counter() - t_import
@@ -231,6 +231,7 @@ def main() -> int:
 
     from probe_dpo import attribution as A
     from probe_dpo.preference_mix import PreferenceMixConfig, build_preference_mix, read_poison_labels
+    from probe_dpo.workflows.attribution_study.config import GRADIENT_MODES
 
     mix_dir = args.mix or os.path.join(os.path.expanduser("~/.cache/probe_dpo"), "attribution-bench-mix")
     mix = build_preference_mix(args.testbed, mix_dir, PreferenceMixConfig(poison_judges=args.poison_judges))

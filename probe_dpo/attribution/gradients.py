@@ -272,10 +272,9 @@ def _lora_adam_scores(model, tokenizer, prompts, completions, b_prompts, b_compl
     opt = torch.optim.Adam(params, lr=cfg.warmup_lr)
     beta1, beta2 = opt.defaults["betas"]
     eps = 1e-8
-    b_encoded = _encode_pairs(tokenizer, b_prompts, b_completions, cfg)
     scores = torch.zeros(n, dtype=torch.float64)
     warm_losses = []
-    bar = tqdm(total=cfg.warmup_epochs * (n + len(b_encoded)), desc="LESS gradients", unit="seq", file=sys.stderr,
+    bar = tqdm(total=cfg.warmup_epochs * (n + len(b_prompts)), desc="LESS gradients", unit="seq", file=sys.stderr,
                mininterval=2.0, dynamic_ncols=True)
     for _ in range(cfg.warmup_epochs):
         order = rng.permutation(warm)
@@ -295,14 +294,10 @@ def _lora_adam_scores(model, tokenizer, prompts, completions, b_prompts, b_compl
                 feats.append(proj(torch.stack(buffer)))
                 buffer = []
             bar.update()
-        g_b = None
-        for i in range(0, len(b_encoded), cfg.behaviour_batch_size):
-            lp = sequence_logprobs(lm, *_batch(b_encoded[i:i + cfg.behaviour_batch_size], pad_id))
-            flat = torch.cat([x.reshape(-1) for x in torch.autograd.grad(lp.sum(), params)])
-            g_b = flat if g_b is None else g_b + flat
-            bar.update(min(cfg.behaviour_batch_size, len(b_encoded) - i))
-        scores += cfg.warmup_lr * torch.as_tensor(cosine_scores(torch.cat(feats), proj(g_b.unsqueeze(0))[0]),
-                                                  dtype=torch.float64)
+        g_b = _dense_features(lm, tokenizer, b_prompts, b_completions, None, cfg, params, proj, False,
+                              cfg.behaviour_batch_size, pad_id)
+        bar.update(len(b_prompts))
+        scores += cfg.warmup_lr * torch.as_tensor(cosine_scores(torch.cat(feats), g_b), dtype=torch.float64)
     bar.close()
     info = {"mode": "lora-adam", "parameters": int(d), "dim": cfg.dim, "lora_rank": cfg.lora_rank,
             "lora_modules": list(cfg.lora_modules), "warmup_pairs": len(warm), "checkpoints": cfg.warmup_epochs,

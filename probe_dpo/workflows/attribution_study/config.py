@@ -95,8 +95,8 @@ class RetrainSettings:
     """Retrain on each mitigated set and measure the behaviour."""
     methods: list[str] = field(default_factory=lambda: ["probe"])
     """Rankings whose filter/swap sets are retrained (probe, probe-weights, behaviour-change, judge,
-    gradient, gradient-factorized, gradient-less);
-    drop-sources is the probe's."""
+    gradient, gradient-factorized, gradient-less); drop-sources too, once per distinct set of
+    flagged sources."""
     lr: float = bounded(1e-5, gt=0.0)
     """Learning rate of the retraining."""
     epochs: float = bounded(2.0, gt=0.0)

@@ -144,8 +144,8 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
                   + [f"share of rise removed, {j}" for j in judges] + ["perplexity", "ppl vs raw"], rows,
                   caption=f"Held-out prompts{trig}; 95% CIs by a (paired) bootstrap over prompts. Reduction vs "
                           "raw = 1 - rate / rate after DPO on the raw set (the published metric); share of "
-                          "the rise = the part of (raw - base) removed. -topNpct arms filter a fixed budget "
-                          "of the ranking's top pairs; clean-only (the labels' clean pairs) is the floor.")
+                          "the rise = the part of (raw - base) removed. -topNpct arms filter or swap a fixed "
+                          "budget of the ranking's top pairs; clean-only (the labels' clean pairs) is the floor.")
         fig, axes = plt.subplots(1, len(judges), figsize=(5 * len(judges), 3.4), squeeze=False)
         for ax, j in zip(axes[0], judges):
             names = list(retrain["arms"])

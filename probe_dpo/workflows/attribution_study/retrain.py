@@ -23,14 +23,17 @@ log = logging.getLogger(__name__)
 def write_mitigations(inp: Inputs, result: dict) -> dict[str, dict]:
     """The cleaned pair files: every configured mitigation for the probe ranking and each retrained
     ranking (a source set already dropped by an earlier ranking is not trained twice); each
-    ranking.s filter (and swap) at every fixed budget; the clean-only floor. Returns ``{arm: {"uri", ...info}}``."""
+    ranking's filter (and swap) at every fixed budget; the clean-only floor. Returns
+    ``{arm: {"uri", ...info}}``."""
     from probe_dpo.attribution import flagged_sources, mitigate, top_k_mask, write_pairs_like
 
     cfg = inp.cfg
     arms: dict[str, dict] = {}
 
-    def write(name: str, scores: np.ndarray, how: str, k: int | None = None, sources: list[str] | None = None) -> None:
+    def write(name: str, scores: np.ndarray, how: str, k: int | None = None, sources: list[str] | None = None,
+              **extra: Any) -> None:
         records, info = mitigate(inp.pairs, scores, how, k=k, sources=sources)
+        info.update(extra)
         if inp.bad is not None:
             hit = np.isin(result["sources"], sources) if how == "drop-sources" else top_k_mask(scores, k)
             info["bad_affected"] = int((hit & inp.bad).sum())
@@ -57,8 +60,8 @@ def write_mitigations(inp: Inputs, result: dict) -> dict[str, dict]:
                 write(f"{method}-{how}", scores, how, sources=sources)
         for budget, how in itertools.product(cfg.retrain.budgets, cfg.retrain.budget_mitigations):
             # no % or @ in the name: object-store keys
-            write(f"{method}-{how}-top{100 * budget:g}pct", scores, how, k=max(1, int(round(budget * len(inp.pairs)))))
-            arms[f"{method}-{how}-top{100 * budget:g}pct"]["budget"] = budget
+            write(f"{method}-{how}-top{100 * budget:g}pct", scores, how, k=max(1, int(round(budget * len(inp.pairs)))),
+                  budget=budget)
     if cfg.retrain.clean_floor:
         records = [dict(p) for p, b in zip(inp.pairs, inp.bad) if not b]
         arms["clean-only"] = {"uri": write_pairs_like(records, storage.join(cfg.out, "mitigated", "clean-only"),
