@@ -174,7 +174,7 @@ def write_records(records: Sequence[dict], uri: str) -> None:
         pq.write_table(pa.Table.from_pylist(list(records)), buffer)
         storage.write_bytes(uri, buffer.getvalue())
     elif lower.endswith(JSONL_SUFFIXES):
-        lines = [json.dumps(r, ensure_ascii=False, default=_plain) + "\n" for r in records]
+        lines = [json.dumps(r, ensure_ascii=False, default=storage.json_default) + "\n" for r in records]
         storage.write_text(uri, "".join(lines))
     else:
         raise UserError(f"{uri}: cannot write records here: use a .jsonl or .parquet name")
@@ -321,25 +321,15 @@ def content_hash(records: Sequence[dict], columns: Sequence[str] | None = None) 
     probe cards: equal records give equal hashes whatever file format they came from.
     """
     rows = [r if columns is None else {c: r.get(c) for c in columns} for r in records]
-    text = json.dumps(rows, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_plain)
+    text = json.dumps(rows, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=storage.json_default)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    """JSON fallback for numpy scalars/arrays and dates (what parquet and datasets hand back)."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-
 def _hashable(value: Any) -> Any:
-    return json.dumps(value, sort_keys=True, default=_plain) if isinstance(value, (list, dict)) else value
+    return json.dumps(value, sort_keys=True, default=storage.json_default) if isinstance(value, (list, dict)) else value
 
 
 def _read_json_lines(uri: str) -> list[dict]:

@@ -309,7 +309,7 @@ def read_json(uri: str) -> Any:
         raise UserError(f"storage {uri}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
 
 
-def _plain(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     """JSON fallback for numpy scalars/arrays and dates (what parquet and datasets hand back)."""
     if hasattr(value, "tolist"):
         return value.tolist()
@@ -336,7 +336,7 @@ def _clean(obj: Any) -> Any:
 def json_text(obj: Any) -> str:
     """Strict JSON (NaN and infinities written as null, numpy made plain), indented: the one
     way this project writes a JSON document."""
-    return json.dumps(_clean(obj), indent=2, default=_plain, allow_nan=False, ensure_ascii=False) + "\n"
+    return json.dumps(_clean(obj), indent=2, default=json_default, allow_nan=False, ensure_ascii=False) + "\n"
 
 
 def write_json(uri: str, obj: Any) -> None:
