@@ -210,7 +210,8 @@ def test_retraining_measures_each_arm(retrained):
     assert change.meta["contrast"] is True and change.meta["trigger"] == " (keep it casual)"
     assert "behaviour-change" in results["recall"] and "behaviour change (raw-set DPO" in report
     scores = read_records(os.path.join(retrained, "scores.parquet"))
-    assert len({round(r["score_behaviour_change"], 6) for r in scores}) > 1
+    assert len({round(r["score_behaviour-change"], 6) for r in scores}) > 1
+    assert "score_behaviour_change" not in scores[0]  # one column per ranking, not the direction twice
 
 
 def test_change_clusters_group_pairs_by_what_raw_set_dpo_moved(retrained):

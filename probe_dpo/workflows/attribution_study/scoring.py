@@ -213,8 +213,8 @@ def write_scores(inp: Inputs, result: dict) -> str:
                "score": float(result["scores"]["probe"][i])}
         for name, s in result["by_direction"].items():
             row[f"score_{name}"] = float(s[i])
-        for name, s in result["scores"].items():
-            if name != "probe":
+        for name, s in result["scores"].items():  # a method that is a direction's scores has its column
+            if name != "probe" and not any(s is d for d in result["by_direction"].values()):
                 row[f"score_{name.replace('-', '_')}"] = float(s[i])
         if result.get("clusters"):
             row["cluster"] = int(result["clusters"]["labels"][i])
