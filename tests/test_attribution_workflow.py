@@ -84,9 +84,10 @@ def study(testbed, probes, ray_cluster, tmp_path_factory):
 @pytest.fixture(scope="module")
 def retrained(study, testbed, probes):
     """The same study with retraining of the raw set and the probe- and behaviour-change-filtered
-    sets (plain DPO, 1 step); the behaviour-change direction comes from the raw set's policy."""
+    sets (plain DPO, 1 step); the behaviour-change direction comes from the raw set's policy, and
+    the change clusters read the pairs with Ray actors of that policy."""
     prompts = os.path.join(testbed, "data", "prompts_heldout.jsonl")
-    rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", study, "--in-process",
+    rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", study,
                "--mitigate", "filter", "--retrain", "ranking.k_from_labels=true", "behaviour_examples=0",
                "behaviour_change.enabled=true", f"behaviour_change.prompts={prompts}",
                "behaviour_change.max_prompts=4", "behaviour_change.contrast=true",
@@ -231,7 +232,8 @@ def test_change_clusters_group_pairs_by_what_raw_set_dpo_moved(retrained):
     assert float(change.norm(dim=1).min()) > 0  # the policy moved every chosen response
     again = A.cluster_pairs(change, np.zeros(n), pairs, k=3, seed=results["config"]["seed"])
     labels = [r["change_cluster"] for r in read_records(os.path.join(retrained, "scores.parquet"))]
-    assert labels == again["labels"].tolist()
+    assert labels == again["labels"].tolist()  # the Ray actors' shards read what one process reads
+    assert os.listdir(os.path.join(retrained, "activations", "pairs-raw-policy"))
     report = open(os.path.join(retrained, "report.md")).read()
     assert "## Emergent behaviours: clusters of what raw-set DPO changed" in report
 
