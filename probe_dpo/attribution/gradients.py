@@ -234,7 +234,7 @@ def _factorized_features(model, tokenizer, prompts, completions, cfg, recorder, 
 
 
 def _lora_adam_scores(model, tokenizer, prompts, completions, b_prompts, b_completions, cfg: GradientConfig,
-                      pad_id: int) -> tuple[torch.Tensor, dict]:
+                      pad_id: int) -> tuple[np.ndarray, dict]:
     """LESS with a LoRA warm-up: per pair, sum over warm-up checkpoints of lr x cos(P u, P g_b),
     where u is minus the Adam update the pair's DPO gradient would cause at that checkpoint
     (``m' / sqrt(v' + eps)`` with the checkpoint's moments, as LESS computes it) and g_b is the
@@ -302,7 +302,7 @@ def _lora_adam_scores(model, tokenizer, prompts, completions, b_prompts, b_compl
     info = {"mode": "lora-adam", "parameters": int(d), "dim": cfg.dim, "lora_rank": cfg.lora_rank,
             "lora_modules": list(cfg.lora_modules), "warmup_pairs": len(warm), "checkpoints": cfg.warmup_epochs,
             "warmup_steps": len(warm_losses), "warmup_loss_first": warm_losses[0], "warmup_loss_last": warm_losses[-1]}
-    return scores, info
+    return scores.numpy(), info
 
 
 def gradient_scores(model: Any, tokenizer: Any, pairs: Sequence[dict], behaviour: Sequence[dict],
@@ -331,7 +331,6 @@ def gradient_scores(model: Any, tokenizer: Any, pairs: Sequence[dict], behaviour
     completions = [c for p in pairs for c in (p["chosen"], p["rejected"])]
     b_prompts = [chat_value(r["prompt"]) for r in behaviour]
     b_completions = [chat_value(r.get("completion")) for r in behaviour]
-    lora_scores = None
     try:
         if cfg.mode == "dense":
             params = []
@@ -349,6 +348,7 @@ def gradient_scores(model: Any, tokenizer: Any, pairs: Sequence[dict], behaviour
                                       2, pad_id)
             g_b = _dense_features(model, tokenizer, b_prompts, b_completions, None, cfg, params, proj, False,
                                   cfg.behaviour_batch_size, pad_id)
+            scores = cosine_scores(g_pairs, g_b)
             info = {"mode": "dense", "parameters": int(d), "dim": cfg.dim, "params": list(cfg.params)}
         elif cfg.mode == "factorized":
             for p in model.parameters():
@@ -359,19 +359,19 @@ def gradient_scores(model: Any, tokenizer: Any, pairs: Sequence[dict], behaviour
             g_pairs = per_seq[0::2] - per_seq[1::2]
             g_b = _factorized_features(model, tokenizer, b_prompts, b_completions, cfg, recorder,
                                        cfg.behaviour_batch_size, pad_id).sum(0)
+            scores = cosine_scores(g_pairs, g_b)
             info = {"mode": "factorized", "modules": len(recorder.modules), "dim": recorder.dim, "rank": cfg.rank,
                     "parameters": int(sum(m.weight.numel() for _, m in recorder.modules))}
         elif cfg.mode == "lora-adam":
             for p in model.parameters():
                 p.requires_grad_(False)
-            lora_scores, info = _lora_adam_scores(model, tokenizer, prompts, completions, b_prompts, b_completions,
-                                                  cfg, pad_id)
+            scores, info = _lora_adam_scores(model, tokenizer, prompts, completions, b_prompts, b_completions,
+                                             cfg, pad_id)
         else:
             raise UserError(f"gradient comparator: unknown mode {cfg.mode!r} (dense, factorized or lora-adam)")
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(saved[name])
         model.train(was_training)
-    scores = lora_scores.numpy() if lora_scores is not None else cosine_scores(g_pairs, g_b)
     info.update(seconds=round(time.perf_counter() - t0, 3), pairs=len(pairs), behaviour_examples=len(behaviour))
     return scores, info

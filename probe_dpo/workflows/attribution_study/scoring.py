@@ -74,8 +74,8 @@ def score_all(inp: Inputs, change: Any = None) -> dict:
     if primary is None:
         primary = directions[0]
     diffs = feats.diffs(inp.layer)
-    scores = {"probe": A.cosine_scores(diffs, primary)}
     by_direction = {d.name: A.cosine_scores(diffs, d) for d in directions}
+    scores = {"probe": by_direction[primary.name]}
     if inp.probe is not None and primary.kind != "probe" and f"probe:{inp.probe.name}" in by_direction:
         scores["probe-weights"] = by_direction[f"probe:{inp.probe.name}"]  # the trained probe's own direction
     if change is not None:
