@@ -1,5 +1,5 @@
-"""The statistics every reported effect rests on: weighted detection metrics, a cluster
-bootstrap run by ``scipy.stats.bootstrap``, and the Holm correction.
+"""The statistics every reported effect rests on: weighted detection metrics, a two-level
+(prompts x training seeds) bootstrap and its prompts-only case, and the Holm correction.
 
 Why clusters: the samples of one prompt (its continuations, its probe-test rows) are not
 independent, so every interval resamples *prompts* with all of their rows. A resample is
@@ -10,6 +10,9 @@ vectorised call evaluates all resamples at once.
 Why paired: two models evaluated on the same prompts (an arm and the base model, two arms)
 are compared on the same resampled prompts, so prompt-to-prompt variation cancels. Their
 rows may differ (each model's own completions): what they share is the prompt.
+
+Why seeds too: an arm is a training procedure and its seeds are a sample of the models it
+could have produced, so an arm's interval resamples its seeds as well (``two_level_bootstrap``).
 
 Why percentile intervals: they are what the project has always reported, and they never fail
 on a degenerate resample (BCa's jackknife does on rare events).
@@ -83,42 +86,82 @@ def cluster_ids(groups: Sequence[Any], order: dict[str, int] | None = None) -> t
     return ids, order
 
 
+def bootstrap_p_value(dist: Any) -> float:
+    """Two-sided bootstrap p-value for "the statistic is 0": twice the smaller tail around 0.
+
+    Each tail is ``(b + 1) / (n + 1)`` (b resamples on that side of 0, n finite resamples;
+    Davison & Hinkley 1997, Phipson & Smyth 2010): counting the observed data as one more
+    resample keeps the p-value valid, never 0 however few resamples were drawn, so a Holm
+    correction over many tests cannot be passed on a resample count alone. NaN resamples
+    are left out; NaN when none is finite.
+    """
+    d = np.asarray(dist, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if not len(d):
+        return float("nan")
+    tails = (np.array([(d <= 0).sum(), (d >= 0).sum()]) + 1.0) / (len(d) + 1.0)
+    return float(min(1.0, 2.0 * tails.min()))
+
+
+def _counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """How often each of ``n`` items is drawn in each row of indices ``idx [B, m]``: ``[B, n]``."""
+    offsets = (np.arange(idx.shape[0]) * n)[:, None]
+    return np.bincount((idx + offsets).ravel(), minlength=idx.shape[0] * n).reshape(idx.shape[0], n).astype(np.float64)
+
+
+def _summary(estimate: float, dist: np.ndarray, n_boot: int) -> dict[str, float]:
+    """The estimate, its 95% percentile interval and p-value from the finite resamples."""
+    finite = dist[np.isfinite(dist)]
+    if not len(finite):
+        return {"estimate": estimate, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"),
+                "undefined": n_boot, "n_boot": n_boot}
+    alpha = (1 - CI_LEVEL) / 2
+    lo, hi = np.quantile(finite, [alpha, 1 - alpha])
+    return {"estimate": estimate, "ci_low": float(lo), "ci_high": float(hi), "p_value": bootstrap_p_value(finite),
+            "undefined": int(n_boot - len(finite)), "n_boot": n_boot}
+
+
+SeedStatistic = Callable[[np.ndarray, list[np.ndarray]], np.ndarray]
+
+
+def two_level_bootstrap(n_clusters: int, seed_groups: Sequence[int], statistic: SeedStatistic, *,
+                        n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Resample prompts (clusters) and training seeds together, crossed, and summarise ``statistic``.
+
+    Why two levels: an arm is a training *procedure*, and a rerun with another seed is another
+    model; an interval that resamples prompts only treats the seeds run as the only ones there
+    could be and is too narrow when seeds differ (tests/test_stats.py shows it undercover).
+    Crossed: every seed of an arm answered the same prompts, so one prompt draw serves all sides.
+
+    ``seed_groups``: the number of training seeds of each independent side (``[3]`` for an arm
+    against the base model, which has none; ``[3, 3]`` for two arms); a one-seed side stays fixed.
+    One ``np.random.default_rng(seed)`` draws, in this order, the prompt indices
+    ``integers(0, n_clusters, (n_boot, n_clusters))`` (as ``scipy.stats.bootstrap`` draws them),
+    then per side ``integers(0, n_s, (n_boot, n_s))``; each becomes counts (how often an item is
+    drawn). ``statistic(prompt_counts [B, P], [seed_counts [B, n_s] per side]) -> [B]``: a row
+    weighs its prompt's count times its seed's count. The estimate is the statistic at counts of 1.
+    Returns the estimate, the 95% percentile interval, the two-sided p-value of
+    ``bootstrap_p_value``, ``undefined`` (NaN resamples, left out) and ``n_boot``.
+    """
+    ones = [np.ones((1, n)) for n in seed_groups]
+    estimate = float(np.asarray(statistic(np.ones((1, n_clusters)), ones)).reshape(-1)[0])
+    if n_clusters < 2 or not math.isfinite(estimate):
+        return _summary(estimate, np.empty(0), n_boot)
+    rng = np.random.default_rng(seed)
+    prompts = _counts(rng.integers(0, n_clusters, (n_boot, n_clusters)), n_clusters)
+    seeds = [_counts(rng.integers(0, n, (n_boot, n)), n) for n in seed_groups]
+    return _summary(estimate, np.asarray(statistic(prompts, seeds), dtype=np.float64), n_boot)
+
+
 def cluster_bootstrap(n_clusters: int, statistic: Callable[[np.ndarray], np.ndarray], *, n_boot: int = 1000,
                       seed: int = 0) -> dict[str, float]:
-    """Resample clusters with ``scipy.stats.bootstrap`` and summarise ``statistic(counts)``.
+    """Resample clusters only (``two_level_bootstrap`` with no seeded side) and summarise
+    ``statistic(counts [..., n_clusters])``; the draws are ``scipy.stats.bootstrap``'s.
 
-    ``statistic`` maps cluster counts ``[..., n_clusters]`` (how often each cluster is in a
-    resample) to one value per leading index; the estimate is its value at counts of 1.
-    Returns the estimate, the 95% percentile interval and a two-sided bootstrap p-value for
-    "the statistic is 0" (twice the smaller tail around 0, at least 1/resamples). Resamples
-    whose statistic is NaN (no positive drawn, say) are left out of the interval.
+    For what has no training seeds to resample (a data set, one model's rates) or pools seeds
+    on purpose. Resamples whose statistic is NaN (no positive drawn, say) are left out.
     """
-    from scipy.stats import bootstrap
-
-    estimate = float(statistic(np.ones(n_clusters)))
-    nan = {"estimate": estimate, "ci_low": float("nan"), "ci_high": float("nan"), "p_value": float("nan"),
-           "undefined": n_boot}
-    if n_clusters < 2 or not math.isfinite(estimate):
-        return nan
-
-    def counts_of(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        flat = idx.reshape(-1, idx.shape[-1])
-        offsets = (np.arange(flat.shape[0]) * n_clusters)[:, None]
-        counts = np.bincount((flat + offsets).ravel(), minlength=flat.shape[0] * n_clusters)
-        return statistic(counts.reshape(flat.shape[0], n_clusters).astype(np.float64)).reshape(idx.shape[:-1])
-
-    res = bootstrap((np.arange(n_clusters),), counts_of, n_resamples=n_boot, vectorized=True,
-                    confidence_level=CI_LEVEL, method="percentile", random_state=np.random.default_rng(seed))
-    dist = np.asarray(res.bootstrap_distribution, dtype=np.float64)
-    dist = dist[np.isfinite(dist)]
-    if not len(dist):
-        return nan
-    undefined = int(n_boot - len(dist))
-    alpha = (1 - CI_LEVEL) / 2
-    lo, hi = np.quantile(dist, [alpha, 1 - alpha])
-    p = min(1.0, 2 * min(float((dist <= 0).mean()), float((dist >= 0).mean())))
-    return {"estimate": estimate, "ci_low": float(lo), "ci_high": float(hi), "p_value": max(p, 1.0 / len(dist)),
-            "undefined": undefined}
+    return two_level_bootstrap(n_clusters, [], lambda prompts, _: statistic(prompts), n_boot=n_boot, seed=seed)
 
 
 def mean_ci(values: Any, *, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:

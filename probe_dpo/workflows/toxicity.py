@@ -39,14 +39,25 @@ import sys
 import time
 
 from probe_dpo import storage
+from probe_dpo.analysis import PLAN_FILE, build_plan, in_loop_judges, write_plan
 from probe_dpo.config import dump_yaml, load_config
 from probe_dpo.data import json_digest
 from probe_dpo.logs import setup as setup_logs
+from probe_dpo.testbed.behaviour import TOXICITY
 from probe_dpo.workflows import bundled_config
-from probe_dpo.workflows.experiment.config import ExperimentConfig, trial_specs
+from probe_dpo.workflows.experiment.config import (
+    ExperimentConfig,
+    target_role,
+    trial_specs,
+)
 from probe_dpo.workflows.experiment.evaluate import base_evaluation, eval_context
 from probe_dpo.workflows.experiment.results import write_results
-from probe_dpo.workflows.experiment.stages import prepare_probes, prepare_testbed, read_built_testbed, record_timing
+from probe_dpo.workflows.experiment.stages import (
+    prepare_probes,
+    prepare_testbed,
+    read_built_testbed,
+    record_timing,
+)
 from probe_dpo.workflows.experiment.trials import check_arm_settings, run_tune
 
 log = logging.getLogger(__name__)
@@ -68,8 +79,10 @@ def run(cfg: ExperimentConfig) -> dict:
     run_uri = cfg.storage
     storage.exists(run_uri)  # an unreachable bucket fails here, before any compute
     storage.write_text(storage.join(run_uri, "config.yaml"), dump_yaml(cfg))
-    if cfg.testbed_dir:  # a given testbed is checked before Ray starts
-        read_built_testbed(cfg.testbed_dir)
+    given = read_built_testbed(cfg.testbed_dir) if cfg.testbed_dir else None  # checked before Ray starts
+    # declared before anything is measured: the labels' rule, effects and judges cannot follow the results
+    digest = write_plan(run_uri, analysis_plan(cfg, given))
+    log.info(f"analysis plan declared: {storage.join(run_uri, PLAN_FILE)} (sha256 {digest[:12]})")
     dist = cfg.distributed
     trial_cpus = cfg.concurrent_trials * (dist.workers * dist.threads_per_worker + 2)
     cpus = cfg.ray_cpus or max(len(os.sched_getaffinity(0)), trial_cpus) + 2
@@ -87,6 +100,8 @@ def run(cfg: ExperimentConfig) -> dict:
                                                                          "probes_summary": probes})
     base_key = json_digest([probes["ensemble"], tb["info"]["content_hash"], ctx["eval"], ctx["generation"]])
     base_evaluation(ctx, base_key)
+    if cfg.analysis.base_replicate:
+        base_evaluation(ctx, base_key, replicate_offset=cfg.analysis.replicate_seed_offset)
     write_results(run_uri)
     paths = {"single": probes["single"], "ensemble": probes["ensemble"], "pairs": probes["pairs"],
              "control_sft": probes["control_sft"]}
@@ -104,6 +119,23 @@ def run(cfg: ExperimentConfig) -> dict:
     out = write_results(run_uri)
     log.info(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {len(out['rows'])} trials; report at {out['html']}")
     return out
+
+
+def analysis_plan(cfg: ExperimentConfig, testbed_info: dict | None = None) -> dict:
+    """The analysis this run declares (``probe_dpo.analysis``), from its config (and the info of a
+    given, already built testbed, whose label judge is the one it was built with)."""
+    from probe_dpo.goodhart import default_pairs
+
+    a = cfg.analysis
+    if cfg.behaviour.name != TOXICITY:
+        label_judge = cfg.behaviour.label_judge
+    else:
+        label_judge = (testbed_info or {}).get("train_judge") or cfg.testbed.train_judge
+    in_loop = in_loop_judges(label_judge, cfg.judge)
+    comparisons = a.comparisons if a.comparisons is not None else default_pairs(cfg.arms, a.null_arms[0]
+                                                                                  if a.null_arms else "random-dpo")
+    return build_plan(a, arms=cfg.arms, seeds={arm: list(cfg.seeds) for arm in cfg.arms}, panel=cfg.eval.judges,
+                      in_loop=in_loop, comparisons=comparisons, targets={arm: target_role(arm) for arm in cfg.arms})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from probe_dpo.analysis import AnalysisSettings
 from probe_dpo.config import bounded
 from probe_dpo.errors import UserError
 from probe_dpo.testbed import TestbedConfig
@@ -215,6 +216,9 @@ class ExperimentConfig:
     2-thread trial after another (eager PyTorch's small ops leave the second core idle)."""
     trial_retries: int = bounded(1, ge=0)
     """Times a failed trial is retried (a user error is not)."""
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    """The analysis declared before the first trial (probe_dpo.analysis): minimum effects, alpha, the
+    judges that decide, the null references, the comparisons; written with its sha256 to the run folder."""
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     """Experiment tracking: every trial's results (Tune logger callbacks) and training steps (TRL's
     report_to) to W&B (offline), MLflow (a file store) and/or TensorBoard; off by default."""
@@ -229,6 +233,12 @@ class ExperimentConfig:
             raise ValueError(f"key search.arm: unknown arm {self.search.arm!r} (valid: {', '.join(ARMS)})")
         if not self.seeds:
             raise ValueError("key seeds: give at least one seed")
+        for a in self.analysis.null_arms:
+            if a not in ARMS:
+                raise ValueError(f"key analysis.null_arms: unknown arm {a!r} (valid: {', '.join(ARMS)})")
+        for pair in self.analysis.comparisons or []:
+            if len(pair) != 2 or any(a not in self.arms for a in pair):
+                raise ValueError(f"key analysis.comparisons: {pair} is not a pair of arms of this run ({self.arms})")
         stray = [a for a in self.arm_settings if a not in ARMS]
         if stray:
             raise ValueError(f"key arm_settings: unknown arm(s) {stray} (valid: {', '.join(ARMS)})")

@@ -10,6 +10,7 @@ from typing import Any
 
 from probe_dpo import storage
 from probe_dpo.config import to_dict
+from probe_dpo.data import json_digest
 from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.workflows.experiment.config import ExperimentConfig
 from probe_dpo.workflows.experiment.stages import cached, publish_json, record_timing, sample_rows
@@ -127,17 +128,31 @@ def load_eval(uri: str) -> dict:
                            storage.read_json(storage.join(uri, "scores.json")))
 
 
-def base_evaluation(ctx: dict, key: str) -> dict:
+BASE_EVAL = "base-eval"
+REPLICATE_EVAL = "base-replicate-eval"
+
+
+def base_evaluation(ctx: dict, key: str, replicate_offset: int | None = None) -> dict:
     """The base model's evaluation, once per run. It runs before any trial, alone, so it takes
     every core of the node it runs on whatever ``eval.threads`` gives each trial's evaluation
-    (measured in the demo: 171 s with the demo's 1 thread)."""
-    uri = storage.join(ctx["run"], "shared", "base-eval")
+    (measured in the demo: 171 s with the demo's 1 thread).
+
+    With ``replicate_offset`` it is the base model evaluated again with the sampling seed moved
+    by that much (``shared/base-replicate-eval``): what sampling alone does to every statistic,
+    a null reference for the outcome labels that no training touched."""
+    name, e = (BASE_EVAL, ctx["eval"]) if replicate_offset is None else \
+        (REPLICATE_EVAL, {**ctx["eval"], "seed": ctx["eval"]["seed"] + replicate_offset})
+    uri = storage.join(ctx["run"], "shared", name)
+    if replicate_offset is not None:
+        key = json_digest([key, "replicate", e["seed"]])
     if not cached(uri, key, "a base-model evaluation"):
-        log.info("evaluating the base model (once; every arm is compared with it)")
+        log.info("evaluating the base model " + ("(once; every arm is compared with it)" if replicate_offset is None
+                                                 else f"again with sampling seed {e['seed']} (a null reference)"))
         t0 = time.perf_counter()
-        result = run_eval(ctx["base_model"], {**ctx, "threads": None}, None)
-        publish_json(uri, eval_files(result), {"kind": "evaluation", "key": key, "arm": "base"})
-        record_timing(ctx["run"], "base_evaluation", time.perf_counter() - t0)
+        result = run_eval(ctx["base_model"], {**ctx, "eval": e, "threads": None}, None)
+        publish_json(uri, eval_files(result), {"kind": "evaluation", "key": key,
+                                               "arm": "base" if replicate_offset is None else "base-replicate"})
+        record_timing(ctx["run"], name.replace("-eval", "_evaluation").replace("-", "_"), time.perf_counter() - t0)
     return load_eval(uri)
 
 
