@@ -96,35 +96,47 @@ def paired_relative_change(base: np.ndarray, new: np.ndarray | Sequence[np.ndarr
     """Change of the toxic rate vs the base, relative and absolute, with paired 95% CIs.
 
     ``base`` is ``[prompts, samples]`` scores of the base model; ``new`` the same for the
-    fine-tuned model, or a list of them (one per training seed, averaged per prompt). The
-    SAME resampled prompts are applied to base and new. ``change`` is
-    ``rate_new / rate_base - 1`` (e.g. -0.30 for a 30% reduction), ``delta`` is
-    ``rate_new - rate_base`` (with its bootstrap ``p_value``).
+    fine-tuned model, or a list of them (one per training seed). The SAME resampled prompts are
+    applied to base and new, and the training seeds are resampled with them
+    (``probe_dpo.stats.two_level_bootstrap``), so the interval holds run-to-run variance too.
+    ``change`` is ``rate_new / rate_base - 1`` (e.g. -0.30 for a 30% reduction), ``delta`` is
+    ``rate_new - rate_base`` (with its bootstrap ``p_value``); ``per_seed`` and ``seed_sd`` are
+    the relative change of each seed alone and their spread (NaN for one seed).
     """
-    from probe_dpo.stats import cluster_bootstrap
+    from probe_dpo.stats import two_level_bootstrap
 
     runs = [new] if isinstance(new, np.ndarray) else list(new)
     if not runs:
         raise UserError("paired_relative_change needs at least one fine-tuned run")
     b = _per_prompt_rates(base, threshold)
-    news = [_per_prompt_rates(r, threshold) for r in runs]
-    for r in news:
-        if len(r) != len(b):
-            raise UserError(f"paired comparison needs the same prompts: base has {len(b)}, a run has {len(r)}")
-    n = np.mean(news, axis=0)
-    base_rate, new_rate = float(b.mean()), float(n.mean())
+    news = np.array([_per_prompt_rates(r, threshold) for r in runs])  # [seeds, prompts]
+    if news.shape[1] != len(b):
+        raise UserError(f"paired comparison needs the same prompts: base has {len(b)}, a run has {news.shape[1]}")
+    base_rate, new_rate = float(b.mean()), float(news.mean())
 
-    def relative(c: np.ndarray) -> np.ndarray:
+    def rates(prompts: np.ndarray, seeds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        per_prompt = seeds[0] @ news / seeds[0].sum(-1, keepdims=True)  # [B, prompts]: the drawn seeds' mean
+        return _mean(per_prompt, prompts), _mean(b, prompts)
+
+    def relative(prompts: np.ndarray, seeds: list[np.ndarray]) -> np.ndarray:
+        n, r = rates(prompts, seeds)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return _mean(n, c) / _mean(b, c) - 1.0
+            return n / r - 1.0
 
-    rel = cluster_bootstrap(len(b), relative, n_boot=n_boot, seed=seed)
-    diff = cluster_bootstrap(len(b), lambda c: _mean(n, c) - _mean(b, c), n_boot=n_boot, seed=seed)
+    def difference(prompts: np.ndarray, seeds: list[np.ndarray]) -> np.ndarray:
+        n, r = rates(prompts, seeds)
+        return n - r
+
+    rel = two_level_bootstrap(len(b), [len(news)], relative, n_boot=n_boot, seed=seed)
+    diff = two_level_bootstrap(len(b), [len(news)], difference, n_boot=n_boot, seed=seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_seed = (news.mean(1) / base_rate - 1.0) if base_rate > 0 else np.full(len(news), np.nan)
     change = new_rate / base_rate - 1.0 if base_rate > 0 else float("nan")
     lo, hi = rel["ci_low"], rel["ci_high"]
     return {"base_rate": base_rate, "rate": new_rate, "change": float(change), "ci_low": lo, "ci_high": hi,
             "excludes_zero": bool(hi < 0 or lo > 0), "delta": diff["estimate"], "delta_ci_low": diff["ci_low"],
-            "delta_ci_high": diff["ci_high"], "p_value": diff["p_value"], "runs": len(news), "prompts": int(len(b))}
+            "delta_ci_high": diff["ci_high"], "p_value": diff["p_value"], "runs": len(news), "prompts": int(len(b)),
+            "per_seed": per_seed.tolist(), "seed_sd": float(np.std(per_seed, ddof=1)) if len(news) > 1 else float("nan")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from probe_dpo.detection import ATLAS, Readout, atlas_outcome, compare, metric_values
+from probe_dpo.detection import Readout, compare, metric_values
 
 
 def _readout(shift: float = 0.0, seed: int = 0, n_prompts: int = 120, per: int = 3) -> Readout:
@@ -51,18 +51,6 @@ def test_seeds_pool_and_readouts_survive_json():
     pooled = compare(a, both, ["probe"], "tpr", n_boot=200)["value"]
     assert pooled == pytest.approx((metric_values(a, "probe", "tpr", np.ones(360))
                                     + metric_values(b, "probe", "tpr", np.ones(360))) / 2)
-
-
-def test_atlas_outcomes():
-    drop = {"delta": -0.3, "delta_ci_low": -0.4, "delta_ci_high": -0.2}
-    flat = {"delta": 0.0, "delta_ci_low": -0.1, "delta_ci_high": 0.1}
-    assert atlas_outcome({"j1": flat, "j2": flat}, drop, flat) == "obfuscated activations"
-    assert atlas_outcome({"j1": flat}, drop, drop) == "obfuscated activations"
-    assert atlas_outcome({"j1": flat}, flat, drop) == "obfuscated policy"
-    assert atlas_outcome({"j1": drop, "j2": drop}, flat, flat) == "removed"
-    assert atlas_outcome({"j1": drop, "j2": flat}, flat, flat) == "mixed"
-    assert atlas_outcome({"j1": flat}, flat, flat) == "blatant"
-    assert set(ATLAS) == {"removed", "blatant", "obfuscated activations", "obfuscated policy", "mixed"}
 
 
 def test_bf16_probe_reads_stay_close_to_fp32_and_fit_in_fp32(tiny_model_dir):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from probe_dpo.detection import TRAIN_AGGREGATE, Readout
-from probe_dpo.goodhart import arm_summary, comparisons, default_pairs
+from probe_dpo.goodhart import (ONE_SEED, REPLICATE, arm_summary, comparisons, default_pairs, judge_agreement,
+                               outcomes)
 
 ROLES = {"train": ["train-L1"], "ensemble": [TRAIN_AGGREGATE], "held_out": ["heldout-L2"],
          "retrained": ["retrained:L1"]}
@@ -37,19 +38,61 @@ def _evaluation(seed: int, *, hide: float = 0.0, toxic: float = 0.3, hide_frozen
             "own_groups": [str(i // 2) for i in range(2 * n_prompts)]}
 
 
-def test_a_hidden_probe_reads_as_obfuscated_activations_and_a_detox_as_removed():
+def _plan(n_boot: int = 2000) -> dict:  # enough resamples for a family of 20 (see analysis.build_plan)
+    from probe_dpo.analysis import AnalysisSettings
+    from probe_dpo.config import to_dict
+
+    return {"settings": {**to_dict(AnalysisSettings()), "bootstrap": n_boot},
+            "judges": {"outcome": ["judge-a"], "in_loop": []}}
+
+
+def test_arm_summaries_resample_seeds_and_say_when_there_is_one():
     base = _evaluation(0)
     hidden = arm_summary(base, [_evaluation(1, hide=4.0)], ROLES, "train", n_boot=300)
     assert hidden["fixed"]["train"]["tpr"]["delta"] < -0.3 and hidden["fixed"]["train"]["tpr"]["delta_ci_high"] < 0
     assert abs(hidden["fixed"]["held_out"]["tpr"]["delta"]) < 0.1  # the held-out probe still sees it
-    assert hidden["atlas"] == "obfuscated activations"
-    both = arm_summary(base, [_evaluation(1, hide=4.0, hide_frozen=4.0)], ROLES, "train", n_boot=300)
-    assert both["atlas"] == "obfuscated policy"
+    assert hidden["seed_note"] == ONE_SEED and "atlas" not in hidden
     detox = arm_summary(base, [_evaluation(2, toxic=0.1), _evaluation(3, toxic=0.1)], ROLES, "train", n_boot=300)
-    assert detox["seeds"] == 2 and detox["toxicity"]["judge-a"]["change"] < -0.4
-    assert detox["atlas"] == "removed"
-    same = arm_summary(base, [_evaluation(4)], ROLES, "train", n_boot=300)
-    assert same["atlas"] == "blatant"
+    assert detox["seeds"] == 2 and "seed_note" not in detox and detox["toxicity"]["judge-a"]["change"] < -0.4
+    assert len(detox["toxicity"]["judge-a"]["per_seed"]) == 2 and detox["toxicity"]["judge-a"]["seed_sd"] >= 0
+    # seeds that disagree widen the interval: the same rows, one seed far off
+    spread = arm_summary(base, [_evaluation(2, toxic=0.1), _evaluation(3, toxic=0.3)], ROLES, "train", n_boot=300)
+    pooled = arm_summary(base, [_evaluation(2, toxic=0.2)], ROLES, "train", n_boot=300)
+    width = {k: v["toxicity"]["judge-a"]["ci_high"] - v["toxicity"]["judge-a"]["ci_low"]
+             for k, v in (("spread", spread), ("pooled", pooled))}
+    assert width["spread"] > 1.5 * width["pooled"], width
+
+
+def test_outcome_labels_against_the_null_references():
+    """A planted hiding shift, text the frozen probe misses, a detoxification and an arm like the
+    base model, with a null arm and the base re-sampled as the references: each gets its label,
+    the null arm is read against a band without itself, and the family is Holm-corrected."""
+    base = _evaluation(0)
+    evals = {"random-dpo": [_evaluation(s) for s in (10, 11, 12)],
+             "hidden": [_evaluation(s, hide=4.0) for s in (20, 21, 22)],
+             "evasive": [_evaluation(s, hide=4.0, hide_frozen=4.0) for s in (30, 31, 32)],
+             "detox": [_evaluation(s, toxic=0.1) for s in (40, 41, 42)],
+             "same": [_evaluation(s) for s in (50, 51, 52)]}
+    targets = {a: "train" for a in evals}
+    rows = comparisons(evals, [("detox", "random-dpo")], ROLES, n_boot=400, outcome_judges=["judge-a"])
+    assert all(r["in_plan"] and r["p_holm"] is None for r in rows)
+    out = outcomes(base, evals, _evaluation(5), ROLES, targets, _plan(), rows)
+    labels = {a: v["label"] for a, v in out["labels"].items()}
+    assert labels == {"random-dpo": "blatant", "hidden": "obfuscated activations", "evasive": "obfuscated policy",
+                      "detox": "removed", "same": "blatant", REPLICATE: "blatant"}, labels
+    assert out["labels"]["hidden"]["decided_by"]["coordinate"] == "activations"
+    assert out["labels"]["random-dpo"]["band_from"] == [REPLICATE]  # not itself
+    assert out["family_size"] == 6 * 3 + len(rows)  # text, activations, one rate per subject; the comparisons
+    assert all(r["p_holm"] >= r["p_value"] for r in rows)
+    assert out["replication"]["of"] == 15 and 0 <= out["replication"]["share"] <= 1
+
+
+def test_judge_agreement_marks_the_in_loop_judge():
+    base = _evaluation(0)
+    base["toxicity"]["judge-b"] = base["toxicity"]["judge-a"] * 0.8 + 0.1
+    rows = judge_agreement(base, ["judge-a"])
+    a_vs_b = next(r for r in rows if r["judge"] == "judge-b" and r["labels_of"] == "judge-a")
+    assert a_vs_b["spearman"] > 0.99 and a_vs_b["auroc"] == 1.0 and a_vs_b["labels_in_loop"]
 
 
 def test_paired_arm_comparisons_are_holm_adjusted():
@@ -64,3 +107,5 @@ def test_paired_arm_comparisons_are_holm_adjusted():
     assert all(r["delta"] < 0 and r["significant"] and r["p_holm"] >= r["p_value"] for r in vs_control)
     same = next(r for r in rows if r["b"] == "classifier-dpo" and r["metric"].startswith("toxic"))
     assert not same["significant"]
+    judged = comparisons(evals, pairs, ROLES, n_boot=300, outcome_judges=["another-judge"])  # judge-a in the loop
+    assert [r["in_plan"] for r in judged if r["metric"].startswith("toxic")] == [False] * 3

@@ -145,8 +145,14 @@ def test_experiment_as_a_ray_job_survives_a_killed_driver(tiny_model_dir, ray_he
         assert row["perplexity"] > 1 and row["kl_to_base"] >= 0
         for role in ("train", "ensemble", "held_out", "retrained"):
             assert 0.0 <= row[f"fixed.{role}.auroc"] <= 1.0 and f"fixed.{role}.tpr.delta" in row
-        assert "own.train.tpr" in row and row["atlas"]
+        assert "own.train.tpr" in row and row["outcome"]
     assert set(results["arms"]) == set(ARMS) and results["comparisons"]
+    plan = storage.read_json(f"{run}/analysis-plan.json")  # declared before the first trial, kept on resume
+    assert results["analysis"]["sha256"] == plan["sha256"] and plan["plan"]["judges"]["in_loop"] == [
+        "toxic-comment-classifier"]
+    assert storage.is_complete(f"{run}/shared/base-replicate-eval")  # the null reference with no training
+    for arm in ARMS:
+        assert results["arms"][arm]["outcome"]["decided_by"]["why"]
     assert {"probes_and_pairs", "base_evaluation", "sum_of_stages"} <= set(results["timings"])
     onpolicy = storage.read_json(f"{run}/trials/probe-dpo-onpolicy-s0/eval/metrics.json")
     assert onpolicy["rounds"] == 2
@@ -165,6 +171,7 @@ def test_experiment_as_a_ray_job_survives_a_killed_driver(tiny_model_dir, ray_he
         assert f"| {arm} |" in md
     assert "How much does detection drop" in md and "retraining" in md and "standard error" in md
     assert "Calibration" in md and "Paired comparisons" in md and "own completions" in md
+    assert "Outcome labels (declared before the runs)" in md and plan["sha256"][:16] in md
     assert storage.read_text(f"{run}/report.html").count("data:image/png;base64,") == 5  # with the training curves
 
     from probe_dpo.cli import main

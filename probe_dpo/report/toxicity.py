@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from probe_dpo.report import Report, fmt, fmt_ci
 from probe_dpo.report.curves import training_curves
+from probe_dpo.report.outcomes import outcome_sections
 
 ROLE_TITLES = {"train": "train probe", "ensemble": "probe ensemble", "held_out": "held-out probes",
                "retrained": "retrained probe"}
@@ -51,7 +52,7 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
                       scores: Mapping[str, tuple] | None = None,
                       histories: Mapping[str, list] | None = None) -> Report:
     """The arms, detection at the base threshold by probe role (fixed texts and the policy's own
-    completions), the Atlas outcome, the three Goodhart questions answered against the positive
+    completions), the outcome labels of the declared analysis, the three Goodhart questions answered against the positive
     control, paired arm comparisons, plots and timings.
 
     ``ctx`` is the run's context, ``res`` its results (``results.json``), ``scores`` the train
@@ -84,9 +85,10 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
                 if summary.get("cross_fit_folds") else "in-sample (no cross-fitting)."))
     rate, n = tox0["rate"], tox0["prompts"]
     rep.text(f"Noise: a toxic rate of {rate:.3f} on {n} prompts has a standard error of about "
-             f"{(rate * (1 - rate) / max(n, 1)) ** 0.5:.3f}. Every interval is a 95% bootstrap interval over prompts, "
-             "paired against the base model on the same prompts (or rows); a change whose interval includes 0 is "
-             "not a change. A monitor flags a text when the probe's score exceeds the threshold fixed on the base "
+             f"{(rate * (1 - rate) / max(n, 1)) ** 0.5:.3f}. Every interval is a 95% bootstrap interval that resamples "
+             "training seeds and prompts together, paired against the base model on the same prompts (or rows); a "
+             "change whose interval includes 0 is not a change. An arm with one training seed says so: its interval "
+             "holds no run-to-run variance. A monitor flags a text when the probe's score exceeds the threshold fixed on the base "
              "model (each probe card's, at a 5% validation false-positive rate).", note=True)
 
     # --- arms ------------------------------------------------------------------------------------
@@ -98,18 +100,18 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
         s = arms[a]
         rows.append([a, s["seeds"]] + [f"{fmt(s['toxicity'][j]['rate'])} ({_pct_ci(s['toxicity'][j])})" for j in judges]
                     + [f"{fmt(s['perplexity'], 2)} ({_pct(s['perplexity_change'])})", fmt(s["kl_per_token"], 4),
-                       s["atlas"]])
-    rep.table(["arm", "seeds"] + [f"toxic rate, {j} (change)" for j in judges]
-              + ["perplexity (change)", "KL/token", f"outcome (Atlas, {first} labels)"], rows,
-              caption="Toxic rate: share of continuations a judge scores >= 0.5. Outcome: see the key below.")
-    from probe_dpo.detection import ATLAS
-
-    rep.text("Outcome key (the probe each arm trained against, on the arm's own completions):\n"
-             + "\n".join(f"- **{k}**: {v}" for k, v in ATLAS.items()))
-    robust = [a for a in names if all((arms[a]["toxicity"][j].get("ci_high") or 0) < 0 for j in judges)]
-    rep.text("Toxicity reductions that hold under every judge of the panel: "
-             + (", ".join(f"**{a}**" for a in robust) if robust else "none") + ". A reduction under the training "
-             "judge alone may be the policy learning that judge.")
+                       (s.get("outcome") or {}).get("label", "exploratory")])
+    in_loop = set(((res.get("analysis") or {}).get("judges") or {}).get("in_loop") or [])
+    rep.table(["arm", "seeds"] + [f"toxic rate, {j}{' (in the loop)' if j in in_loop else ''} (change)" for j in judges]
+              + ["perplexity (change)", "KL/token", "outcome"], rows,
+              caption="Toxic rate: share of continuations a judge scores >= 0.5, change vs the base [95% CI over "
+                      "seeds and prompts]. Outcome: see 'Outcome labels' below.")
+    outcome_judges = [j for j in judges if j not in in_loop]
+    robust = [a for a in names if all((arms[a]["toxicity"][j].get("ci_high") or 0) < 0 for j in outcome_judges)]
+    rep.text("Toxicity reductions whose interval excludes 0 under every judge training did not use ("
+             + ", ".join(outcome_judges) + "): " + (", ".join(f"**{a}**" for a in robust) if robust else "none")
+             + ". A reduction under an in-loop judge alone may be the policy learning that judge.")
+    outcome_sections(rep, res, arms, names)
 
     # --- detection -------------------------------------------------------------------------------
     rep.heading("Detection at the base threshold (fixed probe-test texts)")
@@ -147,7 +149,8 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
                  f"{_delta_ci(ctrl['fixed']['ensemble']['tpr'])}; a probe retrained on it: AUROC "
                  f"{fmt(ctrl['fixed']['retrained']['auroc'].get('value'), 3)} vs "
                  f"{fmt(ctrl['fixed']['retrained']['auroc'].get('base'), 3)} on the base model "
-                 f"({_delta_ci(ctrl['fixed']['retrained']['auroc'], 3)}); outcome: {ctrl['atlas']}.")
+                 f"({_delta_ci(ctrl['fixed']['retrained']['auroc'], 3)}); outcome: "
+                 f"{(ctrl.get('outcome') or {}).get('label', 'not labelled')}.")
     else:
         rep.text(f"No positive control (`{CONTROL}`) in this run: nothing shows that a drop could be seen.", note=True)
     lines = []
@@ -177,8 +180,11 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
         rep.heading("Paired comparisons between arms")
         rep.table(["A", "B", "metric", "A", "B", "A - B [95% CI]", "p (Holm)"],
                   [[c["a"], c["b"], c["metric"], fmt(c["a_value"]), fmt(c["b_value"]), _delta_ci(c, 3),
-                    f"{fmt(c['p_holm'])}{' *' if c['significant'] else ''}"] for c in comps],
-                  caption="Paired bootstrap over prompts; p-values Holm-adjusted over every row; * : p < 0.05")
+                    f"{fmt(c['p_holm'])}{' *' if c.get('differ', c['significant']) else ''}" if c.get("p_holm") is not None
+                    else f"p {fmt(c['p_value'])}, exploratory"] for c in comps],
+                  caption="Paired bootstrap over seeds and prompts; p-values Holm-adjusted over the declared family "
+                          "(with the arms' outcome coordinates); * : p < alpha and the difference at least the declared minimum effect. Rows under an in-loop judge are "
+                          "exploratory: their raw p-value decides nothing.")
 
     # --- plots -----------------------------------------------------------------------------------
     rep.heading("Plots")

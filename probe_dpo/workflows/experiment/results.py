@@ -9,7 +9,7 @@ from typing import Any
 from probe_dpo import storage
 from probe_dpo.data import json_digest
 from probe_dpo.workflows.experiment.config import ARMS, target_role
-from probe_dpo.workflows.experiment.evaluate import load_eval
+from probe_dpo.workflows.experiment.evaluate import REPLICATE_EVAL, load_eval
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ def flat_metrics(m: dict) -> dict:
                            "perplexity": m["perplexity"], "perplexity_change": s.get("perplexity_change"),
                            "kl_to_base": (m.get("kl_to_base") or {}).get("per_token"),
                            "train_seconds": m.get("train_seconds"), "eval_seconds": m.get("eval_seconds"),
-                           "atlas": s.get("atlas")}
+                           }
     for judge, t in m["toxicity"].items():
         out[f"toxicity.{judge}.rate"] = t["rate"]
         out[f"toxicity.{judge}.change"] = (s.get("toxicity", {}).get(judge) or {}).get("change")
@@ -54,7 +54,9 @@ def summarize(run: str) -> dict:
     import numpy as np
 
     from probe_dpo.detection import role_keys
-    from probe_dpo.goodhart import arm_summary, base_summary, comparisons, default_pairs
+    from probe_dpo.analysis import PLAN_FILE, read_plan
+    from probe_dpo.goodhart import (REPLICATE, arm_summary, base_summary, comparisons, default_pairs, judge_agreement,
+                                    outcomes)
 
     ctx = storage.read_json(storage.join(run, "shared", "context.json"))
     e = ctx["eval"]
@@ -90,13 +92,40 @@ def summarize(run: str) -> dict:
                                                                   for r in evals[name]])),
                                   "eval_seconds": float(np.mean([r["metrics"].get("eval_seconds") or np.nan
                                                                  for r in evals[name]]))}
-    pairs = default_pairs([a for a in arms if a in ARMS])
     probe = ctx["best_probe"]
     histograms = {name: (ev.scores[probe], ev.labels, ev.thresholds[probe])
                   for name, ev in [("base", base["fixed"])] + [(a, evals[a][0]["fixed"]) for a in arms]}
-    return {"rows": rows, "base": base_summary(base, roles), "arms": arms, "roles": roles,
-            "comparisons": comparisons(evals, pairs, roles, n_boot=e["bootstrap"], seed=e["seed"]),
-            "histograms": histograms}
+    out = {"rows": rows, "base": base_summary(base, roles), "arms": arms, "roles": roles, "histograms": histograms}
+    declared = read_plan(run)
+    if declared is None:  # a run from before plans were declared: descriptive tables only
+        out["comparisons"] = comparisons(evals, default_pairs([a for a in arms if a in ARMS]), roles,
+                                         n_boot=e["bootstrap"], seed=e["seed"])
+        out["analysis"] = {"sha256": None, "note": "this run declared no analysis plan: no outcome labels"}
+        return out
+    plan = declared["plan"]
+    n_boot = plan["settings"]["bootstrap"]
+    pairs = [p for p in plan["comparisons"] if p[0] in evals and p[1] in evals]
+    out["comparisons"] = comparisons(evals, pairs, roles, n_boot=n_boot, seed=e["seed"],
+                                     outcome_judges=plan["judges"]["outcome"])
+    replicate_uri = storage.join(run, "shared", REPLICATE_EVAL)
+    replicate = load_eval(replicate_uri) if storage.is_complete(replicate_uri) else None
+    targets = {a: plan["targets"][a] for a in arms if a in plan["targets"]}
+    decided = outcomes(base, evals, replicate, roles, targets, plan, out["comparisons"], seed=e["seed"])
+    for name, verdict in decided["labels"].items():
+        if name in arms:
+            arms[name]["outcome"] = verdict
+    out["null_references"] = {REPLICATE: decided["labels"].get(REPLICATE)} if replicate is not None else {}
+    for row in rows:
+        row["outcome"] = (arms.get(row["arm"], {}).get("outcome") or {}).get("label", "exploratory (not in the plan)")
+    exploratory = sorted(set(arms) - set(targets))
+    out["analysis"] = {"sha256": declared["sha256"], "plan_file": PLAN_FILE, "family_size": decided["family_size"],
+                       "judges": plan["judges"], "alpha": plan["settings"]["alpha"],
+                       "min_effect": plan["settings"]["min_effect"], "bootstrap": n_boot,
+                       "exploratory": {"arms": exploratory, "rows": "per-probe metrics, in-loop judges' rows and "
+                                       "everything not named in the plan are exploratory"},
+                       "replication": decided["replication"],
+                       "judge_agreement": judge_agreement(base, plan["judges"]["in_loop"])}
+    return out
 
 
 def training_histories(run: str, rows: list[dict]) -> dict[str, list]:

@@ -1,0 +1,118 @@
+"""Regenerate the committed reference run of `make demo` (``examples/demo/``).
+
+    python examples/reference.py                 # run (or resume) the demo in runs/demo, then bundle it
+    python examples/reference.py --skip-run      # bundle an existing run folder as it is
+    python examples/reference.py --check         # does README.md's table match the committed bundle?
+
+Why: every scientific figure the README states must come from a file a clone has. The run folder
+(``runs/demo``) is git-ignored (it holds model weights); this script copies its small, readable
+part (results, report, figures, the config, the analysis plan declared before the first trial
+and its hash, the stage timings) into ``examples/demo/`` with the commit it was bundled at and
+the package versions, and writes the README's reference-run table from that ``results.json``.
+``tests/test_examples.py`` checks the README's table against the committed bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "examples" / "demo"
+README = ROOT / "README.md"
+START, END = "<!-- example-table:start -->", "<!-- example-table:end -->"
+FILES = ["results.json", "report.md", "report.html", "analysis-plan.json", "config.yaml", "shared/timings.json"]
+PACKAGES = ["torch", "transformers", "trl", "ray", "deepspeed", "peft", "accelerate", "datasets", "numpy", "scipy"]
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.0f}%"
+
+
+def readme_table(results: dict) -> str:
+    """The README's table of the reference run: every arm's label, the coordinate that decided it,
+    and the rate changes under every judge with the between-seed spread, from ``results.json``."""
+    judges = list(results["base"]["toxicity"])
+    in_loop = set(results["analysis"]["judges"]["in_loop"])
+    head = ["arm", "seeds", "outcome", "decided by"] + [
+        f"toxic rate, {j}{' (in the loop)' if j in in_loop else ''}: change [95% CI] (each seed)" for j in judges]
+    rows = [head, ["---"] * len(head)]
+    for arm, s in results["arms"].items():
+        verdict = s.get("outcome") or {}
+        decided = verdict.get("decided_by") or {}
+        cells = [arm, str(s["seeds"]), f"**{verdict.get('label', 'exploratory')}**", str(decided.get("coordinate"))]
+        for j in judges:
+            t = s["toxicity"][j]
+            each = ", ".join(_pct(x) for x in t.get("per_seed") or [])
+            cells.append(f"{_pct(t['change'])} [{_pct(t['ci_low'])}, {_pct(t['ci_high'])}] ({each})")
+        rows.append(cells)
+    base = results["base"]["toxicity"]
+    a = results["analysis"]
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", f"Base model toxic rate: " + ", ".join(f"{j} {base[j]['rate']:.3f}" for j in judges)
+              + f". Plan sha256 `{a['sha256'][:16]}`; family of {a['family_size']} tests, alpha {a['alpha']}; "
+              f"seed labels agreeing with the pooled label: {a['replication'].get('agree', '-')} of "
+              f"{a['replication'].get('of', '-')}. Source: [`examples/demo/results.json`](examples/demo/results.json), "
+              "report: [`examples/demo/report.md`](examples/demo/report.md)."]
+    return "\n".join(lines)
+
+
+def readme_with_table(readme: str, table: str) -> str:
+    """README text with the block between the markers replaced by ``table``."""
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md has no {START} ... {END} block")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{table}\n{END}{tail}"
+
+
+def bundle(run: Path) -> dict:
+    """Copy the run's readable part into ``examples/demo`` with its provenance."""
+    from importlib.metadata import version
+
+    from probe_dpo.workflows.experiment.results import write_results
+
+    write_results(str(run))  # the report and results.json from storage, with this commit's analysis code
+    if BUNDLE.exists():
+        shutil.rmtree(BUNDLE)
+    for rel in FILES:
+        (BUNDLE / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run / rel, BUNDLE / rel)
+    shutil.copytree(run / "figures", BUNDLE / "figures")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "probe_dpo"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip())
+    provenance = {"bundled_at_commit": commit, "library_changed_since_commit": dirty,
+                  "python": sys.version.split()[0], "packages": {p: version(p) for p in PACKAGES},
+                  "plan_sha256": json.loads((run / "analysis-plan.json").read_text())["sha256"]}
+    (BUNDLE / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return provenance
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", default=str(ROOT / "runs" / "demo"), help="the demo's run folder")
+    parser.add_argument("--skip-run", action="store_true", help="bundle the run folder as it is")
+    parser.add_argument("--check", action="store_true", help="only check README.md against the bundle")
+    args = parser.parse_args(argv)
+    if not args.check:
+        if not args.skip_run:
+            subprocess.run([sys.executable, "-m", "probe_dpo.cli", "demo", "--storage", args.run], check=True)
+        bundle(Path(args.run))
+    table = readme_table(json.loads((BUNDLE / "results.json").read_text()))
+    text = README.read_text()
+    if args.check:
+        ok = readme_with_table(text, table) == text
+        print("README.md matches examples/demo/results.json" if ok else "README.md differs from the bundle")
+        return 0 if ok else 1
+    README.write_text(readme_with_table(text, table))
+    print(f"bundled {args.run} into {BUNDLE.relative_to(ROOT)} and wrote README.md's table")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
