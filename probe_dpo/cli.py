@@ -17,6 +17,8 @@ import sys
 from typing import Callable, NoReturn
 
 from probe_dpo.errors import UserError, guarded, one_line
+from probe_dpo.workflows import CONFIG_KINDS, bundled_configs
+from probe_dpo.workflows import config_class as _config_class
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -37,10 +39,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file (defaults are used for keys it leaves out)")
+def _config_args(parser: argparse.ArgumentParser, example: str, bundled: str = "") -> None:
+    """``--config`` and overrides; ``example``: one of this command's (tests/test_cli_help.py parses it)."""
+    parser.add_argument("--config", help="YAML config file (defaults are used for keys it leaves out)" + bundled)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides applied after the file, e.g. generation.temperature=0.9")
+                        help=f"dotted overrides applied after the file, e.g. {example}")
 
 
 def _add_testbed(sub: argparse._SubParsersAction) -> None:
@@ -50,8 +53,9 @@ def _add_testbed(sub: argparse._SubParsersAction) -> None:
     build = tsub.add_parser("build", help="build (or reuse from cache) the testbed in a folder",
                             description="Build the testbed deterministically; a second build with the "
                                         "same settings is a cache hit.")
-    build.add_argument("--out", required=True, help="output folder (local path)")
-    _config_args(build)
+    build.add_argument("--out", required=True,
+                       help="output folder or s3:// URI (a URI: built in the local cache, then copied there)")
+    _config_args(build, "generation.temperature=0.9")
     build.set_defaults(handler=_run_testbed_build)
 
 
@@ -60,12 +64,20 @@ def _run_testbed_build(args: argparse.Namespace) -> int:
     from probe_dpo.testbed import TestbedConfig, build_testbed
 
     cfg = load_config(TestbedConfig, args.config, args.overrides)
-    info = build_testbed(cfg, args.out)
+    info = build_testbed(cfg, args.out)  # a URI: built in the local cache, then published there
     print(f"testbed ready in {args.out} ({'cache hit' if info.get('cache_hit') else 'built'}): "
           f"{info['model']['parameters'] / 1e6:.1f}M-parameter model, "
           f"base toxicity {_format_rates(info['base_toxicity_rate'])}, "
           f"benign perplexity {info['model']['benign_perplexity']:.1f}")
     return 0
+
+
+def _reachable(out: str | None) -> None:
+    """An output's storage answers (a missing bucket: one line) before any compute, not at the end."""
+    if out:
+        from probe_dpo.storage import check_reachable
+
+        check_reachable(out)
 
 
 def _format_rates(rates: dict[str, float]) -> str:
@@ -99,6 +111,10 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
                                      "evaluation, results.json and report.md/.html in the run folder. Re-running "
                                      "the same command skips complete trials and resumes interrupted ones.")
     toxicity.add_arguments(exp)
+    config = next(a for a in exp._actions if a.dest == "config")
+    names = sorted(bundled_configs("experiment"), key=lambda n: n != config.default)
+    config.help = "YAML config file, or a bundled config by name: " + ", ".join(
+        f"{n} (default)" if n == config.default else n for n in names)
     exp.set_defaults(handler=lambda args: toxicity.run_from_args(args))
 
 
@@ -208,7 +224,7 @@ def _add_probes(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--val", help="labelled validation file (chooses C and the threshold)")
     train.add_argument("--test", help="labelled test file (optional; reported only)")
     train.add_argument("--out", required=True, help="output folder or s3:// URI for the probe set")
-    _config_args(train)
+    _config_args(train, "layers=[6,12]")
     train.set_defaults(handler=_run_probes_train)
 
     ev = psub.add_parser("eval", help="AUROC of saved probes on any model and labelled file",
@@ -233,6 +249,7 @@ def _run_probes_train(args: argparse.Namespace) -> int:
     if args.testbed is None and not (args.model and args.train and args.val):
         raise UserError("probes train needs --testbed DIR, or --model with --train and --val (and optionally --test)")
     cfg = load_config(ProbeTrainConfig, args.config, args.overrides)
+    _reachable(args.out)
     result = train_probes(cfg, testbed=args.testbed, model=args.model, train=args.train, val=args.val,
                           test=args.test, out=args.out)
     print(result.markdown)
@@ -245,6 +262,7 @@ def _run_probes_eval(args: argparse.Namespace) -> int:
     from probe_dpo.storage import json_text
 
     probeset = ProbeSet.load(args.probes)
+    _reachable(args.out)
     results = evaluate_probes(probeset, args.model, args.data, label_column=args.label_column,
                               batch_size=args.batch_size, max_length=args.max_length,
                               same_weights=args.same_weights)
@@ -268,8 +286,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                     "probe-sft adds penalty.weight x probe probability to the LM loss; classifier-sft filters the "
                     "SFT data with the classifier; sft is plain SFT; dpo trains on a given data.pairs file. "
                     "Every input is checked before any compute. Example: probe-dpo train testbed=runs/demo/testbed "
-                    "method=probe-dpo probes=runs/demo/probes out=runs/probe-dpo")
-    _config_args(train)
+                    "method=probe-dpo probes=runs/demo/probes/single out=runs/probe-dpo")
+    _config_args(train, "train.lr=1e-5")
     train.set_defaults(handler=_run_train)
 
 
@@ -309,7 +327,8 @@ def _add_attribute(sub: argparse._SubParsersAction) -> None:
     att.add_argument("--retrain", action="store_true",
                      help="retrain plain DPO on the raw and every mitigated set and measure the behaviour")
     att.add_argument("--in-process", action="store_true", help="extract activations in this process, not on Ray actors")
-    _config_args(att)
+    _config_args(att, "ranking.bootstrap=500",
+                 f"; or a bundled config by name: {', '.join(bundled_configs('attribute'))}")
     att.set_defaults(handler=_run_attribute)
 
 
@@ -370,6 +389,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
 def _run_audit(args: argparse.Namespace) -> int:
     from probe_dpo.attribution.audit import audit_markdown, audit_pairs
 
+    _reachable(args.out)
     result = audit_pairs(args.pairs, args.model, args.directions, in_process=args.in_process,
                          batch_size=args.batch_size, max_length=args.max_length, address=args.address)
     print(audit_markdown(result["rows"], f"Concept audit of {args.pairs}"))
@@ -382,31 +402,6 @@ def _run_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-CONFIG_KINDS = ("experiment", "train", "testbed", "probes", "attribute")
-
-
-def _config_class(kind: str) -> type:
-    if kind == "experiment":
-        from probe_dpo.workflows.experiment.config import ExperimentConfig
-
-        return ExperimentConfig
-    if kind == "train":
-        from probe_dpo.training import TrainConfig
-
-        return TrainConfig
-    if kind == "testbed":
-        from probe_dpo.testbed import TestbedConfig
-
-        return TestbedConfig
-    if kind == "probes":
-        from probe_dpo.probes import ProbeTrainConfig
-
-        return ProbeTrainConfig
-    from probe_dpo.workflows.attribution_study.config import AttributionConfig
-
-    return AttributionConfig
-
-
 def _add_config(sub: argparse._SubParsersAction) -> None:
     cfg = sub.add_parser("config", help="show a command's config: every key, its value and what it means",
                          description="Config discovery: the keys a command takes, resolved from its defaults, a "
@@ -417,17 +412,35 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
                                        "description. Example: probe-dpo config show --for train method=dpo train.lr=3e-5")
     show.add_argument("--for", dest="kind", choices=CONFIG_KINDS, default="experiment",
                       help="whose config: experiment (default), train, testbed, probes, attribute")
-    show.add_argument("--config", help="a YAML config file (experiment and attribute: or a bundled one by name, "
-                                       "e.g. demo)")
-    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
+    show.add_argument("--config", help="a YAML config file (experiment: or a bundled one by name: "
+                                       f"{', '.join(bundled_configs('experiment'))}; attribute: "
+                                       f"{', '.join(bundled_configs('attribute'))}). Default: the one the "
+                                       "command itself reads (experiment: toxicity)")
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                      help="dotted overrides of the --for command's config, e.g. seeds=[0,1] (experiment)")
     show.set_defaults(handler=_run_config_show)
+
+
+# The command whose config each ``config show --for`` kind shows.
+CONFIG_COMMANDS = {"experiment": ("experiment",), "train": ("train",), "testbed": ("testbed", "build"),
+                   "probes": ("probes", "train"), "attribute": ("attribute",)}
+
+
+def default_config(kind: str) -> str | None:
+    """The ``--config`` the command behind ``kind`` reads when given none (experiment: the bundled
+    toxicity config), so ``config show`` shows what the command runs."""
+    parser = build_parser()
+    for name in CONFIG_COMMANDS[kind]:
+        parser = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+    return next(a.default for a in parser._actions if a.dest == "config")
 
 
 def _run_config_show(args: argparse.Namespace) -> int:
     from probe_dpo.config import load_config, show
     from probe_dpo.workflows import bundled_config
 
-    path = bundled_config(args.config) if args.kind in ("experiment", "attribute") else args.config
+    config = args.config if args.config is not None else default_config(args.kind)
+    path = bundled_config(config) if args.kind in ("experiment", "attribute") else config
     print(show(load_config(_config_class(args.kind), path, args.overrides)), end="")
     return 0
 

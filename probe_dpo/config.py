@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -52,20 +53,46 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
         if loaded is not None and not isinstance(loaded, dict):
             raise UserError(f"config file {path}: the top level must be a mapping of keys, not {type(loaded).__name__}")
         data = loaded or {}
+    given: dict[str, str] = {}
     for item in overrides:
-        _apply_override(cls, data, item)
-    return from_dict(cls, data, source)
+        given[_apply_override(cls, data, item)] = item
+    return from_dict(cls, data, Source(source, given) if given else source)
+
+
+class Source(str):
+    """Where a config's values came from: a file (or "command line") plus the ``key=value``
+    overrides applied over it, so an error names the command line for a key an override set
+    (and the file for the others). It is the file's name as a string."""
+
+    def __new__(cls, default: str, overrides: dict[str, str] | None = None) -> "Source":
+        obj = super().__new__(cls, default)
+        obj.overrides = dict(overrides or {})
+        return obj
+
+    def at(self, key: str) -> str:
+        """The source of ``key`` (dotted, list indices allowed): an override that set it or a key
+        above it, else the file."""
+        plain = re.sub(r"\[\d+\]", "", key)
+        for dotted, item in self.overrides.items():
+            if plain == dotted or plain.startswith(dotted + "."):
+                return f"command line ({item!r})"
+        return str(self)
+
+
+def _at(source: str, key: str) -> str:
+    return source.at(key) if isinstance(source, Source) else source
 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix: str = "") -> T:
     """Build a dataclass from a plain mapping, checking keys, types and ranges."""
     if not isinstance(data, dict):
-        raise UserError(f"{source}: key {prefix.rstrip('.') or '<top>'} must be a mapping, got {_describe(data)}")
+        raise UserError(f"{_at(source, prefix.rstrip('.'))}: key {prefix.rstrip('.') or '<top>'} must be a mapping, "
+                        f"got {_describe(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise UserError(f"{source}: unknown key {prefix}{key}{_suggest(key, fields, prefix)}")
+            raise UserError(f"{_at(source, prefix + key)}: unknown key {prefix}{key}{_suggest(key, fields, prefix)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(value, hints[name], source, f"{prefix}{name}")
@@ -73,7 +100,8 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:  # raised by a __post_init__ cross-field check
-        raise UserError(f"{source}: {exc}") from None
+        named = re.match(r"key ([\w.\[\]-]+)", str(exc))  # the convention: "key a.b: ..."
+        raise UserError(f"{_at(source, named.group(1)) if named else source}: {exc}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -85,8 +113,8 @@ def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def _apply_override(cls: type, data: dict[str, Any], item: str) -> None:
-    where = f"override {item!r}"
+def _apply_override(cls: type, data: dict[str, Any], item: str) -> str:
+    where = f"command line ({item!r})"
     if "=" not in item:
         raise UserError(f"{where}: expected key=value, for example train.lr=1e-5")
     dotted, raw = item.split("=", 1)
@@ -95,6 +123,7 @@ def _apply_override(cls: type, data: dict[str, Any], item: str) -> None:
     except yaml.YAMLError:
         value = raw
     set_dotted(cls, data, dotted.strip(), value, where)
+    return dotted.strip()
 
 
 def set_dotted(cls: type, data: dict[str, Any], dotted: str, value: Any, where: str) -> None:
@@ -157,24 +186,24 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
                 return _convert(value, arg, source, key)
             except UserError:
                 continue
-        raise UserError(f"{source}: key {key} must be {_type_name(hint)}, got {_describe(value)}")
+        raise UserError(f"{_at(source, key)}: key {key} must be {_type_name(hint)}, got {_describe(value)}")
     if origin is Literal:
         if value in get_args(hint):
             return value
         choices = ", ".join(repr(a) for a in get_args(hint))
-        raise UserError(f"{source}: key {key} must be one of {choices}, got {value!r}")
+        raise UserError(f"{_at(source, key)}: key {key} must be one of {choices}, got {value!r}")
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, source, key + ".")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"{source}: key {key} must be a list, got {_describe(value)}")
+            raise UserError(f"{_at(source, key)}: key {key} must be a list, got {_describe(value)}")
         args = get_args(hint)
         item_hint = args[0] if args else Any
         items = [_convert(v, item_hint, source, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise UserError(f"{source}: key {key} must be a mapping, got {_describe(value)}")
+            raise UserError(f"{_at(source, key)}: key {key} must be a mapping, got {_describe(value)}")
         _, vhint = get_args(hint) or (str, Any)
         return {str(k): _convert(v, vhint, source, f"{key}.{k}") for k, v in value.items()}
     if hint is bool:
@@ -196,7 +225,7 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
             return value
     elif isinstance(value, hint):
         return value
-    raise UserError(f"{source}: key {key} must be {_type_name(hint)}, got {_describe(value)}")
+    raise UserError(f"{_at(source, key)}: key {key} must be {_type_name(hint)}, got {_describe(value)}")
 
 
 def _type_name(hint: Any) -> str:
@@ -217,7 +246,7 @@ def _check_bounds(field: dataclasses.Field, value: Any, source: str, key: str) -
     for name, bound in bounds.items():
         ok, sign = tests[name]
         if not ok(value, bound):
-            raise UserError(f"{source}: key {key} must be {sign} {bound}, got {value!r}")
+            raise UserError(f"{_at(source, key)}: key {key} must be {sign} {bound}, got {value!r}")
 
 
 def field_docs(cls: type) -> dict[str, str]:

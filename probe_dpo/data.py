@@ -76,18 +76,76 @@ def is_hub_dataset(uri: str) -> bool:
             and not name.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + CSV_SUFFIXES + (".arrow",)))
 
 
+HUB_ID_FORMS = "Hugging Face dataset ids are org/name or org/name:split"
+
+
 def _load_hub(uri: str, what: str) -> list[dict]:
-    """A hub dataset through ``datasets.load_dataset`` (its cache; offline mode honoured)."""
+    """A hub dataset through ``datasets.load_dataset`` (its cache; offline mode honoured).
+
+    A string that is neither a path nor in the cache is often a mistyped relative path: it gets
+    one line at once (``_not_on_hub``) instead of ``datasets``' retries against the Hub."""
     import datasets
 
     name = uri[3:] if uri.startswith("hf:") else uri
     name, _, split = name.partition(":")
+    if not _hub_cached(name):
+        why = _not_on_hub(name)
+        if why is not None:
+            raise UserError(f"{what} {uri}: no such file or folder{why}; {HUB_ID_FORMS}")
     try:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; each is this one line
         raise UserError(f"{what} {uri}: no such file or folder, and cannot load Hugging Face dataset {name!r} "
                         f"(split {split or 'train'}): {_first_line(exc)}") from None
     return ds.to_list()
+
+
+def _hub_offline() -> bool:
+    """Hub access is off: ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` now, or as ``datasets`` read them."""
+    import datasets.config as dconfig
+
+    on = ("1", "true", "yes", "on")
+    return (os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in on
+            or os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in on or bool(dconfig.HF_HUB_OFFLINE))
+
+
+def _hub_cached(name: str) -> bool:
+    """``name`` has been loaded before: ``datasets``' cache (``org___name/<config>/<version>/<hash>``,
+    what it reads offline) or the hub's download cache (``datasets--org--name``) holds it."""
+    import glob
+
+    import datasets.config as dconfig
+    from datasets.naming import camelcase_to_snakecase
+    from huggingface_hub import constants
+
+    parts = name.split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    built = os.path.join(os.path.expanduser(str(dconfig.HF_DATASETS_CACHE)), "___".join(parts), "*", "*", "*")
+    downloaded = os.path.join(os.path.expanduser(str(constants.HF_HUB_CACHE)), "datasets--" + name.replace("/", "--"))
+    return any(os.path.isdir(p) for p in glob.glob(built)) or os.path.isdir(downloaded)
+
+
+def _not_on_hub(name: str) -> str | None:
+    """Why an uncached ``name`` cannot be a hub dataset (the rest of the one-line message), or None
+    when the Hub has it: a local folder holds its first part (a path, mistyped), the Hub is
+    offline, or one request (no retries) says the Hub has no such dataset or cannot be reached."""
+    head = name.split("/", 1)[0]
+    if os.path.isdir(os.path.expanduser(head)):
+        return f" ({head}/ is a folder here: a path, not a hub id)"
+    if _hub_offline():
+        return f", and no Hugging Face dataset {name!r} in the local cache (the Hub is offline)"
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(name, timeout=10)
+    except GatedRepoError:
+        return None  # it exists; load_dataset says what access it needs
+    except RepositoryNotFoundError:
+        return f", and no Hugging Face dataset {name!r} on the Hub (or it is private: log in or set HF_TOKEN)"
+    except Exception as exc:  # noqa: BLE001 - no network, a proxy, a timeout: one line, no retries
+        return f", and the Hugging Face Hub cannot be reached to look for dataset {name!r} ({type(exc).__name__})"
+    return None
 
 
 def _plain_remote(uri: str) -> bool:

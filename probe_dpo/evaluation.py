@@ -30,6 +30,24 @@ from probe_dpo.generation import GenerationSettings, device_of, generate, prompt
 DEFAULT_THRESHOLD = 0.5
 
 
+def judge_threshold(source: Mapping[str, Any] | None) -> float:
+    """The judge score at or above which a sample counts as the behaviour, as ``source`` recorded
+    it: a testbed's ``testbed.json`` (the threshold its labels were made with: the testbed's
+    ``threshold``, a user's ``behaviour.threshold``), an evaluation's metrics (``metrics.json``)
+    or an evaluation as ``probe_dpo.goodhart.load_evaluation`` returns it. ``DEFAULT_THRESHOLD``
+    for ``None`` and for anything made before the threshold was recorded."""
+    if source is None:
+        return DEFAULT_THRESHOLD
+    if isinstance(source.get("metrics"), Mapping):  # a loaded evaluation
+        source = source["metrics"]
+    value = source.get("threshold")
+    if value is None:
+        return DEFAULT_THRESHOLD
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        raise UserError(f"judge threshold: must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
 # ---------------------------------------------------------------------------------------------
 # Models
 
@@ -87,7 +105,8 @@ def rate_with_ci(scores: np.ndarray, threshold: float = DEFAULT_THRESHOLD, n_boo
     per_prompt = _per_prompt_rates(scores, threshold)
     res = cluster_bootstrap(len(per_prompt), lambda c: _mean(per_prompt, c), n_boot=n_boot, seed=seed)
     return {"rate": float(per_prompt.mean()), "ci_low": res["ci_low"], "ci_high": res["ci_high"],
-            "mean_score": float(scores.mean()), "prompts": int(len(per_prompt)), "samples": int(scores.size)}
+            "mean_score": float(scores.mean()), "prompts": int(len(per_prompt)), "samples": int(scores.size),
+            "threshold": float(threshold)}
 
 
 def paired_relative_change(base: np.ndarray, new: np.ndarray | Sequence[np.ndarray],

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from probe_dpo.detection import Readout, compare
-from probe_dpo.evaluation import DEFAULT_THRESHOLD, paired_relative_change
+from probe_dpo.evaluation import DEFAULT_THRESHOLD, judge_threshold, paired_relative_change
 from probe_dpo.outcome import OwnRows, coordinates, label, null_band
 from probe_dpo.stats import cluster_ids, holm, two_level_bootstrap
 
@@ -61,7 +61,7 @@ def own_readout(ev: Mapping[str, Any], reader: str, judge: str) -> Readout:
     """An evaluation's own completions, read by ``reader`` (the base model has one reading, its
     own, which serves as both), labelled by ``judge``."""
     r = ev["own"].get(reader) or ev["own"]["policy"]
-    labels = np.asarray(ev["toxicity"][judge]).ravel() >= DEFAULT_THRESHOLD
+    labels = np.asarray(ev["toxicity"][judge]).ravel() >= judge_threshold(ev)
     return Readout.build(r["scores"], labels, ev["own_groups"], r["thresholds"])
 
 
@@ -77,7 +77,7 @@ def arm_summary(base: Mapping[str, Any], runs: Sequence[Mapping[str, Any]], role
         out["seed_note"] = ONE_SEED
     for j in judges:
         out["toxicity"][j] = paired_relative_change(base["toxicity"][j], [r["toxicity"][j] for r in runs],
-                                                    n_boot=n_boot, seed=seed)
+                                                    judge_threshold(base), n_boot=n_boot, seed=seed)
     ms = [r["metrics"] for r in runs]
     out["perplexity"] = float(np.mean([m["perplexity"] for m in ms]))
     out["perplexity_change"] = out["perplexity"] / base["metrics"]["perplexity"] - 1.0
@@ -148,7 +148,8 @@ def outcomes(base: Mapping[str, Any], evals: Mapping[str, Sequence[Mapping[str, 
     def coords_of(runs: Sequence[Mapping[str, Any]], role: str) -> dict:
         keys = roles[role]
         return coordinates(own_rows(base, keys, judges, order), [own_rows(r, keys, judges, order) for r in runs],
-                           judges=judges, stratify=STRATIFY, k=k, n_boot=n_boot, seed=seed)
+                           judges=judges, stratify=STRATIFY, k=k, threshold=judge_threshold(base), n_boot=n_boot,
+                           seed=seed)
 
     used_roles = sorted(set(targets.values()))
     refs = {name: {role: coords_of(evals[name], role) for role in used_roles}
@@ -227,10 +228,11 @@ def base_summary(base: Mapping[str, Any], roles: Mapping[str, list[str]]) -> dic
                         for role in OWN_ROLES if role in roles} for j in judges}}
 
 
-def _rate_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *, n_boot: int, seed: int) -> dict:
+def _rate_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *, threshold: float, n_boot: int,
+                     seed: int) -> dict:
     """Toxic rate of arm A minus arm B on the same prompts, each arm's seeds resampled with the prompts."""
-    ra = np.array([(np.asarray(x) >= DEFAULT_THRESHOLD).mean(1) for x in a])  # [seeds, prompts]
-    rb = np.array([(np.asarray(x) >= DEFAULT_THRESHOLD).mean(1) for x in b])
+    ra = np.array([(np.asarray(x) >= threshold).mean(1) for x in a])  # [seeds, prompts]
+    rb = np.array([(np.asarray(x) >= threshold).mean(1) for x in b])
 
     def difference(prompts: np.ndarray, seeds: list[np.ndarray]) -> np.ndarray:
         pa = seeds[0] @ ra / seeds[0].sum(-1, keepdims=True)
@@ -270,7 +272,7 @@ def comparisons(evals: Mapping[str, Sequence[Mapping[str, Any]]], pairs: Sequenc
         judges = list(evals[a][0]["toxicity"])
         for j in judges:
             d = _rate_difference([r["toxicity"][j] for r in evals[a]], [r["toxicity"][j] for r in evals[b]],
-                                 n_boot=n_boot, seed=seed)
+                                 threshold=judge_threshold(evals[a][0]), n_boot=n_boot, seed=seed)
             planned = outcome_judges is None or j in outcome_judges
             rows.append({"a": a, "b": b, "metric": f"toxic rate ({j})", **d, "in_plan": planned})
         d = compare([r["fixed"] for r in evals[b]], [r["fixed"] for r in evals[a]], roles["train"], "tpr",

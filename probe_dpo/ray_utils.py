@@ -18,7 +18,8 @@ storage credentials one of these ways (``cluster/README.md`` has the set-up of e
    (``gcs://_ray_pkg_<hash>.zip``). A worker setup hook (``load_passed_credentials``) copies
    the values into each worker's environment; they are never printed or logged.
 
-Non-secret settings (S3 endpoint, region, offline flags, ``PROBE_DPO_*``) are still forwarded by
+Non-secret settings (S3 endpoint, region, offline flags, ``PROBE_DPO_*``, the trackers' ``WANDB_*`` and
+``MLFLOW_*`` settings less their keys and passwords) are still forwarded by
 value in ``env_vars``: workers need them and they reveal nothing.
 
 Token authentication: a local cluster started here runs with Ray's token authentication
@@ -61,7 +62,7 @@ FORWARDED_NAMES = (
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
     "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR", "KERAS_BACKEND", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
 )
-FORWARDED_PREFIXES = ("PROBE_DPO_",)
+FORWARDED_PREFIXES = ("PROBE_DPO_", "WANDB_", "MLFLOW_")  # trackers: the user's settings (probe_dpo.tracking)
 # The package that carries passed credentials (cluster/submit.sh writes the same layout).
 CREDENTIALS_MODULE = "_probe_dpo_credentials"
 CREDENTIALS_FILE = "env.json"
@@ -238,14 +239,45 @@ def cluster_gpus() -> int:
     cluster that starts with no GPU node still counts the GPUs it can scale to."""
     import ray
 
-    now = int(ray.cluster_resources().get("GPU", 0))
+    return max(int(ray.cluster_resources().get("GPU", 0)), _declared_max_gpus())
+
+
+def _declared_max_gpus() -> int:
+    """The most GPUs the cluster's autoscaler declares it can have (0: no autoscaler config)."""
     try:  # the same reading Ray Train makes of the autoscaler's cluster config
         from ray._private.state import state
 
         most = int((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
     except Exception:  # noqa: BLE001 - no autoscaler config (a local or fixed-size cluster)
         most = 0
-    return max(now, min(most, 1 << 20))
+    return min(most, 1 << 20)
+
+
+def check_gpus(needed: int, what: str, *, accelerator_type: str | None = None,
+               resources: dict[str, float] | None = None, can_scale_to: int | None = None) -> int:
+    """One line (``UserError``) when one unit of work needs more GPUs at once than the Ray cluster
+    has or its autoscaler declares it can add: Ray would queue it and wait forever. Call it after
+    Ray is up, before any compute. ``what`` names the setting (``distributed.workers=4 with
+    distributed.use_gpu``); ``resources`` is ``ray.cluster_resources()`` and ``can_scale_to`` the
+    autoscaler's most, both read from the cluster when None. Returns the GPUs counted."""
+    if resources is None:
+        import ray
+
+        resources = ray.cluster_resources()
+    if can_scale_to is None:
+        can_scale_to = _declared_max_gpus()
+    now = int(resources.get("GPU", 0))
+    have = max(now, can_scale_to)
+    fix = "lower distributed.workers, or set distributed.use_gpu=false to train on CPUs"
+    where = f"the Ray cluster has {now} GPU(s)" + (f" and can scale to {can_scale_to}" if can_scale_to else
+                                                    " and declares none it can add")
+    if needed > have:
+        raise UserError(f"{what} needs {needed} GPU(s) at once; {where}: {fix}")
+    if accelerator_type and not can_scale_to and f"accelerator_type:{accelerator_type}" not in resources:
+        kinds = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
+        raise UserError(f"distributed.accelerator_type {accelerator_type}: the Ray cluster has no GPU of this type "
+                        f"(it has: {', '.join(kinds) or 'none named'}) and declares none it can add")
+    return have
 
 
 def resolve_use_gpu(setting: bool | str) -> bool:

@@ -256,6 +256,23 @@ def exists(uri: str) -> bool:
     return _raw_exists(uri)
 
 
+def check_reachable(uri: str) -> None:
+    """One-line ``UserError`` unless the storage of ``uri`` can be written to later: the endpoint
+    answers, the credentials are accepted and, on S3, the bucket exists (``exists`` alone says
+    False for a missing bucket). Commands call it on their outputs before any compute."""
+    if exists(uri):  # an unreachable endpoint or refused credentials raise here
+        return
+    protocol = backends._protocol(os.fspath(uri))
+    if protocol in ("s3", "s3a"):
+        bucket = os.fspath(uri).split("://", 1)[1].split("/", 1)[0]
+        try:
+            _s3().call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:  # 404: no such bucket (a 403 cannot tell: the first write will say)
+            raise UserError(f"storage {uri}: bucket '{bucket}' does not exist at {backends._where(uri)}") from None
+        except Exception:  # noqa: BLE001 - not allowed to ask, or another answer: nothing to conclude
+            pass
+
+
 def read_bytes(uri: str) -> bytes:
     """The bytes at ``uri``; for a file of a published artifact, its current version, verified.
 

@@ -15,6 +15,12 @@ Everything local by default, so nothing needs a server or network: W&B in offlin
 (``wandb sync`` uploads later), MLflow into a file store, TensorBoard event files, all under
 ``dir`` (default: ``<run folder>/tracking``). Install the packages with
 ``pip install probe-dpo[tracking]``.
+
+The user's own settings win over these defaults: a value set in the config first, then what
+the environment exports (``WANDB_MODE``, ``WANDB_PROJECT``, ``WANDB_DIR``, ``WANDB_SILENT``,
+``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``), then the project's default. Ray workers
+get the driver's exports (``probe_dpo.ray_utils`` forwards ``WANDB_*`` / ``MLFLOW_*`` settings,
+never their keys or passwords).
 """
 
 from __future__ import annotations
@@ -34,22 +40,53 @@ class TrackingSettings:
     report_to: list[str] = field(default_factory=list)
     """Trackers to log to: any of wandb, mlflow, tensorboard (empty: none; the extra
     probe-dpo[tracking] installs them)."""
-    project: str = "probe-dpo"
-    """The W&B project and the MLflow experiment name."""
+    project: str | None = None
+    """The W&B project and the MLflow experiment name. None: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME
+    when exported, else probe-dpo."""
     dir: str | None = None
     """A local folder for the logs (W&B offline runs, the MLflow file store, TensorBoard event
     files). None: <run folder>/tracking when the run folder is local."""
-    wandb_mode: str = "offline"
-    """W&B's mode: offline (files only; wandb sync uploads them later) or online."""
+    wandb_mode: str | None = None
+    """W&B's mode: offline (files only; wandb sync uploads them later) or online. None: WANDB_MODE
+    when exported, else offline."""
     mlflow_uri: str | None = None
-    """An MLflow tracking URI (a server). None: a file store under dir."""
+    """An MLflow tracking URI (a server). None: MLFLOW_TRACKING_URI when exported, else a file
+    store under dir."""
 
     def __post_init__(self):
         unknown = [t for t in self.report_to if t not in TOOLS]
         if unknown:
             raise ValueError(f"key tracking.report_to: unknown tracker(s) {unknown} (valid: {', '.join(TOOLS)})")
-        if self.wandb_mode not in ("offline", "online"):
+        if self.wandb_mode not in (None, "offline", "online"):
             raise ValueError(f"key tracking.wandb_mode: offline or online, got {self.wandb_mode!r}")
+
+
+DEFAULT_PROJECT = "probe-dpo"
+
+
+def _exported(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def wandb_mode(settings: TrackingSettings) -> str:
+    """The config's mode, else an exported ``WANDB_MODE``, else offline."""
+    return settings.wandb_mode or _exported("WANDB_MODE") or "offline"
+
+
+def project(settings: TrackingSettings, tool: str) -> str:
+    """The config's project, else the tool's exported one, else ``probe-dpo``."""
+    name = {"wandb": "WANDB_PROJECT", "mlflow": "MLFLOW_EXPERIMENT_NAME"}[tool]
+    return settings.project or _exported(name) or DEFAULT_PROJECT
+
+
+def mlflow_uri(settings: TrackingSettings) -> str | None:
+    """The config's tracking URI, else an exported ``MLFLOW_TRACKING_URI``; None: the project's
+    file store under the log folder (``mlflow_store``)."""
+    return settings.mlflow_uri or _exported("MLFLOW_TRACKING_URI")
+
+
+def mlflow_store(root: str) -> str:
+    return "file:" + os.path.join(root, "mlruns")
 
 
 def check_installed(settings: TrackingSettings) -> None:
@@ -82,13 +119,14 @@ def trainer_env(settings: TrackingSettings, run: str, name: str = "train") -> di
     if "tensorboard" in settings.report_to:
         env["TENSORBOARD_LOGGING_DIR"] = os.path.join(root, "tensorboard", name)
     if "wandb" in settings.report_to:
-        env.update(WANDB_MODE=settings.wandb_mode, WANDB_DIR=root, WANDB_PROJECT=settings.project,
-                   WANDB_SILENT="true")
+        env.update(WANDB_MODE=wandb_mode(settings),
+                   WANDB_DIR=(None if settings.dir else _exported("WANDB_DIR")) or root,
+                   WANDB_PROJECT=project(settings, "wandb"), WANDB_SILENT=_exported("WANDB_SILENT") or "true")
     if "mlflow" in settings.report_to:
-        env.update(MLFLOW_TRACKING_URI=settings.mlflow_uri or "file:" + os.path.join(root, "mlruns"),
-                   MLFLOW_EXPERIMENT_NAME=settings.project)
-        if not settings.mlflow_uri:
-            env.update(_FILE_STORE)
+        uri = mlflow_uri(settings)
+        env.update(MLFLOW_TRACKING_URI=uri or mlflow_store(root), MLFLOW_EXPERIMENT_NAME=project(settings, "mlflow"))
+        if not uri:
+            env.update({k: _exported(k) or v for k, v in _FILE_STORE.items()})
     return env
 
 
@@ -126,18 +164,20 @@ def tune_callbacks(settings: TrackingSettings, run: str) -> list:
     if "mlflow" in settings.report_to:
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        if not settings.mlflow_uri:
+        uri = mlflow_uri(settings)
+        if not uri:
             for key, value in _FILE_STORE.items():  # the callback logs from this (the driver's) process
                 os.environ.setdefault(key, value)
 
-        callbacks.append(MLflowLoggerCallback(
-            tracking_uri=settings.mlflow_uri or "file:" + os.path.join(root, "mlruns"),
-            experiment_name=settings.project, save_artifact=False))
+        callbacks.append(MLflowLoggerCallback(tracking_uri=uri or mlflow_store(root),
+                                              experiment_name=project(settings, "mlflow"), save_artifact=False))
     if "wandb" in settings.report_to:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
-        os.environ["WANDB_MODE"] = settings.wandb_mode  # Ray's callback asks for an API key unless offline
+        mode = wandb_mode(settings)
+        os.environ["WANDB_MODE"] = mode  # Ray's callback asks for an API key unless offline (mode: the user's first)
 
-        callbacks.append(WandbLoggerCallback(project=settings.project, mode=settings.wandb_mode, dir=root,
+        callbacks.append(WandbLoggerCallback(project=project(settings, "wandb"), mode=mode,
+                                             dir=(None if settings.dir else _exported("WANDB_DIR")) or root,
                                              upload_checkpoints=False))
     return callbacks

@@ -105,10 +105,112 @@ def test_conversational_pairs_in_every_format(tmp_path, s3_bucket, monkeypatch):
 
 
 def test_hub_dataset_id_offline_is_one_line(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "ds-cache")
     with pytest.raises(UserError) as info:
         data.read_records("probe-dpo-test/absent-dataset:train", what="preference pairs")
-    assert "\n" not in str(info.value) and "cannot load Hugging Face dataset" in str(info.value)
+    assert "\n" not in str(info.value) and "no such file or folder" in str(info.value)
+    assert "no Hugging Face dataset 'probe-dpo-test/absent-dataset' in the local cache" in str(info.value)
+    assert "org/name:split" in str(info.value)
+
+
+@pytest.fixture
+def hub_dataset_cache(tmp_path, monkeypatch):
+    """A hub dataset ``probe-dpo-test/mini`` as ``datasets`` caches it once loaded
+    (``org___name/<config>/<version>/<hash>/``: what it reads offline), in a fresh cache."""
+    import glob
+
+    import datasets
+    import datasets.config
+
+    rows = [{"prompt": f"p{i}", "chosen": "kind", "rejected": "rude"} for i in range(3)]
+    source = tmp_path / "train.jsonl"
+    data.write_records(rows, str(source))
+    datasets.load_dataset("json", data_files=str(source), split="train", cache_dir=str(tmp_path / "built"))
+    (built,) = [d for d in glob.glob(str(tmp_path / "built" / "json" / "*" / "*" / "*")) if os.path.isdir(d)]
+    cached = tmp_path / "ds-cache" / "probe-dpo-test___mini" / "default" / "0.0.0" / os.path.basename(built)
+    shutil.copytree(built, cached)
+    (cached / "json-train.arrow").rename(cached / "mini-train.arrow")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "ds-cache")
+    return rows
+
+
+def _no_hub(monkeypatch):
+    """Any load from the Hub, or question to it, fails the test."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked: {args} {kwargs}")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    monkeypatch.setattr(HfApi, "dataset_info", refuse)
+
+
+def _online(monkeypatch):
+    import datasets.config
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+
+def test_cached_hub_dataset_loads_offline(hub_dataset_cache):
+    assert data.read_records("probe-dpo-test/mini") == hub_dataset_cache
+    assert data.read_pair_records("probe-dpo-test/mini:train", what="data.pairs") == hub_dataset_cache
+
+
+def test_mistyped_relative_path_is_one_line_without_retries(monkeypatch, tmp_path, hub_dataset_cache):
+    """``data.pairs=my-data/pairs`` that does not exist: one line naming the key, at once, not
+    12 lines of retries against the Hub over ~27 s."""
+    import time
+
+    import datasets
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    real_load = datasets.load_dataset
+    monkeypatch.chdir(tmp_path)
+    _no_hub(monkeypatch)
+    _online(monkeypatch)
+    (tmp_path / "my-data").mkdir()  # its folder is here: a path, the Hub is not asked
+    with pytest.raises(UserError) as info:
+        data.read_records("my-data/pairs", what="data.pairs")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("data.pairs my-data/pairs: no such file or folder")
+    assert "my-data/ is a folder here" in message and "org/name or org/name:split" in message
+    (tmp_path / "my-data").rmdir()
+
+    def answer(exc):  # the Hub's one answer (no retries), then the message
+        def dataset_info(self, name, **kwargs):
+            calls.append(name)
+            raise exc
+        calls: list = []
+        monkeypatch.setattr(HfApi, "dataset_info", dataset_info)
+        t0 = time.perf_counter()
+        with pytest.raises(UserError) as info:
+            data.read_records("my-data/pairs", what="data.pairs")
+        assert calls == ["my-data/pairs"] and time.perf_counter() - t0 < 5
+        assert "\n" not in str(info.value) and str(info.value).startswith("data.pairs my-data/pairs: no such file")
+        return str(info.value)
+
+    missing = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+    Exception.__init__(missing, "404")
+    assert "no Hugging Face dataset 'my-data/pairs' on the Hub" in answer(missing)
+    assert "the Hugging Face Hub cannot be reached" in answer(ConnectionError("Name or service not known"))
+    # a real hub id still loads: cached (the Hub is not asked whether it has it), or the Hub has it (gated too)
+    monkeypatch.setattr(datasets, "load_dataset", real_load)
+    assert data.read_records("probe-dpo-test/mini") == hub_dataset_cache
+    gated = GatedRepoError.__new__(GatedRepoError)
+    Exception.__init__(gated, "401")
+
+    def gated_info(self, name, **kwargs):
+        raise gated
+
+    monkeypatch.setattr(HfApi, "dataset_info", gated_info)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list([{"x": name}]))
+    assert data.read_records("org/gated:test") == [{"x": "org/gated"}]
 
 
 def test_chat_template_in_extraction_and_generation(tiny_model_dir):

@@ -284,7 +284,8 @@ def test_init_ray_never_puts_credentials_in_the_runtime_env(monkeypatch):
         monkeypatch.setenv(name, value)
     env = ray_utils.worker_env()
     assert sorted(env) == sorted(["AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "PROBE_DPO_CACHE"] + [
-        k for k in os.environ if k in ray_utils.FORWARDED_NAMES and k not in FAKE])
+        k for k in os.environ if (k in ray_utils.FORWARDED_NAMES or k.startswith(("WANDB_", "MLFLOW_")))
+        and not ray_utils.is_secret(k) and k not in FAKE])
     assert not any(ray_utils.is_secret(k) for k in env)
     with pytest.raises(UserError, match="refusing to put AWS_SECRET_ACCESS_KEY into Ray's runtime env"):
         ray_utils.worker_env({"AWS_SECRET_ACCESS_KEY": "x"})

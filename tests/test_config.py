@@ -81,6 +81,33 @@ def test_bad_file_key_names_file_and_key(tmp_path):
     assert "unknown key train.learning_rate" in str(err.value)
 
 
+def test_override_errors_name_the_command_line_not_the_file(tmp_path, capsys):
+    """A bad value given as key=value is the command line's, even over a YAML file (a bundled one
+    lives in site-packages, where the user did not write it); the file's own errors name the file."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  steps: 5\n")
+    for override, message in ((["train.steps=many"], "key train.steps must be an integer"),
+                              (["train.lr=-1"], "key train.lr must be > 0"),
+                              (["seeds=[1, x]"], "key seeds[1] must be an integer"),
+                              (["train={steps: 0}"], "key train.steps must be >= 1")):
+        with pytest.raises(UserError) as err:
+            load_config(Experiment, path, ["name=ok", *override])
+        assert str(err.value).startswith(f"command line ({override[0]!r}): {message}"), str(err.value)
+        assert str(path) not in str(err.value)
+    path.write_text("train:\n  steps: none\n")
+    with pytest.raises(UserError) as err:
+        load_config(Experiment, path, ["train.lr=1e-4"])  # the override is fine: the file is at fault
+    assert str(err.value).startswith(f"{path}: key train.steps must be an integer")
+    from probe_dpo.cli import main
+
+    assert main(["config", "show", "--for", "experiment", "seeds=abc"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("probe-dpo: error: command line ('seeds=abc'): key seeds must be a list")
+    assert "site-packages" not in line and ".yaml" not in line
+    assert main(["config", "show", "--for", "experiment", "search.arm=nope"]) == 2  # a cross-field check
+    assert "command line ('search.arm=nope'): key search.arm: unknown arm" in capsys.readouterr().err
+
+
 def test_unreadable_and_invalid_yaml(tmp_path):
     with pytest.raises(UserError, match="cannot read it"):
         load_config(Experiment, tmp_path / "missing.yaml")

@@ -101,3 +101,46 @@ def test_tracking_settings_and_curves(tmp_path):
     fig = training_curves({"probe-dpo": history, "sft": [{"loss": 2.0, "step": 1}, {"loss": 1.5, "step": 2}]})
     assert [ax.get_title() for ax in fig.axes] == ["training loss", "reward margin (chosen - rejected)"]
     assert training_curves({"x": [{"epoch": 1}]}) is None
+
+
+def test_exported_settings_win_over_the_defaults(tmp_path, monkeypatch):
+    """What a user exports (MLFLOW_TRACKING_URI, WANDB_MODE, ...) beats the project's defaults; a value
+    set in the config beats both. No Ray: the environment each training worker gets, the driver's
+    logger callbacks, and what is forwarded to Ray workers."""
+    from probe_dpo import ray_utils
+    from probe_dpo.tracking import apply_env
+
+    run = str(tmp_path / "run")
+    both = ["wandb", "mlflow"]
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_ALLOW_FILE_STORE", "WANDB_MODE",
+                 "WANDB_PROJECT", "WANDB_DIR", "WANDB_SILENT"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = trainer_env(TrackingSettings(report_to=both), run, "r")
+    assert defaults["WANDB_MODE"] == "offline" and defaults["MLFLOW_TRACKING_URI"].startswith("file:")
+    assert defaults["WANDB_PROJECT"] == defaults["MLFLOW_EXPERIMENT_NAME"] == "probe-dpo"
+    exported = {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000", "MLFLOW_EXPERIMENT_NAME": "team-exp",
+                "WANDB_MODE": "disabled", "WANDB_PROJECT": "team-proj", "WANDB_DIR": str(tmp_path / "wb"),
+                "WANDB_SILENT": "false"}
+    for name, value in exported.items():
+        monkeypatch.setenv(name, value)
+    env = trainer_env(TrackingSettings(report_to=both), run, "r")
+    assert {k: env[k] for k in exported} == exported
+    assert "MLFLOW_ALLOW_FILE_STORE" not in env  # a server, not the file store
+    apply_env(env)  # what each Train worker does: the exports are still the user's
+    assert {k: os.environ[k] for k in exported} == exported
+    chosen = TrackingSettings(report_to=both, wandb_mode="online", mlflow_uri="file:/tmp/x", project="cfg")
+    env = trainer_env(chosen, run, "r")  # the config's own values beat the exports
+    assert (env["WANDB_MODE"], env["MLFLOW_TRACKING_URI"], env["WANDB_PROJECT"], env["MLFLOW_EXPERIMENT_NAME"]) == \
+        ("online", "file:/tmp/x", "cfg", "cfg")
+    # the Tune logger callbacks on the driver: the same order; the exports untouched
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    mlflow_cb, wandb_cb = tune_callbacks(TrackingSettings(report_to=["mlflow", "wandb"]), run)
+    assert mlflow_cb.tracking_uri == exported["MLFLOW_TRACKING_URI"]
+    assert mlflow_cb.experiment_name == "team-exp"
+    assert (wandb_cb.project, wandb_cb.kwargs["mode"], wandb_cb.kwargs["dir"]) == \
+        ("team-proj", "offline", exported["WANDB_DIR"])
+    assert os.environ["WANDB_MODE"] == "offline"
+    # Ray workers (a joined cluster does not inherit this shell) get the same settings, never a key
+    monkeypatch.setenv("WANDB_API_KEY", "secret-1234")
+    forwarded = ray_utils.worker_env()
+    assert forwarded["MLFLOW_TRACKING_URI"] == exported["MLFLOW_TRACKING_URI"] and "WANDB_API_KEY" not in forwarded

@@ -40,6 +40,55 @@ def test_argument_errors_are_one_line_with_a_help_hint(argv, needle):
     assert "usage:" not in done.stderr
 
 
+SEARCH = ["search.arm=probe-dpo-single", "search.num_samples=2"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["search.space={train.lr: [logunifrom, 1e-6, 1e-4]}"],
+     "key search.space.train.lr: unknown sampler 'logunifrom' (did you mean loguniform?)"),
+    (["search.space={train.lr: [loguniform, 1e-4, 1e-6]}"], "key search.space.train.lr: loguniform needs lo < hi"),
+    (["search.space={train.lr: [loguniform, 0, 1e-4]}"], "loguniform needs positive bounds"),
+    (["search.space={dpo.beta: [choice, 0.1]}"], "choice takes one non-empty list of values"),
+    (["search.space={train.lrr: [loguniform, 1e-6, 1e-4]}"],
+     "search.space.train.lrr (a training key of arm probe-dpo-single): unknown key train.lrr (did you mean train.lr?)"),
+    (["search.space={dpo.beta: [grid, [0.1, big]]}"], "key dpo.beta must be a number, got str 'big'"),
+    (["search.space={train.lr: [loguniform, 1e-6, 1e-4]}", "search.metric=toxicity.toxic-comment-clasifier.rate"],
+     "search.metric 'toxicity.toxic-comment-clasifier.rate': not a result of this run (did you mean "
+     "toxicity.toxic-comment-classifier.rate?)"),
+    (["search.space={train.lr: [loguniform, 1e-6, 1e-4]}", "search.metric=toxicity.hatesonar.rate",
+      "eval.judges=[profanity-check]"], "search.metric 'toxicity.hatesonar.rate': not a result of this run"),
+    ([], "search.space: empty"),
+])
+def test_search_settings_are_refused_before_ray_starts(overrides, needle, tmp_path, monkeypatch, capsys):
+    """A typo in search.space or search.metric fails `probe-dpo experiment` at once, not after every arm."""
+    import probe_dpo.ray_utils as ray_utils
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started: the search settings were not checked first")
+
+    monkeypatch.setattr(ray_utils, "init_ray", no_ray)
+    run = tmp_path / "run"
+    assert main(["experiment", "--storage", str(run), *SEARCH, *overrides]) == 2
+    _one_line(capsys, needle)
+    assert not run.exists()  # before the run folder is written
+
+
+def test_a_valid_search_passes_the_checks(tmp_path):
+    from probe_dpo.config import load_config
+    from probe_dpo.workflows import bundled_config
+    from probe_dpo.workflows.experiment.config import ExperimentConfig
+    from probe_dpo.workflows.experiment.trials import check_arm_settings, search_metrics
+
+    cfg = load_config(ExperimentConfig, bundled_config("toxicity"),
+                      [*SEARCH, "search.space={train.lr: [loguniform, 1e-6, 1e-4], dpo.beta: [choice, [0.1, 0.3]]}",
+                       "search.metric=fixed.held_out.auroc.delta"])
+    assert cfg.search.space["train.lr"] == ["loguniform", 1e-6, 1e-4]  # YAML 1.1's "1e-6" string, as a number
+    check_arm_settings(cfg)
+    metrics = search_metrics(cfg.eval.judges)
+    assert {"toxicity.hatesonar.rate", "perplexity", "kl_to_base", "own.train.tpr", "fixed.retrained.auroc"} <= \
+        set(metrics) and "atlas" not in metrics
+
+
 def _pairs(path: Path, rows: list[dict]) -> str:
     write_records(rows, str(path))
     return str(path)

@@ -18,10 +18,16 @@ def _pct(x: Any) -> str:
     return "-" if fmt(x) == "-" else f"{100 * x:+.0f}%"
 
 
+def _spread(d: dict, scale: float = 1.0, digits: int = 2) -> str:
+    """`` sd x`` of the training seeds' own estimates (what run-to-run variance looks like), if several."""
+    sd = d.get("seed_sd")
+    return f" sd {scale * sd:.{digits}f}" if fmt(sd) != "-" else ""
+
+
 def _pct_ci(d: dict | None) -> str:
     if not d or fmt(d.get("change")) == "-":
         return "-"
-    return f"{_pct(d['change'])} [{_pct(d.get('ci_low'))}, {_pct(d.get('ci_high'))}]"
+    return f"{_pct(d['change'])} [{_pct(d.get('ci_low'))}, {_pct(d.get('ci_high'))}]{_spread(d, 100, 0)}"
 
 
 def _delta_ci(d: dict | None, digits: int = 2) -> str:
@@ -30,7 +36,7 @@ def _delta_ci(d: dict | None, digits: int = 2) -> str:
         return "-"
     lo, hi = d.get("delta_ci_low", d.get("ci_low")), d.get("delta_ci_high", d.get("ci_high"))
     ci = f" [{lo:+.{digits}f}, {hi:+.{digits}f}]" if fmt(lo) != "-" and fmt(hi) != "-" else ""
-    return f"{d['delta']:+.{digits}f}{ci}"
+    return f"{d['delta']:+.{digits}f}{ci}{_spread(d, digits=digits)}"
 
 
 def _moved(d: dict | None) -> str:
@@ -105,7 +111,7 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
     rep.table(["arm", "seeds"] + [f"toxic rate, {j}{' (in the loop)' if j in in_loop else ''} (change)" for j in judges]
               + ["perplexity (change)", "KL/token", "outcome"], rows,
               caption="Toxic rate: share of continuations a judge scores >= 0.5, change vs the base [95% CI over "
-                      "seeds and prompts]. Outcome: see 'Outcome labels' below.")
+                      "seeds and prompts] and the sd of the seeds' own changes. Outcome: see 'Outcome labels' below.")
     outcome_judges = [j for j in judges if j not in in_loop]
     robust = [a for a in names if all((arms[a]["toxicity"][j].get("ci_high") or 0) < 0 for j in outcome_judges)]
     rep.text("Toxicity reductions whose interval excludes 0 under every judge training did not use ("

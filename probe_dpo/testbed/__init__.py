@@ -42,7 +42,7 @@ cache), ``io`` (the build's small file helpers).
 """
 
 from probe_dpo.testbed.assets import cache_dir, smollm2_dir, smollm2_tokenizer_dir, tiny_model_dir
-from probe_dpo.testbed.build import build_testbed, config_hash
+from probe_dpo.testbed.build import build_testbed, config_hash, publish_testbed
 from probe_dpo.testbed.config import (
     BUILD_VERSION,
     EvaluationConfig,
@@ -59,5 +59,5 @@ from probe_dpo.testbed.sources import load_benign_pools, load_rtp_prompts
 
 __all__ = ["BUILD_VERSION", "EvaluationConfig", "PairsConfig", "ProbeDataConfig", "PromptsConfig", "SftConfig",
            "TestbedConfig", "build_testbed", "cache_dir", "config_hash", "generation_settings", "load_benign_pools",
-           "load_rtp_prompts", "read_testbed_info", "score_column", "smollm2_dir", "smollm2_tokenizer_dir",
-           "tiny_model_dir"]
+           "load_rtp_prompts", "publish_testbed", "read_testbed_info", "score_column", "smollm2_dir",
+           "smollm2_tokenizer_dir", "tiny_model_dir"]

@@ -13,16 +13,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe_dpo import storage
+from probe_dpo import artifacts, storage
 from probe_dpo.config import to_dict
 from probe_dpo.data import write_records
 from probe_dpo.errors import UserError
 from probe_dpo.generation import generate
 from probe_dpo.stats import stable_seed
-from probe_dpo.testbed.assets import _load_model, _model_fingerprint, _publish_model
+from probe_dpo.testbed.assets import _load_model, _model_fingerprint, _publish_model, cache_dir
 from probe_dpo.testbed.config import BUILD_VERSION, SMOLLM2, TestbedConfig, _package_versions, score_column
 from probe_dpo.testbed.io import _rng, _sha256_file, _torch_threads
-from probe_dpo.testbed.layout import DATA, INFO, MODEL, data_file
+from probe_dpo.testbed.layout import DATA, INFO, MODEL, TestbedPaths, data_file
 from probe_dpo.testbed.sources import _fragment, load_benign_pools, load_rtp_prompts
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,19 @@ def _cached(out: Path, key: str) -> dict | None:
 
 
 def build_testbed(cfg: TestbedConfig, out_dir: str | Path) -> dict:
-    """Build the testbed into ``out_dir`` (or reuse it); returns testbed.json plus ``cache_hit``."""
+    """Build the testbed into ``out_dir`` (or reuse it); returns testbed.json plus ``cache_hit``.
+
+    ``out_dir`` a URI (``s3://bucket/tb``): its storage is checked first, the testbed is built
+    (or reused) in this machine's cache and then published there (``publish_testbed``)."""
     t0 = time.time()
     if not isinstance(cfg, TestbedConfig):
         raise TypeError(f"build_testbed needs a TestbedConfig, got {type(cfg).__name__}")
+    if storage.is_remote(str(out_dir)):  # never Path() of a URI: a local folder "s3:/bucket/..."
+        storage.check_reachable(str(out_dir))  # a missing bucket fails before the build, not after
+        local = cache_dir() / "testbeds" / config_hash(cfg)[:16]
+        info = build_testbed(cfg, local)
+        publish_testbed(local, str(out_dir))
+        return info
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
@@ -76,6 +85,29 @@ def build_testbed(cfg: TestbedConfig, out_dir: str | Path) -> dict:
     with _torch_threads(cfg.threads) as threads:
         info = _build(cfg, out, key, threads, t0)
     return {**info, "cache_hit": False}
+
+
+def publish_testbed(local: str | Path, uri: str) -> str:
+    """Copy the complete testbed folder ``local`` to ``uri`` (any URI ``probe_dpo.storage`` takes),
+    in the same layout, for readers elsewhere (Ray workers, another machine); returns ``uri``.
+
+    The model is published as one artifact (skipped when ``uri`` holds this one); the data files
+    are copied unless the published ``testbed.json`` (written last, so its presence marks a
+    complete copy) has this build's content hash."""
+    local = Path(local)
+    info = json.loads((local / INFO).read_text())
+    paths = TestbedPaths(uri)
+    key = info["content_hash"] + ":" + json.dumps(info["files"].get(f"{MODEL}/model.safetensors", {}))
+    if not (storage.is_complete(paths.model) and storage.read_manifest(paths.model)["metadata"].get("key") == key):
+        artifacts.publish_dir(local / MODEL, paths.model, metadata={"kind": "model", "key": key}, overwrite=True)
+    # otherwise every file is copied again (a file of an older testbed must not stay)
+    current = storage.exists(paths.info) and storage.read_json(paths.info).get("content_hash") == info["content_hash"]
+    for f in sorted((local / DATA).iterdir()):
+        target = storage.join(uri, DATA, f.name)
+        if not (current and storage.exists(target)):
+            storage.write_bytes(target, f.read_bytes())
+    storage.write_bytes(paths.info, (local / INFO).read_bytes())
+    return uri
 
 
 def _split_ids(ids: Sequence[str], val: float, test: float, rng) -> dict[str, str]:

@@ -91,13 +91,13 @@ def randomize_labels(pairs: Sequence[dict], seed: int) -> list[dict]:
     return out
 
 
-def read_pairs(uri: str) -> list[dict]:
+def read_pairs(uri: str, what: str = "preference pairs") -> list[dict]:
     """A pair file with TRL's columns (standard or conversational format): prompt non-empty, chosen
     different from rejected, score columns numeric (UserError naming the file, row and column,
-    before any compute)."""
+    before any compute; ``what``, e.g. the config key, names a missing one)."""
     from probe_dpo.data import read_pair_records
 
-    return read_pair_records(uri, non_empty=("prompt",))
+    return read_pair_records(uri, non_empty=("prompt",), what=what)
 
 
 def check_candidates(records: Sequence[dict], uri: str, k_min: int = 2) -> None:

@@ -142,20 +142,21 @@ def prepare(cfg: TrainConfig) -> Plan:
 
     if cfg.is_dpo:
         if cfg.data.pairs:
-            plan.pairs = read_pairs(cfg.data.pairs)
+            plan.pairs = read_pairs(cfg.data.pairs, what="data.pairs")
         elif cfg.data.candidates:
-            cands = read_records(cfg.data.candidates, what="candidates")
+            cands = read_records(cfg.data.candidates, what="data.candidates")
             check_candidates(cands, cfg.data.candidates)
             plan.candidates = cands[: cfg.data.max_prompts] if cfg.data.max_prompts else cands
             if cfg.signal == "probe" and not all("probe" in c["scores"] for c in plan.candidates):
                 raise UserError(f"{cfg.data.candidates}: candidates have no 'probe' scores (sample them with probes)")
         if cfg.dpo.rounds > 1 or not (plan.pairs or plan.candidates):
             uri = data_path(cfg.data.prompts, "prompts_train", "data.prompts")
-            prompts = read_records(uri, required=("prompt",), non_empty=("prompt",), what="training prompts")
+            prompts = read_records(uri, required=("prompt",), non_empty=("prompt",),
+                                   what="data.prompts" if cfg.data.prompts else "training prompts")
             plan.prompts = prompts[: cfg.data.max_prompts] if cfg.data.max_prompts else prompts
     else:
         uri = data_path(cfg.data.sft, "sft", "data.sft")
-        rows = read_records(uri, what="SFT data")
+        rows = read_records(uri, what="data.sft" if cfg.data.sft else "SFT data")
         pc = bool(rows) and "completion" in rows[0]
         column = "completion" if pc else "messages" if rows and "messages" in rows[0] else "text"
         check_columns(rows, required=("prompt", "completion") if pc else (column,),
@@ -164,7 +165,7 @@ def prepare(cfg: TrainConfig) -> Plan:
     s = cfg.sampling
     plan.settings = generation_settings(cfg.testbed, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                         top_p=s.top_p, top_k=s.top_k, batch_size=s.batch_size)
-    storage.exists(cfg.out)  # an unreachable bucket fails here, not after sampling
+    storage.check_reachable(cfg.out)  # an unreachable or missing bucket fails here, not after sampling
     if cfg.tracking.report_to:
         from probe_dpo.tracking import check_installed, log_dir
 
@@ -280,6 +281,12 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
             else {"policy": final_policy, "config_hash": chash}
     storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
     init_ray(cfg.distributed.address)
+    if cfg.distributed.use_gpu is True:  # more than the cluster has would wait for GPUs forever
+        from probe_dpo.ray_utils import check_gpus
+
+        d = cfg.distributed
+        check_gpus(d.workers, f"distributed.workers={d.workers} with distributed.use_gpu (one GPU per Train worker)",
+                   accelerator_type=d.accelerator_type)
     summary: dict[str, Any] = {"method": cfg.method, "config_hash": chash, "base_model": plan.model,
                                "probes": cfg.probes, "judge": cfg.judge, "seed": cfg.seed, "rounds": [],
                                "generation": plan.settings.to_dict()}

@@ -27,3 +27,48 @@ def bundled_config(value: str | None) -> str | None:
     if stem in BUNDLED and where in (".", "workflows", "probe_dpo/workflows"):
         return str(BUNDLED[stem])
     return value
+
+
+CONFIG_KINDS = ("experiment", "train", "testbed", "probes", "attribute")
+
+
+def config_class(kind: str) -> type:
+    """The config class of a command (``probe-dpo config show --for <kind>``), imported on demand."""
+    if kind == "experiment":
+        from probe_dpo.workflows.experiment.config import ExperimentConfig
+
+        return ExperimentConfig
+    if kind == "train":
+        from probe_dpo.training import TrainConfig
+
+        return TrainConfig
+    if kind == "testbed":
+        from probe_dpo.testbed import TestbedConfig
+
+        return TestbedConfig
+    if kind == "probes":
+        from probe_dpo.probes import ProbeTrainConfig
+
+        return ProbeTrainConfig
+    from probe_dpo.workflows.attribution_study.config import AttributionConfig
+
+    return AttributionConfig
+
+
+def bundled_configs(kind: str) -> list[str]:
+    """The bundled configs (``BUNDLED``) a command takes by name: for ``experiment`` those whose
+    top-level keys are all experiment keys, for ``attribute`` the others (the attribution study's,
+    whose config class is slow to import; the experiment's is not)."""
+    import dataclasses
+
+    import yaml
+
+    from probe_dpo.workflows.experiment.config import ExperimentConfig
+
+    keys = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    out = []
+    for name, path in sorted(BUNDLED.items()):
+        data = yaml.safe_load(path.read_text()) or {}
+        if (isinstance(data, dict) and set(data) <= keys) == (kind == "experiment"):
+            out.append(name)
+    return out

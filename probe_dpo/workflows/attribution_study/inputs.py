@@ -188,7 +188,7 @@ def prepare(cfg: AttributionConfig) -> Inputs:
             raise UserError("retrain.enabled needs evaluation.prompts (held-out prompts) or a testbed")
         if not (cfg.evaluation.perplexity or cfg.testbed):
             raise UserError("retrain.enabled needs evaluation.perplexity (benign texts) or a testbed")
-    storage.exists(cfg.out)  # an unreachable bucket fails here
+    storage.check_reachable(cfg.out)  # an unreachable or missing bucket fails here
     planted = None
     if mix and mix.get("planted") and labels_uri:
         planted = read_poison_labels(labels_uri, pairs, column="planted")

@@ -158,6 +158,52 @@ class SearchSettings:
     mode: Literal["min", "max"] = "min"
     """Minimise or maximise the metric."""
 
+    def __post_init__(self):
+        self.space = {key: check_sampler(f"search.space.{key}", value) for key, value in self.space.items()}
+
+
+# Tune's samplers a search space may name: a range [name, lo, hi] or a list of values [name, [values]].
+SAMPLERS = {"loguniform": "range", "uniform": "range", "choice": "values", "grid": "values"}
+
+
+def check_sampler(key: str, value: Any) -> list:
+    """One ``search.space`` entry checked (its sampler's name and bounds) and normalised (bounds as
+    floats: YAML 1.1 reads 1e-6 as a string); ValueError ``key <key>: ...`` otherwise."""
+    import difflib
+
+    usage = "[loguniform|uniform, lo, hi] or [choice|grid, [values]]"
+    if not isinstance(value, (list, tuple)) or not value or not isinstance(value[0], str):
+        raise ValueError(f"key {key}: expected {usage}, got {value!r}")
+    name = value[0]
+    if name not in SAMPLERS:
+        close = difflib.get_close_matches(name, list(SAMPLERS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else f" (valid: {', '.join(SAMPLERS)})"
+        raise ValueError(f"key {key}: unknown sampler {name!r}{hint}")
+    if SAMPLERS[name] == "values":
+        if len(value) != 2 or not isinstance(value[1], (list, tuple)) or not value[1]:
+            raise ValueError(f"key {key}: {name} takes one non-empty list of values, e.g. [{name}, [0.1, 0.3]], "
+                             f"got {list(value)!r}")
+        return [name, list(value[1])]
+    if len(value) != 3:
+        raise ValueError(f"key {key}: {name} takes two bounds, e.g. [{name}, 1.0e-6, 1.0e-4], got {list(value)!r}")
+    bounds = []
+    for bound in value[1:]:
+        number = None
+        if not isinstance(bound, bool):
+            try:
+                number = float(bound)
+            except (TypeError, ValueError):
+                pass
+        if number is None or number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"key {key}: the bounds of {name} must be finite numbers, got {bound!r}")
+        bounds.append(number)
+    lo, hi = bounds
+    if not lo < hi:
+        raise ValueError(f"key {key}: {name} needs lo < hi, got {lo!r} and {hi!r}")
+    if name == "loguniform" and lo <= 0:
+        raise ValueError(f"key {key}: loguniform needs positive bounds, got lo = {lo!r}")
+    return [name, lo, hi]
+
 
 @dataclass
 class ExperimentConfig:

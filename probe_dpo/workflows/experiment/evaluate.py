@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 def eval_context(cfg: ExperimentConfig, run: str, tb: dict, probes: dict) -> dict:
     """Everything an evaluation needs, as plain JSON (it travels to Ray tasks)."""
+    from probe_dpo.evaluation import judge_threshold
     from probe_dpo.testbed import generation_settings
 
     e = cfg.eval
@@ -29,7 +30,9 @@ def eval_context(cfg: ExperimentConfig, run: str, tb: dict, probes: dict) -> dic
             "generation": generation_settings(tb["uri"]).to_dict(), "eval": to_dict(e),
             "threads": e.threads, "use_gpu": cfg.distributed.use_gpu,
             "accelerator_type": cfg.distributed.accelerator_type,
-            "behaviour": cfg.behaviour.name}
+            "behaviour": cfg.behaviour.name,
+            # outside ctx["eval"]: the judge threshold the testbed's labels were made with (base-eval keys unchanged)
+            "threshold": judge_threshold(tb["info"])}
 
 
 def _eval_inputs(ctx: dict) -> dict:
@@ -58,7 +61,7 @@ def evaluate_model(model_uri: str, ctx: dict, reference: dict | None = None, tar
     import torch
 
     from probe_dpo.detection import probe_scores, read_fixed, role_keys
-    from probe_dpo.evaluation import perplexity, policy_readings, rate_with_ci, toxicity_samples
+    from probe_dpo.evaluation import DEFAULT_THRESHOLD, perplexity, policy_readings, rate_with_ci, toxicity_samples
     from probe_dpo.generation import GenerationSettings
     from probe_dpo.goodhart import arm_summary, evaluation_files, load_evaluation
     from probe_dpo.model import load_model, load_tokenizer
@@ -85,8 +88,10 @@ def evaluate_model(model_uri: str, ctx: dict, reference: dict | None = None, tar
                                GenerationSettings(**ctx["generation"]), e["seed"], tokenizer=tok,
                                desc="eval generations")
     t = lap("generation_and_judges", t)
-    metrics: dict[str, Any] = {"model": model_uri, "toxicity": {j: rate_with_ci(s, n_boot=e["bootstrap"], seed=e["seed"])
-                                                                 for j, s in samples.scores.items()}}
+    threshold = ctx.get("threshold", DEFAULT_THRESHOLD)
+    metrics: dict[str, Any] = {"model": model_uri, "threshold": threshold,
+                               "toxicity": {j: rate_with_ci(s, threshold, n_boot=e["bootstrap"], seed=e["seed"])
+                                            for j, s in samples.scores.items()}}
     metrics["perplexity"] = perplexity(model, inputs["perplexity"], max_tokens=e["perplexity_tokens"], tokenizer=tok)
     t = lap("perplexity", t)
     flat_p = [p for p, comps in zip(samples.prompts, samples.completions) for _ in comps]

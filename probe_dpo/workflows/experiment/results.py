@@ -55,6 +55,7 @@ def summarize(run: str) -> dict:
 
     from probe_dpo.detection import role_keys
     from probe_dpo.analysis import PLAN_FILE, read_plan
+    from probe_dpo.evaluation import judge_threshold
     from probe_dpo.goodhart import (REPLICATE, arm_summary, base_summary, comparisons, default_pairs, judge_agreement,
                                     outcomes)
 
@@ -124,7 +125,7 @@ def summarize(run: str) -> dict:
                        "exploratory": {"arms": exploratory, "rows": "per-probe metrics, in-loop judges' rows and "
                                        "everything not named in the plan are exploratory"},
                        "replication": decided["replication"],
-                       "judge_agreement": judge_agreement(base, plan["judges"]["in_loop"])}
+                       "judge_agreement": judge_agreement(base, plan["judges"]["in_loop"], judge_threshold(base))}
     return out
 
 

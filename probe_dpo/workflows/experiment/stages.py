@@ -18,7 +18,7 @@ from probe_dpo.config import load_config, to_dict
 from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.testbed.behaviour import TOXICITY
-from probe_dpo.testbed.layout import DATA, INFO, MODEL, TestbedPaths
+from probe_dpo.testbed.layout import INFO, TestbedPaths
 from probe_dpo.workflows.experiment.config import ExperimentConfig, ProbeSettings
 
 log = logging.getLogger(__name__)
@@ -76,16 +76,40 @@ def prepare_testbed(cfg: ExperimentConfig, run: str) -> dict:
 
     Building samples from the model, so it runs where model work belongs (``run_heavy``: a
     Ray task on a joined cluster, in this process on the embedded local default); the
-    driver then reads only storage."""
+    driver then reads only storage. The first stage after Ray is up: a run whose trials need
+    more GPUs than the cluster has fails here, in one line, instead of waiting forever."""
     from probe_dpo.ray_utils import run_heavy
 
+    check_trial_gpus(cfg)
     return run_heavy(build_testbed_stage, cfg, run, use_gpu=cfg.distributed.use_gpu is True,
                      accelerator_type=cfg.distributed.accelerator_type)
+
+
+def check_trial_gpus(cfg: ExperimentConfig, resources: dict[str, float] | None = None,
+                     can_scale_to: int | None = None) -> None:
+    """With GPUs (``distributed.use_gpu`` resolved to true), one trial's Ray Train workers need
+    ``distributed.workers`` GPUs at once: one line when the cluster cannot have that many; a note
+    when ``concurrent_trials`` of them cannot all run at once (Tune then queues them)."""
+    from probe_dpo.ray_utils import check_gpus
+
+    d = cfg.distributed
+    if d.use_gpu is not True:
+        return
+    have = check_gpus(d.workers, f"distributed.workers={d.workers} with distributed.use_gpu (one GPU per Train "
+                      "worker of a trial)", accelerator_type=d.accelerator_type, resources=resources,
+                      can_scale_to=can_scale_to)
+    if cfg.concurrent_trials * d.workers > have:
+        log.info(f"concurrent_trials={cfg.concurrent_trials} x distributed.workers={d.workers} GPUs: the cluster has "
+                 f"{have}, so {max(1, have // d.workers)} trial(s) run at a time")
 
 
 def read_built_testbed(local: str | Path) -> dict:
     """The ``testbed.json`` of a complete testbed folder; one line for a missing or damaged one
     (``run`` checks a given ``testbed_dir`` with it before starting Ray)."""
+    if storage.is_remote(str(local)):  # Path() would look for a local folder "s3:/bucket/..."
+        raise UserError(f"testbed_dir {local}: the experiment takes a local testbed folder; leave testbed_dir "
+                        "unset to build one into the run folder (a testbed at a URI is for probes train, train "
+                        "and attribute)")
     local = Path(local)
     if not (local / INFO).exists():
         raise UserError(f"testbed_dir {local}: no testbed.json (not a built testbed)")
@@ -119,20 +143,9 @@ def build_testbed_stage(cfg: ExperimentConfig, run: str) -> dict:
     info = read_built_testbed(local)
     base = str(local)
     if storage.is_remote(run):  # workers elsewhere read the model and data from storage
-        base = storage.join(run, "testbed")
-        model_uri = TestbedPaths(base).model
-        key = info["content_hash"] + ":" + json.dumps(info["files"].get(f"{MODEL}/model.safetensors", {}))
-        if not (storage.is_complete(model_uri) and storage.read_manifest(model_uri)["metadata"].get("key") == key):
-            artifacts.publish_dir(local / MODEL, model_uri, metadata={"kind": "model", "key": key}, overwrite=True)
-        # the data is current when the published testbed.json (written last) has this content hash;
-        # otherwise every file is copied again (a file of an older testbed must not stay)
-        info_uri = TestbedPaths(base).info
-        current = storage.exists(info_uri) and storage.read_json(info_uri).get("content_hash") == info["content_hash"]
-        for f in sorted((local / DATA).iterdir()):
-            target = storage.join(base, DATA, f.name)
-            if not (current and storage.exists(target)):
-                storage.write_bytes(target, f.read_bytes())
-        storage.write_bytes(info_uri, (local / INFO).read_bytes())
+        from probe_dpo.testbed import publish_testbed
+
+        base = publish_testbed(local, storage.join(run, "testbed"))
     return {"uri": base, "model": TestbedPaths(base).model, "info": info}
 
 

@@ -3,6 +3,7 @@ DeepSpeed fine-tuning followed by the evaluation task."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from typing import Any
@@ -13,7 +14,7 @@ from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.logs import setup as setup_logs
 from probe_dpo.testbed.layout import TestbedPaths
-from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig, SearchSettings, target_role
+from probe_dpo.workflows.experiment.config import ARMS, SAMPLERS, ExperimentConfig, SearchSettings, target_role
 from probe_dpo.workflows.experiment.evaluate import eval_files, load_eval, run_eval
 from probe_dpo.workflows.experiment.results import flat_metrics, write_results
 from probe_dpo.workflows.experiment.stages import cached, publish_json
@@ -55,16 +56,67 @@ def train_config_dict(cfg: ExperimentConfig, ctx: dict, paths: dict, spec: dict)
 
 
 def check_arm_settings(cfg: ExperimentConfig) -> None:
-    """Every arm's training config is valid (keys, types, ranges) before any compute."""
+    """Every arm's training config is valid (keys, types, ranges) before any compute; so are a
+    search's keys (training keys of its arm, each sampler's values) and its metric."""
     from probe_dpo.config import from_dict
     from probe_dpo.training import TrainConfig
 
     fake = {"pairs": {"single": "p", "ensemble": "p", "classifier": "p"}, "control_sft": "c",
             "single": "s", "ensemble": "e"}
+    ctx = {"run": "r", "testbed": "t", "base_model": "m"}
     for arm in cfg.arms:
-        from_dict(TrainConfig, train_config_dict(cfg, {"run": "r", "testbed": "t", "base_model": "m"}, fake,
-                                                 {"id": arm, "arm": arm, "seed": 0}),
+        from_dict(TrainConfig, train_config_dict(cfg, ctx, fake, {"id": arm, "arm": arm, "seed": 0}),
                   f"arm {arm} (its settings and arm_settings.{arm})")
+    search = cfg.search
+    if search.arm is None:
+        return
+    if not search.space:
+        raise UserError(f"search.space: empty: name the training keys of arm {search.arm} to search, e.g. "
+                        "{train.lr: [loguniform, 1.0e-6, 1.0e-4]}")
+    base = train_config_dict(cfg, ctx, fake, {"id": search.arm, "arm": search.arm, "seed": 0})
+    from_dict(TrainConfig, base, f"search arm {search.arm} (its settings and arm_settings.{search.arm})")
+    for key, (name, *args) in search.space.items():
+        where = f"search.space.{key}"
+        set_dotted(TrainConfig, {}, key, None, f"{where} (a training key of arm {search.arm})")
+        for value in (args if SAMPLERS[name] == "range" else args[0]):  # the bounds, or every value
+            tdict = copy.deepcopy(base)
+            set_dotted(TrainConfig, tdict, key, value, where)
+            from_dict(TrainConfig, tdict, f"{where} ({name} value {value!r})")
+    check_search_metric(cfg)
+
+
+def _roles() -> list[str]:
+    from probe_dpo.detection import role_keys
+
+    return list(role_keys({"best_probe": "p", "held_out": ["h"], "best_layer": 0}))
+
+
+def search_metrics(judges: list[str]) -> list[str]:
+    """The numeric result keys a search may optimise: ``flat_metrics`` of an evaluation of this
+    shape (a judge panel, every probe role), the rows results.json and Tune get."""
+    from probe_dpo.goodhart import OWN_ROLES
+
+    roles = _roles()
+    shape = {"perplexity": 0.0, "toxicity": {j: {"rate": 0.0} for j in judges},
+             "summary": {"fixed": {role: {} for role in roles},
+                         "own": {"policy": {judges[0]: {role: {} for role in OWN_ROLES if role in roles}}}}}
+    return [k for k in flat_metrics(shape) if k not in ("trial", "arm", "seed", "atlas")]
+
+
+def check_search_metric(cfg: ExperimentConfig) -> None:
+    """One line unless ``search.metric`` is a key the search's result rows will have."""
+    import difflib
+
+    metric, valid = cfg.search.metric, search_metrics(cfg.eval.judges)
+    if metric in valid:
+        return
+    close = difflib.get_close_matches(metric, valid, n=1, cutoff=0.6)
+    raise UserError(f"search.metric {metric!r}: not a result of this run"
+                    + (f" (did you mean {close[0]}?)" if close else "")
+                    + f"; results have toxicity.<judge>.rate|change for the judges of eval.judges "
+                      f"({', '.join(cfg.eval.judges)}), perplexity, perplexity_change, kl_to_base, "
+                      "fixed.<role>.auroc|tpr|fpr[.delta] and own.<role>.auroc|tpr[.delta] "
+                      f"(roles: {', '.join(_roles())})")
 
 
 def trial_key_fields(tdict: dict) -> dict:
@@ -122,16 +174,15 @@ def _report_callback(run: str):
 
 
 def _search_space(search: SearchSettings) -> dict:
+    """Tune's space of a search (its entries were checked when the config was built)."""
     from ray import tune
 
     kinds = {"loguniform": lambda a: tune.loguniform(a[0], a[1]), "uniform": lambda a: tune.uniform(a[0], a[1]),
              "choice": lambda a: tune.choice(a[0]), "grid": lambda a: tune.grid_search(a[0])}
     space = {}
     for key, value in search.space.items():
-        if not isinstance(value, list) or not value or value[0] not in kinds or len(value) < 2:
-            raise UserError(f"search.space.{key}: expected [loguniform|uniform, lo, hi] or [choice|grid, [values]], "
-                            f"got {value!r}")
-        space[key] = kinds[value[0]](value[1:])
+        name, *args = value
+        space[key] = kinds[name](args)
     return space
 
 
