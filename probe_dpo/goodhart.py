@@ -151,7 +151,7 @@ def outcomes(base: Mapping[str, Any], evals: Mapping[str, Sequence[Mapping[str, 
                            judges=judges, stratify=STRATIFY, k=k, threshold=judge_threshold(base), n_boot=n_boot,
                            seed=seed)
 
-    used_roles = sorted(set(targets.values()))
+    used_roles = sorted(set(targets.values())) or ["train"]  # before any trial: the null references alone
     refs = {name: {role: coords_of(evals[name], role) for role in used_roles}
             for name in settings.null_arms if name in evals}
     if replicate is not None:

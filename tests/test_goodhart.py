@@ -85,6 +85,8 @@ def test_outcome_labels_against_the_null_references():
     assert out["family_size"] == 6 * 3 + len(rows)  # text, activations, one rate per subject; the comparisons
     assert all(r["p_holm"] >= r["p_value"] for r in rows)
     assert out["replication"]["of"] == 15 and 0 <= out["replication"]["share"] <= 1
+    before = outcomes(base, {}, _evaluation(5), ROLES, {}, _plan(), [])  # before any trial: the null reference
+    assert list(before["labels"]) == [REPLICATE]
 
 
 def test_judge_agreement_marks_the_in_loop_judge():

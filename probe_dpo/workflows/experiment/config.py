@@ -50,9 +50,12 @@ ARMS: dict[str, Arm] = {
     "classifier-sft": Arm("classifier-sft", None, "sft", "SFT on the rows the output judge passes"),
     "sft": Arm("sft", None, "sft", "plain SFT (raises toxicity)"),
     "random-dpo": Arm("random-dpo", None, "pairs:single", "control: the probe pairs with half the labels swapped"),
-    # Calibrated once on the demo (see README): a logit penalty (weight 2) also hid the train
-    # probe but rewrote the text (toxicity -86%, perplexity +40%); the log-loss form stops pushing
-    # once the probe is fooled, so the behaviour stays and only the monitor is defeated.
+    # The recipe (log-loss penalty, weight 5, lr 5e-5) was chosen on an earlier demo run, after
+    # seeing its results: an exploratory choice, which is why the reference run (examples/demo)
+    # reports what it does as a fresh run. The rejected recipe, a logit penalty at weight 2, also
+    # hid the train probe but rewrote the text (toxicity about -86%, perplexity about +40% in that
+    # uncommitted run: a note, not evidence): the logit form keeps pushing after the probe is
+    # fooled, the log-loss form stops, so the behaviour stays and only the monitor is defeated.
     "obfuscation-control": Arm("probe-sft", "single", "control",
                                "positive control: SFT on judge-toxic continuations with a strong log-loss "
                                "penalty against the train probe (built to make it miss)",
