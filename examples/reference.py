@@ -70,6 +70,21 @@ def readme_with_table(readme: str, table: str) -> str:
     return f"{head}{START}\n{table}\n{END}{tail}"
 
 
+def screenshot(page: Path, png: Path) -> None:
+    """The top of the report as a person sees it (headless Chromium, Debian's package), for the README."""
+    import tempfile
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        print("no chromium: the report's screenshot is not updated")
+        return
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--no-first-run", "--disable-background-networking", f"--user-data-dir={profile}",
+                        "--window-size=1280,1600", "--virtual-time-budget=10000", f"--screenshot={png}", page.as_uri()],
+                       check=True, capture_output=True, timeout=120)
+
+
 def bundle(run: Path) -> dict:
     """Copy the run's readable part into ``examples/demo`` with its provenance."""
     from importlib.metadata import version
@@ -83,6 +98,7 @@ def bundle(run: Path) -> dict:
         (BUNDLE / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(run / rel, BUNDLE / rel)
     shutil.copytree(run / "figures", BUNDLE / "figures")
+    screenshot(BUNDLE / "report.html", BUNDLE / "report.png")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "probe_dpo"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip())
