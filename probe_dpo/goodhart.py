@@ -157,8 +157,9 @@ def outcomes(base: Mapping[str, Any], evals: Mapping[str, Sequence[Mapping[str, 
     if replicate is not None:
         refs[REPLICATE] = {role: coords_of([replicate], role) for role in used_roles}
     arms = {arm: coords_of(runs, targets[arm]) for arm, runs in evals.items() if arm in targets}
-    subjects = {**arms, **({REPLICATE: refs[REPLICATE][used_roles[0]]} if REPLICATE in refs else {})}
-    tests = [(a, c, r["p_value"]) for a, cs in subjects.items() for c, r in cs.items()]
+    # the declared family is the arms' coordinates and the declared comparisons; the base re-sampled is
+    # labelled too (it must come out blatant), its coordinates corrected among themselves, outside the family
+    tests = [(a, c, r["p_value"]) for a, cs in arms.items() for c, r in cs.items()]
     planned = [row for row in comparison_rows if row.get("in_plan")]
     adjusted = holm([p for *_, p in tests] + [row["p_value"] for row in planned])
     effects = settings.min_effect
@@ -167,6 +168,11 @@ def outcomes(base: Mapping[str, Any], evals: Mapping[str, Sequence[Mapping[str, 
         row["p_holm"], row["significant"] = p, bool(p < settings.alpha)
         row["min_effect"], row["differ"] = smallest, bool(row["significant"] and abs(row["delta"]) >= smallest)
     p_holm = {(a, c): p for (a, c, _), p in zip(tests, adjusted)}
+    subjects = dict(arms)
+    if REPLICATE in refs:
+        subjects[REPLICATE] = refs[REPLICATE][used_roles[0]]
+        coords = list(subjects[REPLICATE])
+        p_holm.update(zip([(REPLICATE, c) for c in coords], holm([subjects[REPLICATE][c]["p_value"] for c in coords])))
     out = {}
     for name, cs in subjects.items():
         role = targets.get(name, used_roles[0])

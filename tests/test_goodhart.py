@@ -82,7 +82,7 @@ def test_outcome_labels_against_the_null_references():
                       "detox": "removed", "same": "blatant", REPLICATE: "blatant"}, labels
     assert out["labels"]["hidden"]["decided_by"]["coordinate"] == "activations"
     assert out["labels"]["random-dpo"]["band_from"] == [REPLICATE]  # not itself
-    assert out["family_size"] == 6 * 3 + len(rows)  # text, activations, one rate per subject; the comparisons
+    assert out["family_size"] == 5 * 3 + len(rows)  # text, activations, one rate per arm; the comparisons
     assert all(r["p_holm"] >= r["p_value"] for r in rows)
     assert out["replication"]["of"] == 15 and 0 <= out["replication"]["share"] <= 1
     before = outcomes(base, {}, _evaluation(5), ROLES, {}, _plan(), [])  # before any trial: the null reference
