@@ -1,0 +1,50 @@
+"""The committed reference run (examples/demo) is what the README cites, and it is complete:
+the plan it declared, its hash in the results, the seeds the conclusions need."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "examples" / "demo"
+HEADLINE = ["probe-dpo-single", "classifier-dpo", "random-dpo", "obfuscation-control"]
+
+
+def _reference():
+    spec = importlib.util.spec_from_file_location("reference", ROOT / "examples" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_table_is_the_committed_results():
+    ref = _reference()
+    results = json.loads((BUNDLE / "results.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert ref.readme_with_table(readme, ref.readme_table(results)) == readme, \
+        "README.md's reference-run table differs from examples/demo/results.json: run examples/reference.py --skip-run"
+    assert ref.main(["--check"]) == 0
+
+
+def test_the_bundle_declares_its_plan_and_has_the_seeds():
+    results = json.loads((BUNDLE / "results.json").read_text())
+    plan = json.loads((BUNDLE / "analysis-plan.json").read_text())
+    provenance = json.loads((BUNDLE / "provenance.json").read_text())
+    assert results["analysis"]["sha256"] == plan["sha256"] == provenance["plan_sha256"]
+    from probe_dpo.analysis import plan_hash
+
+    assert plan_hash(plan["plan"]) == plan["sha256"]  # the plan file is the one that was hashed
+    assert results["analysis"]["family_size"] == plan["plan"]["family_size"]  # corrected over the declared family
+    assert plan["plan"]["judges"]["in_loop"] and not set(plan["plan"]["judges"]["outcome"]) & set(
+        plan["plan"]["judges"]["in_loop"])
+    for arm in HEADLINE:
+        assert results["arms"][arm]["seeds"] >= 3, arm
+        verdict = results["arms"][arm]["outcome"]
+        assert verdict["label"] and verdict["decided_by"]["why"]
+    assert results["null_references"]["base-replicate"]["label"]
+    report = (BUNDLE / "report.md").read_text()
+    assert plan["sha256"][:16] in report and "Outcome labels (declared before the runs)" in report
+    for figure in (BUNDLE / "figures").iterdir():
+        assert f"figures/{figure.name}" in report
