@@ -100,16 +100,19 @@ def test_penalty_adds_weight_times_probe_probability_to_the_trl_loss(inputs, tmp
     from probe_dpo.probes import ProbeSet
     from probe_dpo.training.trainers import build_trainer
 
-    cfg = _cfg(inputs, str(tmp_path), "method=probe-dpo", "penalty.weight=2.0", "train.max_steps=1")
     probes = ProbeSet.load(inputs["probes"]).train_probes
     records = [{"prompt": "Say:", "chosen": " hello there friend", "rejected": " you idiot"},
                {"prompt": "Now say:", "chosen": " thanks a lot", "rejected": " shut up moron"}]
     tok = load_tokenizer(inputs["model"])
     losses = {}
     for weight in (0.0, 2.0):
+        # the penalty is in the trainer's ProbeDPOConfig; the probes load from cfg.probes
+        cfg = _cfg(inputs, str(tmp_path), "method=probe-dpo", f"penalty.weight={weight}", "train.max_steps=1")
         model, ref = load_model(inputs["model"]), load_model(inputs["model"])
         trainer = build_trainer("dpo", model, tok, records, cfg, output_dir=str(tmp_path / f"w{weight}"),
-                                ref_model=ref, probes=probes if weight else None)
+                                ref_model=ref)
+        assert trainer.args.probe_weight == weight and trainer.args.probe_path == inputs["probes"]
+        assert (trainer._penalty is None) == (weight == 0)
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         model.train()
         losses[weight] = trainer.compute_loss(model, batch)
