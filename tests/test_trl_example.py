@@ -48,15 +48,24 @@ def test_import_probe_dpo_is_light_and_the_trainers_load_on_first_use():
     code = ("import sys, probe_dpo\n"
             "heavy = [m for m in ('torch', 'trl', 'transformers', 'ray') if m in sys.modules]\n"
             "assert not heavy, heavy\n"
-            "from probe_dpo import ProbeDPOConfig, ProbeDPOTrainer, ProbeSFTConfig, ProbeSFTTrainer\n"
-            "from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer\n"
-            "assert issubclass(ProbeDPOConfig, DPOConfig) and issubclass(ProbeDPOTrainer, DPOTrainer)\n"
-            "assert issubclass(ProbeSFTConfig, SFTConfig) and issubclass(ProbeSFTTrainer, SFTTrainer)\n"
+            "assert {'ProbeDPOConfig', 'ProbeDPOTrainer', 'ProbeSFTConfig', 'ProbeSFTTrainer'} <= set(dir(probe_dpo))\n"
             "print(probe_dpo.__file__)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == str(ROOT / "probe_dpo" / "__init__.py")
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from probe_dpo import ProbeDPOConfig, ProbeDPOTrainer, ProbeSFTConfig, ProbeSFTTrainer
+    from probe_dpo.training import trainers
+
+    assert issubclass(ProbeDPOConfig, DPOConfig) and issubclass(ProbeDPOTrainer, DPOTrainer)
+    assert issubclass(ProbeSFTConfig, SFTConfig) and issubclass(ProbeSFTTrainer, SFTTrainer)
+    assert ProbeDPOTrainer is trainers.ProbeDPOTrainer
+    with pytest.raises(AttributeError):
+        import probe_dpo
+
+        probe_dpo.NoSuchThing
 
 
 def test_example_under_accelerate_launch_trains_with_the_probe_penalty(assets, tmp_path):
