@@ -143,6 +143,14 @@ def set_dotted(cls: type, data: dict[str, Any], dotted: str, value: Any, where: 
         if depth == len(keys) - 1:
             node[key] = value
             return
+        hint = get_type_hints(node_cls)[key]
+        if get_origin(hint) is dict:  # a free mapping (e.g. trl.logging_steps=10): the rest is one key
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            child[".".join(keys[depth + 1:])] = value
+            return
         child = node.get(key)
         if not isinstance(child, dict):
             child = {}

@@ -100,16 +100,19 @@ def test_penalty_adds_weight_times_probe_probability_to_the_trl_loss(inputs, tmp
     from probe_dpo.probes import ProbeSet
     from probe_dpo.training.trainers import build_trainer
 
-    cfg = _cfg(inputs, str(tmp_path), "method=probe-dpo", "penalty.weight=2.0", "train.max_steps=1")
     probes = ProbeSet.load(inputs["probes"]).train_probes
     records = [{"prompt": "Say:", "chosen": " hello there friend", "rejected": " you idiot"},
                {"prompt": "Now say:", "chosen": " thanks a lot", "rejected": " shut up moron"}]
     tok = load_tokenizer(inputs["model"])
     losses = {}
     for weight in (0.0, 2.0):
+        # the penalty is in the trainer's ProbeDPOConfig; the probes load from cfg.probes
+        cfg = _cfg(inputs, str(tmp_path), "method=probe-dpo", f"penalty.weight={weight}", "train.max_steps=1")
         model, ref = load_model(inputs["model"]), load_model(inputs["model"])
         trainer = build_trainer("dpo", model, tok, records, cfg, output_dir=str(tmp_path / f"w{weight}"),
-                                ref_model=ref, probes=probes if weight else None)
+                                ref_model=ref)
+        assert trainer.args.probe_weight == weight and trainer.args.probe_path == inputs["probes"]
+        assert (trainer._penalty is None) == (weight == 0)
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         model.train()
         losses[weight] = trainer.compute_loss(model, batch)
@@ -122,6 +125,33 @@ def test_penalty_adds_weight_times_probe_probability_to_the_trl_loss(inputs, tmp
             want = probe_penalty(store, batch["completion_mask"], probes).item()
             assert penalty == pytest.approx(want, rel=1e-4)
     assert (losses[2.0] - losses[0.0]).item() == pytest.approx(2.0 * penalty, rel=1e-4)
+
+
+def test_trl_keys_pass_through_to_the_trl_config_and_bad_ones_fail_at_load():
+    from probe_dpo.errors import UserError
+    from probe_dpo.training.trainers import ProbeDPOConfig, ProbeSFTConfig, training_arguments
+
+    cfg = load_config(TrainConfig, None, ["method=dpo", "trl.logging_steps=5", "trl.save_total_limit=3",
+                                          "trl.disable_tqdm=true", "dpo.beta=0.2"])
+    assert cfg.trl == {"logging_steps": 5.0, "save_total_limit": 3, "disable_tqdm": True}
+    args = training_arguments("dpo", cfg, output_dir="unused")
+    assert isinstance(args, ProbeDPOConfig) and (args.logging_steps, args.save_total_limit, args.beta) == (5, 3, 0.2)
+    assert args.disable_tqdm is True and args.probe_weight == 0.0
+    # TRL's progress bar stays on where a person watches (off only inside Ray Train workers)
+    plain = training_arguments("sft", load_config(TrainConfig, None, ["method=sft"]), output_dir="unused")
+    assert isinstance(plain, ProbeSFTConfig) and plain.disable_tqdm is False
+    assert training_arguments("sft", load_config(TrainConfig, None, ["method=sft"]), output_dir="unused",
+                              progress_bar=False).disable_tqdm is True
+    for overrides, needle in ((["trl.loging_steps=5"], "unknown key trl.loging_steps: TRL's DPOConfig has no "
+                                                       "field 'loging_steps' (did you mean trl.logging_steps?)"),
+                              (["method=sft", "trl.beta=0.2"], "unknown key trl.beta: TRL's SFTConfig"),
+                              (["trl.learning_rate=1e-3"], "key trl.learning_rate: set here by train.lr"),
+                              (["trl.probe_weight=1"], "set here by penalty.weight"),
+                              (["trl.logging_steps=often"], "key trl.logging_steps must be a number")):
+        with pytest.raises(UserError) as err:
+            load_config(TrainConfig, None, overrides)
+        assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+        assert str(err.value).startswith("command line: ")
 
 
 # ---------------------------------------------------------------------------------------------

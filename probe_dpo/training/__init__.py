@@ -3,7 +3,8 @@
 - ``config``    the run's settings (``TrainConfig``) and the six methods
 - ``pairs``     preference pairs from scored candidates; the random-label control
 - ``sampling``  K completions per prompt from the policy, sharded over Ray actors
-- ``trainers``  TRL trainers with the differentiable probe penalty; EMA; DeepSpeed config
+- ``trainers``  TRL trainers and configs (``ProbeDPOTrainer``, ``ProbeDPOConfig``, ...) with the
+                differentiable probe penalty; EMA; DeepSpeed config
 - ``loop``      the Ray Train loop (one DeepSpeed engine per worker), resume, final save
 - ``run``       the driver: ``train(cfg)`` checks inputs first, then rounds of data + fit
 """

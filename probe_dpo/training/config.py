@@ -15,7 +15,7 @@ Methods:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from probe_dpo.config import bounded
 from probe_dpo.tracking import TrackingSettings
@@ -24,6 +24,25 @@ Method = Literal["probe-sft", "probe-dpo", "classifier-sft", "classifier-dpo", "
 METHODS: tuple[str, ...] = ("probe-sft", "probe-dpo", "classifier-sft", "classifier-dpo", "sft", "random-dpo", "dpo")
 DPO_METHODS = ("probe-dpo", "classifier-dpo", "random-dpo", "dpo")
 SFT_METHODS = ("probe-sft", "classifier-sft", "sft")
+# TRL config fields this config sets from its own keys: a ``trl`` key naming one is an error
+# that points to the key to use (one way to set each value)
+TRL_FIELDS_SET_HERE: dict[str, str] = {
+    "output_dir": "out", "seed": "seed", "data_seed": "seed",
+    "per_device_train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "num_train_epochs": "train.epochs", "max_steps": "train.max_steps", "learning_rate": "train.lr",
+    "warmup_steps": "train.warmup_ratio", "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay", "lr_scheduler_type": "train.scheduler",
+    "max_grad_norm": "train.max_grad_norm", "gradient_checkpointing": "train.gradient_checkpointing",
+    "max_length": "train.max_length",
+    "beta": "dpo.beta", "loss_type": "dpo.loss_type", "precompute_ref_log_probs": "dpo.precompute_ref_log_probs",
+    "deepspeed": "distributed.zero_stage / distributed.offload", "use_cpu": "distributed.use_gpu",
+    "bf16": "distributed.use_gpu", "fp16": "distributed.use_gpu",
+    "save_strategy": "distributed.checkpoint_steps", "save_steps": "distributed.checkpoint_steps",
+    "report_to": "tracking.report_to", "run_name": "tracking", "logging_dir": "tracking",
+    "dataset_text_field": "data.sft (its text column)",
+    "probe_path": "probes", "probe_weight": "penalty.weight", "probe_form": "penalty.form",
+    "probe_reduce": "penalty.reduce", "probe_tokens": "penalty.tokens", "probe_aggregation": "aggregation",
+}
 LossType = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "aot",
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
 
@@ -235,6 +254,14 @@ class TrainConfig:
     """Fault injection (tests)."""
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     """Experiment tracking of the training steps (W&B, MLflow, TensorBoard through TRL's report_to)."""
+    trl: dict[str, Any] = field(default_factory=dict)
+    """Any other field of TRL's DPOConfig (DPO methods) or SFTConfig (SFT methods), set on it as
+    given, e.g. trl.logging_steps=10 or trl.disable_tqdm=true. Fields this config sets from
+    its own keys (trl.learning_rate: train.lr) are refused, naming the key to use."""
+
+    def __post_init__(self):
+        if self.trl:  # TRL is imported only when there is something to check
+            self.trl = check_trl_keys(self.trl, "dpo" if self.is_dpo else "sft")
 
     @property
     def is_dpo(self) -> bool:
@@ -261,3 +288,40 @@ class TrainConfig:
             # replayed pairs need no probe for round 0 alone
             return not (self.data.pairs and self.dpo.rounds == 1)
         return False
+
+
+def check_trl_keys(values: dict[str, Any], kind: str) -> dict[str, Any]:
+    """``values`` checked against the fields of TRL's ``DPOConfig`` / ``SFTConfig`` (``kind``):
+    the names, the types (as this config's own keys are checked), and no field this config
+    sets from its own keys. Returns the converted values; raises ``ValueError`` with one line
+    naming ``trl.<field>`` (``load_config`` prefixes where the key came from)."""
+    import dataclasses
+    import typing
+
+    from probe_dpo.config import _check_bounds, _convert, _suggest
+    from probe_dpo.errors import UserError
+
+    if kind == "dpo":
+        from trl import DPOConfig as cls
+    else:
+        from trl import SFTConfig as cls
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    # the probe_* fields ProbeDPOConfig / ProbeSFTConfig add (all set from penalty.* here)
+    penalty_fields = {"probe_path", "probe_weight", "probe_form", "probe_reduce", "probe_aggregation"}
+    if kind == "dpo":
+        penalty_fields.add("probe_tokens")
+    out = {}
+    for key, value in values.items():
+        if key not in fields and key not in penalty_fields:
+            close = _suggest(key, fields, "trl.")
+            hint = close if "did you mean" in close else ""
+            raise ValueError(f"unknown key trl.{key}: TRL's {cls.__name__} has no field {key!r}{hint}")
+        if key in TRL_FIELDS_SET_HERE:
+            raise ValueError(f"key trl.{key}: set here by {TRL_FIELDS_SET_HERE[key]}; use that key")
+        try:
+            out[key] = _convert(value, hints[key], "", f"trl.{key}")
+            _check_bounds(fields[key], out[key], "", f"trl.{key}")
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix(": ")) from None
+    return out

@@ -2,7 +2,8 @@
 
 ``fit_round`` runs ``train_worker`` in a ``TorchTrainer`` with N workers (gloo on CPU, NCCL
 on GPU). Every worker loads the policy (and, for full-weight DPO, an explicit reference
-model), builds a ``ProbeDPOTrainer`` / ``ProbeSFTTrainer`` with ``deepspeed=<dict>`` (ZeRO
+model), builds a ``ProbeDPOTrainer`` / ``ProbeSFTTrainer`` from a ``ProbeDPOConfig`` /
+``ProbeSFTConfig`` (the penalty's ``probe_*`` fields; ``deepspeed=<dict>`` with the ZeRO
 stage and offload from the config; bf16 on GPU, fp32 + ``use_cpu`` on CPU), wraps it with
 Ray's ``prepare_trainer`` and reports checkpoints to storage with
 ``RayTrainReportCallback`` (each rank's ZeRO shards are merged into one checkpoint folder).
@@ -131,9 +132,12 @@ def _train(job: dict, scratch: Path) -> None:
     output_dir = str(scratch / "trainer")
     ds = deepspeed_config(dist.zero_stage, offload=dist.offload, bf16=dist.use_gpu)
     # the arguments first: under ZeRO-3 they make from_pretrained build the models partitioned
+    # No tqdm bar in a worker: Ray forwards each worker's output to the driver line by line,
+    # prefixed with the worker, so every in-place redraw of the bar (\r) becomes one more log
+    # line per worker; the per-step logs (and ray.train.report) carry the same progress.
     args = training_arguments(job["kind"], cfg, output_dir=output_dir, deepspeed=ds,
                               save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
-                              tracking=job.get("tracking_args"))
+                              tracking=job.get("tracking_args"), progress_bar=False)
     if dist.zero_stage == 3:
         # zero.Init sizes the partitions from deepspeed.comm's world, which the CPU path of
         # TrainingArguments never initialises: wrap Ray's process group before the models load
@@ -147,11 +151,6 @@ def _train(job: dict, scratch: Path) -> None:
     if job["kind"] == "dpo" and not cfg.lora.enabled:
         ref_model = load_model(job["reference"], dtype=dtype)
     held, total = parameter_elements(model)
-    probes = None
-    if cfg.penalty_weight > 0:
-        from probe_dpo.probes import ProbeSet
-
-        probes = ProbeSet.load(job["probes"]).train_probes
 
     checkpoint = ray.train.get_checkpoint()
     resume_dir, resumed_from_step = None, 0
@@ -173,10 +172,10 @@ def _train(job: dict, scratch: Path) -> None:
         callbacks.append(SkipFinalCheckpoint())  # after DefaultFlowCallback, which asks for that save
     callbacks.append(RayTrainReportCallback())  # last: the EMA file is in the folder it copies
 
+    # the penalty is in the arguments: the trainer loads cfg.probes' train probes itself
     trainer = build_trainer(job["kind"], model, tokenizer, records, cfg, output_dir=output_dir,
-                            ref_model=ref_model, probes=probes, callbacks=callbacks, deepspeed=ds,
-                            save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
-                            aggregation=job.get("aggregation") or "mean", args=args)
+                            ref_model=ref_model, callbacks=callbacks, deepspeed=ds,
+                            save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu, args=args)
     trainer = prepare_trainer(trainer)
     result = trainer.train(resume_from_checkpoint=resume_dir)
     train_seconds = time.perf_counter() - t0

@@ -1,24 +1,31 @@
-"""TRL trainers with the probe penalty, the EMA of the weights, and the DeepSpeed config.
+"""TRL trainers and configs with the probe penalty, the EMA of the weights, and the DeepSpeed config.
 
 ``ProbeDPOTrainer`` / ``ProbeSFTTrainer`` are TRL's ``DPOTrainer`` / ``SFTTrainer`` with
-``compute_loss`` overridden: while TRL's own loss runs, forward hooks on the probes' layers
-of the (unwrapped) policy record the residual stream of the pass run with gradients (the
-reference pass of DPO runs under ``no_grad`` and is skipped); then
+``compute_loss`` overridden, configured by ``ProbeDPOConfig`` / ``ProbeSFTConfig``: TRL's
+``DPOConfig`` / ``SFTConfig`` plus the penalty's fields (``probe_path``, ``probe_weight``,
+``probe_form``, ``probe_reduce``, ``probe_aggregation`` and, for DPO, ``probe_tokens``), so
+``TrlParser`` fills them from the command line like any other TRL field. They work in a plain
+TRL script under ``accelerate launch`` (``examples/trl_probe_dpo.py``) as in the Ray Train
+loop. While TRL's own loss runs, forward hooks on the probes' layers of the (unwrapped) policy
+record the residual stream of the pass run with gradients (the reference pass of DPO runs
+under ``no_grad`` and is skipped); then
 
     loss = TRL loss + λ · penalty(probe logit)
 
-where the penalty (``penalty.form``: probability, log-loss or logit) is the frozen training
-probes' (mean over an ensemble) on the policy's states, pooled over the completion tokens
+where the penalty (``probe_form``: probability, log-loss or logit) is the frozen training
+probes' (aggregated over an ensemble) on the policy's states, pooled over the completion tokens
 (DPO: both completions of each pair, or the chosen one; SFT on prompt/completion data: the
-completion) or over every real token of a plain-text SFT sequence. With λ = 0 they ARE the TRL
-trainers (no hook is registered).
+completion) or over every real token of a plain-text SFT sequence. The mean penalty of each
+logged step is in the logs as ``probe_penalty``. With λ = 0 (the default) they ARE the TRL
+trainers (no probe is loaded, no hook is registered).
 
 ``EMACallback`` keeps an exponential moving average of the trainable weights in parameter
 space (fp32, rank 0), writes it into every checkpoint (``ema.safetensors``) and restores it
 on resume, so the saved EMA is the EMA of the whole trajectory even across a restart.
 
-``build_trainer`` assembles either trainer from plain records; the Ray Train loop
-(``probe_dpo.training.loop``), the benchmark and the tests all go through it.
+``build_trainer`` assembles either trainer from plain records and a ``TrainConfig`` (through
+``training_arguments``, which makes the ``ProbeDPOConfig`` / ``ProbeSFTConfig``); the Ray
+Train loop (``probe_dpo.training.loop``), the benchmark and the tests all go through it.
 """
 
 from __future__ import annotations
@@ -26,33 +33,149 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Sequence
 
 import torch
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from probe_dpo.objectives import PenaltyRecorder, probe_penalty
+from probe_dpo.errors import UserError
+from probe_dpo.objectives import PENALTY_FORMS, PenaltyRecorder, probe_penalty
 
 EMA_FILE = "ema.safetensors"
 log = logging.getLogger(__name__)
+
+PENALTY_REDUCES = ("pooled", "token")
+PENALTY_TOKENS = ("completions", "chosen")
+AGGREGATIONS = ("mean", "max")
+
+
+# ---------------------------------------------------------------------------------------------
+# The configs: TRL's, plus the probe penalty's fields
+
+
+@dataclass
+class _ProbePenaltyFields:
+    """The penalty's fields, shared by ``ProbeDPOConfig`` and ``ProbeSFTConfig`` (listed after
+    TRL's own fields, so ``output_dir`` stays the first positional argument)."""
+
+    probe_path: str | None = field(default=None, metadata={
+        "help": "A probe set folder or URI (as probe_dpo.probes.ProbeSet.load reads, e.g. what `probe-dpo "
+                "probes train` publishes): its train probes are the penalty. Read when probe_weight > 0, "
+                "unless the trainer is given probes=."})
+    probe_weight: float = field(default=0.0, metadata={
+        "help": "λ: the loss is TRL's loss + λ · probe penalty. 0 (the default) is plain TRL training."})
+    probe_form: Literal["prob", "logit", "bce"] = field(default="prob", metadata={
+        "help": "How each probe logit becomes the penalty: prob (the sigmoid probability; its gradient p(1-p) "
+                "vanishes where the probe is confident), bce (-log(1-p), gradient p) or logit (the raw logit, "
+                "a constant push)."})
+    probe_reduce: Literal["pooled", "token"] = field(default="pooled", metadata={
+        "help": "pooled: each probe on the masked mean of its layer's states (what it was trained on); "
+                "token: the mean of per-token penalties."})
+    probe_aggregation: Literal["mean", "max"] | None = field(default=None, metadata={
+        "help": "How an ensemble of train probes is combined. None: the probe set's own setting (mean for "
+                "probes given as a list)."})
+
+    def _check_probe_fields(self) -> None:
+        if self.probe_weight is None or float(self.probe_weight) < 0:
+            raise ValueError(f"probe_weight must be >= 0, got {self.probe_weight!r}")
+        self.probe_weight = float(self.probe_weight)
+        for name, allowed in (("probe_form", PENALTY_FORMS), ("probe_reduce", PENALTY_REDUCES),
+                              ("probe_tokens", PENALTY_TOKENS)):
+            value = getattr(self, name, allowed[0])
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.probe_aggregation is not None and self.probe_aggregation not in AGGREGATIONS:
+            raise ValueError(f"probe_aggregation must be one of {', '.join(AGGREGATIONS)} or None, "
+                             f"got {self.probe_aggregation!r}")
+
+    def __post_init__(self):
+        super().__post_init__()  # TRL's config (this class is only used before a TRL config in the MRO)
+        self._check_probe_fields()
+
+
+@dataclass
+class ProbeDPOConfig(_ProbePenaltyFields, DPOConfig):
+    """TRL's ``DPOConfig`` + the probe penalty (``probe_*`` fields) of ``ProbeDPOTrainer``."""
+
+    probe_tokens: Literal["completions", "chosen"] = field(default="completions", metadata={
+        "help": "Whose states the penalty reads: both completions of each pair, or the chosen one only."})
+
+
+@dataclass
+class ProbeSFTConfig(_ProbePenaltyFields, SFTConfig):
+    """TRL's ``SFTConfig`` + the probe penalty (``probe_*`` fields) of ``ProbeSFTTrainer``."""
 
 
 # ---------------------------------------------------------------------------------------------
 # The probe penalty in TRL's compute_loss
 
 
+class _Penalty(NamedTuple):
+    recorder: PenaltyRecorder
+    weight: float
+    reduce: str
+    tokens: str
+    aggregation: str
+    form: str
+
+
+def _check_probes_fit(probes: Sequence[Any], model: Any) -> None:
+    """UserError unless the probes read layers the model has, at its hidden size."""
+    from probe_dpo.model import hidden_size, num_layers
+
+    try:
+        size, count = hidden_size(model), num_layers(model)
+    except Exception:  # noqa: BLE001 - an architecture these helpers do not know: the first step checks
+        return
+    for probe in probes:
+        if probe.hidden_size != size:
+            raise UserError(f"probe {probe.name} expects hidden size {probe.hidden_size}, but the model has {size}")
+        if probe.layer >= count:
+            raise UserError(f"probe {probe.name} reads layer {probe.layer}, but the model has {count} layers")
+
+
 class _ProbePenaltyMixin:
-    """Adds ``weight · probe_penalty`` to TRL's loss (set up by ``set_penalty``)."""
+    """Adds ``probe_weight · probe_penalty`` to TRL's loss, configured by the trainer's args.
 
-    _penalty = None  # (recorder, weight, reduce, tokens, aggregation, form)
+    ``probes``: the penalty's probes as objects (a ``ProbeSet``, whose train probes are used,
+    or a list of ``LinearProbe``) instead of loading ``args.probe_path``.
+    """
 
-    def set_penalty(self, probes: Sequence[Any] | None, weight: float, *, reduce: str = "pooled",
-                    tokens: str = "completions", aggregation: str = "mean", form: str = "prob") -> None:
-        if probes and weight > 0:
-            self._penalty = (PenaltyRecorder(probes), float(weight), reduce, tokens, aggregation, form)
-        else:
-            self._penalty = None
+    _penalty: _Penalty | None = None
+
+    def __init__(self, *args: Any, probes: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._penalty = self._penalty_from_args(probes)
+
+    def _penalty_from_args(self, probes: Any) -> _Penalty | None:
+        args = self.args
+        if not hasattr(args, "probe_weight"):
+            if probes is not None:
+                raise ValueError(f"{type(self).__name__}(probes=...) needs the penalty's settings: pass args="
+                                 f"{self._config_class.__name__}(probe_weight=..., ...), not {type(args).__name__}")
+            return None  # a plain TRL config: the plain TRL trainer
+        if args.probe_weight <= 0:
+            return None
+        from probe_dpo.probes import ProbeSet
+
+        if probes is None:
+            if not args.probe_path:
+                raise UserError(f"probe_weight={args.probe_weight} needs the probes: set probe_path (a probe set "
+                                f"folder) or pass probes= to {type(self).__name__}")
+            probes = ProbeSet.load(args.probe_path)
+        aggregation = args.probe_aggregation
+        if isinstance(probes, ProbeSet):
+            aggregation = aggregation or probes.aggregation
+            where = f"probes {probes.uri}" if probes.uri else "the probe set"
+            probes = probes.train_probes
+            if not probes:
+                raise UserError(f"{where} has no train probes for the penalty")
+        probes = list(probes)
+        _check_probes_fit(probes, self.model)
+        return _Penalty(PenaltyRecorder(probes), float(args.probe_weight), args.probe_reduce,
+                        getattr(args, "probe_tokens", "completions"), aggregation or "mean", args.probe_form)
 
     def _penalty_mask(self, inputs: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -80,17 +203,24 @@ class _ProbePenaltyMixin:
             scale = 1.0 / max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
         loss = loss + (weight * scale) * penalty.to(loss.dtype)
         mode = "train" if self.model.training else "eval"
-        if hasattr(self, "_metrics"):
-            self._metrics[mode]["probe_penalty"].append(float(penalty.detach()))
+        if hasattr(self, "_metrics"):  # the mean over the processes, as TRL logs its own metrics
+            self._metrics[mode]["probe_penalty"].append(
+                self.accelerator.gather(penalty.detach().reshape(1)).mean().item())
         return (loss, outputs) if return_outputs else loss
 
 
 class ProbeDPOTrainer(_ProbePenaltyMixin, DPOTrainer):
-    """TRL's DPOTrainer + the differentiable probe penalty on the policy's completion states."""
+    """TRL's DPOTrainer + the differentiable probe penalty on the policy's completion states.
+
+    Takes DPOTrainer's arguments, with ``args`` a ``ProbeDPOConfig`` (a plain ``DPOConfig``
+    trains plain DPO), and optionally ``probes=`` (a ``ProbeSet`` or a list of probes) in place
+    of ``args.probe_path``."""
+
+    _config_class = ProbeDPOConfig
 
     def _penalty_mask(self, inputs: dict) -> torch.Tensor:
         mask = inputs["completion_mask"]
-        if self._penalty[3] == "chosen":
+        if self._penalty.tokens == "chosen":
             return mask[: mask.shape[0] // 2]  # the batch is [chosen; rejected]
         return mask
 
@@ -98,9 +228,13 @@ class ProbeDPOTrainer(_ProbePenaltyMixin, DPOTrainer):
 class ProbeSFTTrainer(_ProbePenaltyMixin, SFTTrainer):
     """TRL's SFTTrainer + the probe penalty on the tokens the loss reads.
 
-    Those are the completion's tokens for prompt/completion data (TRL masks the prompt's
-    labels with -100) and every real token of a plain-text row: the labels say which, so the
-    probe reads the same span it was trained on (a response-span probe, the completion)."""
+    Takes SFTTrainer's arguments, with ``args`` a ``ProbeSFTConfig`` (a plain ``SFTConfig``
+    trains plain SFT), and optionally ``probes=``. The penalty reads the completion's tokens
+    for prompt/completion data (TRL masks the prompt's labels with -100) and every real token
+    of a plain-text row: the labels say which, so the probe reads the same span it was trained
+    on (a response-span probe, the completion)."""
+
+    _config_class = ProbeSFTConfig
 
     def _penalty_mask(self, inputs: dict) -> torch.Tensor:
         if inputs.get("completion_mask") is not None:
@@ -251,7 +385,8 @@ def deepspeed_config(zero_stage: int, *, offload: bool = False, bf16: bool = Fal
 
 
 def _common_args(train: Any, *, output_dir: str, seed: int, use_gpu: bool, deepspeed: dict | None,
-                 save_steps: int | None, logging_steps: int = 1, tracking: dict | None = None) -> dict:
+                 save_steps: int | None, logging_steps: int = 1, tracking: dict | None = None,
+                 progress_bar: bool = True) -> dict:
     args = dict(
         output_dir=output_dir, seed=seed, data_seed=seed,
         per_device_train_batch_size=train.batch_size, gradient_accumulation_steps=train.grad_accum,
@@ -259,7 +394,7 @@ def _common_args(train: Any, *, output_dir: str, seed: int, use_gpu: bool, deeps
         learning_rate=train.lr, warmup_steps=train.warmup_ratio, weight_decay=train.weight_decay,
         lr_scheduler_type=train.scheduler, max_grad_norm=train.max_grad_norm,
         gradient_checkpointing=train.gradient_checkpointing, max_length=train.max_length,
-        logging_steps=logging_steps, report_to=[], disable_tqdm=True, save_only_model=False,
+        logging_steps=logging_steps, report_to=[], disable_tqdm=not progress_bar, save_only_model=False,
         bf16=bool(use_gpu), fp16=False, use_cpu=not use_gpu, dataloader_num_workers=0,
         save_total_limit=1, dataset_num_proc=None,
     )
@@ -282,36 +417,51 @@ def lora_config(lora: Any):
                       target_modules=list(lora.target_modules), task_type="CAUSAL_LM", bias="none")
 
 
+def _penalty_args(cfg: Any, kind: str) -> dict:
+    """The ``probe_*`` fields of a ``TrainConfig``'s penalty (the probes load in the trainer)."""
+    args = dict(probe_path=cfg.probes, probe_weight=cfg.penalty_weight, probe_form=cfg.penalty.form,
+                probe_reduce=cfg.penalty.reduce, probe_aggregation=cfg.aggregation)
+    if kind == "dpo":
+        args["probe_tokens"] = cfg.penalty.tokens
+    return args
+
+
 def training_arguments(kind: str, cfg: Any, *, output_dir: str, deepspeed: dict | None = None,
-                       save_steps: int | None = -1, use_gpu: bool = False, tracking: dict | None = None):
-    """TRL's ``DPOConfig`` / ``SFTConfig`` of a ``TrainConfig``.
+                       save_steps: int | None = -1, use_gpu: bool = False, tracking: dict | None = None,
+                       progress_bar: bool = True):
+    """The ``ProbeDPOConfig`` / ``ProbeSFTConfig`` of a ``TrainConfig``: TRL's settings, the
+    penalty's (``probe_path``, ``probe_weight``, ...) and last the ``trl`` keys of the config
+    (any other field of TRL's config, checked when the config loaded).
 
     Made BEFORE the models are loaded when DeepSpeed runs ZeRO-3: the arguments register the
     DeepSpeed config with transformers, so ``from_pretrained`` builds the model under
     ``deepspeed.zero.Init`` and every rank only ever holds its own shard of the weights.
     ``tracking``: keys from ``probe_dpo.tracking.trainer_args`` (TRL's ``report_to``: W&B,
-    MLflow, TensorBoard); None reports nowhere.
+    MLflow, TensorBoard); None reports nowhere. ``progress_bar``: TRL's tqdm bar
+    (``trl.disable_tqdm`` in the config still decides when set).
     """
     common = _common_args(cfg.train, output_dir=output_dir, seed=cfg.seed, use_gpu=use_gpu, deepspeed=deepspeed,
-                          save_steps=save_steps, tracking=tracking)
+                          save_steps=save_steps, tracking=tracking, progress_bar=progress_bar)
+    common.update(_penalty_args(cfg, kind))
+    extra = dict(getattr(cfg, "trl", None) or {})
     if kind == "dpo":
-        return DPOConfig(beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type],
-                         precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs, **common)
+        return ProbeDPOConfig(**{**common, "beta": cfg.dpo.beta, "loss_type": [cfg.dpo.loss_type],
+                                 "precompute_ref_log_probs": cfg.dpo.precompute_ref_log_probs, **extra})
     if kind == "sft":
-        return SFTConfig(dataset_text_field="text", packing=False, **common)
+        return ProbeSFTConfig(**{**common, "dataset_text_field": "text", "packing": False, **extra})
     raise ValueError(f"unknown trainer kind {kind!r}")
 
 
 def build_trainer(kind: str, model: Any, tokenizer: Any, records: Sequence[dict], cfg: Any, *,
-                  output_dir: str, ref_model: Any = None, probes: Sequence[Any] | None = None,
+                  output_dir: str, ref_model: Any = None, probes: Any = None,
                   callbacks: Sequence[Any] = (), deepspeed: dict | None = None, save_steps: int | None = -1,
-                  use_gpu: bool = False, aggregation: str = "mean", args: Any = None,
-                  tracking: dict | None = None):
+                  use_gpu: bool = False, args: Any = None, tracking: dict | None = None):
     """A ``ProbeDPOTrainer`` (``kind="dpo"``, records with prompt/chosen/rejected) or a
     ``ProbeSFTTrainer`` (``kind="sft"``, records with text or prompt/completion) configured
     from a ``TrainConfig`` (``args``: arguments made earlier by ``training_arguments``).
 
-    ``probes``: the training probes for the penalty (used when ``cfg.penalty_weight > 0``).
+    The penalty is the config's (``penalty.weight``; 0 trains plain TRL), on the train probes
+    of ``cfg.probes``, or on ``probes`` when given (a ``ProbeSet`` or a list of probes).
     ``tracking``: ``report_to`` keys for arguments made here (see ``training_arguments``).
     """
     from datasets import Dataset
@@ -324,17 +474,12 @@ def build_trainer(kind: str, model: Any, tokenizer: Any, records: Sequence[dict]
 
     if kind == "dpo":  # TRL's standard (strings) or conversational (messages: its chat template) format
         data = Dataset.from_list([trl_pair(r) for r in records])
-        trainer = ProbeDPOTrainer(model=model, ref_model=None if peft_config is not None else ref_model, args=args,
-                                  train_dataset=data, processing_class=tokenizer, callbacks=list(callbacks),
-                                  peft_config=peft_config)
-    elif kind == "sft":
+        return ProbeDPOTrainer(model=model, ref_model=None if peft_config is not None else ref_model, args=args,
+                               train_dataset=data, processing_class=tokenizer, callbacks=list(callbacks),
+                               peft_config=peft_config, probes=probes)
+    if kind == "sft":
         # text, messages (a conversation) or prompt/completion (loss and penalty on the completion)
         data = Dataset.from_list([trl_sft_row(r) for r in records])
-        trainer = ProbeSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                  callbacks=list(callbacks), peft_config=peft_config)
-    else:
-        raise ValueError(f"unknown trainer kind {kind!r}")
-    if probes:
-        trainer.set_penalty(probes, cfg.penalty_weight, reduce=cfg.penalty.reduce, tokens=cfg.penalty.tokens,
-                            aggregation=cfg.aggregation or aggregation, form=cfg.penalty.form)
-    return trainer
+        return ProbeSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                               callbacks=list(callbacks), peft_config=peft_config, probes=probes)
+    raise ValueError(f"unknown trainer kind {kind!r}")
