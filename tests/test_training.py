@@ -151,7 +151,7 @@ def test_trl_keys_pass_through_to_the_trl_config_and_bad_ones_fail_at_load():
         with pytest.raises(UserError) as err:
             load_config(TrainConfig, None, overrides)
         assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
-        assert str(err.value).startswith("command line: ")
+        assert str(err.value).startswith("command line"), str(err.value)  # the command line, not a file
 
 
 # ---------------------------------------------------------------------------------------------
