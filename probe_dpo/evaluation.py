@@ -83,11 +83,10 @@ def score_completions(completions: Sequence[Sequence[str]], judges: Sequence[Any
     return out
 
 
-def _per_prompt_rates(scores: np.ndarray, threshold: float) -> np.ndarray:
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim == 1:
-        scores = scores[:, None]
-    return (scores >= threshold).mean(axis=1)
+def per_prompt_rates(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Each prompt's share of samples at or above ``threshold``: ``[prompts, samples]`` -> ``[prompts]``."""
+    x = np.asarray(scores, dtype=np.float64)
+    return (x >= threshold).reshape(len(x), -1).mean(axis=1)
 
 
 def _mean(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -102,7 +101,7 @@ def rate_with_ci(scores: np.ndarray, threshold: float = DEFAULT_THRESHOLD, n_boo
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
         raise UserError("no scores to compute a rate from")
-    per_prompt = _per_prompt_rates(scores, threshold)
+    per_prompt = per_prompt_rates(scores, threshold)
     res = cluster_bootstrap(len(per_prompt), lambda c: _mean(per_prompt, c), n_boot=n_boot, seed=seed)
     return {"rate": float(per_prompt.mean()), "ci_low": res["ci_low"], "ci_high": res["ci_high"],
             "mean_score": float(scores.mean()), "prompts": int(len(per_prompt)), "samples": int(scores.size),
@@ -127,8 +126,8 @@ def paired_relative_change(base: np.ndarray, new: np.ndarray | Sequence[np.ndarr
     runs = [new] if isinstance(new, np.ndarray) else list(new)
     if not runs:
         raise UserError("paired_relative_change needs at least one fine-tuned run")
-    b = _per_prompt_rates(base, threshold)
-    news = np.array([_per_prompt_rates(r, threshold) for r in runs])  # [seeds, prompts]
+    b = per_prompt_rates(base, threshold)
+    news = np.array([per_prompt_rates(r, threshold) for r in runs])  # [seeds, prompts]
     if news.shape[1] != len(b):
         raise UserError(f"paired comparison needs the same prompts: base has {len(b)}, a run has {news.shape[1]}")
     base_rate, new_rate = float(b.mean()), float(news.mean())

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from probe_dpo.detection import Readout, compare
-from probe_dpo.evaluation import DEFAULT_THRESHOLD, judge_threshold, paired_relative_change
+from probe_dpo.evaluation import DEFAULT_THRESHOLD, judge_threshold, paired_relative_change, per_prompt_rates
 from probe_dpo.outcome import OwnRows, coordinates, label, null_band
 from probe_dpo.stats import cluster_ids, holm, two_level_bootstrap
 
@@ -237,8 +237,8 @@ def base_summary(base: Mapping[str, Any], roles: Mapping[str, list[str]]) -> dic
 def _rate_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *, threshold: float, n_boot: int,
                      seed: int) -> dict:
     """Toxic rate of arm A minus arm B on the same prompts, each arm's seeds resampled with the prompts."""
-    ra = np.array([(np.asarray(x) >= threshold).mean(1) for x in a])  # [seeds, prompts]
-    rb = np.array([(np.asarray(x) >= threshold).mean(1) for x in b])
+    ra = np.array([per_prompt_rates(x, threshold) for x in a])  # [seeds, prompts]
+    rb = np.array([per_prompt_rates(x, threshold) for x in b])
 
     def difference(prompts: np.ndarray, seeds: list[np.ndarray]) -> np.ndarray:
         pa = seeds[0] @ ra / seeds[0].sum(-1, keepdims=True)

@@ -9,6 +9,7 @@ import numpy as np
 
 from probe_dpo.attribution.scores import top_k_mask
 from probe_dpo.errors import UserError
+from probe_dpo.evaluation import per_prompt_rates
 from probe_dpo.stats import cluster_bootstrap, mean_ci, wilson_ci
 
 MITIGATIONS = ("filter", "swap", "drop-sources")
@@ -91,12 +92,6 @@ def mitigate(pairs: Sequence[dict], scores: Sequence[float], how: str, *, k: int
     return out, info
 
 
-def _per_prompt_rates(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Each prompt's share of samples at or above ``threshold``: ``[prompts, samples]`` -> ``[prompts]``."""
-    x = np.asarray(scores, dtype=np.float64)
-    return (x >= threshold).reshape(len(x), -1).mean(axis=1)
-
-
 def share_of_rise_removed(base: np.ndarray, raw: np.ndarray, mitigated: np.ndarray, *,
                           threshold: float = 0.5, n_boot: int = 2000, seed: int = 0) -> dict:
     """``(rate_raw - rate_mitigated) / (rate_raw - rate_base)`` with a paired 95% bootstrap CI.
@@ -107,7 +102,7 @@ def share_of_rise_removed(base: np.ndarray, raw: np.ndarray, mitigated: np.ndarr
     ``undefined_resamples``). 1.0 means the whole rise is gone; above 1, the mitigated model
     is below the base model.
     """
-    b, r, m = (_per_prompt_rates(x, threshold) for x in (base, raw, mitigated))
+    b, r, m = (per_prompt_rates(x, threshold) for x in (base, raw, mitigated))
     if not len(b) == len(r) == len(m):
         raise UserError(f"share of rise removed needs the same prompts: {len(b)}, {len(r)}, {len(m)}")
     rise = r.mean() - b.mean()
@@ -136,7 +131,7 @@ def reduction_vs_raw(raw: np.ndarray, mitigated: np.ndarray, *, threshold: float
     to both (a paired 95% bootstrap CI); resamples with no behaviour after raw DPO are dropped
     (``undefined_resamples``).
     """
-    r, m = (_per_prompt_rates(x, threshold) for x in (raw, mitigated))
+    r, m = (per_prompt_rates(x, threshold) for x in (raw, mitigated))
     if len(r) != len(m):
         raise UserError(f"reduction vs raw needs the same prompts: {len(r)}, {len(m)}")
     reduction = float((r.mean() - m.mean()) / r.mean()) if r.mean() > 0 else float("nan")
