@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -363,20 +364,25 @@ def fetch_dir(uri: str, local_dir: str | Path | None = None) -> Path:
     ``~/.cache/probe_dpo``) keyed by the URI and its manifest, so a republished artifact is
     fetched again and an unchanged one is not; every downloaded file's size and sha256 are
     checked. The download goes to a temporary sibling and is renamed into place when complete;
-    if the artifact is republished meanwhile, the fetch starts over with the new version.
+    if the artifact is republished meanwhile, the fetch starts over with the new version, after
+    a growing pause (0.1 s doubling, about 6 s in all) so a reader outlasts a burst of
+    republishing instead of racing it: three immediate retries lost to a busy publisher in CI.
     """
     if not is_remote(uri):
         manifest = read_manifest(uri)
         root = _files_root(Path(_local_path(uri)), manifest)
         _verify_sizes(root, manifest, uri)
         return root
-    for attempt in range(3):
+    attempts = 7
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(0.1 * 2 ** (attempt - 1))
         manifest = read_manifest(uri)
         try:
             return _download(uri, manifest, local_dir)
         except _Republished:
             continue
-    raise UserError(f"storage {uri}: republished three times while fetching it; try again later")
+    raise UserError(f"storage {uri}: republished {attempts} times while fetching it; try again later")
 
 
 class _Republished(Exception):
