@@ -90,13 +90,23 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server):
-    """One local Ray cluster for the whole test session (started after the S3 env is set)."""
+def ray_cluster(request):
+    """One local Ray cluster for the whole test session (started after the S3 env is set).
+
+    The S3 server is started first wherever moto is installed (always with the dev extra); a
+    GPU box that was given only the runtime packages runs its Ray tests without it. Workers get
+    this checkout ahead of the driver's own PYTHONPATH (packages carried there stay visible).
+    """
+    import importlib.util
+
     import ray
 
+    if importlib.util.find_spec("moto") is not None:
+        request.getfixturevalue("s3_server")
     if not ray.is_initialized():
+        path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
     yield ray
     ray.shutdown()
 

@@ -221,6 +221,8 @@ def extract_sharded(model: str, out: str, texts: Sequence[str] | None = None, *,
     span, n = _check_inputs(texts, prompts, completions, span)
     if n == 0:
         raise UserError("nothing to extract: no inputs")
+    count = _config_layer_count(model)  # a wrong layer is refused before Ray starts (it did only on GPU boxes)
+    layer_ids = resolve_layers(count, layers) if count is not None else list(layers)
     if dtype == "auto":  # bf16 on GPU actors, fp32 on CPUs (the probe math is fp32 either way)
         if pool is not None:
             dtype = pool.dtype
@@ -230,8 +232,6 @@ def extract_sharded(model: str, out: str, texts: Sequence[str] | None = None, *,
             init_ray(address)
             use_gpu = resolve_use_gpu("auto") if use_gpu is None else use_gpu
             dtype = "bfloat16" if use_gpu else "float32"
-    count = _config_layer_count(model)
-    layer_ids = resolve_layers(count, layers) if count is not None else list(layers)
     if pool is not None and (pool.model != str(model) or pool.dtype != dtype):
         raise UserError(f"the extractor pool holds {pool.model} ({pool.dtype}), not {model} ({dtype})")
     stamp = _model_stamp(str(model))
