@@ -1,9 +1,8 @@
 """Publishing and fetching artifacts: the write side of ``probe_dpo.storage``.
 
-Call ``artifacts.publish_dir`` / ``fetch_dir`` / ``read_member`` / ``verify_files`` (the
-module docstring of ``probe_dpo.storage`` states the guarantees; this module imports it,
-never the reverse). The steps of a publish, each followed by ``_step(name)`` (the seam the crash
-tests use to SIGKILL a publisher between every pair of steps):
+Call ``publish_dir`` / ``fetch_dir`` / ``read_member`` / ``verify_files`` (``probe_dpo.storage``'s
+docstring states the guarantees; this module imports it, never the reverse). The steps of a
+publish, each followed by ``_step(name)`` (where the crash tests SIGKILL a publisher):
 
 - S3:    lease -> upload each file to ``_v/<version>/`` -> pointer (the manifest, one PUT)
          -> gc (every other version and leftover under the prefix) -> lease released
@@ -59,8 +58,7 @@ _CHUNK = 8 * 2**20
 
 
 def _step(name: str) -> None:
-    """Called between the steps of a publish. Does nothing: it is the seam the crash tests use to
-    kill a publisher (SIGKILL) between every pair of steps."""
+    """Called between the steps of a publish; does nothing: the crash tests' seam (SIGKILL there)."""
 
 
 def _sha256_file(path: Path) -> tuple[int, str]:
@@ -364,22 +362,18 @@ def fetch_dir(uri: str, local_dir: str | Path | None = None) -> Path:
     ``~/.cache/probe_dpo``) keyed by the URI and its manifest, so a republished artifact is
     fetched again and an unchanged one is not; every downloaded file's size and sha256 are
     checked. The download goes to a temporary sibling and is renamed into place when complete;
-    if the artifact is republished meanwhile, the fetch starts over with the new version, after
-    a growing pause (0.1 s doubling, about 6 s in all) so a reader outlasts a burst of
-    republishing instead of racing it: three immediate retries lost to a busy publisher in CI.
+    if the artifact is republished meanwhile, the fetch starts over with the new version after a
+    pause (0.1 s doubling, ~6 s in all: immediate retries lost the race to a busy publisher).
     """
     if not is_remote(uri):
         manifest = read_manifest(uri)
         root = _files_root(Path(_local_path(uri)), manifest)
         _verify_sizes(root, manifest, uri)
         return root
-    attempts = 7
-    for attempt in range(attempts):
-        if attempt:
-            time.sleep(0.1 * 2 ** (attempt - 1))
-        manifest = read_manifest(uri)
+    for attempt in range(attempts := 7):
+        time.sleep(0.1 * 2 ** (attempt - 1) if attempt else 0)
         try:
-            return _download(uri, manifest, local_dir)
+            return _download(uri, read_manifest(uri), local_dir)
         except _Republished:
             continue
     raise UserError(f"storage {uri}: republished {attempts} times while fetching it; try again later")
