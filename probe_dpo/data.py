@@ -151,14 +151,14 @@ def _not_on_hub(name: str) -> str | None:
 def _plain_remote(uri: str) -> bool:
     """A remote file that is not a member of an artifact this project published (those are read
     through ``probe_dpo.storage``, which resolves their current version and checks their hashes)."""
-    return storage.is_remote(uri) and storage._member(uri)[2] is None
+    return storage.is_remote(uri) and storage.resolve_member(uri)[2] is None
 
 
 def _load_files(uri: str, what: str) -> list[dict]:
     """jsonl / parquet / csv through ``datasets.load_dataset`` (remote: with ``storage_options``)."""
     import datasets
 
-    from probe_dpo.backends import storage_options
+    from probe_dpo.storage.backends import storage_options
 
     lower = uri.lower()
     builder = "csv" if lower.endswith(CSV_SUFFIXES) else "parquet" if lower.endswith(PARQUET_SUFFIXES) else "json"
@@ -431,7 +431,7 @@ def _load_from_disk(uri: str) -> list[dict]:
     an artifact this project published on S3: its current version's folder)."""
     import datasets
 
-    from probe_dpo.backends import storage_options
+    from probe_dpo.storage.backends import storage_options
 
     where = uri
     if storage.is_remote(uri) and storage.is_complete(uri):

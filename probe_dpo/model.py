@@ -205,7 +205,7 @@ def load_model(path_or_id: str | os.PathLike, dtype: str | torch.dtype = "float3
     local = _local_model_path(path_or_id)
     torch_dtype = _dtype(dtype)
     if os.path.isdir(local):
-        from probe_dpo import artifacts
+        from probe_dpo.storage import artifacts
 
         artifacts.verify_files(local)  # a published folder: its weights and configs are what was published
     bar = hf_logging.is_progress_bar_enabled()
@@ -327,7 +327,8 @@ def model_dir(path_or_id: str | os.PathLike) -> str:
     """
     text = str(path_or_id)
     if "://" in text:
-        from probe_dpo import artifacts, storage
+        from probe_dpo import storage
+        from probe_dpo.storage import artifacts
 
         if not storage.exists(text):
             raise UserError(f"cannot load a model from {text}: nothing is stored there")

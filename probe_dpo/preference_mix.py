@@ -58,9 +58,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from probe_dpo import artifacts, storage
+from probe_dpo import storage
 from probe_dpo.config import bounded, to_dict
 from probe_dpo.errors import UserError
+from probe_dpo.storage import artifacts
 from probe_dpo.testbed.layout import TestbedPaths
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from probe_dpo import activations as A
-from probe_dpo import artifacts, storage
+from probe_dpo import storage
 from probe_dpo.errors import UserError
 from probe_dpo.model import load_model, load_tokenizer, residual_hooks
+from probe_dpo.storage import artifacts
 
 torch.set_num_threads(1)
 

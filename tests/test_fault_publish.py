@@ -24,8 +24,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from probe_dpo import artifacts, lease, storage
+from probe_dpo import storage
 from probe_dpo.errors import UserError
+from probe_dpo.storage import artifacts, lease
 
 V1 = {"model.safetensors": b"\x00\x01" * 1000, "config.json": b'{"v": 1}', "sub/dir/a.txt": b"first"}
 V2 = {"model.safetensors": b"\x07" * 3333, "config.json": b'{"v": 2}', "new.txt": b"second"}
@@ -35,7 +36,8 @@ V2 = {"model.safetensors": b"\x07" * 3333, "config.json": b'{"v": 2}', "new.txt"
 # wait-at it prints HOLDING and waits for a line on stdin before going on.
 PUBLISHER = r"""
 import json, os, signal, sys
-from probe_dpo import artifacts, storage
+from probe_dpo import storage
+from probe_dpo.storage import artifacts
 src, uri, meta, kill_at, wait_at = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 count = 0
 def step(name):

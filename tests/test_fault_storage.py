@@ -27,8 +27,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from probe_dpo import artifacts, storage
+from probe_dpo import storage
 from probe_dpo.errors import UserError
+from probe_dpo.storage import artifacts
 
 ATTEMPTS, CONNECT_TIMEOUT = 2, 1
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from probe_dpo.detection import TRAIN_AGGREGATE, Readout
-from probe_dpo.goodhart import (ONE_SEED, REPLICATE, arm_summary, comparisons, default_pairs, judge_agreement,
-                               outcomes)
+from probe_dpo.goodhart import ONE_SEED, REPLICATE, arm_summary, comparisons, default_pairs, judge_agreement, outcomes
 
 ROLES = {"train": ["train-L1"], "ensemble": [TRAIN_AGGREGATE], "held_out": ["heldout-L2"],
          "retrained": ["retrained:L1"]}

@@ -163,7 +163,7 @@ def test_weights_that_do_not_fit_the_config_are_one_line(tmp_path, tiny_model_di
 
 
 def test_a_published_model_with_a_damaged_weight_is_refused(tmp_path, tiny_model_dir):
-    from probe_dpo import artifacts
+    from probe_dpo.storage import artifacts
 
     uri = str(tmp_path / "policy")
     artifacts.publish_dir(tiny_model_dir, uri)

@@ -136,8 +136,8 @@ def test_poison_copies_spread_each_toxic_response_over_more_triggered_prompts(tm
 def test_a_crash_while_rebuilding_keeps_the_old_mix_whole(storage_root, tmp_path, monkeypatch):
     """pairs.jsonl, poison_labels.jsonl and mix.json are one published artifact: a crash while a
     new mix is written leaves the old key with the old files, never new pairs under the old key."""
-    from probe_dpo import artifacts
     from probe_dpo.preference_mix import read_mix
+    from probe_dpo.storage import artifacts
 
     tb = fake_testbed(tmp_path / "tb")
     out = storage.join(storage_root, "mix")

@@ -8,8 +8,16 @@ import pytest
 from scipy.stats import bootstrap
 from sklearn.metrics import roc_auc_score
 
-from probe_dpo.stats import (bootstrap_p_value, cluster_bootstrap, cluster_ids, holm, two_level_bootstrap, verdict,
-                             weighted_auroc, weighted_mean)
+from probe_dpo.stats import (
+    bootstrap_p_value,
+    cluster_bootstrap,
+    cluster_ids,
+    holm,
+    two_level_bootstrap,
+    verdict,
+    weighted_auroc,
+    weighted_mean,
+)
 
 
 def test_weighted_auroc_is_sklearns_with_sample_weights_ties_included():

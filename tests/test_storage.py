@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from probe_dpo import artifacts, storage
+from probe_dpo import storage
 from probe_dpo.errors import UserError
+from probe_dpo.storage import artifacts
 
 
 def _closed_port() -> int:

@@ -22,11 +22,12 @@ import torch
 from safetensors.torch import load_file
 from test_probes import labelled_records
 
-from probe_dpo import artifacts, storage
+from probe_dpo import storage
 from probe_dpo.cli import main
 from probe_dpo.config import load_config
 from probe_dpo.data import write_records
 from probe_dpo.probes import ProbeTrainConfig, train_probes
+from probe_dpo.storage import artifacts
 from probe_dpo.testbed import tiny_model_dir as make_tiny
 from probe_dpo.training import TrainConfig, prepare, train
 from probe_dpo.training.pairs import build_pairs, randomize_labels

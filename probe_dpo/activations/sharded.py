@@ -368,7 +368,8 @@ def load_activations(uri: str, layers: Sequence[int] | None = None) -> tuple[Fea
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from probe_dpo import artifacts, storage
+    from probe_dpo import storage
+    from probe_dpo.storage import artifacts
 
     manifest = storage.read_manifest(uri)
     meta = manifest.get("metadata", {})

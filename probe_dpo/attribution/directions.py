@@ -12,10 +12,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from probe_dpo import artifacts, storage
+from probe_dpo import storage
 from probe_dpo.data import chat_value
 from probe_dpo.errors import UserError
-from probe_dpo.storage import json_text
+from probe_dpo.storage import artifacts, json_text
 
 DIRECTIONS_FORMAT = "probe_dpo.directions/1"
 

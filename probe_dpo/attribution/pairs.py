@@ -6,8 +6,8 @@ from __future__ import annotations
 import tempfile
 from typing import Sequence
 
-from probe_dpo import artifacts
 from probe_dpo.data import PAIR_COLUMNS
+from probe_dpo.storage import artifacts
 
 
 def read_pair_file(uri: str) -> list[dict]:

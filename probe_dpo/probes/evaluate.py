@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from probe_dpo.probes.probe import ROLES, ProbeSet
-from probe_dpo.probes.train import ProbeTrainConfig, _auroc_subset, _fmt, _labels, _read_split, extract_records
+from probe_dpo.probes.train import ProbeTrainConfig, auroc_subset, extract_records, format_metric, labels_of, read_split
 from probe_dpo.stats import as_numpy as _np
 from probe_dpo.stats import binary_metrics, roc_auc
 
@@ -34,8 +34,8 @@ def evaluate_probes(probeset: ProbeSet, model: str, data: str, *, label_column: 
             if not group:
                 continue
             cfg = ProbeTrainConfig(span=span, label_column=label_column)  # type: ignore[arg-type]
-            records = _read_split(data, cfg, "labelled data")
-            labels = _labels(records, cfg)
+            records = read_split(data, cfg, "labelled data")
+            labels = labels_of(records, cfg)
             labels_done = labels
             feats = extract_records(model, lm, tok, records, sorted({p.layer for p in group}), pooling=pooling,
                                     span=span, batch_size=batch_size, max_length=max_length)
@@ -45,7 +45,7 @@ def evaluate_probes(probeset: ProbeSet, model: str, data: str, *, label_column: 
                 p = _np(probe.prob(feats[probe.layer]))
                 m = binary_metrics(p, labels, probe.card.get("threshold"))
                 if has_genre:
-                    m["auroc_toxic_prompts"] = _auroc_subset(p, labels, genre)
+                    m["auroc_toxic_prompts"] = auroc_subset(p, labels, genre)
                 results["probes"][probe.name] = {"role": probe.role, "layer": probe.layer, **m}
             for role in ROLES:
                 members = [p for p in group if p.role == role]
@@ -64,9 +64,9 @@ def eval_markdown(results: dict) -> str:
              "| probe | role | layer | AUROC | AUROC (toxic prompts) | accuracy | TPR @ thr | FPR @ thr |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(results["probes"].items(), key=lambda kv: (kv[1]["role"] != "train", kv[1]["layer"], kv[0])):
-        lines.append(f"| {name} | {r['role']} | {r['layer']} | {_fmt(r['auroc'])} | {_fmt(r.get('auroc_toxic_prompts'))} "
-                     f"| {_fmt(r['accuracy'])} | {_fmt(r.get('tpr'))} | {_fmt(r.get('fpr'))} |")
+        lines.append(f"| {name} | {r['role']} | {r['layer']} | {format_metric(r['auroc'])} | {format_metric(r.get('auroc_toxic_prompts'))} "
+                     f"| {format_metric(r['accuracy'])} | {format_metric(r.get('tpr'))} | {format_metric(r.get('fpr'))} |")
     for role in ROLES:
         if f"{role}_aggregate_auroc" in results:
-            lines.append(f"| {role} aggregate | {role} | - | {_fmt(results[f'{role}_aggregate_auroc'])} | - | - | - | - |")
+            lines.append(f"| {role} aggregate | {role} | - | {format_metric(results[f'{role}_aggregate_auroc'])} | - | - | - | - |")
     return "\n".join(lines) + "\n"

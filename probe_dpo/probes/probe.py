@@ -204,7 +204,7 @@ class ProbeSet(nn.Module):
         """Publish the set at ``uri`` (safetensors + JSON cards; manifest last); returns the manifest."""
         from safetensors.torch import save_file
 
-        from probe_dpo import artifacts
+        from probe_dpo.storage import artifacts
 
         with tempfile.TemporaryDirectory(prefix="probeset-") as tmp:
             root = Path(tmp)

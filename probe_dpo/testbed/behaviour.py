@@ -41,7 +41,7 @@ from probe_dpo.data import is_messages, json_digest, message_text, read_records,
 from probe_dpo.errors import UserError
 from probe_dpo.generation import GenerationSettings, generate
 from probe_dpo.testbed.config import SMOLLM2, score_column
-from probe_dpo.testbed.io import _rng, _sha256_file
+from probe_dpo.testbed.io import seeded_rng, sha256_file
 from probe_dpo.testbed.layout import DATA, INFO, MODEL, data_file
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,9 @@ def _prompt_rows(rows: Sequence[dict], chat: bool, where: str) -> list[dict]:
 
 
 def behaviour_hash(cfg: BehaviourConfig, judges: Sequence[str]) -> str:
-    from probe_dpo.testbed.assets import _model_fingerprint
+    from probe_dpo.testbed.assets import model_fingerprint
 
-    model = (_model_fingerprint(cfg.model) if cfg.model == SMOLLM2 or Path(cfg.model).expanduser().is_dir()
+    model = (model_fingerprint(cfg.model) if cfg.model == SMOLLM2 or Path(cfg.model).expanduser().is_dir()
              else {"model": cfg.model})
     return json_digest([BEHAVIOUR_VERSION, to_dict(cfg), sorted(set(judges)), model])
 
@@ -167,7 +167,7 @@ def behaviour_hash(cfg: BehaviourConfig, judges: Sequence[str]) -> str:
 def build_behaviour(cfg: BehaviourConfig, out_dir: str | Path, judges: Sequence[str]) -> dict:
     """Build (or reuse) the behaviour's testbed folder; returns its ``testbed.json``."""
     from probe_dpo.judges import get_judge, judge_name
-    from probe_dpo.testbed.build import _split_ids
+    from probe_dpo.testbed.build import split_ids
 
     t0 = time.time()
     out = Path(out_dir).expanduser()
@@ -194,11 +194,11 @@ def build_behaviour(cfg: BehaviourConfig, out_dir: str | Path, judges: Sequence[
     else:
         if cfg.heldout >= len(prompts):
             raise UserError(f"behaviour.heldout: {cfg.heldout} leaves no training prompts of {len(prompts)}")
-        perm = _rng(rng_seed, "heldout").permutation(len(prompts))
+        perm = seeded_rng(rng_seed, "heldout").permutation(len(prompts))
         heldout = [prompts[i] for i in sorted(perm[:cfg.heldout])]
         prompts = [prompts[i] for i in sorted(perm[cfg.heldout:])]
     if cfg.max_prompts and len(prompts) > cfg.max_prompts:
-        keep = _rng(rng_seed, "max-prompts").choice(len(prompts), cfg.max_prompts, replace=False)
+        keep = seeded_rng(rng_seed, "max-prompts").choice(len(prompts), cfg.max_prompts, replace=False)
         prompts = [prompts[i] for i in sorted(keep)]
 
     names = {j: judge_name(j) for j in judges}
@@ -224,8 +224,8 @@ def build_behaviour(cfg: BehaviourConfig, out_dir: str | Path, judges: Sequence[
         for r in rows:
             r["score"] = r[score_column(names[cfg.label_judge])]
             r["label"] = int(r["score"] >= cfg.threshold)
-    split_of = _split_ids(sorted({r["prompt_id"] for r in rows}), cfg.val_fraction, cfg.test_fraction,
-                          _rng(rng_seed, "split"))
+    split_of = split_ids(sorted({r["prompt_id"] for r in rows}), cfg.val_fraction, cfg.test_fraction,
+                          seeded_rng(rng_seed, "split"))
     data = out / DATA
     splits = {}
     for name in ("train", "val", "test"):
@@ -252,7 +252,7 @@ def build_behaviour(cfg: BehaviourConfig, out_dir: str | Path, judges: Sequence[
         raise UserError(f"behaviour.perplexity {cfg.perplexity}: needs texts (column text)")
     write_records([{"text": r["text"]} for r in ppl], str(data / data_file("perplexity")))
 
-    files = {f.relative_to(out).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256_file(f)}
+    files = {f.relative_to(out).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
              for f in sorted(out.rglob("*")) if f.is_file() and f.name != INFO
              and f.relative_to(out).parts[0] in (DATA, MODEL) and not f.name.startswith(".")}
     data_hashes = {rel: m["sha256"] for rel, m in files.items() if rel.startswith("data/")}
@@ -282,11 +282,11 @@ def _publish(model: str, dest: Path):
     import shutil
 
     from probe_dpo.model import load_model, load_tokenizer
-    from probe_dpo.testbed.assets import _load_model, _publish_model
+    from probe_dpo.testbed.assets import load_source_model, publish_model
 
     if model == SMOLLM2:
-        lm, tok, src = _load_model(model)
-        _publish_model(lm, tok, src, hard_link=True, dest=dest)
+        lm, tok, src = load_source_model(model)
+        publish_model(lm, tok, src, hard_link=True, dest=dest)
         return lm, tok
     lm, tok = load_model(model), load_tokenizer(model)
     tmp = dest.parent / f".{dest.name}.tmp"

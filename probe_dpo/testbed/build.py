@@ -13,25 +13,26 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from probe_dpo import artifacts, storage
+from probe_dpo import storage
 from probe_dpo.config import to_dict
 from probe_dpo.data import write_records
 from probe_dpo.errors import UserError
 from probe_dpo.generation import generate
 from probe_dpo.stats import stable_seed
-from probe_dpo.testbed.assets import _load_model, _model_fingerprint, _publish_model, cache_dir
-from probe_dpo.testbed.config import BUILD_VERSION, SMOLLM2, TestbedConfig, _package_versions, score_column
-from probe_dpo.testbed.io import _rng, _sha256_file, _torch_threads
+from probe_dpo.storage import artifacts
+from probe_dpo.testbed.assets import cache_dir, load_source_model, model_fingerprint, publish_model
+from probe_dpo.testbed.config import BUILD_VERSION, SMOLLM2, TestbedConfig, package_versions, score_column
+from probe_dpo.testbed.io import seeded_rng, sha256_file, torch_threads
 from probe_dpo.testbed.layout import DATA, INFO, MODEL, TestbedPaths, data_file
-from probe_dpo.testbed.sources import _fragment, load_benign_pools, load_rtp_prompts
+from probe_dpo.testbed.sources import fragment, load_benign_pools, load_rtp_prompts
 
 log = logging.getLogger(__name__)
 
 
 def config_hash(cfg: TestbedConfig) -> str:
     """The cache key: config + build version + package versions + model identity."""
-    payload = {"build_version": BUILD_VERSION, "config": to_dict(cfg), "packages": _package_versions(),
-               "model": _model_fingerprint(cfg.model)}
+    payload = {"build_version": BUILD_VERSION, "config": to_dict(cfg), "packages": package_versions(),
+               "model": model_fingerprint(cfg.model)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -82,7 +83,7 @@ def build_testbed(cfg: TestbedConfig, out_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (out / INFO).unlink()  # whatever is there is now incomplete
-    with _torch_threads(cfg.threads) as threads:
+    with torch_threads(cfg.threads) as threads:
         info = _build(cfg, out, key, threads, t0)
     return {**info, "cache_hit": False}
 
@@ -110,7 +111,7 @@ def publish_testbed(local: str | Path, uri: str) -> str:
     return uri
 
 
-def _split_ids(ids: Sequence[str], val: float, test: float, rng) -> dict[str, str]:
+def split_ids(ids: Sequence[str], val: float, test: float, rng) -> dict[str, str]:
     ids = list(ids)
     perm = [ids[i] for i in rng.permutation(len(ids))]
     n_val, n_test = round(len(ids) * val), round(len(ids) * test)
@@ -140,21 +141,21 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
 
     # -- model ---------------------------------------------------------------------------------
     log.info(f"building into {out} (model {cfg.model}, seed {cfg.seed}, {threads} torch threads)")
-    lm, tok, src = _load_model(cfg.model)
-    _publish_model(lm, tok, src, hard_link=cfg.model == SMOLLM2, dest=out / MODEL)
+    lm, tok, src = load_source_model(cfg.model)
+    publish_model(lm, tok, src, hard_link=cfg.model == SMOLLM2, dest=out / MODEL)
     n_params = sum(p.numel() for p in lm.parameters())
     lap("model")
 
     # -- prompts ---------------------------------------------------------------------------------
     rtp = load_rtp_prompts()
-    perm = _rng(cfg.seed, "heldout").permutation(len(rtp))
+    perm = seeded_rng(cfg.seed, "heldout").permutation(len(rtp))
     if cfg.prompts.heldout >= len(rtp):
         raise UserError(f"prompts.heldout: {cfg.prompts.heldout} leaves no training prompts "
                         f"(there are {len(rtp)} unique prompts)")
     heldout = sorted((rtp[i] for i in perm[:cfg.prompts.heldout]), key=lambda r: r["prompt_id"])
     train = sorted((rtp[i] for i in perm[cfg.prompts.heldout:]), key=lambda r: r["prompt_id"])
     if cfg.prompts.max_train is not None and len(train) > cfg.prompts.max_train:
-        keep = _rng(cfg.seed, "max-train").choice(len(train), cfg.prompts.max_train, replace=False)
+        keep = seeded_rng(cfg.seed, "max-train").choice(len(train), cfg.prompts.max_train, replace=False)
         train = [train[i] for i in sorted(keep)]
     write_records(train, str(data / data_file("prompts_train")))
     write_records(heldout, str(data / data_file("prompts_heldout")))
@@ -163,7 +164,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
     pd = cfg.probe_data
     toxic_prompts = train
     if pd.max_toxic_prompts is not None and len(train) > pd.max_toxic_prompts:
-        keep = _rng(cfg.seed, "probe-toxic").choice(len(train), pd.max_toxic_prompts, replace=False)
+        keep = seeded_rng(cfg.seed, "probe-toxic").choice(len(train), pd.max_toxic_prompts, replace=False)
         toxic_prompts = [train[i] for i in sorted(keep)]
     n_toxic_gen = len(toxic_prompts) * pd.samples_per_toxic_prompt
     n_benign_gen = round(n_toxic_gen * pd.benign_share / (1.0 - pd.benign_share))
@@ -171,11 +172,11 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
 
     # Benign prompts: sentence fragments from SIQA / BoolQ / wiki in equal thirds; the rest of
     # each pool (shuffled) feeds the SFT mix. XSum is for perplexity only.
-    shuffled = {name: [pools[name][i] for i in _rng(cfg.seed, "pool", name).permutation(len(pools[name]))]
+    shuffled = {name: [pools[name][i] for i in seeded_rng(cfg.seed, "pool", name).permutation(len(pools[name]))]
                 for name in ("siqa", "boolq", "wiki")}
     benign_prompts: list[dict] = []
     used: set[str] = set()
-    frag_rng = _rng(cfg.seed, "fragments")
+    frag_rng = seeded_rng(cfg.seed, "fragments")
     cursors = {name: 0 for name in shuffled}
     while len(benign_prompts) < n_benign_prompts:
         progressed = False
@@ -186,7 +187,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
             while cursors[name] < len(items):
                 item = items[cursors[name]]
                 cursors[name] += 1
-                frag = _fragment(item["text"], frag_rng)
+                frag = fragment(item["text"], frag_rng)
                 if frag is not None:
                     benign_prompts.append({"prompt_id": item["id"], "prompt": frag, "source": name,
                                            "category": None})
@@ -239,10 +240,10 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
 
     # -- probe splits, by prompt -------------------------------------------------------------------
     split_of: dict[str, str] = {}
-    split_of.update(_split_ids([p["prompt_id"] for p in toxic_prompts], pd.val_fraction, pd.test_fraction,
-                               _rng(cfg.seed, "split", "toxic")))
-    split_of.update(_split_ids(sorted({it["prompt_id"] for it in items if it["genre"] == "benign-prompt"}),
-                               pd.val_fraction, pd.test_fraction, _rng(cfg.seed, "split", "benign")))
+    split_of.update(split_ids([p["prompt_id"] for p in toxic_prompts], pd.val_fraction, pd.test_fraction,
+                               seeded_rng(cfg.seed, "split", "toxic")))
+    split_of.update(split_ids(sorted({it["prompt_id"] for it in items if it["genre"] == "benign-prompt"}),
+                               pd.val_fraction, pd.test_fraction, seeded_rng(cfg.seed, "split", "benign")))
     splits: dict[str, dict] = {}
     for name in ("train", "val", "test"):
         rows = [r for r in records if split_of[r["prompt_id"]] == name]
@@ -303,10 +304,10 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
         words = item["text"].split()
         sft_benign.append({"text": " ".join(words[:120]), "source": name})
     sft_rows = sft_toxic + sft_benign
-    sft_rows = [sft_rows[i] for i in _rng(cfg.seed, "sft").permutation(len(sft_rows))]
+    sft_rows = [sft_rows[i] for i in seeded_rng(cfg.seed, "sft").permutation(len(sft_rows))]
     write_records(sft_rows, str(data / data_file("sft")))
 
-    xsum = [pools["xsum"][i] for i in _rng(cfg.seed, "xsum").permutation(len(pools["xsum"]))]
+    xsum = [pools["xsum"][i] for i in seeded_rng(cfg.seed, "xsum").permutation(len(pools["xsum"]))]
     ppl_texts = []
     for item in xsum:
         if len(ppl_texts) >= ev.perplexity_passages:
@@ -330,7 +331,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
         rel = f.relative_to(out).as_posix()
         if rel.split("/")[0] not in (DATA, MODEL):
             continue
-        files[rel] = {"bytes": f.stat().st_size, "sha256": _sha256_file(f)}
+        files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
     data_hashes = {rel: m["sha256"] for rel, m in files.items() if rel.startswith(f"{DATA}/")}
     content_hash = hashlib.sha256(json.dumps(data_hashes, sort_keys=True).encode()).hexdigest()
     cfg_dict = to_dict(cfg)
@@ -340,7 +341,7 @@ def _build(cfg: TestbedConfig, out: Path, key: str, threads: int, t0: float) -> 
         "content_hash": content_hash,
         "seed": cfg.seed,
         "config": cfg_dict,
-        "packages": _package_versions(),
+        "packages": package_versions(),
         "model": {
             "source": cfg.model,
             "path": "model",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from probe_dpo.config import bounded
@@ -125,13 +124,7 @@ class TestbedConfig:
     """What testbed.json reports about the base model."""
 
 
-def _package_dir(name: str) -> Path:
-    from probe_dpo.judges import package_dir
-
-    return package_dir(name)
-
-
-def _package_versions() -> dict[str, str | None]:
+def package_versions() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, str | None] = {}

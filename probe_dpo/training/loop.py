@@ -197,7 +197,7 @@ def _train(job: dict, scratch: Path) -> None:
             metrics[f"first_{key}"] = float(values[0])
             metrics[f"last_{key}"] = float(values[-1])
     if rank == 0:
-        from probe_dpo import artifacts
+        from probe_dpo.storage import artifacts
 
         policy = finalize_policy(raw, final_dir / "policy", cfg, job, tokenizer,
                                  ema.shadow if ema is not None else None)

@@ -53,11 +53,18 @@ def summarize(run: str) -> dict:
     rewrite after each completed trial only computes the arm that changed."""
     import numpy as np
 
-    from probe_dpo.detection import role_keys
     from probe_dpo.analysis import PLAN_FILE, read_plan
+    from probe_dpo.detection import role_keys
     from probe_dpo.evaluation import judge_threshold
-    from probe_dpo.goodhart import (REPLICATE, arm_summary, base_summary, comparisons, default_pairs, judge_agreement,
-                                    outcomes)
+    from probe_dpo.goodhart import (
+        REPLICATE,
+        arm_summary,
+        base_summary,
+        comparisons,
+        default_pairs,
+        judge_agreement,
+        outcomes,
+    )
 
     ctx = storage.read_json(storage.join(run, "shared", "context.json"))
     e = ctx["eval"]

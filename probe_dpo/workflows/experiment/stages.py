@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from probe_dpo import artifacts, storage
+from probe_dpo import storage
 from probe_dpo.config import load_config, to_dict
 from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
+from probe_dpo.storage import artifacts
 from probe_dpo.testbed.behaviour import TOXICITY
 from probe_dpo.testbed.layout import INFO, TestbedPaths
 from probe_dpo.workflows.experiment.config import ExperimentConfig, ProbeSettings

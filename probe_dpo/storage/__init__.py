@@ -19,7 +19,7 @@ Guarantees
     the version (``"files_at": "_v/<version>"``). Old versions are deleted after that PUT.
   A publisher killed between any two steps leaves readers the complete old version or the
   complete new one. One publisher at a time holds the artifact's writer lease
-  (``probe_dpo.lease``); a second one fails with one line naming the holder.
+  (``probe_dpo.storage.lease``); a second one fails with one line naming the holder.
 - Readers verify: ``read_bytes`` (and ``read_text``/``read_json``) of a file inside a published
   artifact finds the artifact's manifest, reads the current version's bytes and checks size
   and sha256, refusing a damaged file with one line naming it; ``fetch_dir`` checks sizes of
@@ -38,6 +38,11 @@ role): they are never arguments, never logged, and scrubbed from any error text.
 
 No module state beyond a per-process cache of filesystem objects (keyed by process id and
 settings), so functions using this module can be shipped to Ray workers.
+
+The package: this module reads and writes; ``artifacts`` publishes and fetches versioned
+folders; ``lease`` is the writer lease; ``backends`` builds the filesystems and turns their
+errors into one line. The lower-level names here (``raw_read``, ``write_local``, ``member_uri``...)
+are the building blocks ``artifacts`` and ``lease`` share with this module.
 """
 
 from __future__ import annotations
@@ -56,21 +61,21 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from probe_dpo import backends
-from probe_dpo.backends import _LOCAL_PROTOCOLS, _errors, _protocol, _s3, is_remote
 from probe_dpo.errors import UserError
+from probe_dpo.storage import backends
+from probe_dpo.storage.backends import LOCAL_PROTOCOLS, is_remote, protocol_of, s3_filesystem, storage_errors
 
 MANIFEST_NAME = "_MANIFEST.json"
 PUBLISHING_NAME = "_PUBLISHING"  # written by older versions of this module while publishing to S3
 VERSIONS_DIR = "_v"  # S3: <prefix>/_v/<version>/ holds each version's files
-LEASE_NAME = "_LEASE"  # S3: <prefix>/_LEASE is the writer lease (probe_dpo.lease)
+LEASE_NAME = "_LEASE"  # S3: <prefix>/_LEASE is the writer lease (probe_dpo.storage.lease)
 # Hidden siblings that this module creates (and hides from list_dir): ".<name>.tmp-<hex>"
 # (a file or folder being written), ".<name>.old-<hex>" (a replaced version being deleted) and
 # ".<name>.lease" (a local writer lease).
 _TEMP_RE = re.compile(r"^\..+\.((tmp|old)-[0-9a-f]{12}|lease)$")
 
 
-configure = backends.configure  # this process's S3 settings: probe_dpo.backends.configure
+configure = backends.configure  # this process's S3 settings: probe_dpo.storage.backends.configure
 
 
 class ArtifactExists(UserError):
@@ -89,10 +94,10 @@ def absolute(uri: str | None) -> str | None:
     """
     if uri is None or is_remote(os.fspath(uri)) or os.fspath(uri).startswith("file://"):
         return uri
-    return _local_path(uri)
+    return local_path(uri)
 
 
-def _local_path(uri: str) -> str:
+def local_path(uri: str) -> str:
     _, path = fsspec.core.split_protocol(os.fspath(uri))
     return os.path.abspath(os.path.expanduser(path))
 
@@ -100,11 +105,11 @@ def _local_path(uri: str) -> str:
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path inside it (``bucket/key`` for S3)."""
     uri = os.fspath(uri)
-    protocol = _protocol(uri)
-    if protocol in _LOCAL_PROTOCOLS:
-        return LocalFileSystem(), _local_path(uri)
+    protocol = protocol_of(uri)
+    if protocol in LOCAL_PROTOCOLS:
+        return LocalFileSystem(), local_path(uri)
     if protocol in ("s3", "s3a"):
-        return _s3(), uri.split("://", 1)[1].strip("/")
+        return s3_filesystem(), uri.split("://", 1)[1].strip("/")
     return fsspec.core.url_to_fs(uri)
 
 
@@ -124,7 +129,7 @@ def pyarrow_filesystem(uri: str):
     import pyarrow.fs as pafs
 
     if not is_remote(uri):
-        return pafs.LocalFileSystem(), _local_path(uri)
+        return pafs.LocalFileSystem(), local_path(uri)
     fs, path = filesystem(uri)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
@@ -137,15 +142,15 @@ def pyarrow_filesystem(uri: str):
 # Files
 
 
-def _temp_sibling(path: str, kind: str = "tmp") -> str:
+def temp_sibling(path: str, kind: str = "tmp") -> str:
     head, name = os.path.split(path.rstrip("/"))
     return os.path.join(head, f".{name}.{kind}-{uuid.uuid4().hex[:12]}")
 
 
-def _write_local(path: str, chunks) -> None:
+def write_local(path: str, chunks) -> None:
     """Write chunks to a temporary sibling, fsync, then rename over ``path``."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = _temp_sibling(path)
+    tmp = temp_sibling(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
@@ -160,9 +165,9 @@ def _write_local(path: str, chunks) -> None:
         raise
 
 
-def _raw_read(uri: str) -> bytes:
+def raw_read(uri: str) -> bytes:
     """The bytes stored at ``uri`` itself (no artifact resolution, no verification)."""
-    with _errors(uri):
+    with storage_errors(uri):
         fs, path = filesystem(uri)
         if not is_remote(uri):
             return Path(path).read_bytes()
@@ -170,7 +175,7 @@ def _raw_read(uri: str) -> bytes:
 
 
 def _raw_exists(uri: str) -> bool:
-    with _errors(uri):
+    with storage_errors(uri):
         fs, path = filesystem(uri)
         return fs.exists(path)
 
@@ -191,14 +196,14 @@ def _enclosing_artifact(uri: str, include_self: bool = False) -> tuple[str, str,
         candidate = f"{root_path.rstrip('/')}/{MANIFEST_NAME}"
         if not remote and not os.path.isfile(candidate):
             continue
-        with _errors(uri):
+        with storage_errors(uri):
             try:
                 body = Path(candidate).read_bytes() if not remote else fs.cat_file(candidate)
             except FileNotFoundError:
                 continue
         rel = "/".join(parts[i:])
         root_uri = _ancestor_uri(uri, root_path, len(parts) - i)
-        manifest = _parse_manifest(body, root_uri)
+        manifest = parse_manifest(body, root_uri)
         files_at = manifest.get("files_at")
         if files_at and rel.startswith(files_at + "/"):
             rel = rel[len(files_at) + 1:]  # a version folder's own path: the same member
@@ -212,11 +217,11 @@ def _ancestor_uri(uri: str, root_path: str, levels: int) -> str:
     if levels == 0:
         return uri.rstrip("/")
     if "." in pieces or ".." in pieces or len(pieces) <= levels:
-        return f"{_protocol(uri)}://{root_path}" if is_remote(uri) else root_path
+        return f"{protocol_of(uri)}://{root_path}" if is_remote(uri) else root_path
     return "/".join(pieces[:-levels])
 
 
-def _member(uri: str, include_self: bool = False) -> tuple[str, dict | None, tuple | None]:
+def resolve_member(uri: str, include_self: bool = False) -> tuple[str, dict | None, tuple | None]:
     """Where the bytes of ``uri`` live, its manifest entry if it is an artifact's file, and the
     enclosing artifact (or None)."""
     found = _enclosing_artifact(uri, include_self)
@@ -226,15 +231,15 @@ def _member(uri: str, include_self: bool = False) -> tuple[str, dict | None, tup
     entry = manifest["files"].get(rel)
     if entry is None:
         return uri, None, found
-    return _member_uri(root, manifest, rel), entry, found
+    return member_uri(root, manifest, rel), entry, found
 
 
-def _member_uri(root: str, manifest: dict, rel: str) -> str:
+def member_uri(root: str, manifest: dict, rel: str) -> str:
     files_at = manifest.get("files_at")
     return join(root, files_at, rel) if files_at else join(root, rel)
 
 
-def _check_bytes(data: bytes, entry: dict, uri: str) -> None:
+def check_bytes(data: bytes, entry: dict, uri: str) -> None:
     if len(data) != entry["bytes"]:
         raise UserError(f"storage {uri}: has {len(data)} bytes, its artifact's {MANIFEST_NAME} says "
                         f"{entry['bytes']} (damaged, or changed after publishing): refusing to load it")
@@ -246,7 +251,7 @@ def _check_bytes(data: bytes, entry: dict, uri: str) -> None:
 
 def exists(uri: str) -> bool:
     """True if a file or folder is at ``uri`` (a file of a published artifact: its current version)."""
-    target, entry, found = _member(uri)
+    target, entry, found = resolve_member(uri)
     if entry is not None:
         return _raw_exists(target)
     if found is not None and found[2].get("files_at") and found[1]:
@@ -262,13 +267,13 @@ def check_reachable(uri: str) -> None:
     False for a missing bucket). Commands call it on their outputs before any compute."""
     if exists(uri):  # an unreachable endpoint or refused credentials raise here
         return
-    protocol = backends._protocol(os.fspath(uri))
+    protocol = backends.protocol_of(os.fspath(uri))
     if protocol in ("s3", "s3a"):
         bucket = os.fspath(uri).split("://", 1)[1].split("/", 1)[0]
         try:
-            _s3().call_s3("head_bucket", Bucket=bucket)
+            s3_filesystem().call_s3("head_bucket", Bucket=bucket)
         except FileNotFoundError:  # 404: no such bucket (a 403 cannot tell: the first write will say)
-            raise UserError(f"storage {uri}: bucket '{bucket}' does not exist at {backends._where(uri)}") from None
+            raise UserError(f"storage {uri}: bucket '{bucket}' does not exist at {backends.service_name(uri)}") from None
         except Exception:  # noqa: BLE001 - not allowed to ask, or another answer: nothing to conclude
             pass
 
@@ -282,26 +287,26 @@ def read_bytes(uri: str) -> bytes:
     manifest is damaged, and refused.
     """
     for attempt in range(3):
-        target, entry, _ = _member(uri)
+        target, entry, _ = resolve_member(uri)
         try:
-            with _errors(uri):
+            with storage_errors(uri):
                 fs, path = filesystem(target)
                 data = Path(path).read_bytes() if not is_remote(target) else fs.cat_file(path)
             if entry is not None:
-                _check_bytes(data, entry, uri)
+                check_bytes(data, entry, uri)
             return data
         except UserError:
-            if entry is None or attempt == 2 or _member(uri)[:2] == (target, entry):
+            if entry is None or attempt == 2 or resolve_member(uri)[:2] == (target, entry):
                 raise
     raise AssertionError("unreachable")
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Atomically replace ``uri`` with ``data`` (creating parent folders)."""
-    with _errors(uri):
+    with storage_errors(uri):
         fs, path = filesystem(uri)
         if not is_remote(uri):
-            _write_local(path, [data])
+            write_local(path, [data])
         else:
             fs.pipe_file(path, bytes(data))
 
@@ -360,8 +365,8 @@ def write_json(uri: str, obj: Any) -> None:
     write_text(uri, json_text(obj))
 
 
-def _raw_list(uri: str) -> list[str]:
-    with _errors(uri):
+def raw_list(uri: str) -> list[str]:
+    with storage_errors(uri):
         fs, path = filesystem(uri)
         if not is_remote(uri):
             return os.listdir(path) if os.path.isdir(path) else []
@@ -379,7 +384,7 @@ def list_dir(uri: str) -> list[str]:
     Inside a published artifact the children are those of its current version. Temporary
     siblings left by an interrupted write or publish, old versions and leases are not listed.
     """
-    names = set(_raw_list(uri)) - {VERSIONS_DIR, LEASE_NAME, PUBLISHING_NAME}  # this module's own
+    names = set(raw_list(uri)) - {VERSIONS_DIR, LEASE_NAME, PUBLISHING_NAME}  # this module's own
     found = _enclosing_artifact(uri, include_self=True)
     if found is not None and found[2].get("files_at"):
         root, rel, manifest = found
@@ -390,7 +395,7 @@ def list_dir(uri: str) -> list[str]:
 
 def remove(uri: str) -> None:
     """Delete a file or a folder (recursively); nothing happens if it is missing."""
-    with _errors(uri):
+    with storage_errors(uri):
         fs, path = filesystem(uri)
         if not is_remote(uri):
             if os.path.isdir(path) and not os.path.islink(path):
@@ -435,15 +440,15 @@ def absolute_paths(obj: Any, fields: Any, outputs: Any = ()) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Artifacts: what readers need (publishing and fetching live in probe_dpo.artifacts)
+# Artifacts: what readers need (publishing and fetching live in probe_dpo.storage.artifacts)
 
 
-def _check_rel(rel: str, uri: str) -> None:
+def check_rel(rel: str, uri: str) -> None:
     if not rel or rel.startswith("/") or ".." in rel.split("/"):
         raise UserError(f"storage {uri}: {MANIFEST_NAME} lists a path outside the artifact: {rel!r}")
 
 
-def _parse_manifest(body: bytes, uri: str) -> dict:
+def parse_manifest(body: bytes, uri: str) -> dict:
     """A manifest checked for the fields readers rely on (UserError naming ``uri`` otherwise)."""
     try:
         manifest = json.loads(body)
@@ -452,7 +457,7 @@ def _parse_manifest(body: bytes, uri: str) -> dict:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise UserError(f"storage {uri}: {MANIFEST_NAME} has no 'files' mapping")
     for rel, entry in manifest["files"].items():
-        _check_rel(rel, uri)
+        check_rel(rel, uri)
         if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
                 and isinstance(entry.get("sha256"), str)):
             raise UserError(f"storage {uri}: {MANIFEST_NAME} entry {rel!r} has no 'bytes' and 'sha256'")
@@ -474,10 +479,10 @@ def read_manifest(uri: str) -> dict:
     ``"version"`` and ``"files_at"`` (the folder of the current version, relative to ``uri``).
     """
     try:
-        body = _raw_read(join(uri, MANIFEST_NAME))
+        body = raw_read(join(uri, MANIFEST_NAME))
     except UserError:
         if is_complete(uri):
             raise
         raise UserError(f"storage {uri}: not a complete artifact (no {MANIFEST_NAME}: never "
                         "published, or publishing stopped half-way)") from None
-    return _parse_manifest(body, uri)
+    return parse_manifest(body, uri)

@@ -16,7 +16,7 @@ import s3fs
 
 from probe_dpo.errors import UserError
 
-_LOCAL_PROTOCOLS = (None, "file", "local")
+LOCAL_PROTOCOLS = (None, "file", "local")
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 20.0
@@ -72,7 +72,7 @@ class _S3FileSystem(s3fs.S3FileSystem):
     retries = 1
 
 
-def _s3() -> Any:
+def s3_filesystem() -> Any:
     """This process's S3 filesystem for the current settings (re-created when they change)."""
     from probe_dpo.ray_utils import load_passed_credentials
 
@@ -96,7 +96,7 @@ def storage_options(uri: str) -> dict[str, Any]:
     """fsspec ``storage_options`` for a library that opens ``uri`` itself (``datasets.load_dataset``,
     ``load_from_disk``): the same endpoint and retry settings this process's S3 filesystem uses;
     credentials stay in the environment, where botocore reads them. Empty for other protocols."""
-    if _protocol(uri) not in ("s3", "s3a"):
+    if protocol_of(uri) not in ("s3", "s3a"):
         return {}
     from probe_dpo.ray_utils import load_passed_credentials
 
@@ -109,14 +109,14 @@ def storage_options(uri: str) -> dict[str, Any]:
     return options
 
 
-def _protocol(uri: str) -> str | None:
+def protocol_of(uri: str) -> str | None:
     protocol, _ = fsspec.core.split_protocol(os.fspath(uri))
     return protocol
 
 
 def is_remote(uri: str) -> bool:
     """True for ``s3://`` and any other non-local fsspec protocol."""
-    return _protocol(uri) not in _LOCAL_PROTOCOLS
+    return protocol_of(uri) not in LOCAL_PROTOCOLS
 
 
 def _scrub(text: str) -> str:
@@ -127,14 +127,14 @@ def _scrub(text: str) -> str:
     return text
 
 
-def _where(uri: str) -> str:
-    if _protocol(uri) in ("s3", "s3a"):
+def service_name(uri: str) -> str:
+    if protocol_of(uri) in ("s3", "s3a"):
         return f"S3 endpoint {_endpoint() or '(AWS default)'}"
-    return f"the {_protocol(uri)} service"
+    return f"the {protocol_of(uri)} service"
 
 
 @contextlib.contextmanager
-def _errors(uri: str) -> Iterator[None]:
+def storage_errors(uri: str) -> Iterator[None]:
     """Turn the failures a user can fix into one-line ``UserError`` messages naming ``uri``."""
     try:
         yield
@@ -159,27 +159,27 @@ def _describe(uri: str, exc: Exception) -> str | None:
             return ("no S3 credentials found (set them in the environment, a credentials file or an "
                     "instance role: cluster/README.md)")
         if isinstance(exc, (bexc.ConnectionError, bexc.HTTPClientError)):
-            return f"cannot reach {_where(uri)} after {_max_attempts()} attempts ({type(exc).__name__})"
+            return f"cannot reach {service_name(uri)} after {_max_attempts()} attempts ({type(exc).__name__})"
         if isinstance(exc, bexc.ClientError):  # one s3fs did not translate
             error = exc.response.get("Error", {})
-            return f"S3 error {error.get('Code', '?')} at {_where(uri)}: {_first_line(error.get('Message') or text)}"
+            return f"S3 error {error.get('Code', '?')} at {service_name(uri)}: {_flat_text(error.get('Message') or text)}"
         if isinstance(exc, bexc.BotoCoreError):
-            return f"S3 request failed at {_where(uri)} ({type(exc).__name__}: {_first_line(text)})"
+            return f"S3 request failed at {service_name(uri)} ({type(exc).__name__}: {_flat_text(text)})"
     if isinstance(exc, FileNotFoundError):
         if remote and ("bucket does not exist" in text or "NoSuchBucket" in text):
             bucket = uri.split("://", 1)[1].split("/", 1)[0]
-            return f"bucket '{bucket}' does not exist at {_where(uri)}"
+            return f"bucket '{bucket}' does not exist at {service_name(uri)}"
         return "not found"
     if isinstance(exc, PermissionError):
         if remote:
-            return f"access denied at {_where(uri)} (check the storage credentials of this machine)"
+            return f"access denied at {service_name(uri)} (check the storage credentials of this machine)"
         return "permission denied"
     if isinstance(exc, OSError):
-        return _first_line(exc.strerror or text or type(exc).__name__)
+        return _flat_text(exc.strerror or text or type(exc).__name__)
     return None
 
 
-def _first_line(text: str, limit: int = 240) -> str:
+def _flat_text(text: str, limit: int = 240) -> str:
     """``text`` on one line (botocore puts the reason on the line after "...failed:")."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."

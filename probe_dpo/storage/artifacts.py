@@ -36,22 +36,22 @@ from probe_dpo.storage import (
     PUBLISHING_NAME,
     VERSIONS_DIR,
     ArtifactExists,
-    _check_bytes,
-    _check_rel,
-    _errors,
-    _local_path,
-    _member_uri,
-    _parse_manifest,
-    _raw_list,
-    _raw_read,
-    _temp_sibling,
-    _write_local,
+    check_bytes,
+    check_rel,
     filesystem,
     is_complete,
     is_remote,
     join,
     list_dir,
+    local_path,
+    member_uri,
+    parse_manifest,
+    raw_list,
+    raw_read,
     read_manifest,
+    storage_errors,
+    temp_sibling,
+    write_local,
 )
 
 _CHUNK = 8 * 2**20
@@ -75,7 +75,7 @@ def _put_file(src: Path, fs: fsspec.AbstractFileSystem, dest: str) -> None:
     if isinstance(fs, LocalFileSystem):
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         with open(src, "rb") as f:
-            _write_local(dest, iter(lambda: f.read(_CHUNK), b""))
+            write_local(dest, iter(lambda: f.read(_CHUNK), b""))
     else:
         fs.put_file(str(src), dest)
 
@@ -113,7 +113,7 @@ def publish_dir(local_dir: str | Path, uri: str, metadata: dict | None = None, *
     The new version is written beside the current one and made current by one atomic pointer
     write (module docstring); the old version is deleted only after that. So a reader always
     gets a complete version, old or new, and a publisher killed at any point leaves the old one
-    readable; a restart publishes over its leftovers. The writer lease (``probe_dpo.lease``)
+    readable; a restart publishes over its leftovers. The writer lease (``probe_dpo.storage.lease``)
     makes a second concurrent publisher to ``uri`` fail with one line instead of clobbering.
 
     Replacing a complete artifact needs ``overwrite=True`` on every backend (otherwise
@@ -122,13 +122,13 @@ def publish_dir(local_dir: str | Path, uri: str, metadata: dict | None = None, *
     leftovers of an interrupted publish, which a restart replaces. Publishing a local folder
     onto itself is allowed.
     """
-    from probe_dpo import lease
+    from probe_dpo.storage import lease
 
     src = Path(local_dir)
     if not src.is_dir():
         raise UserError(f"storage: cannot publish {src}: not a folder")
     files = _walk(src)
-    with _errors(uri):
+    with storage_errors(uri):
         fs, path = filesystem(uri)
         remote = is_remote(uri)
         in_place = not remote and Path(path).resolve() == src.resolve()
@@ -150,10 +150,10 @@ def _refuse_replacing(uri: str, path: str, remote: bool, in_place: bool) -> None
         raise ArtifactExists(f"storage {uri}: a complete artifact is already there "
                              "(pass overwrite=True to replace it)")
     if remote:
-        children = [n for n in _raw_list(uri) if n not in (VERSIONS_DIR, LEASE_NAME, PUBLISHING_NAME)]
+        children = [n for n in raw_list(uri) if n not in (VERSIONS_DIR, LEASE_NAME, PUBLISHING_NAME)]
     else:
         children = list_dir(uri) or (["(a file)"] if os.path.isfile(path) else [])
-    if children and not in_place and not (remote and PUBLISHING_NAME in _raw_list(uri)):
+    if children and not in_place and not (remote and PUBLISHING_NAME in raw_list(uri)):
         raise ArtifactExists(f"storage {uri}: not empty and not an artifact (has: "
                              f"{', '.join(children[:5])}); pass overwrite=True to replace it")
 
@@ -182,7 +182,7 @@ def _publish_remote(src: Path, files: list[str], fs: Any, path: str, metadata: d
 def _publish_local(src: Path, files: list[str], path: str, metadata: dict | None) -> dict:
     """Local: stage a hidden sibling folder, swap it with the old folder atomically, then GC."""
     _clean_leftovers(path)
-    stage = _temp_sibling(path)
+    stage = temp_sibling(path)
     swapped = False
     try:
         entries = {}
@@ -193,7 +193,7 @@ def _publish_local(src: Path, files: list[str], path: str, metadata: dict | None
             _step(f"stage {rel}")
         manifest = _manifest(entries, metadata)
         os.makedirs(stage, exist_ok=True)
-        _write_local(os.path.join(stage, MANIFEST_NAME), [_manifest_bytes(manifest)])
+        write_local(os.path.join(stage, MANIFEST_NAME), [_manifest_bytes(manifest)])
         _step("manifest")
         old = _swap_in(stage, path)
         swapped = True
@@ -277,7 +277,7 @@ def _swap_in(stage: str, path: str) -> str | None:
     if _exchange(stage, path):
         _fsync_dir(parent)
         return stage
-    old = _temp_sibling(path, "old")
+    old = temp_sibling(path, "old")
     os.rename(path, old)
     try:
         os.rename(stage, path)
@@ -298,7 +298,7 @@ def _files_root(root: Path, manifest: dict) -> Path:
 
 def _verify_sizes(root: Path, manifest: dict, uri: str) -> None:
     for rel, entry in manifest["files"].items():
-        _check_rel(rel, uri)
+        check_rel(rel, uri)
         file = root / rel
         if not file.is_file():
             raise UserError(f"storage {uri}: {rel} is listed in {MANIFEST_NAME} but missing")
@@ -319,7 +319,7 @@ def verify_files(folder: str | Path, suffixes: tuple[str, ...] = (".safetensors"
     """
     root = Path(folder)
     try:
-        manifest = _parse_manifest((root / MANIFEST_NAME).read_bytes(), str(root))
+        manifest = parse_manifest((root / MANIFEST_NAME).read_bytes(), str(root))
     except FileNotFoundError:
         return
     _verify_sizes(_files_root(root, manifest), manifest, str(root))
@@ -367,7 +367,7 @@ def fetch_dir(uri: str, local_dir: str | Path | None = None) -> Path:
     """
     if not is_remote(uri):
         manifest = read_manifest(uri)
-        root = _files_root(Path(_local_path(uri)), manifest)
+        root = _files_root(Path(local_path(uri)), manifest)
         _verify_sizes(root, manifest, uri)
         return root
     for attempt in range(attempts := 7):
@@ -403,15 +403,15 @@ def _download_locked(uri: str, manifest: dict, dest: Path) -> Path:
         return dest
     if dest.exists() and (not dest.is_dir() or (any(dest.iterdir()) and not (dest / MANIFEST_NAME).exists())):
         raise UserError(f"storage {uri}: cannot fetch into {dest}: it is not empty and holds no artifact")
-    with _errors(uri):
+    with storage_errors(uri):
         fs, _ = filesystem(uri)
-        stage = _temp_sibling(str(dest))
+        stage = temp_sibling(str(dest))
         try:
             for rel, entry in manifest["files"].items():
                 local = os.path.join(stage, rel)
                 os.makedirs(os.path.dirname(local), exist_ok=True)
                 try:
-                    fs.get_file(filesystem(_member_uri(uri, manifest, rel))[1], local)
+                    fs.get_file(filesystem(member_uri(uri, manifest, rel))[1], local)
                 except FileNotFoundError:
                     if read_manifest(uri) != manifest:
                         raise _Republished() from None
@@ -419,7 +419,7 @@ def _download_locked(uri: str, manifest: dict, dest: Path) -> Path:
                 _check_file(Path(local), entry, join(uri, rel))
             if read_manifest(uri) != manifest:
                 raise _Republished()
-            _write_local(os.path.join(stage, MANIFEST_NAME), [_manifest_bytes(_flat(manifest))])
+            write_local(os.path.join(stage, MANIFEST_NAME), [_manifest_bytes(_flat(manifest))])
             try:
                 old = _swap_in(stage, str(dest))
             except OSError:
@@ -450,12 +450,12 @@ def read_member(uri: str, rel: str, manifest: dict | None = None) -> bytes:
         raise UserError(f"storage {uri}: has no file {rel} (its {MANIFEST_NAME} lists {len(manifest['files'])} files)")
     where = join(uri, rel)
     try:
-        data = _raw_read(_member_uri(uri, manifest, rel))
+        data = raw_read(member_uri(uri, manifest, rel))
     except UserError:
         if is_complete(uri) and read_manifest(uri) != manifest:
             raise UserError(f"storage {where}: the artifact was republished while reading it; try again") from None
         raise
-    _check_bytes(data, entry, where)
+    check_bytes(data, entry, where)
     return data
 
 
@@ -464,7 +464,7 @@ def fetch_folder(uri: str) -> Path:
     someone else uploaded with ``aws s3 cp``, say), cached under ``$PROBE_DPO_CACHE`` and keyed
     by the URI and every file's path, size and ETag (or modification time): a changed folder is
     fetched again, an unchanged one is not. Hidden files are skipped."""
-    with _errors(uri):
+    with storage_errors(uri):
         fs, root = filesystem(uri)
         listing = fs.find(root, detail=True)
         files = {}
@@ -472,7 +472,7 @@ def fetch_folder(uri: str) -> Path:
             rel = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else None
             if not rel or info.get("type") == "directory" or any(p.startswith(".") for p in rel.split("/")):
                 continue
-            _check_rel(rel, uri)
+            check_rel(rel, uri)
             files[rel] = [info.get("size"), str(info.get("ETag") or info.get("LastModified") or info.get("mtime"))]
         if not files:
             raise UserError(f"storage {uri}: an empty folder")
@@ -480,7 +480,7 @@ def fetch_folder(uri: str) -> Path:
         dest = _cache_root() / f"{uri.rstrip('/').rsplit('/', 1)[-1]}-{key}"
         if (dest / ".fetched.json").exists():
             return dest
-        stage = _temp_sibling(str(dest))
+        stage = temp_sibling(str(dest))
         try:
             for rel, (size, _) in files.items():
                 local = os.path.join(stage, rel)
@@ -489,7 +489,7 @@ def fetch_folder(uri: str) -> Path:
                 if size is not None and os.path.getsize(local) != size:
                     raise UserError(f"storage {join(uri, rel)}: downloaded {os.path.getsize(local)} bytes, "
                                     f"the listing says {size}")
-            _write_local(os.path.join(stage, ".fetched.json"), [json.dumps({"uri": uri, "files": files}).encode()])
+            write_local(os.path.join(stage, ".fetched.json"), [json.dumps({"uri": uri, "files": files}).encode()])
             try:
                 os.replace(stage, dest)
             except OSError:
