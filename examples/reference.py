@@ -53,7 +53,7 @@ def readme_table(results: dict) -> str:
     base = results["base"]["toxicity"]
     a = results["analysis"]
     lines = ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", f"Base model toxic rate: " + ", ".join(f"{j} {base[j]['rate']:.3f}" for j in judges)
+    lines += ["", "Base model toxic rate: " + ", ".join(f"{j} {base[j]['rate']:.3f}" for j in judges)
               + f". Plan sha256 `{a['sha256'][:16]}`; family of {a['family_size']} tests, alpha {a['alpha']}; "
               f"seed labels agreeing with the pooled label: {a['replication'].get('agree', '-')} of "
               f"{a['replication'].get('of', '-')}. Source: [`examples/demo/results.json`](examples/demo/results.json), "
