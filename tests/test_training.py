@@ -207,10 +207,14 @@ def test_probe_dpo_two_zero2_workers_s3_checkpoints_and_ema(inputs, ray_cluster,
 def test_probe_sft_lora_changes_only_adapted_weights_and_classifier_sft_filters(inputs, ray_cluster, tmp_path):
     out = str(tmp_path / "probe-sft")
     cfg = _cfg(inputs, out, "method=probe-sft", "penalty.weight=1.0", "train.max_steps=2", "train.lr=1e-2",
-               "lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj,v_proj]")
+               "lora.enabled=true", "lora.r=4", "lora.target_modules=[q_proj,v_proj]",
+               "early_warning.every_steps=1", "early_warning.prompts=4", "early_warning.max_new_tokens=4")
     summary = train(cfg)
     metrics = summary["rounds"][0]["train"]
     assert metrics["global_step"] == 2 and metrics["first_probe_penalty"] > 0
+    # the hiding watch on two workers: rank 0 reads (the frozen copy: the adapters switched off), both log
+    readings = metrics["early_warning"]["readings"]
+    assert [r["step"] for r in readings] == [1, 2] and all(np.isfinite(r["gap"]) for r in readings)
     # the published policy supersedes the round's Train checkpoints: removed (the EMA test keeps them)
     assert metrics["checkpoint"] is None and not list(Path(out, "ray").glob("**/checkpoint_*"))
     policy, base = _tensors(f"{out}/policy"), _tensors(inputs["model"])

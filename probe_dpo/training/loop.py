@@ -99,6 +99,21 @@ def train_worker(job: dict) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _early_warning(cfg: Any, job: dict, records: list[dict], tokenizer: Any, rank: int, dtype: str) -> Any:
+    """The hiding watch of ``cfg.early_warning`` (None when off); rank 0 holds the probes and,
+    without LoRA, a frozen copy of the model the policy starts from."""
+    if not cfg.early_warning.every_steps:
+        return None
+    from probe_dpo.model import load_model
+    from probe_dpo.probes import ProbeSet
+    from probe_dpo.training.early_warning import EarlyWarningCallback, probe_prompts
+
+    probes = ProbeSet.load(cfg.probes) if rank == 0 else None
+    frozen = load_model(job["model"], dtype=dtype) if rank == 0 and not cfg.lora.enabled else None
+    return EarlyWarningCallback(cfg.early_warning, probes, probe_prompts(records, cfg.early_warning.prompts),
+                                tokenizer, frozen=frozen, rank=rank, seed=cfg.seed)
+
+
 def _train(job: dict, scratch: Path) -> None:
     import ray.train
     import torch
@@ -170,6 +185,9 @@ def _train(job: dict, scratch: Path) -> None:
                                        resumed=checkpoint is not None))
     if not dist.keep_finished_checkpoints:
         callbacks.append(SkipFinalCheckpoint())  # after DefaultFlowCallback, which asks for that save
+    warning = _early_warning(cfg, job, records, tokenizer, rank, dtype)
+    if warning is not None:
+        callbacks.append(warning)
     callbacks.append(RayTrainReportCallback())  # last: the EMA file is in the folder it copies
 
     # the penalty is in the arguments: the trainer loads cfg.probes' train probes itself
@@ -177,6 +195,8 @@ def _train(job: dict, scratch: Path) -> None:
                             ref_model=ref_model, callbacks=callbacks, deepspeed=ds,
                             save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu, args=args)
     trainer = prepare_trainer(trainer)
+    if warning is not None:
+        warning.bind(trainer)
     result = trainer.train(resume_from_checkpoint=resume_dir)
     train_seconds = time.perf_counter() - t0
 
@@ -190,6 +210,8 @@ def _train(job: dict, scratch: Path) -> None:
                                "train_seconds": round(train_seconds, 2), "resumed": checkpoint is not None,
                                "resumed_from_step": resumed_from_step, "parameter_elements_held_at_load": held,
                                "parameter_elements": total, "dtype": dtype}
+    if warning is not None:
+        metrics["early_warning"] = warning.summary()
     history = [h for h in trainer.state.log_history if "loss" in h]
     for key in ("probe_penalty", "rewards/accuracies", "rewards/margins", "loss"):
         values = [h[key] for h in history if key in h]

@@ -119,6 +119,10 @@ def prepare(cfg: TrainConfig) -> Plan:
         raise UserError("method dpo replays a fixed pair file: dpo.rounds must be 1")
     if cfg.data.pairs and cfg.data.candidates:
         raise UserError("give data.pairs or data.candidates, not both")
+    if cfg.early_warning.every_steps and not cfg.probes:
+        raise UserError("early_warning.every_steps > 0 reads the train probes: set probes=<a published probe set>")
+    if cfg.early_warning.every_steps and cfg.distributed.zero_stage == 3:
+        raise UserError("early_warning needs distributed.zero_stage <= 2 (rank 0 samples with the whole policy)")
 
     plan = Plan(cfg=cfg, model=model, testbed_info=info)
     if cfg.needs_probes or cfg.probes:
