@@ -8,8 +8,11 @@ start-up costs seconds, so tests share it).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
+import subprocess
+import time
 import uuid
 
 import pytest
@@ -125,3 +128,31 @@ def tiny_model_dir(tmp_path_factory):
     from probe_dpo.testbed import tiny_model_dir as make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-model"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers several test modules share (imported with ``from conftest import ...``)
+
+
+def submit_job(url: str, env: dict, args: list[str]) -> tuple[str, str]:
+    """``cluster/submit.sh --address url --no-wait ARGS``: the job id and the script's output.
+    Retried while a fresh head's job agent is not up yet (it comes a little after its dashboard)."""
+    argv = ["bash", "cluster/submit.sh", "--address", url, "--no-wait", *args]
+    for _ in range(20):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        if "No available agent" not in done.stdout + done.stderr:
+            break
+        time.sleep(1)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0), done.stdout + done.stderr
+
+
+def write_planted_pairs(path: str, n: int = 64) -> str:
+    """``n`` preference pairs whose chosen side is benign and rejected side insulting, at ``path``."""
+    from probe_dpo.data import write_records
+
+    words = ["river", "garden", "music", "window", "coffee", "friend", "idiot", "stupid", "trash", "moron"]
+    write_records([{"prompt": f"Item {i}: tell me about the {words[i % 5]}.",
+                    "chosen": f" The {words[i % 5]} is lovely and calm.",
+                    "rejected": f" You {words[5 + i % 5]}, nobody cares."} for i in range(n)], path)
+    return path

@@ -28,6 +28,7 @@ import urllib.request
 import uuid
 
 import pytest
+from conftest import submit_job
 from test_ray_jobs import ray_head  # noqa: F401 - the real head fixture
 
 from probe_dpo import storage
@@ -52,17 +53,6 @@ seen = ray.get(work.remote(root))
 storage.write_json(storage.join(root, "from-driver.json"), {"worker_secret_sha256": seen})
 print("WORKER-SECRET-SHA256", seen, flush=True)
 """
-
-
-def _submit(url: str, env: dict, args: list[str]) -> tuple[str, str]:
-    argv = ["bash", "cluster/submit.sh", "--address", url, "--no-wait", *args]
-    for _ in range(20):  # a fresh head's job agent comes up a little after its dashboard
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
-        if "No available agent" not in done.stdout + done.stderr:
-            break
-        time.sleep(1)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0), done.stdout + done.stderr
 
 
 def _wait(client, job: str, timeout: float = 300) -> None:
@@ -98,7 +88,7 @@ def test_a_sentinel_secret_never_reaches_job_metadata_logs_or_storage(ray_head, 
     results = {}
     for mode, extra in (("cluster", []), ("passed", ["--pass-credentials"])):
         root = f"{s3_bucket}/{mode}"
-        job, out = _submit(url, env, [*extra, "--", "python", "-c", JOB, root])
+        job, out = submit_job(url, env, [*extra, "--", "python", "-c", JOB, root])
         assert sentinel not in out
         assert ("not passed" in out) == (mode == "cluster")
         _wait(client, job)

@@ -24,10 +24,10 @@ import time
 
 import pytest
 import torch
+from conftest import write_planted_pairs
 from safetensors.torch import load as load_bytes
 
 from probe_dpo import storage
-from probe_dpo.data import write_records
 
 SCENARIO = r"""
 import json, os, socket, sys, tempfile, threading, time
@@ -161,20 +161,12 @@ cluster.shutdown()
 """
 
 
-def _pairs(path: str) -> str:
-    words = ["river", "garden", "music", "window", "coffee", "friend", "idiot", "stupid", "trash", "moron"]
-    write_records([{"prompt": f"Item {i}: tell me about the {words[i % 5]}.",
-                    "chosen": f" The {words[i % 5]} is lovely and calm.",
-                    "rejected": f" You {words[5 + i % 5]}, nobody cares."} for i in range(64)], path)
-    return path
-
-
 def _weights(out: str) -> dict:
     return load_bytes(storage.read_bytes(f"{out}/policy/model.safetensors"))
 
 
 def test_a_lost_node_mid_training_resumes_from_s3_on_the_nodes_left(tiny_model_dir, s3_bucket, tmp_path):
-    pairs = _pairs(str(tmp_path / "pairs.jsonl"))
+    pairs = write_planted_pairs(str(tmp_path / "pairs.jsonl"))
     root = f"{s3_bucket}/multinode"
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", SCENARIO, str(tiny_model_dir), pairs, root],

@@ -17,22 +17,14 @@ import time
 import psutil
 import pytest
 import torch
+from conftest import write_planted_pairs
 from safetensors.torch import load as load_bytes
 
 from probe_dpo import storage
 from probe_dpo.config import load_config
-from probe_dpo.data import write_records
 from probe_dpo.training import TrainConfig, train
 
 torch.set_num_threads(1)
-
-
-def _pairs(path: str) -> str:
-    words = ["river", "garden", "music", "window", "coffee", "friend", "idiot", "stupid", "trash", "moron"]
-    write_records([{"prompt": f"Item {i}: tell me about the {words[i % 5]}.",
-                    "chosen": f" The {words[i % 5]} is lovely and calm.",
-                    "rejected": f" You {words[5 + i % 5]}, nobody cares."} for i in range(64)], path)
-    return path
 
 
 def _raylet_workers(gcs_address: str) -> list[psutil.Process]:
@@ -59,7 +51,7 @@ def _final(out: str) -> tuple[dict, dict]:
 
 def test_killed_train_worker_resumes_from_s3_and_matches_an_uninterrupted_run(tiny_model_dir, ray_cluster,
                                                                              s3_bucket, tmp_path):
-    pairs = _pairs(str(tmp_path / "pairs.jsonl"))
+    pairs = write_planted_pairs(str(tmp_path / "pairs.jsonl"))
 
     def cfg(out: str):
         return load_config(TrainConfig, None, [

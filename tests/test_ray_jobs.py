@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import submit_job
 from test_workflow_toxicity import tiny_config
 
 from probe_dpo import storage
@@ -81,16 +81,10 @@ def ray_head(s3_server, tmp_path):
 
 
 def _submit(url: str, env: dict, config: Path, run: str) -> str:
-    argv = ["bash", "cluster/submit.sh", "--address", url, "--no-wait", "--pass-credentials", "--", "probe-dpo",
-            "experiment", "--config", str(config), "--storage", run]
-    for _ in range(20):  # a fresh head's job agent comes up a little after its dashboard
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
-        if "No available agent" not in done.stdout + done.stderr:
-            break
-        time.sleep(1)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "testing" not in done.stdout + done.stderr  # the dummy secret values never show
-    return re.search(r"raysubmit_\w+", done.stdout + done.stderr).group(0)
+    job, output = submit_job(url, env, ["--pass-credentials", "--", "probe-dpo", "experiment", "--config",
+                                        str(config), "--storage", run])
+    assert "testing" not in output  # the dummy secret values never show
+    return job
 
 
 def _wait(client, job: str, states, timeout: float):
