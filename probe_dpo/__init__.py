@@ -3,6 +3,7 @@
 The TRL trainers with the probe penalty are importable from here, as TRL users expect::
 
     from probe_dpo import ProbeDPOConfig, ProbeDPOTrainer, ProbeSFTConfig, ProbeSFTTrainer
+    from probe_dpo import ProbeGRPOConfig, ProbeGRPOTrainer   # GRPO with a probe reward
 
 They are loaded on first use (``import probe_dpo`` alone does not import torch or TRL).
 """
@@ -14,6 +15,8 @@ _LAZY = {
     "ProbeDPOTrainer": "probe_dpo.training.trainers",
     "ProbeSFTConfig": "probe_dpo.training.trainers",
     "ProbeSFTTrainer": "probe_dpo.training.trainers",
+    "ProbeGRPOConfig": "probe_dpo.training.grpo",
+    "ProbeGRPOTrainer": "probe_dpo.training.grpo",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -50,7 +50,7 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not an experiment run folder" in capsys.readouterr().err
     cfg = load_config(ExperimentConfig)  # the defaults are valid and name every arm
-    assert cfg.arms == list(ARMS) and len(ARMS) == 11
+    assert cfg.arms == list(ARMS) and len(ARMS) == 15  # 11 SFT/DPO arms, 4 GRPO arms
     for name in ("toxicity.yaml", "demo.yaml"):
         load_config(ExperimentConfig, bundled_config(name))
 

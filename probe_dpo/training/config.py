@@ -10,6 +10,11 @@ Methods:
 - ``random-dpo``     probe-ranked pairs with chosen/rejected swapped by a seeded coin flip per pair
 - ``dpo``            plain DPO on a given pair file (``data.pairs``): no signal builds the pairs
                      (what data attribution retrains with after filtering a preference set)
+- ``probe-grpo``     on-policy RL (TRL's GRPO) on the training prompts; the reward is minus the
+                     probe signal on each sampled completion, read from the policy's own states
+                     or a frozen base copy's (``grpo.reader``)
+- ``classifier-grpo`` the same with minus the judge's score of the completion text as the reward
+- ``random-grpo``    control: a seeded random reward per completion, blind to the text
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from typing import Any, Literal
 from probe_dpo.config import bounded
 from probe_dpo.tracking import TrackingSettings
 
-Method = Literal["probe-sft", "probe-dpo", "classifier-sft", "classifier-dpo", "sft", "random-dpo", "dpo"]
-METHODS: tuple[str, ...] = ("probe-sft", "probe-dpo", "classifier-sft", "classifier-dpo", "sft", "random-dpo", "dpo")
+Method = Literal["probe-sft", "probe-dpo", "classifier-sft", "classifier-dpo", "sft", "random-dpo", "dpo",
+                 "probe-grpo", "classifier-grpo", "random-grpo"]
+METHODS: tuple[str, ...] = ("probe-sft", "probe-dpo", "classifier-sft", "classifier-dpo", "sft", "random-dpo", "dpo",
+                            "probe-grpo", "classifier-grpo", "random-grpo")
 DPO_METHODS = ("probe-dpo", "classifier-dpo", "random-dpo", "dpo")
 SFT_METHODS = ("probe-sft", "classifier-sft", "sft")
+GRPO_METHODS = ("probe-grpo", "classifier-grpo", "random-grpo")
 # TRL config fields this config sets from its own keys: a ``trl`` key naming one is an error
 # that points to the key to use (one way to set each value)
 TRL_FIELDS_SET_HERE: dict[str, str] = {
@@ -42,6 +50,9 @@ TRL_FIELDS_SET_HERE: dict[str, str] = {
     "dataset_text_field": "data.sft (its text column)",
     "probe_path": "probes", "probe_weight": "penalty.weight", "probe_form": "penalty.form",
     "probe_reduce": "penalty.reduce", "probe_tokens": "penalty.tokens", "probe_aggregation": "aggregation",
+    "num_generations": "grpo.generations", "max_completion_length": "sampling.max_new_tokens",
+    "temperature": "sampling.temperature", "top_p": "sampling.top_p", "top_k": "sampling.top_k",
+    "probe_reader": "grpo.reader", "probe_threshold": "grpo.threshold", "reward_weights": "grpo.reward_weight",
 }
 LossType = Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "aot",
                    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
@@ -110,6 +121,27 @@ class DPOSettings:
     """Reference model: the policy at the start of each round, or always the base model."""
     precompute_ref_log_probs: bool = False
     """Compute the reference log-probs once before training (TRL) instead of per step."""
+
+
+@dataclass
+class GRPOSettings:
+    """On-policy RL with TRL's GRPOTrainer (the ``*-grpo`` methods). Rollouts are TRL's HF
+    generation with the sampling settings (``sampling.max_new_tokens``, temperature, top-p/k)."""
+
+    beta: float = bounded(0.04, ge=0.0)
+    """TRL's KL coefficient to the reference (the base model); 0 turns the KL term off."""
+    generations: int = bounded(4, ge=2, le=64)
+    """Completions sampled per prompt: GRPO's group, whose mean reward is the baseline."""
+    reader: Literal["policy", "frozen"] = "policy"
+    """probe-grpo: whose activations the probe reads on the sampled completion: the policy's own
+    (what RL can learn to evade) or a frozen copy of the base model's (the mitigation)."""
+    form: Literal["prob", "logit", "bce", "threshold"] = "prob"
+    """probe-grpo's reward is minus this of the probe logit: the DPO penalty's forms (prob, logit,
+    bce = -log(1-p)) or threshold (1 where the probability >= ``threshold``: a monitor's verdict)."""
+    threshold: float = bounded(0.5, gt=0.0, lt=1.0)
+    """The probability a ``threshold`` reward flags at."""
+    reward_weight: float = bounded(1.0, gt=0.0)
+    """The reward term's weight (TRL's reward_weights)."""
 
 
 @dataclass
@@ -261,6 +293,8 @@ class TrainConfig:
     """K-candidate sampling of DPO rounds."""
     dpo: DPOSettings = field(default_factory=DPOSettings)
     """DPO settings."""
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    """GRPO settings (the ``*-grpo`` methods)."""
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
     """The differentiable probe penalty."""
     train: OptimSettings = field(default_factory=OptimSettings)
@@ -276,17 +310,21 @@ class TrainConfig:
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     """Experiment tracking of the training steps (W&B, MLflow, TensorBoard through TRL's report_to)."""
     trl: dict[str, Any] = field(default_factory=dict)
-    """Any other field of TRL's DPOConfig (DPO methods) or SFTConfig (SFT methods), set on it as
+    """Any other field of TRL's DPOConfig, SFTConfig or GRPOConfig (by the method), set on it as
     given, e.g. trl.logging_steps=10 or trl.disable_tqdm=true. Fields this config sets from
     its own keys (trl.learning_rate: train.lr) are refused, naming the key to use."""
 
     def __post_init__(self):
         if self.trl:  # TRL is imported only when there is something to check
-            self.trl = check_trl_keys(self.trl, "dpo" if self.is_dpo else "sft")
+            self.trl = check_trl_keys(self.trl, "grpo" if self.is_grpo else "dpo" if self.is_dpo else "sft")
 
     @property
     def is_dpo(self) -> bool:
         return self.method in DPO_METHODS
+
+    @property
+    def is_grpo(self) -> bool:
+        return self.method in GRPO_METHODS
 
     @property
     def penalty_weight(self) -> float:
@@ -303,7 +341,7 @@ class TrainConfig:
     def needs_probes(self) -> bool:
         if self.penalty_weight > 0:
             return True
-        if self.method == "probe-sft":
+        if self.method in ("probe-sft", "probe-grpo"):
             return True
         if self.method in ("probe-dpo", "random-dpo"):
             # replayed pairs need no probe for round 0 alone
@@ -312,7 +350,7 @@ class TrainConfig:
 
 
 def check_trl_keys(values: dict[str, Any], kind: str) -> dict[str, Any]:
-    """``values`` checked against the fields of TRL's ``DPOConfig`` / ``SFTConfig`` (``kind``):
+    """``values`` checked against the fields of TRL's ``DPOConfig`` / ``SFTConfig`` / ``GRPOConfig`` (``kind``):
     the names, the types (as this config's own keys are checked), and no field this config
     sets from its own keys. Returns the converted values; raises ``ValueError`` with one line
     naming ``trl.<field>`` (``load_config`` prefixes where the key came from)."""
@@ -324,6 +362,8 @@ def check_trl_keys(values: dict[str, Any], kind: str) -> dict[str, Any]:
 
     if kind == "dpo":
         from trl import DPOConfig as cls
+    elif kind == "grpo":
+        from trl import GRPOConfig as cls
     else:
         from trl import SFTConfig as cls
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -332,6 +372,8 @@ def check_trl_keys(values: dict[str, Any], kind: str) -> dict[str, Any]:
     penalty_fields = {"probe_path", "probe_weight", "probe_form", "probe_reduce", "probe_aggregation"}
     if kind == "dpo":
         penalty_fields.add("probe_tokens")
+    if kind == "grpo":
+        penalty_fields = {"probe_path", "probe_weight", "probe_form", "probe_aggregation"}
     out = {}
     for key, value in values.items():
         if key not in fields and key not in penalty_fields:

@@ -2,8 +2,8 @@
 
 ``fit_round`` runs ``train_worker`` in a ``TorchTrainer`` with N workers (gloo on CPU, NCCL
 on GPU). Every worker loads the policy (and, for full-weight DPO, an explicit reference
-model), builds a ``ProbeDPOTrainer`` / ``ProbeSFTTrainer`` from a ``ProbeDPOConfig`` /
-``ProbeSFTConfig`` (the penalty's ``probe_*`` fields; ``deepspeed=<dict>`` with the ZeRO
+model), builds a ``ProbeDPOTrainer`` / ``ProbeSFTTrainer`` / ``ProbeGRPOTrainer`` from a
+``ProbeDPOConfig`` / ``ProbeSFTConfig`` / ``ProbeGRPOConfig`` (the penalty's or reward's ``probe_*`` fields; ``deepspeed=<dict>`` with the ZeRO
 stage and offload from the config; bf16 on GPU, fp32 + ``use_cpu`` on CPU), wraps it with
 Ray's ``prepare_trainer`` and reports checkpoints to storage with
 ``RayTrainReportCallback`` (each rank's ZeRO shards are merged into one checkpoint folder).
@@ -150,9 +150,16 @@ def _train(job: dict, scratch: Path) -> None:
     # No tqdm bar in a worker: Ray forwards each worker's output to the driver line by line,
     # prefixed with the worker, so every in-place redraw of the bar (\r) becomes one more log
     # line per worker; the per-step logs (and ray.train.report) carry the same progress.
-    args = training_arguments(job["kind"], cfg, output_dir=output_dir, deepspeed=ds,
+    if job["kind"] == "grpo":
+        from probe_dpo.training.grpo import build_grpo_trainer, grpo_arguments
+
+        args = grpo_arguments(cfg, job["generation"], output_dir=output_dir, deepspeed=ds,
                               save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
                               tracking=job.get("tracking_args"), progress_bar=False)
+    else:
+        args = training_arguments(job["kind"], cfg, output_dir=output_dir, deepspeed=ds,
+                                  save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
+                                  tracking=job.get("tracking_args"), progress_bar=False)
     if dist.zero_stage == 3:
         # zero.Init sizes the partitions from deepspeed.comm's world, which the CPU path of
         # TrainingArguments never initialises: wrap Ray's process group before the models load
@@ -165,6 +172,9 @@ def _train(job: dict, scratch: Path) -> None:
     ref_model = None
     if job["kind"] == "dpo" and not cfg.lora.enabled:
         ref_model = load_model(job["reference"], dtype=dtype)
+    reader_model = None  # probe-grpo's frozen reader, where TRL builds no reference model to reuse
+    if cfg.method == "probe-grpo" and cfg.grpo.reader == "frozen" and (cfg.grpo.beta == 0 or cfg.lora.enabled):
+        reader_model = load_model(job["model"], dtype=dtype)
     held, total = parameter_elements(model)
 
     checkpoint = ray.train.get_checkpoint()
@@ -191,9 +201,13 @@ def _train(job: dict, scratch: Path) -> None:
     callbacks.append(RayTrainReportCallback())  # last: the EMA file is in the folder it copies
 
     # the penalty is in the arguments: the trainer loads cfg.probes' train probes itself
-    trainer = build_trainer(job["kind"], model, tokenizer, records, cfg, output_dir=output_dir,
-                            ref_model=ref_model, callbacks=callbacks, deepspeed=ds,
-                            save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu, args=args)
+    if job["kind"] == "grpo":
+        trainer = build_grpo_trainer(model, tokenizer, records, cfg, args, callbacks=callbacks,
+                                     reader_model=reader_model)
+    else:
+        trainer = build_trainer(job["kind"], model, tokenizer, records, cfg, output_dir=output_dir,
+                                ref_model=ref_model, callbacks=callbacks, deepspeed=ds,
+                                save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu, args=args)
     trainer = prepare_trainer(trainer)
     if warning is not None:
         warning.bind(trainer)
@@ -213,7 +227,8 @@ def _train(job: dict, scratch: Path) -> None:
     if warning is not None:
         metrics["early_warning"] = warning.summary()
     history = [h for h in trainer.state.log_history if "loss" in h]
-    for key in ("probe_penalty", "rewards/accuracies", "rewards/margins", "loss"):
+    for key in ("probe_penalty", "rewards/accuracies", "rewards/margins", "loss",
+                "reward", "rewards/probe/mean", "probe/prob", "kl"):  # the last four: GRPO's
         values = [h[key] for h in history if key in h]
         if values:
             metrics[f"first_{key}"] = float(values[0])

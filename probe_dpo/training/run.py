@@ -9,6 +9,8 @@
                           Ray actors, score them, build pairs -> <out>/round-<r>/pairs.jsonl
                           (SFT) the SFT rows (classifier-filtered for classifier-sft)
                           -> <out>/sft_data.jsonl
+                          (GRPO) the training prompts -> <out>/prompts.jsonl; rollouts are
+                          sampled inside the Train workers
                           fit on Ray Train (DeepSpeed workers, checkpoints in <out>/ray)
                           -> the round's policy, published (<out>/policy for the last round)
     <out>/train.json      the summary: config, data counts, pair stats, training metrics
@@ -123,6 +125,15 @@ def prepare(cfg: TrainConfig) -> Plan:
         raise UserError("early_warning.every_steps > 0 reads the train probes: set probes=<a published probe set>")
     if cfg.early_warning.every_steps and cfg.distributed.zero_stage == 3:
         raise UserError("early_warning needs distributed.zero_stage <= 2 (rank 0 samples with the whole policy)")
+    if cfg.is_grpo:
+        if w > 0:
+            raise UserError(f"method {cfg.method}: penalty.weight is for SFT/DPO; GRPO's probe term is the reward "
+                            "(grpo.reward_weight, grpo.form)")
+        group = cfg.train.batch_size * cfg.distributed.workers * cfg.train.grad_accum
+        if group % cfg.grpo.generations:
+            raise UserError(f"method {cfg.method}: train.batch_size x distributed.workers x train.grad_accum = "
+                            f"{group} completions per step is not a multiple of grpo.generations="
+                            f"{cfg.grpo.generations} (GRPO's groups)")
 
     plan = Plan(cfg=cfg, model=model, testbed_info=info)
     if cfg.needs_probes or cfg.probes:
@@ -144,7 +155,12 @@ def prepare(cfg: TrainConfig) -> Plan:
             return TestbedPaths(cfg.testbed).data(split)
         raise UserError(f"method {cfg.method} needs {key}=<file> (or testbed=<folder>)")
 
-    if cfg.is_dpo:
+    if cfg.is_grpo:  # on-policy: the prompts alone; the completions are sampled while training
+        uri = data_path(cfg.data.prompts, "prompts_train", "data.prompts")
+        prompts = read_records(uri, required=("prompt",), non_empty=("prompt",),
+                               what="data.prompts" if cfg.data.prompts else "training prompts")
+        plan.prompts = prompts[: cfg.data.max_prompts] if cfg.data.max_prompts else prompts
+    elif cfg.is_dpo:
         if cfg.data.pairs:
             plan.pairs = read_pairs(cfg.data.pairs, what="data.pairs")
         elif cfg.data.candidates:
@@ -306,7 +322,13 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
             model = policy
             continue
         t0 = time.perf_counter()
-        if cfg.is_dpo:
+        if cfg.is_grpo:
+            data_uri = storage.join(out, "prompts.jsonl")
+            write_records([{k: p[k] for k in ("prompt_id", "prompt", "source") if k in p} for p in plan.prompts],
+                          data_uri)
+            entry["prompts"] = {"prompts": len(plan.prompts)}
+            kind = "grpo"
+        elif cfg.is_dpo:
             pairs, stats = _build_pairs(plan, r, model, round_uri)
             entry["pairs"] = stats
             data_uri = storage.join(round_uri, "pairs.jsonl")
@@ -321,7 +343,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
         job = {"cfg": to_dict(cfg), "kind": kind, "data": data_uri, "model": model,
                "reference": plan.model if cfg.dpo.reference == "base" else model,
                "probes": cfg.probes, "aggregation": plan.aggregation, "policy": policy, "round": r,
-               "config_hash": chash, "env": hub_env()}
+               "config_hash": chash, "env": hub_env(), "generation": plan.settings.to_dict()}
         run_name = f"{cfg.method}-round{r}-{chash[:8]}"
         if cfg.tracking.report_to:
             from probe_dpo.tracking import trainer_args, trainer_env

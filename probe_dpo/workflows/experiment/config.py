@@ -13,7 +13,7 @@ from probe_dpo.errors import UserError
 from probe_dpo.testbed import TestbedConfig
 from probe_dpo.testbed.behaviour import BehaviourConfig
 from probe_dpo.tracking import TrackingSettings
-from probe_dpo.training.config import DistributedSettings, DPOSettings, LoraSettings, OptimSettings
+from probe_dpo.training.config import DistributedSettings, DPOSettings, GRPOSettings, LoraSettings, OptimSettings
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,9 @@ class Arm:
     probes: str | None
     """The probe view it trains against: single (the train probe), ensemble, or None."""
     data: str
-    """pairs:<single|ensemble|classifier> (the shared pairs), sft (the testbed's SFT text) or
-    control (the judge-toxic continuations, prompt/completion)."""
+    """pairs:<single|ensemble|classifier> (the shared pairs), sft (the testbed's SFT text),
+    control (the judge-toxic continuations, prompt/completion) or prompts (the testbed's
+    training prompts: GRPO samples its own completions)."""
     about: str
     settings: tuple[tuple[str, Any], ...] = ()
 
@@ -50,6 +51,13 @@ ARMS: dict[str, Arm] = {
     "classifier-sft": Arm("classifier-sft", None, "sft", "SFT on the rows the output judge passes"),
     "sft": Arm("sft", None, "sft", "plain SFT (raises toxicity)"),
     "random-dpo": Arm("random-dpo", None, "pairs:single", "control: the probe pairs with half the labels swapped"),
+    "probe-grpo-single": Arm("probe-grpo", "single", "prompts",
+                             "GRPO rewarded by minus the train probe on the policy's own activations"),
+    "probe-grpo-frozen": Arm("probe-grpo", "single", "prompts",
+                             "GRPO rewarded by minus the train probe on a frozen base copy's activations",
+                             (("grpo.reader", "frozen"),)),
+    "classifier-grpo": Arm("classifier-grpo", None, "prompts", "GRPO rewarded by minus the output judge's score"),
+    "random-grpo": Arm("random-grpo", None, "prompts", "control: GRPO with a seeded random reward per completion"),
     # The recipe (log-loss penalty, weight 5, lr 5e-5) was chosen on an earlier demo run, after
     # seeing its results: an exploratory choice, which is why the reference run (examples/demo)
     # reports what it does as a fresh run. The rejected recipe, a logit penalty at weight 2, also
@@ -246,6 +254,11 @@ class ExperimentConfig:
     {obfuscation-control: {penalty.weight: 5.0}, probe-dpo-onpolicy: {dpo.rounds: 3}}."""
     dpo: DPOSettings = field(default_factory=DPOSettings)
     """DPO settings of the DPO arms."""
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    """GRPO settings of the GRPO arms (their optimisation is dpo_train's)."""
+    grpo_prompts: int | None = bounded(64, ge=1)
+    """Training prompts of the GRPO arms (each step samples grpo.generations completions of
+    each; None: all of them)."""
     dpo_train: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-5, epochs=1.0, batch_size=2,
                                                                             max_length=96))
     """Optimisation of the DPO arms."""

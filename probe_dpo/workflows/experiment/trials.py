@@ -30,6 +30,9 @@ def train_config_dict(cfg: ExperimentConfig, ctx: dict, paths: dict, spec: dict)
     data: dict[str, Any] = {}
     if is_dpo:
         data["pairs"] = paths["pairs"][arm.data.split(":", 1)[1]]
+    elif arm.data == "prompts":  # GRPO: the same training prompts the DPO pairs were sampled from
+        data["prompts"] = TestbedPaths(ctx["testbed"]).data("prompts_train")
+        data["max_prompts"] = cfg.grpo_prompts
     elif arm.data == "control":
         data["sft"] = paths["control_sft"]
     else:
@@ -37,8 +40,9 @@ def train_config_dict(cfg: ExperimentConfig, ctx: dict, paths: dict, spec: dict)
         data["max_sft"] = cfg.sft_rows
     out = {"method": arm.method, "model": ctx["base_model"],
            "out": storage.join(ctx["run"], "trials", spec["id"], "train"), "seed": spec["seed"], "judge": cfg.judge,
-           "testbed": ctx["testbed"], "data": data, "dpo": to_dict(cfg.dpo),
-           "train": to_dict(cfg.dpo_train if is_dpo else cfg.sft_train), "lora": to_dict(cfg.lora),
+           "testbed": ctx["testbed"], "data": data, "dpo": to_dict(cfg.dpo), "grpo": to_dict(cfg.grpo),
+           "train": to_dict(cfg.dpo_train if is_dpo or arm.data == "prompts" else cfg.sft_train),
+           "lora": to_dict(cfg.lora),
            "distributed": {**to_dict(cfg.distributed), "address": None}}
     if arm.probes is not None:
         out["probes"] = paths[arm.probes]
