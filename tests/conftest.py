@@ -63,8 +63,11 @@ def s3_server():
     The variables are set for the whole session, before Ray starts, so Ray workers see the
     same endpoint and credentials.
     """
-    from moto.server import ThreadedMotoServer
-
+    try:
+        from moto.server import ThreadedMotoServer
+    except ModuleNotFoundError:  # a GPU box given only the runtime packages: Ray tests run, S3 ones cannot
+        yield None
+        return
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -93,19 +96,11 @@ def s3_bucket(s3_server):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(request):
+def ray_cluster(s3_server):
     """One local Ray cluster for the whole test session (started after the S3 env is set).
-
-    The S3 server is started first wherever moto is installed (always with the dev extra); a
-    GPU box that was given only the runtime packages runs its Ray tests without it. Workers get
-    this checkout ahead of the driver's own PYTHONPATH (packages carried there stay visible).
-    """
-    import importlib.util
-
+    Workers get this checkout ahead of the driver's own PYTHONPATH (packages carried there stay visible)."""
     import ray
 
-    if importlib.util.find_spec("moto") is not None:
-        request.getfixturevalue("s3_server")
     if not ray.is_initialized():
         path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
