@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "training_run.json"
 
+# What a training run reports while it trains when asked (``job["report_steps"]``, a Tune search
+# under ASHA): result key -> the key TRL logs (NaN when this method logs none), and the step.
+TRAIN_METRICS = {"train.loss": "loss", "train.probe_penalty": "probe_penalty",
+                 "train.rewards.margins": "rewards/margins", "train.rewards.accuracies": "rewards/accuracies"}
+TRAIN_STEP = "train.step"
+
 
 STALE_BUILD_LOCK_S = 900.0
 
@@ -198,6 +204,8 @@ def _train(job: dict, scratch: Path) -> None:
     warning = _early_warning(cfg, job, records, tokenizer, rank, dtype)
     if warning is not None:
         callbacks.append(warning)
+    if job.get("report_steps"):  # a Tune search's scheduler (ASHA) reads these while the trial trains
+        callbacks.append(progress_callback(int(job["report_steps"])))
     callbacks.append(RayTrainReportCallback())  # last: the EMA file is in the folder it copies
 
     # the penalty is in the arguments: the trainer loads cfg.probes' train probes itself
@@ -251,6 +259,27 @@ def _train(job: dict, scratch: Path) -> None:
     if dist.zero_stage == 3 and torch.distributed.is_initialized():
         torch.distributed.barrier()
     ray.train.report({**metrics, "policy": job["policy"], "finished": 1})  # not "done": Tune reads that as "stop the trial"
+
+
+def progress_callback(every: int) -> Any:
+    """A ``TrainerCallback`` that reports ``TRAIN_METRICS`` and ``TRAIN_STEP`` to Ray Train every
+    ``every`` optimizer steps before the last (no checkpoint; the last step's metrics come with the
+    run's end, so a scheduler cannot stop a trial that has trained to the end before it is
+    evaluated). ``on_log`` runs on every rank at the same steps, so every rank reports alike, as
+    Ray Train requires."""
+    import ray.train
+    from transformers import TrainerCallback
+
+    class ReportProgress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            step = int(state.global_step)
+            if not logs or "loss" not in logs:  # the run's closing summary logs train_loss, not loss
+                return
+            if step % every == 0 and step < state.max_steps:
+                ray.train.report({TRAIN_STEP: step, **{key: float(logs.get(name, float("nan")))
+                                                       for key, name in TRAIN_METRICS.items()}})
+
+    return ReportProgress()
 
 
 def parameter_elements(model: Any) -> tuple[int, int]:

@@ -106,10 +106,7 @@ def prepare(cfg: TrainConfig) -> Plan:
     get_judge(cfg.judge)  # a name check; the classifier itself loads lazily
 
     w = cfg.penalty_weight
-    if cfg.method == "sft" and w > 0:
-        raise UserError("method sft is plain SFT (no probe penalty): use method=probe-sft for penalty.weight > 0")
-    if cfg.method == "probe-sft" and w <= 0:
-        raise UserError("method probe-sft needs penalty.weight > 0 (λ of the probe penalty)")
+    check_penalty(cfg)
     if cfg.distributed.offload and cfg.distributed.zero_stage == 0:
         raise UserError("distributed.offload needs distributed.zero_stage >= 1")
     if cfg.data.pairs and not cfg.is_dpo:
@@ -269,11 +266,23 @@ def _sft_rows(plan: Plan) -> tuple[list[dict], dict]:
     return rows, stats
 
 
-def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
+def check_penalty(cfg: TrainConfig, where: str = "") -> None:
+    """The method and the probe penalty's weight agree (a config check, also run at an experiment's
+    load for every arm and search value)."""
+    if cfg.method == "sft" and cfg.penalty_weight > 0:
+        raise UserError(f"{where}method sft is plain SFT (no probe penalty): use method=probe-sft for "
+                        "penalty.weight > 0")
+    if cfg.method == "probe-sft" and cfg.penalty_weight <= 0:
+        raise UserError(f"{where}method probe-sft needs penalty.weight > 0 (λ of the probe penalty)")
+
+
+def train(cfg: TrainConfig, *, callbacks: list | None = None, report_steps: int | None = None) -> dict:
     """Run the configured method end to end; returns (and writes) the summary.
 
     ``callbacks`` are passed to each round's Ray Train run (a Tune trial passes
-    ``TuneReportCallback`` so training metrics reach Tune as they are reported)."""
+    ``TuneReportCallback`` so training metrics reach Tune as they are reported). ``report_steps``:
+    the workers also report the training metrics (``loop.TRAIN_METRICS``) every that many
+    optimizer steps (a Tune search's ASHA scheduler reads them)."""
     from probe_dpo.data import write_records
     from probe_dpo.model import hub_env
     from probe_dpo.ray_utils import init_ray
@@ -297,8 +306,15 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
     final_policy = storage.join(out, "policy")
     if _existing(final_policy, chash):
         log.info(f"train: {final_policy} is already complete for this config; nothing to do")
-        return storage.read_json(storage.join(out, "train.json")) if storage.exists(storage.join(out, "train.json")) \
-            else {"policy": final_policy, "config_hash": chash}
+        if storage.exists(storage.join(out, "train.json")):
+            return storage.read_json(storage.join(out, "train.json"))
+        # published, but the run stopped before its summary (e.g. a search's scheduler ended the trial)
+        from probe_dpo.training.loop import RUN_FILE
+
+        run_file = storage.join(final_policy, RUN_FILE)
+        metrics = storage.read_json(run_file).get("metrics", {}) if storage.exists(run_file) else {}
+        return {"policy": final_policy, "config_hash": chash,
+                "rounds": [{"round": rounds - 1, "policy": final_policy, "skipped": True, "train": metrics}]}
     storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
     init_ray(cfg.distributed.address)
     if cfg.distributed.use_gpu is True:  # more than the cluster has would wait for GPUs forever
@@ -343,7 +359,8 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None) -> dict:
         job = {"cfg": to_dict(cfg), "kind": kind, "data": data_uri, "model": model,
                "reference": plan.model if cfg.dpo.reference == "base" else model,
                "probes": cfg.probes, "aggregation": plan.aggregation, "policy": policy, "round": r,
-               "config_hash": chash, "env": hub_env(), "generation": plan.settings.to_dict()}
+               "config_hash": chash, "env": hub_env(), "generation": plan.settings.to_dict(),
+               "report_steps": report_steps}
         run_name = f"{cfg.method}-round{r}-{chash[:8]}"
         if cfg.tracking.report_to:
             from probe_dpo.tracking import trainer_args, trainer_env
