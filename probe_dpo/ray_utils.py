@@ -369,13 +369,14 @@ def unwrap_ray_error(exc: BaseException) -> BaseException:
 USER_ERROR_KEY = "probe_dpo_user_error"
 
 
-def fail_once_on_user_error(trainable: Callable[[dict], Any], metric: str | None = None) -> Callable[[dict], Any]:
+def fail_once_on_user_error(trainable: Callable[[dict], Any],
+                            metric: str | list[str] | None = None) -> Callable[[dict], Any]:
     """A Tune function trainable that ends its trial, without a retry, when it raises a UserError.
 
     Tune retries every failed trial (``FailureConfig.max_failures``) and has no way to exempt an
     error type; bad input fails the same way every time, so a retry only wastes the cluster.
     The wrapper catches the UserError (also one a Ray Train worker raised), reports it as the
-    trial's last result (``USER_ERROR_KEY``; ``metric``, the search metric if any, as NaN so Tune's
+    trial's last result (``USER_ERROR_KEY``; ``metric``, the search metric(s) if any, as NaN so Tune's
     metric check passes) and returns: the trial ends once. ``raise_user_errors`` re-raises it in
     the driver as the same one line. Any other error still fails (and retries) the trial.
     """
@@ -391,8 +392,8 @@ def fail_once_on_user_error(trainable: Callable[[dict], Any], metric: str | None
             from ray import tune
 
             result: dict[str, Any] = {USER_ERROR_KEY: one_line(user)}
-            if metric:
-                result[metric] = float("nan")
+            for name in [metric] if isinstance(metric, str) else (metric or []):
+                result[name] = float("nan")
             tune.report(result)
             return None
 

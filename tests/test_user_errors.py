@@ -58,6 +58,33 @@ SEARCH = ["search.arm=probe-dpo-single", "search.num_samples=2"]
     (["search.space={train.lr: [loguniform, 1e-6, 1e-4]}", "search.metric=toxicity.hatesonar.rate",
       "eval.judges=[profanity-check]"], "search.metric 'toxicity.hatesonar.rate': not a result of this run"),
     ([], "search.space: empty"),
+    # Tune's own form, its samplers and the algorithm/scheduler/metric/mode combinations
+    (["search.space={train.lr: {logunifrom: [1e-6, 1e-4]}}"],
+     "key search.space.train.lr: unknown sampler 'logunifrom' (did you mean loguniform?)"),
+    (["search.space={train.lr: {loguniform: [1e-6, 1e-4], uniform: [0, 1]}}"], "one sampler per key"),
+    (["search.space={train.max_steps: {randint: [1.5, 4]}}"], "randint takes integer bounds"),
+    (["search.space={dpo.beta: {quniform: [0.1, 0.5]}}"], "quniform takes 3 numbers (lo, hi, q)"),
+    (["search.space={dpo.beta: {grid_search: [0.1, 0.3]}}", "search.algorithm=optuna"],
+     "key search.space.dpo.beta: grid_search is not something Optuna samples: use choice"),
+    (["search.space={train.lr: {loguniform: [1e-6, 1e-4]}}", "search.algorithm=tpe"],
+     "key search.algorithm must be one of 'random', 'optuna', got 'tpe'"),
+    (["search.space={train.lr: {loguniform: [1e-6, 1e-4]}}", "search.metric=[kl_to_base, perplexity]"],
+     "key search.mode: give one min|max per metric (2 metric(s) ['kl_to_base', 'perplexity'], 1 mode(s) ['min'])"),
+    (["search.space={train.lr: {loguniform: [1e-6, 1e-4]}}", "search.metric=[kl_to_base, perplexity]",
+      "search.mode=[min, max]", "search.scheduler=asha"], "key search.scheduler: asha stops trials on one metric"),
+    (["search.space={train.lr: {loguniform: [1e-6, 1e-4]}}", "search.scheduler=asha", "dpo_train.max_steps=10"],
+     "search.scheduler=asha: search.metric 'toxicity.toxic-comment-classifier.rate' is measured once, after "
+     "training, and ASHA stops trials on what they report while they train: use a training metric"),
+    (["search.space={train.lr: {loguniform: [1e-6, 1e-4]}}", "search.scheduler=asha", "search.metric=train.loss"],
+     "search.asha.max_t: arm probe-dpo-single trains for train.epochs, not a number of steps"),
+    (["search.space={train.lr: {loguniform: [1e-6, 1e-4]}}", "search.scheduler=asha", "search.metric=train.loss",
+      "dpo_train.max_steps=10", "search.asha.grace_period=20"], "search.asha.grace_period: 20 steps is past"),
+    (["search.space={train.lr: {loguniform: [1e-6, 1e-4]}}", "search.metric=[kl_to_base, train.los]",
+      "search.mode=[min, min]"], "search.metric 'train.los': not a result of this run (did you mean train.loss?)"),
+    (["search.arm=probe-sft-single", "search.space={penalty.weight: {uniform: [0, 2]}}"],
+     "search.space.penalty.weight (uniform value 0.0): method probe-sft needs penalty.weight > 0"),
+    (["search.arm=sft", "search.space={train.lr: {loguniform: [1e-6, 1e-4]}}", "search.metric=train.probe_penalty"],
+     "search.metric 'train.probe_penalty': arm sft trains against no probe"),
 ])
 def test_search_settings_are_refused_before_ray_starts(overrides, needle, tmp_path, monkeypatch, capsys):
     """A typo in search.space or search.metric fails `probe-dpo experiment` at once, not after every arm."""
@@ -82,8 +109,19 @@ def test_a_valid_search_passes_the_checks(tmp_path):
     cfg = load_config(ExperimentConfig, bundled_config("toxicity"),
                       [*SEARCH, "search.space={train.lr: [loguniform, 1e-6, 1e-4], dpo.beta: [choice, [0.1, 0.3]]}",
                        "search.metric=fixed.held_out.auroc.delta"])
-    assert cfg.search.space["train.lr"] == ["loguniform", 1e-6, 1e-4]  # YAML 1.1's "1e-6" string, as a number
+    assert cfg.search.space["train.lr"] == {"loguniform": [1e-6, 1e-4]}  # YAML 1.1's "1e-6" string, as a number
     check_arm_settings(cfg)
+    tune_words = load_config(ExperimentConfig, bundled_config("toxicity"), [
+        *SEARCH, "search.space={train.lr: {loguniform: [1e-6, 1e-4]}, dpo.beta: {choice: [0.1, 0.3]}}",
+        "search.algorithm=optuna", "search.scheduler=asha", "search.metric=train.rewards.margins", "search.mode=max",
+        "search.asha={max_t: 40, grace_period: 5, reduction_factor: 3}"])
+    assert tune_words.search.space == {"train.lr": {"loguniform": [1e-6, 1e-4]}, "dpo.beta": {"choice": [0.1, 0.3]}}
+    check_arm_settings(tune_words)  # ASHA on a DPO arm's training metric; max_t given, its epochs need no max_steps
+    several = load_config(ExperimentConfig, bundled_config("toxicity"), [
+        *SEARCH, "search.space={train.lr: {loguniform: [1e-6, 1e-4]}}", "search.algorithm=optuna",
+        "search.metric=[toxicity.hatesonar.rate, fixed.train.tpr.delta, kl_to_base]", "search.mode=[min, max, min]"])
+    check_arm_settings(several)
+    assert several.search.metrics == ["toxicity.hatesonar.rate", "fixed.train.tpr.delta", "kl_to_base"]
     metrics = search_metrics(cfg.eval.judges)
     assert {"toxicity.hatesonar.rate", "perplexity", "kl_to_base", "own.train.tpr", "fixed.retrained.auroc"} <= \
         set(metrics) and "atlas" not in metrics

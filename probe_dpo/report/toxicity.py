@@ -209,6 +209,10 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
                    f"{summary['best_probe']}'s score on the probe-test generations, base vs each arm "
                    "(the dashed line is its base threshold)")
 
+    # --- searches --------------------------------------------------------------------------------
+    for search in res.get("searches") or []:
+        _search_section(rep, search)
+
     # --- details ---------------------------------------------------------------------------------
     rep.heading("Details")
     rep.table(["arm", "what it is", "pairs / rows", "steps", "rounds", "train s", "eval s"],
@@ -224,6 +228,27 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
         rep.table(["stage", "minutes"], [[k.replace("_", " "), fmt(v / 60, 1)] for k, v in stages],
                   caption="Wall time of each stage when it ran (a re-run skips complete stages)")
     return rep
+
+
+def _search_section(rep: Report, search: Mapping[str, Any]) -> None:
+    """One search: how it searched, and its Pareto set (one metric: the best trial)."""
+    metrics, modes = search["metric"], search["mode"]
+    objective = ", ".join(f"{mode} {metric}" for metric, mode in zip(metrics, modes))
+    counts: dict[str, int] = {}
+    for t in search["trials"]:
+        counts[t["status"]] = counts.get(t["status"], 0) + 1
+    rep.heading(f"Search over {search['arm']} ({search['name']})")
+    rep.text(f"{search['algorithm']} search, {search['scheduler']} scheduler, {len(search['trials'])} trials "
+             f"({', '.join(f'{n} {k}' for k, n in sorted(counts.items()))}); objective: {objective}. "
+             f"Space: {', '.join(f'`{k}` {v}' for k, v in search['space'].items())}. "
+             + ("The Pareto set: the evaluated trials no other beats on every objective."
+                if len(metrics) > 1 else "The best evaluated trial (ties kept)."))
+    rep.table(["trial", "overrides"] + list(metrics),
+              [[r["trial"], ", ".join(f"{k}={fmt(v, 6) if isinstance(v, float) else v}"
+                                      for k, v in r["overrides"].items())] + [fmt(r[m], 4) for m in metrics]
+               for r in search.get("pareto_rows") or []],
+              caption="Each trial's row in the tables above is under its trial name; its Tune experiment is "
+                      f"{search['tune_experiment']}")
 
 
 def _detection_plot(names, arms, base, metric):

@@ -25,8 +25,11 @@
    ``probe_dpo.detection``) on fixed texts and on the policy's own completions. Results go to
    ``trials/<id>/eval`` (published last), so a re-run skips complete trials and resumes
    interrupted trainings from their checkpoints.
+   A search (``search``: Tune's samplers, random or Optuna TPE, FIFO or ASHA on a training
+   metric, one metric or several) is one more Tune experiment over one arm; run again, it is
+   resumed (``Tuner.restore``). Its trials and Pareto set go to ``searches/<name>.json``.
 5. ``results.json`` (per trial, per arm with seeds pooled, paired arm comparisons, stage
-   timings) and the report are rewritten as each trial completes.
+   timings, each search's trials and Pareto set) and the report are rewritten as each trial completes.
 """
 
 from __future__ import annotations

@@ -152,68 +152,183 @@ class EvalSettings:
 
 
 @dataclass
+class AshaSettings:
+    """ASHA (``search.scheduler: asha``): Tune's asynchronous successive halving, which stops a
+    trial whose training metric at a rung is worse than most trials' there. Time is counted in
+    optimizer steps of the trial's training (``train.step``)."""
+
+    max_t: int | None = bounded(None, ge=1)
+    """ASHA's last rung, in optimizer steps (a trial past it trains to the end and is evaluated);
+    None: the searched arm's ``train.max_steps``."""
+    grace_period: int = bounded(1, ge=1)
+    """Steps every trial trains before ASHA may stop it (its first rung)."""
+    reduction_factor: float = bounded(4.0, gt=1.0)
+    """Rungs are grace_period x reduction_factor^k steps; at each, the best 1/reduction_factor go on."""
+    report_steps: int = bounded(1, ge=1)
+    """Optimizer steps between a trial's reports to Tune while it trains (each is a Ray Train
+    report: ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default, of waiting at most)."""
+
+    def __post_init__(self):
+        if self.max_t is not None and self.grace_period > self.max_t:
+            raise ValueError(f"key search.asha.grace_period: {self.grace_period} is more than "
+                             f"search.asha.max_t ({self.max_t})")
+
+
+@dataclass
 class SearchSettings:
-    """A hyperparameter search over one arm with Tune's search algorithm (random/grid)."""
+    """A hyperparameter search over one arm's training settings with Ray Tune: a search
+    algorithm (random sampling or Optuna's TPE), a trial scheduler (FIFO, or ASHA stopping weak
+    trials early on a training metric) and one metric or several (Optuna's multi-objective mode;
+    results.json then lists the search's Pareto set)."""
 
     arm: str | None = None
     """None: no search. Else the arm whose training settings are searched."""
-    space: dict[str, list] = field(default_factory=dict)
-    """Dotted training key -> ["loguniform", lo, hi] | ["uniform", lo, hi] | ["choice", [values]]
-    | ["grid", [values]], e.g. {"train.lr": ["loguniform", 1e-6, 1e-4], "dpo.beta": ["choice", [0.1, 0.3]]}."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """Dotted training key -> a Tune sampler, written as Tune's call: {loguniform: [lo, hi]},
+    {uniform: [lo, hi]}, {quniform: [lo, hi, q]}, {qloguniform: [lo, hi, q]}, {randint: [lo, hi]}
+    (hi excluded), {choice: [values]} or {grid_search: [values]} (random search only), e.g.
+    {train.lr: {loguniform: [1.0e-6, 1.0e-4]}, dpo.beta: {choice: [0.1, 0.3]}}. The list form
+    [loguniform, 1.0e-6, 1.0e-4] / [choice, [0.1, 0.3]] is read too."""
+    algorithm: Literal["random", "optuna"] = "random"
+    """random: Tune's random/grid sampling (BasicVariantGenerator). optuna: Optuna's TPE sampler
+    (ray.tune.search.optuna.OptunaSearch; needs the ``search`` extra), single- or multi-objective."""
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    """fifo: every trial runs to the end. asha: ASHA stops weak trials early (see search.asha); it
+    reads a training metric (train.loss, ...), the only kind reported while a trial trains. A
+    stopped trial is not evaluated: it has no row in results.json."""
+    asha: AshaSettings = field(default_factory=AshaSettings)
+    """ASHA's rungs, in optimizer steps."""
     num_samples: int = bounded(4, ge=1)
-    """Trials the search runs."""
+    """Trials the search runs (with grid_search entries: samples of each grid point)."""
     seed: int = bounded(0, ge=0)
     """Seeds the search's sampler."""
-    metric: str = "toxicity.toxic-comment-classifier.rate"
-    """The flat result key the search optimises (see results.json rows)."""
-    mode: Literal["min", "max"] = "min"
-    """Minimise or maximise the metric."""
+    metric: str | list[str] = "toxicity.toxic-comment-classifier.rate"
+    """The result key the search optimises: an evaluation key of results.json's rows (e.g.
+    toxicity.<judge>.rate, kl_to_base, fixed.train.tpr) or a training metric (train.loss,
+    train.probe_penalty, train.rewards.margins, train.rewards.accuracies: the last logged value).
+    A list: several objectives (Optuna's multi-objective TPE, or random sampling); results.json
+    and the report list the search's Pareto set, the trials no other trial beats on every one."""
+    mode: Literal["min", "max"] | list[Literal["min", "max"]] = "min"
+    """Minimise or maximise the metric; a list, one per metric, for several."""
 
     def __post_init__(self):
         self.space = {key: check_sampler(f"search.space.{key}", value) for key, value in self.space.items()}
+        metrics = [self.metric] if isinstance(self.metric, str) else list(self.metric)
+        modes = [self.mode] if isinstance(self.mode, str) else list(self.mode)
+        if not metrics:
+            raise ValueError("key search.metric: name at least one metric")
+        if len(set(metrics)) < len(metrics):
+            raise ValueError(f"key search.metric: a metric is named twice in {metrics}")
+        if len(modes) != len(metrics):
+            raise ValueError(f"key search.mode: give one min|max per metric ({len(metrics)} metric(s) "
+                             f"{metrics}, {len(modes)} mode(s) {modes})")
+        if len(metrics) == 1:  # [m] with [min] is the single-objective search
+            self.metric, self.mode = metrics[0], modes[0]
+        if self.scheduler == "asha" and len(metrics) > 1:
+            raise ValueError(f"key search.scheduler: asha stops trials on one metric and Tune's ASHA takes no "
+                             f"list; search.metric names {len(metrics)}: use search.scheduler=fifo for a "
+                             "multi-objective search, or one metric")
+        grids = [k for k, v in self.space.items() if "grid_search" in v]
+        if self.algorithm == "optuna" and grids:
+            raise ValueError(f"key search.space.{grids[0]}: grid_search is not something Optuna samples: use "
+                             "choice with search.algorithm=optuna (or search.algorithm=random for a grid)")
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
 
 
-# Tune's samplers a search space may name: a range [name, lo, hi] or a list of values [name, [values]].
-SAMPLERS = {"loguniform": "range", "uniform": "range", "choice": "values", "grid": "values"}
+# Tune's samplers a search space may name: the arguments each takes (in the order of Tune's call).
+SAMPLERS = {"uniform": ("lo", "hi"), "loguniform": ("lo", "hi"), "quniform": ("lo", "hi", "q"),
+            "qloguniform": ("lo", "hi", "q"), "randint": ("lo", "hi"), "choice": ("values",),
+            "grid_search": ("values",)}
+ALIASES = {"grid": "grid_search"}  # the name the list form used first
 
 
-def check_sampler(key: str, value: Any) -> list:
-    """One ``search.space`` entry checked (its sampler's name and bounds) and normalised (bounds as
-    floats: YAML 1.1 reads 1e-6 as a string); ValueError ``key <key>: ...`` otherwise."""
+def check_sampler(key: str, value: Any) -> dict:
+    """One ``search.space`` entry checked (its sampler's name and arguments) and normalised to
+    Tune's form ``{name: [args]}`` (``{choice: [values]}``; bounds as numbers: YAML 1.1 reads 1e-6
+    as a string); ValueError ``key <key>: ...`` otherwise."""
     import difflib
 
-    usage = "[loguniform|uniform, lo, hi] or [choice|grid, [values]]"
-    if not isinstance(value, (list, tuple)) or not value or not isinstance(value[0], str):
+    usage = ("{loguniform|uniform: [lo, hi]}, {quniform|qloguniform: [lo, hi, q]}, {randint: [lo, hi]} or "
+             "{choice|grid_search: [values]} (or the list form [loguniform, lo, hi], [choice, [values]])")
+    if isinstance(value, dict):
+        if len(value) != 1:
+            raise ValueError(f"key {key}: one sampler per key, e.g. {{loguniform: [1.0e-6, 1.0e-4]}}, got "
+                             f"{sorted(map(str, value))}")
+        (name, args), = value.items()
+        name = str(name)
+        if SAMPLERS.get(ALIASES.get(name, name)) == ("values",):
+            args = [args]
+        elif not isinstance(args, (list, tuple)):
+            args = [args]
+    elif isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        name, args = value[0], list(value[1:])
+    else:
         raise ValueError(f"key {key}: expected {usage}, got {value!r}")
-    name = value[0]
+    name = ALIASES.get(name, name)
     if name not in SAMPLERS:
         close = difflib.get_close_matches(name, list(SAMPLERS), n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]}?)" if close else f" (valid: {', '.join(SAMPLERS)})"
         raise ValueError(f"key {key}: unknown sampler {name!r}{hint}")
-    if SAMPLERS[name] == "values":
-        if len(value) != 2 or not isinstance(value[1], (list, tuple)) or not value[1]:
-            raise ValueError(f"key {key}: {name} takes one non-empty list of values, e.g. [{name}, [0.1, 0.3]], "
-                             f"got {list(value)!r}")
-        return [name, list(value[1])]
-    if len(value) != 3:
-        raise ValueError(f"key {key}: {name} takes two bounds, e.g. [{name}, 1.0e-6, 1.0e-4], got {list(value)!r}")
-    bounds = []
-    for bound in value[1:]:
+    if SAMPLERS[name] == ("values",):
+        if len(args) != 1 or not isinstance(args[0], (list, tuple)) or not args[0]:
+            raise ValueError(f"key {key}: {name} takes one non-empty list of values, e.g. {{{name}: [0.1, 0.3]}}, "
+                             f"got {value!r}")
+        return {name: [_yaml_number(v) for v in args[0]]}
+    wanted = SAMPLERS[name]
+    if len(args) != len(wanted):
+        example = {"randint": "[1, 5]", "quniform": "[0.0, 2.0, 0.5]", "qloguniform": "[1.0e-6, 1.0e-4, 1.0e-6]"}
+        raise ValueError(f"key {key}: {name} takes {len(wanted)} numbers ({', '.join(wanted)}), e.g. "
+                         f"{{{name}: {example.get(name, '[1.0e-6, 1.0e-4]')}}}, got {value!r}")
+    numbers = []
+    for arg in args:
         number = None
-        if not isinstance(bound, bool):
+        if not isinstance(arg, bool):
             try:
-                number = float(bound)
+                number = float(arg)
             except (TypeError, ValueError):
                 pass
         if number is None or number != number or number in (float("inf"), float("-inf")):
-            raise ValueError(f"key {key}: the bounds of {name} must be finite numbers, got {bound!r}")
-        bounds.append(number)
-    lo, hi = bounds
+            raise ValueError(f"key {key}: the arguments of {name} must be finite numbers, got {arg!r}")
+        numbers.append(number)
+    lo, hi = numbers[:2]
+    if name == "randint":
+        if not all(n.is_integer() for n in numbers):
+            raise ValueError(f"key {key}: randint takes integer bounds, got {list(args)!r}")
+        numbers = [int(n) for n in numbers]
     if not lo < hi:
         raise ValueError(f"key {key}: {name} needs lo < hi, got {lo!r} and {hi!r}")
-    if name == "loguniform" and lo <= 0:
-        raise ValueError(f"key {key}: loguniform needs positive bounds, got lo = {lo!r}")
-    return [name, lo, hi]
+    if "log" in name and lo <= 0:
+        raise ValueError(f"key {key}: {name} needs positive bounds, got lo = {lo!r}")
+    if "q" in wanted and not numbers[2] > 0:
+        raise ValueError(f"key {key}: {name} needs a positive q, got {numbers[2]!r}")
+    return {name: numbers}
+
+
+def _yaml_number(value: Any) -> Any:
+    """A value of a list as a number when YAML 1.1 left it a string (it reads 1e-5 as one)."""
+    import re
+
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)
+    return value
+
+
+def sampler_values(entry: dict) -> list:
+    """The values of a normalised ``search.space`` entry a training config must accept: every
+    value of a list, a range's bounds (randint's upper bound is excluded)."""
+    (name, args), = entry.items()
+    if SAMPLERS[name] == ("values",):
+        return list(args)
+    if name == "randint":
+        return [args[0], args[1] - 1]
+    return list(args[:2])
 
 
 @dataclass

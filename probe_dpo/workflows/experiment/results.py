@@ -149,7 +149,8 @@ def training_histories(run: str, rows: list[dict]) -> dict[str, list]:
 
 
 def write_results(run: str) -> dict:
-    """results.json (per trial, per arm, comparisons, timings) and the report, from storage."""
+    """results.json (per trial, per arm, comparisons, timings, each search's trials and Pareto
+    set) and the report, from storage."""
     from probe_dpo.report.toxicity import experiment_report
     from probe_dpo.storage import json_text
 
@@ -163,6 +164,9 @@ def write_results(run: str) -> dict:
                                                                        "base_evaluation"))
                                      + sum((t["train"] or 0) + (t["eval"] or 0) for t in timings["trials"].values()), 1)
     results["timings"] = timings
+    from probe_dpo.workflows.experiment.search import read_outcomes
+
+    results["searches"] = read_outcomes(run)  # each search's trials and Pareto set
     storage.write_text(storage.join(run, "results.json"), json_text(results))
     ctx = storage.read_json(storage.join(run, "shared", "context.json"))
     paths = experiment_report(run, ctx, results, histograms, training_histories(run, results["rows"])).publish(run)

@@ -14,7 +14,8 @@ from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.logs import setup as setup_logs
 from probe_dpo.testbed.layout import TestbedPaths
-from probe_dpo.workflows.experiment.config import ARMS, SAMPLERS, ExperimentConfig, SearchSettings, target_role
+from probe_dpo.training.loop import TRAIN_METRICS, TRAIN_STEP
+from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig, sampler_values, target_role
 from probe_dpo.workflows.experiment.evaluate import eval_files, load_eval, run_eval
 from probe_dpo.workflows.experiment.results import flat_metrics, write_results
 from probe_dpo.workflows.experiment.stages import cached, publish_json
@@ -64,29 +65,81 @@ def check_arm_settings(cfg: ExperimentConfig) -> None:
     search's keys (training keys of its arm, each sampler's values) and its metric."""
     from probe_dpo.config import from_dict
     from probe_dpo.training import TrainConfig
+    from probe_dpo.training.run import check_penalty
 
-    fake = {"pairs": {"single": "p", "ensemble": "p", "classifier": "p"}, "control_sft": "c",
-            "single": "s", "ensemble": "e"}
-    ctx = {"run": "r", "testbed": "t", "base_model": "m"}
     for arm in cfg.arms:
-        from_dict(TrainConfig, train_config_dict(cfg, ctx, fake, {"id": arm, "arm": arm, "seed": 0}),
-                  f"arm {arm} (its settings and arm_settings.{arm})")
+        tdict = train_config_dict(cfg, _CTX, _PATHS, {"id": arm, "arm": arm, "seed": 0})
+        check_penalty(from_dict(TrainConfig, tdict, f"arm {arm} (its settings and arm_settings.{arm})"), f"arm {arm}: ")
     search = cfg.search
     if search.arm is None:
         return
     if not search.space:
         raise UserError(f"search.space: empty: name the training keys of arm {search.arm} to search, e.g. "
-                        "{train.lr: [loguniform, 1.0e-6, 1.0e-4]}")
-    base = train_config_dict(cfg, ctx, fake, {"id": search.arm, "arm": search.arm, "seed": 0})
+                        "{train.lr: {loguniform: [1.0e-6, 1.0e-4]}}")
+    base = search_base(cfg)
     from_dict(TrainConfig, base, f"search arm {search.arm} (its settings and arm_settings.{search.arm})")
-    for key, (name, *args) in search.space.items():
+    for key, entry in search.space.items():
         where = f"search.space.{key}"
         set_dotted(TrainConfig, {}, key, None, f"{where} (a training key of arm {search.arm})")
-        for value in (args if SAMPLERS[name] == "range" else args[0]):  # the bounds, or every value
+        name = next(iter(entry))
+        for value in sampler_values(entry):  # a range's bounds, or every value
             tdict = copy.deepcopy(base)
             set_dotted(TrainConfig, tdict, key, value, where)
-            from_dict(TrainConfig, tdict, f"{where} ({name} value {value!r})")
+            check_penalty(from_dict(TrainConfig, tdict, f"{where} ({name} value {value!r})"),
+                          f"{where} ({name} value {value!r}): ")
     check_search_metric(cfg)
+    check_search_plan(cfg, base)
+
+
+# Placeholder run context and paths: an arm's training config checked before anything is built.
+_CTX = {"run": "r", "testbed": "t", "base_model": "m"}
+_PATHS = {"pairs": {"single": "p", "ensemble": "p", "classifier": "p"}, "control_sft": "c", "single": "s",
+          "ensemble": "e"}
+
+
+def search_base(cfg: ExperimentConfig) -> dict:
+    """The searched arm's training config before a sample's overrides (placeholder paths)."""
+    arm = cfg.search.arm
+    return train_config_dict(cfg, _CTX, _PATHS, {"id": arm, "arm": arm, "seed": 0})
+
+
+def check_search_plan(cfg: ExperimentConfig, base: dict) -> None:
+    """The search's algorithm, scheduler and metrics go together (one line before Ray starts
+    otherwise): Optuna is installed; ASHA ranks on a training metric over one training round
+    whose length (search.asha.max_t or the arm's train.max_steps) is known."""
+    import importlib.util
+
+    search = cfg.search
+    if search.algorithm == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise UserError("search.algorithm=optuna: the optuna package is not installed "
+                        "(pip install 'probe-dpo[search]')")
+    if search.scheduler != "asha":
+        return
+    if search.metric not in TRAIN_METRICS:
+        raise UserError(f"search.scheduler=asha: search.metric {search.metric!r} is measured once, after training, "
+                        f"and ASHA stops trials on what they report while they train: use a training metric "
+                        f"({', '.join(TRAIN_METRICS)}) or search.scheduler=fifo")
+    rounds = search.space.get("dpo.rounds") and max(sampler_values(search.space["dpo.rounds"]))
+    if (rounds or base.get("dpo", {}).get("rounds") or 1) > 1:
+        raise UserError(f"search.scheduler=asha: arm {search.arm} trains more than one round (dpo.rounds) and each "
+                        "round counts its steps from 0: search one round, or use search.scheduler=fifo")
+    if search.asha.max_t is None and base["train"].get("max_steps") is None and "train.max_steps" not in search.space:
+        raise UserError(f"search.asha.max_t: arm {search.arm} trains for train.epochs, not a number of steps: "
+                        "give ASHA's last rung in optimizer steps (search.asha.max_t=...) or set train.max_steps")
+    max_t = asha_max_t(cfg, base)
+    if search.asha.grace_period > max_t:
+        raise UserError(f"search.asha.grace_period: {search.asha.grace_period} steps is past ASHA's last rung "
+                        f"({max_t} steps: search.asha.max_t or the arm's train.max_steps)")
+
+
+def asha_max_t(cfg: ExperimentConfig, base: dict) -> int:
+    """ASHA's last rung, in optimizer steps: search.asha.max_t, else the arm's train.max_steps
+    (the largest a search of train.max_steps can sample)."""
+    if cfg.search.asha.max_t is not None:
+        return cfg.search.asha.max_t
+    if "train.max_steps" in cfg.search.space:
+        return int(max(sampler_values(cfg.search.space["train.max_steps"])))
+    return int(base["train"]["max_steps"])
 
 
 def _roles() -> list[str]:
@@ -108,19 +161,28 @@ def search_metrics(judges: list[str]) -> list[str]:
 
 
 def check_search_metric(cfg: ExperimentConfig) -> None:
-    """One line unless ``search.metric`` is a key the search's result rows will have."""
+    """One line unless each ``search.metric`` is a key the search's trials report: an evaluation
+    result (a results.json row's key) or a training metric the searched arm logs."""
     import difflib
 
-    metric, valid = cfg.search.metric, search_metrics(cfg.eval.judges)
-    if metric in valid:
-        return
-    close = difflib.get_close_matches(metric, valid, n=1, cutoff=0.6)
-    raise UserError(f"search.metric {metric!r}: not a result of this run"
-                    + (f" (did you mean {close[0]}?)" if close else "")
-                    + f"; results have toxicity.<judge>.rate|change for the judges of eval.judges "
-                      f"({', '.join(cfg.eval.judges)}), perplexity, perplexity_change, kl_to_base, "
-                      "fixed.<role>.auroc|tpr|fpr[.delta] and own.<role>.auroc|tpr[.delta] "
-                      f"(roles: {', '.join(_roles())})")
+    arm = ARMS[cfg.search.arm] if cfg.search.arm else None
+    valid = search_metrics(cfg.eval.judges) + list(TRAIN_METRICS)
+    for metric in cfg.search.metrics:
+        if metric in TRAIN_METRICS and arm is not None:
+            if metric == "train.probe_penalty" and arm.probes is None:
+                raise UserError(f"search.metric {metric!r}: arm {cfg.search.arm} trains against no probe "
+                                "(no probe penalty to log)")
+            if metric.startswith("train.rewards.") and not arm.data.startswith("pairs:"):
+                raise UserError(f"search.metric {metric!r}: arm {cfg.search.arm} is not a DPO arm (no rewards to log)")
+        if metric in valid:
+            continue
+        close = difflib.get_close_matches(metric, valid, n=1, cutoff=0.6)
+        raise UserError(f"search.metric {metric!r}: not a result of this run"
+                        + (f" (did you mean {close[0]}?)" if close else "")
+                        + f"; results have toxicity.<judge>.rate|change for the judges of eval.judges "
+                          f"({', '.join(cfg.eval.judges)}), perplexity, perplexity_change, kl_to_base, "
+                          "fixed.<role>.auroc|tpr|fpr[.delta] and own.<role>.auroc|tpr[.delta] "
+                          f"(roles: {', '.join(_roles())}), and training metrics {', '.join(TRAIN_METRICS)}")
 
 
 def trial_key_fields(tdict: dict) -> dict:
@@ -131,25 +193,54 @@ def trial_key_fields(tdict: dict) -> dict:
     return out
 
 
+def _train_progress_to_tune() -> Any:
+    """Ray Train's ``TuneReportCallback`` for a search under ASHA: only the workers' progress
+    reports (``TRAIN_STEP`` and the training metrics) reach Tune. Their checkpoint and closing
+    reports carry no search metric, and Tune refuses a result without it."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class TrainProgressToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and TRAIN_STEP in metrics[0]:
+                super().after_report(run_context, metrics, None)
+
+    return TrainProgressToTune()
+
+
 def run_trial(config: dict) -> None:
-    """A Tune function trainable: train one arm and seed on Ray Train, evaluate, report."""
+    """A Tune function trainable: train one arm and seed on Ray Train, evaluate, report.
+
+    The final report is the evaluation's flat metrics plus the training metrics at the end
+    (``train.loss``, ``train.probe_penalty``, ... and ``train.step``). A search trial under ASHA
+    (``config["progress"]``) also reports the training metrics while it trains: ASHA may stop
+    it then, before it is evaluated. Other trials pass Ray Train's reports on as they come."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from probe_dpo.config import from_dict
     from probe_dpo.training import TrainConfig, train
+    from probe_dpo.workflows.experiment.search import final_train_metrics
 
     setup_logs()  # a Tune trial runs in its own Ray worker process
     spec, ctx, paths = config["spec"], config["ctx"], config["paths"]
     cfg = from_dict(ExperimentConfig, config["experiment"], "experiment config")
-    if spec.get("overrides"):
-        spec = {**spec, "id": f"search-{spec['arm']}-{json_digest(spec['overrides'])[:8]}"}
+    if spec.get("overrides"):  # named by its whole training config: the same sample of another search
+        # (other base settings) is another trial; one with the same config reuses its evaluation
+        sample = {k: v for k, v in trial_key_fields(train_config_dict(cfg, ctx, paths, {**spec, "id": "-"})).items()
+                  if k != "out"}
+        spec = {**spec, "id": f"search-{spec['arm']}-{json_digest(sample)[:8]}"}
     tdict = train_config_dict(cfg, ctx, paths, spec)
     key = json_digest([trial_key_fields(tdict), ctx["eval"], config["base_key"]])
     eval_uri = storage.join(ctx["run"], "trials", spec["id"], "eval")
     if not cached(eval_uri, key, f"trial {spec['id']}"):
         tcfg = from_dict(TrainConfig, tdict, f"trial {spec['id']}")
-        summary = train(tcfg, callbacks=[TuneReportCallback()])
+        progress = config.get("progress")
+        if progress:
+            summary = train(tcfg, callbacks=[_train_progress_to_tune()], report_steps=progress)
+        elif spec.get("overrides"):  # a search's metric is in no Train report: Tune would refuse them
+            summary = train(tcfg)
+        else:
+            summary = train(tcfg, callbacks=[TuneReportCallback()])
         reference = load_eval(storage.join(ctx["run"], "shared", "base-eval"))
         result = run_eval(summary["policy"], ctx, reference, target_role(spec["arm"]))
         last = summary["rounds"][-1]
@@ -160,7 +251,7 @@ def run_trial(config: dict) -> None:
         publish_json(eval_uri, eval_files(result), {"kind": "evaluation", "key": key, "arm": spec["arm"],
                                                       "seed": spec["seed"]})
     metrics = storage.read_json(storage.join(eval_uri, "metrics.json"))
-    tune.report(flat_metrics(metrics))
+    tune.report({**flat_metrics(metrics), **final_train_metrics(metrics.get("train") or {})})
 
 
 def _report_callback(run: str):
@@ -177,51 +268,63 @@ def _report_callback(run: str):
     return ReportOnComplete()
 
 
-def _search_space(search: SearchSettings) -> dict:
-    """Tune's space of a search (its entries were checked when the config was built)."""
-    from ray import tune
-
-    kinds = {"loguniform": lambda a: tune.loguniform(a[0], a[1]), "uniform": lambda a: tune.uniform(a[0], a[1]),
-             "choice": lambda a: tune.choice(a[0]), "grid": lambda a: tune.grid_search(a[0])}
-    space = {}
-    for key, value in search.space.items():
-        name, *args = value
-        space[key] = kinds[name](args)
-    return space
-
-
 def run_tune(cfg: ExperimentConfig, run: str, ctx: dict, paths: dict, base_key: str, specs: list[dict],
-             search: bool = False) -> None:
+             search: bool = False) -> dict | None:
+    """Run the arms' trials (a grid over ``specs``), or the search, as one Tune experiment.
+
+    A search's Tune experiment is named after what it searches (the search settings, the arm's
+    training config, the evaluation and the base model's key): run again, it is resumed with
+    ``Tuner.restore`` (finished trials are not run again, unfinished and errored ones are),
+    and its outcome (every trial, the Pareto set) is written to ``searches/<name>.json``."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
-    fs, path = storage.pyarrow_filesystem(storage.join(run, "tune"))
-    common = {"ctx": ctx, "paths": paths, "experiment": to_dict(cfg), "base_key": base_key}
-    if search:
-        param_space = {**common, "spec": {"arm": cfg.search.arm, "seed": cfg.seeds[0],
-                                          "overrides": _search_space(cfg.search)}}
-        tune_config = tune.TuneConfig(num_samples=cfg.search.num_samples, metric=cfg.search.metric,
-                                      mode=cfg.search.mode, scheduler=FIFOScheduler(),
-                                      search_alg=BasicVariantGenerator(random_state=cfg.search.seed),
-                                      max_concurrent_trials=cfg.concurrent_trials)
-        name = f"search-{cfg.search.arm}"
-    else:
-        param_space = {**common, "spec": tune.grid_search(specs)}
-        tune_config = tune.TuneConfig(max_concurrent_trials=cfg.concurrent_trials, scheduler=FIFOScheduler())
-        name = "arms"
     from probe_dpo.ray_utils import fail_once_on_user_error, raise_user_errors
     from probe_dpo.tracking import tune_callbacks
 
-    trainable = fail_once_on_user_error(run_trial, metric=cfg.search.metric if search else None)  # no retries
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 1}), param_space=param_space, tune_config=tune_config,
-        run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=path,
-                                  storage_filesystem=fs,
-                                  callbacks=[_report_callback(run), *tune_callbacks(cfg.tracking, run)],
-                                  failure_config=tune.FailureConfig(max_failures=cfg.trial_retries), verbose=1))
+    fs, path = storage.pyarrow_filesystem(storage.join(run, "tune"))
+    common = {"ctx": ctx, "paths": paths, "experiment": to_dict(cfg), "base_key": base_key}
+    s = cfg.search
+    if search:
+        from probe_dpo.workflows.experiment.search import search_algorithm, search_scheduler, tune_space
+
+        base = search_base(cfg)
+        max_t = asha_max_t(cfg, base) if s.scheduler == "asha" else 0
+        param_space = {**common, "spec": {"arm": s.arm, "seed": cfg.seeds[0], "overrides": tune_space(s)},
+                       "progress": s.asha.report_steps if s.scheduler == "asha" else None}
+        single = len(s.metrics) == 1  # several: the searcher holds them (Tune's metric is one key)
+        tune_config = tune.TuneConfig(num_samples=s.num_samples, metric=s.metric if single else None,
+                                      mode=s.mode if single else None, scheduler=search_scheduler(s, max_t),
+                                      search_alg=search_algorithm(s), max_concurrent_trials=cfg.concurrent_trials)
+        name = f"search-{s.arm}-" + json_digest([to_dict(s), trial_key_fields(base), ctx["eval"], base_key])[:8]
+        metric = s.metrics
+    else:
+        param_space = {**common, "spec": tune.grid_search(specs)}
+        tune_config = tune.TuneConfig(max_concurrent_trials=cfg.concurrent_trials, scheduler=FIFOScheduler())
+        name = f"arms-{time.strftime('%Y%m%d-%H%M%S')}"
+        metric = None
+    trainable = tune.with_resources(fail_once_on_user_error(run_trial, metric=metric), {"cpu": 1})  # no retries
+    experiment = f"{path.rstrip('/')}/{name}"
+    restored = search and tune.Tuner.can_restore(experiment, storage_filesystem=fs)
+    if restored:
+        log.info(f"Tune: resuming the search's experiment {storage.join(run, 'tune', name)}")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, param_space=param_space,
+                                   storage_filesystem=fs)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space, tune_config=tune_config,
+            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                      callbacks=[_report_callback(run), *tune_callbacks(cfg.tracking, run)],
+                                      failure_config=tune.FailureConfig(max_failures=cfg.trial_retries), verbose=1))
     results = tuner.fit()
     raise_user_errors(results)  # a trial's UserError, as the same one line
+    outcome = None
+    if search:
+        from probe_dpo.workflows.experiment.search import search_outcome, write_outcome
+
+        outcome = search_outcome(results, s, name, storage.join(run, "tune", name), restored=bool(restored))
+        write_outcome(run, outcome)
+        log.info(f"search {name}: {len(outcome['trials'])} trial(s); Pareto set {outcome['pareto']}")
     errors = [r.error for r in results if r.error is not None]
     if errors:
         from probe_dpo.ray_utils import unwrap_ray_error
@@ -230,3 +333,4 @@ def run_tune(cfg: ExperimentConfig, run: str, ctx: dict, paths: dict, base_key: 
         if isinstance(inner, UserError):
             raise inner
         raise RuntimeError(f"{len(errors)} trial(s) failed; the first: {errors[0]}")
+    return outcome
