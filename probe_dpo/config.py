@@ -199,7 +199,10 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
         if value in get_args(hint):
             return value
         choices = ", ".join(repr(a) for a in get_args(hint))
-        raise UserError(f"{_at(source, key)}: key {key} must be one of {choices}, got {value!r}")
+        names = {a.lower(): a for a in get_args(hint) if isinstance(a, str)}
+        close = difflib.get_close_matches(value.lower(), list(names), n=1, cutoff=0.6) if isinstance(value, str) else []
+        hint_text = f" (did you mean {names[close[0]]}?)" if close else ""
+        raise UserError(f"{_at(source, key)}: key {key} must be one of {choices}, got {value!r}{hint_text}")
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, source, key + ".")
     if origin in (list, tuple):
