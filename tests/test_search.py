@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from test_workflow_toxicity import tiny_config
 
 
