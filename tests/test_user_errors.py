@@ -89,6 +89,8 @@ SEARCH = ["search.arm=probe-dpo-single", "search.num_samples=2"]
      "search.space.penalty.weight (uniform value 0.0): method probe-sft needs penalty.weight > 0"),
     (["search.arm=sft", "search.space={train.lr: {loguniform: [1e-6, 1e-4]}}", "search.metric=train.probe_penalty"],
      "search.metric 'train.probe_penalty': arm sft trains against no probe"),
+    (["search.arm=probe-grpo-single", "search.space={train.lr: {loguniform: [1e-6, 1e-4]}}",
+      "search.metric=train.probe_penalty"], "search.metric 'train.probe_penalty': arm probe-grpo-single is a GRPO arm"),
 ])
 def test_search_settings_are_refused_before_ray_starts(overrides, needle, tmp_path, monkeypatch, capsys):
     """A typo in search.space or search.metric fails `probe-dpo experiment` at once, not after every arm."""

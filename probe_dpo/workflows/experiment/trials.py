@@ -172,6 +172,9 @@ def check_search_metric(cfg: ExperimentConfig) -> None:
             if metric == "train.probe_penalty" and arm.probes is None:
                 raise UserError(f"search.metric {metric!r}: arm {cfg.search.arm} trains against no probe "
                                 "(no probe penalty to log)")
+            if metric == "train.probe_penalty" and arm.data == "prompts":
+                raise UserError(f"search.metric {metric!r}: arm {cfg.search.arm} is a GRPO arm: its probe is a reward, "
+                                "not a penalty (no probe penalty to log)")
             if metric.startswith("train.rewards.") and not arm.data.startswith("pairs:"):
                 raise UserError(f"search.metric {metric!r}: arm {cfg.search.arm} is not a DPO arm (no rewards to log)")
         if metric in valid:
