@@ -92,11 +92,11 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config", prefix
     hints = get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise UserError(f"{_at(source, prefix + key)}: unknown key {prefix}{key}{_suggest(key, fields, prefix)}")
+            raise UserError(f"{_at(source, prefix + key)}: unknown key {prefix}{key}{suggest_key(key, fields, prefix)}")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _convert(value, hints[name], source, f"{prefix}{name}")
-        _check_bounds(fields[name], kwargs[name], source, f"{prefix}{name}")
+        kwargs[name] = convert_value(value, hints[name], source, f"{prefix}{name}")
+        check_bounds(fields[name], kwargs[name], source, f"{prefix}{name}")
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:  # raised by a __post_init__ cross-field check
@@ -139,7 +139,7 @@ def set_dotted(cls: type, data: dict[str, Any], dotted: str, value: Any, where: 
             raise UserError(f"{where}: {prefix.rstrip('.')} has no sub-keys")
         fields = {f.name: f for f in dataclasses.fields(node_cls) if f.init}
         if key not in fields:
-            raise UserError(f"{where}: unknown key {prefix}{key}{_suggest(key, fields, prefix)}")
+            raise UserError(f"{where}: unknown key {prefix}{key}{suggest_key(key, fields, prefix)}")
         if depth == len(keys) - 1:
             node[key] = value
             return
@@ -167,7 +167,7 @@ def _dataclass_in(hint: Any) -> type | None:
     return None
 
 
-def _suggest(key: str, fields: dict[str, Any], prefix: str) -> str:
+def suggest_key(key: str, fields: dict[str, Any], prefix: str) -> str:
     close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
     if close:
         return f" (did you mean {prefix}{close[0]}?)"
@@ -178,7 +178,7 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
 
 
-def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
+def convert_value(value: Any, hint: Any, source: str, key: str) -> Any:
     """Check ``value`` against the type hint, with the few coercions YAML needs."""
     origin = get_origin(hint)
     if hint is Any:
@@ -191,7 +191,7 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _convert(value, arg, source, key)
+                return convert_value(value, arg, source, key)
             except UserError:
                 continue
         raise UserError(f"{_at(source, key)}: key {key} must be {_type_name(hint)}, got {_describe(value)}")
@@ -210,13 +210,13 @@ def _convert(value: Any, hint: Any, source: str, key: str) -> Any:
             raise UserError(f"{_at(source, key)}: key {key} must be a list, got {_describe(value)}")
         args = get_args(hint)
         item_hint = args[0] if args else Any
-        items = [_convert(v, item_hint, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [convert_value(v, item_hint, source, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{_at(source, key)}: key {key} must be a mapping, got {_describe(value)}")
         _, vhint = get_args(hint) or (str, Any)
-        return {str(k): _convert(v, vhint, source, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): convert_value(v, vhint, source, f"{key}.{k}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -252,7 +252,7 @@ def _type_name(hint: Any) -> str:
         hint, getattr(hint, "__name__", str(hint)))
 
 
-def _check_bounds(field: dataclasses.Field, value: Any, source: str, key: str) -> None:
+def check_bounds(field: dataclasses.Field, value: Any, source: str, key: str) -> None:
     bounds = field.metadata.get("bounds")
     if not bounds or value is None:
         return

@@ -357,7 +357,7 @@ def check_trl_keys(values: dict[str, Any], kind: str) -> dict[str, Any]:
     import dataclasses
     import typing
 
-    from probe_dpo.config import _check_bounds, _convert, _suggest
+    from probe_dpo.config import check_bounds, convert_value, suggest_key
     from probe_dpo.errors import UserError
 
     if kind == "dpo":
@@ -377,14 +377,14 @@ def check_trl_keys(values: dict[str, Any], kind: str) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         if key not in fields and key not in penalty_fields:
-            close = _suggest(key, fields, "trl.")
+            close = suggest_key(key, fields, "trl.")
             hint = close if "did you mean" in close else ""
             raise ValueError(f"unknown key trl.{key}: TRL's {cls.__name__} has no field {key!r}{hint}")
         if key in TRL_FIELDS_SET_HERE:
             raise ValueError(f"key trl.{key}: set here by {TRL_FIELDS_SET_HERE[key]}; use that key")
         try:
-            out[key] = _convert(value, hints[key], "", f"trl.{key}")
-            _check_bounds(fields[key], out[key], "", f"trl.{key}")
+            out[key] = convert_value(value, hints[key], "", f"trl.{key}")
+            check_bounds(fields[key], out[key], "", f"trl.{key}")
         except UserError as exc:
             raise ValueError(str(exc).removeprefix(": ")) from None
     return out

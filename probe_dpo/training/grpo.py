@@ -173,9 +173,9 @@ class ProbeGRPOTrainer(GRPOTrainer):
         self._capturing = False
         super().__init__(model, funcs, args, **kwargs)
         if self._probes is not None:
-            from probe_dpo.training.trainers import _check_probes_fit
+            from probe_dpo.training.trainers import check_probes_fit
 
-            _check_probes_fit(self._probes, self.model)
+            check_probes_fit(self._probes, self.model)
             self._layers = sorted({p.layer for p in self._probes})
             self._reader_model = None
             if args.probe_reader == "frozen":
@@ -299,9 +299,9 @@ def grpo_arguments(cfg: Any, generation: dict, *, output_dir: str, deepspeed: di
     """The ``ProbeGRPOConfig`` of a ``TrainConfig``: the shared training arguments, the GRPO
     settings, the rollout's sampling settings (``generation``: a ``GenerationSettings`` dict)
     and the probe reward's fields, then the config's ``trl`` keys."""
-    from probe_dpo.training.trainers import _common_args
+    from probe_dpo.training.trainers import common_trainer_args
 
-    common = _common_args(cfg.train, output_dir=output_dir, seed=cfg.seed, use_gpu=use_gpu, deepspeed=deepspeed,
+    common = common_trainer_args(cfg.train, output_dir=output_dir, seed=cfg.seed, use_gpu=use_gpu, deepspeed=deepspeed,
                           save_steps=save_steps, tracking=tracking, progress_bar=progress_bar)
     for key in ("max_length", "dataset_num_proc"):  # fields GRPOConfig does not have
         common.pop(key)

@@ -121,7 +121,7 @@ class _Penalty(NamedTuple):
     form: str
 
 
-def _check_probes_fit(probes: Sequence[Any], model: Any) -> None:
+def check_probes_fit(probes: Sequence[Any], model: Any) -> None:
     """UserError unless the probes read layers the model has, at its hidden size."""
     from probe_dpo.model import hidden_size, num_layers
 
@@ -173,7 +173,7 @@ class _ProbePenaltyMixin:
             if not probes:
                 raise UserError(f"{where} has no train probes for the penalty")
         probes = list(probes)
-        _check_probes_fit(probes, self.model)
+        check_probes_fit(probes, self.model)
         return _Penalty(PenaltyRecorder(probes), float(args.probe_weight), args.probe_reduce,
                         getattr(args, "probe_tokens", "completions"), aggregation or "mean", args.probe_form)
 
@@ -384,7 +384,7 @@ def deepspeed_config(zero_stage: int, *, offload: bool = False, bf16: bool = Fal
     return cfg
 
 
-def _common_args(train: Any, *, output_dir: str, seed: int, use_gpu: bool, deepspeed: dict | None,
+def common_trainer_args(train: Any, *, output_dir: str, seed: int, use_gpu: bool, deepspeed: dict | None,
                  save_steps: int | None, logging_steps: int = 1, tracking: dict | None = None,
                  progress_bar: bool = True) -> dict:
     args = dict(
@@ -440,7 +440,7 @@ def training_arguments(kind: str, cfg: Any, *, output_dir: str, deepspeed: dict 
     MLflow, TensorBoard); None reports nowhere. ``progress_bar``: TRL's tqdm bar
     (``trl.disable_tqdm`` in the config still decides when set).
     """
-    common = _common_args(cfg.train, output_dir=output_dir, seed=cfg.seed, use_gpu=use_gpu, deepspeed=deepspeed,
+    common = common_trainer_args(cfg.train, output_dir=output_dir, seed=cfg.seed, use_gpu=use_gpu, deepspeed=deepspeed,
                           save_steps=save_steps, tracking=tracking, progress_bar=progress_bar)
     common.update(_penalty_args(cfg, kind))
     extra = dict(getattr(cfg, "trl", None) or {})
