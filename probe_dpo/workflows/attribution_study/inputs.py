@@ -13,7 +13,13 @@ from probe_dpo import storage
 from probe_dpo.attribution import MITIGATIONS
 from probe_dpo.errors import UserError
 from probe_dpo.testbed.layout import MODEL, TestbedPaths
-from probe_dpo.workflows.attribution_study.config import COMPARATORS, GRADIENT_MODES, METHODS, AttributionConfig
+from probe_dpo.workflows.attribution_study.config import (
+    COMPARATORS,
+    CONTRAST_METHODS,
+    GRADIENT_MODES,
+    METHODS,
+    AttributionConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,10 @@ def prepare(cfg: AttributionConfig) -> Inputs:
             raise UserError(f"config key retrain.methods: {m} needs comparators to include {m}")
         if m == "behaviour-change" and not cfg.behaviour_change.enabled:
             raise UserError("config key retrain.methods: behaviour-change needs behaviour_change.enabled=true")
+        if m in CONTRAST_METHODS and not cfg.behaviour_contrast.enabled:
+            raise UserError(f"config key retrain.methods: {m} needs behaviour_contrast.enabled=true")
+        if m in CONTRAST_METHODS[1:] and not cfg.behaviour_contrast.bank:
+            raise UserError(f"config key retrain.methods: {m} needs behaviour_contrast.bank=true")
         if m == "probe-weights" and (not cfg.probes or cfg.direction == "probe"):
             raise UserError("config key retrain.methods: probe-weights (the probe's own direction next to the "
                             "difference of means) needs probes and direction=diff-of-means")
@@ -93,6 +103,11 @@ def prepare(cfg: AttributionConfig) -> Inputs:
     if cfg.behaviour_change.enabled and not (cfg.behaviour_change.prompts or cfg.testbed):
         raise UserError("config key behaviour_change.prompts: give the prompts where the regression shows "
                         "(or a testbed, whose training prompts are the default)")
+    if cfg.behaviour_contrast.enabled and not (cfg.behaviour_contrast.prompts or cfg.testbed):
+        raise UserError("config key behaviour_contrast.prompts: give the scenario prompts (or a testbed, whose "
+                        "training prompts are the default)")
+    if cfg.behaviour_contrast.judge:
+        get_judge(cfg.behaviour_contrast.judge)
     info = read_testbed_info(cfg.testbed) if cfg.testbed else None
     model = cfg.model or (storage.join(cfg.testbed, (info or {}).get("model", {}).get("path", MODEL))
                           if cfg.testbed else None)
