@@ -7,10 +7,12 @@ out. Here the same two interventions run against the control that must not move:
 direction of the same norm, seeded, steered identically, on the same prompts with the same
 sampling seeds (so the comparison is paired prompt by prompt).
 
-Scale: ``alpha`` is in multiples of the layer's mean residual-stream norm on the check's
-prompts (the added vector is ``alpha * norm * u`` with ``u`` the unit direction), so an alpha
-means the same push at any layer and for any model. The authors add ``scale * v`` with ``v``
-their raw (unnormalised) difference; ``Direction.meta['raw_norm']`` converts one to the other.
+Scale: ``alpha`` is in multiples of the layer's median residual-stream norm on the check's
+prompts (the added vector is ``alpha * norm * u``, ``u`` the unit direction), so an alpha means
+the same push at any layer and for any model; the median, because a first-position "attention
+sink" can be many times the other tokens' norm and would set the scale alone. The authors add
+``scale * v`` with ``v`` their raw (unnormalised) difference; ``Direction.meta['raw_norm']``
+converts one to the other.
 As theirs, the hook by default leaves the prompt's positions alone and steers each generated
 token (the forward passes over a single new position); ``positions="all"`` steers every
 position of every pass.
@@ -66,12 +68,12 @@ def steer(model: Any, layer: int, vector: torch.Tensor, *, mode: Mode = "add",
 
 def residual_norm(model: Any, tokenizer: Any, prompts: Sequence[str], layer: int, *, batch_size: int = 16,
                   max_length: int = 64) -> float:
-    """Mean L2 norm of layer ``layer``'s output over the prompts' (non-padding) tokens: the unit
-    of the steering scale."""
+    """Median L2 norm of layer ``layer``'s output over the prompts' (non-padding) tokens: the
+    unit of the steering scale."""
     from probe_dpo.generation import device_of
     from probe_dpo.model import residual_hooks
 
-    total, count = 0.0, 0
+    norms_all = []
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -81,12 +83,10 @@ def residual_norm(model: Any, tokenizer: Any, prompts: Sequence[str], layer: int
                             truncation=True, max_length=max_length).to(device_of(model))
             model(**enc)
             norms = store[layer].float().norm(dim=-1)
-            mask = enc["attention_mask"].bool()
-            total += float(norms[mask].sum())
-            count += int(mask.sum())
-    if count == 0:
+            norms_all.append(norms[enc["attention_mask"].bool()])
+    if not norms_all or sum(len(n) for n in norms_all) == 0:
         raise UserError("steering: no prompt tokens to measure the residual norm on")
-    return total / count
+    return float(torch.cat(norms_all).median())
 
 
 def random_unit(hidden: int, seed: Any) -> torch.Tensor:
@@ -102,7 +102,7 @@ class SteeringSettings:
     removes each; every condition is sampled on the same prompts with the same seeds."""
 
     alphas: list[float] = field(default_factory=lambda: [0.5])
-    """Added vector sizes, in multiples of the layer's mean residual norm."""
+    """Added vector sizes, in multiples of the layer's median residual norm."""
     project_out: bool = True
     """Also generate with the direction (and the control) projected out."""
     samples_per_prompt: int = bounded(1, ge=1)
