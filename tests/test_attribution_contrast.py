@@ -202,3 +202,19 @@ def test_steering_check_moves_the_rate_with_the_direction_and_not_with_its_rando
     assert rows["add 20"]["vs_none"]["delta"] == pytest.approx(rows["add 20"]["rate"])
     assert not rows["project-out"]["vs_random"]["moves"]  # nothing to remove where the rate is already 0
     assert res["prompts"] == 12 and res["residual_norm"] > 0
+
+
+def test_recall_intervals_and_the_chance_band_of_a_random_ranking():
+    from probe_dpo.stats import wilson_ci
+
+    bad = np.array([True, False, True, True, False, False, True, False])
+    r = A.recall_with_ci([8, 7, 6, 5, 4, 3, 2, 1], bad, 3)  # top 3 = pairs 0, 1, 2: two of four bad
+    assert (r["hits"], r["recall"]) == (2, 0.5) and (r["ci_low"], r["ci_high"]) == pytest.approx(wilson_ci(2, 4))
+    rng = np.random.default_rng(0)
+    n, n_bad, k = 134, 78, 78
+    labels = np.arange(n) < n_bad
+    draws = np.array([labels[rng.permutation(n)[:k]].sum() / n_bad for _ in range(20000)])
+    band = A.random_recall(n, n_bad, k)
+    assert band["recall"] == pytest.approx(draws.mean(), abs=0.002)
+    assert band["ci_low"] == pytest.approx(np.quantile(draws, 0.025), abs=1.5 / n_bad)
+    assert band["ci_high"] == pytest.approx(np.quantile(draws, 0.975), abs=1.5 / n_bad)

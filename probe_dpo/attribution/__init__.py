@@ -78,10 +78,12 @@ from probe_dpo.attribution.scores import (
     cosine_scores,
     judge_scores,
     projections,
+    random_recall,
     ranking,
     ranks,
     recall_at_k,
     recall_curve,
+    recall_with_ci,
     top_k_mask,
 )
 from probe_dpo.attribution.sources import (
@@ -101,4 +103,4 @@ __all__ = ["best_cluster_match", "DIRECTIONS_FORMAT", "DIRECTION_KINDS", "MITIGA
            "ranks", "read_pair_file", "recall_at_k", "recall_curve", "save_directions", "sequence_logprobs",
            "reduction_vs_raw", "share_of_rise_removed", "source_table", "top_k_mask", "write_pairs_like",
            "Scenario", "ScenarioSamples", "SteeringSettings", "bank_scores", "behaviour_contrast", "contrast_bank",
-           "random_unit", "read_scenarios", "residual_norm", "select_scenarios", "steer", "steering_check"]
+           "random_recall", "random_unit", "read_scenarios", "recall_with_ci", "residual_norm", "select_scenarios", "steer", "steering_check"]
