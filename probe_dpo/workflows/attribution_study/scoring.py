@@ -199,42 +199,22 @@ BUDGETS = (0.01, 0.05, 0.08, 0.10, 0.20)
 
 
 def recall_summary(scores: dict[str, np.ndarray], bad: np.ndarray, k: int) -> dict:
-    """Per method: recall at ``k``, at each budget (the top 1/5/8/10/20% of the pairs: what a
-    user without labels can act on) and the whole recall@k curve."""
-    from probe_dpo.attribution import recall_at_k, recall_curve
+    """Per method: recall at ``k`` and at each budget (the top 1/5/8/10/20% of the pairs: what a
+    user without labels can act on), each with its Wilson interval, and the whole recall@k
+    curve. ``chance``: what a random ranking gets (expected, and its hypergeometric 95% band),
+    the line a label-free direction has to clear."""
+    from probe_dpo.attribution import random_recall, recall_curve, recall_with_ci
 
+    n, n_bad = len(bad), int(np.asarray(bad).sum())
+    ks = sorted({max(1, int(round(f * n))) for f in np.linspace(0.01, 1.0, 100)} | {k})
+    budget_k = {f"{round(100 * b)}%": max(1, int(round(b * n))) for b in BUDGETS}
     out = {}
-    ks = sorted({max(1, int(round(f * len(bad)))) for f in np.linspace(0.01, 1.0, 100)} | {k})
     for name, s in scores.items():
-        budgets = {f"{round(100 * b)}%": {"k": max(1, int(round(b * len(bad)))),
-                                          "recall": recall_at_k(s, bad, max(1, int(round(b * len(bad)))))}
-                   for b in BUDGETS}
-        out[name] = {"recall_at_k": recall_at_k(s, bad, k), "k": k, "budgets": budgets,
+        at_k = recall_with_ci(s, bad, k)
+        out[name] = {"recall_at_k": at_k["recall"], "k": k, "ci": [at_k["ci_low"], at_k["ci_high"]],
+                     "budgets": {b: {"k": bk, **recall_with_ci(s, bad, bk)} for b, bk in budget_k.items()},
                      "curve": recall_curve(s, bad, ks)}
+    chance = random_recall(n, n_bad, k)
+    out["chance"] = {"recall_at_k": chance["recall"], "k": k, "ci": [chance["ci_low"], chance["ci_high"]],
+                     "budgets": {b: random_recall(n, n_bad, bk) for b, bk in budget_k.items()}}
     return out
-
-
-def write_scores(inp: Inputs, result: dict) -> str:
-    from probe_dpo.attribution import ranks
-    from probe_dpo.data import write_records
-
-    rows = []
-    rank = ranks(result["scores"]["probe"])
-    for i, pair in enumerate(inp.pairs):
-        row = {"index": i, "pair_id": pair.get("pair_id"), "source": result["sources"][i], "rank": int(rank[i]),
-               "score": float(result["scores"]["probe"][i])}
-        for name, s in result["by_direction"].items():
-            row[f"score_{name}"] = float(s[i])
-        for name, s in result["scores"].items():  # a method that is a direction's scores has its column
-            if name != "probe" and not any(s is d for d in result["by_direction"].values()):
-                row[f"score_{name.replace('-', '_')}"] = float(s[i])
-        if result.get("clusters"):
-            row["cluster"] = int(result["clusters"]["labels"][i])
-        if result.get("change_clusters"):
-            row["change_cluster"] = int(result["change_clusters"]["labels"][i])
-        if inp.bad is not None:
-            row["poisoned"] = bool(inp.bad[i])
-        rows.append(row)
-    uri = storage.join(inp.cfg.out, "scores.parquet")
-    write_records(rows, uri)
-    return uri
