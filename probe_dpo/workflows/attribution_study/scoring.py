@@ -218,3 +218,29 @@ def recall_summary(scores: dict[str, np.ndarray], bad: np.ndarray, k: int) -> di
     out["chance"] = {"recall_at_k": chance["recall"], "k": k, "ci": [chance["ci_low"], chance["ci_high"]],
                      "budgets": {b: random_recall(n, n_bad, bk) for b, bk in budget_k.items()}}
     return out
+
+
+def write_scores(inp: Inputs, result: dict) -> str:
+    from probe_dpo.attribution import ranks
+    from probe_dpo.data import write_records
+
+    rows = []
+    rank = ranks(result["scores"]["probe"])
+    for i, pair in enumerate(inp.pairs):
+        row = {"index": i, "pair_id": pair.get("pair_id"), "source": result["sources"][i], "rank": int(rank[i]),
+               "score": float(result["scores"]["probe"][i])}
+        for name, s in result["by_direction"].items():
+            row[f"score_{name}"] = float(s[i])
+        for name, s in result["scores"].items():  # a method that is a direction's scores has its column
+            if name != "probe" and not any(s is d for d in result["by_direction"].values()):
+                row[f"score_{name.replace('-', '_')}"] = float(s[i])
+        if result.get("clusters"):
+            row["cluster"] = int(result["clusters"]["labels"][i])
+        if result.get("change_clusters"):
+            row["change_cluster"] = int(result["change_clusters"]["labels"][i])
+        if inp.bad is not None:
+            row["poisoned"] = bool(inp.bad[i])
+        rows.append(row)
+    uri = storage.join(inp.cfg.out, "scores.parquet")
+    write_records(rows, uri)
+    return uri
