@@ -191,11 +191,13 @@ def test_steering_check_moves_the_rate_with_the_direction_and_not_with_its_rando
     targets = torch.topk(model.lm_head.weight.detach() @ (model.model.norm.weight.detach() * u), 50).indices
     direction = A.Direction("planted", 1, u, "diff-of-means")
     prompts = [f"Item {i}: and then she said" for i in range(12)]
-    settings = A.SteeringSettings(alphas=[20.0], samples_per_prompt=2, bootstrap=300, seed=1)
+    settings = A.SteeringSettings(alphas=[0.01, 20.0], samples_per_prompt=2, bootstrap=300, seed=1)
     res = A.steering_check(model, tok, prompts, direction, _TokenSetJudge(tok, targets.tolist()), settings,
                            GenerationSettings(max_new_tokens=8))
     rows = {r["condition"]: r for r in res["rows"]}
-    assert list(rows) == ["none", "add 20", "add 20 random", "project-out", "project-out random"]
+    assert list(rows) == ["none", "add 0.01", "add 0.01 random", "add 20", "add 20 random", "project-out",
+                          "project-out random"]
+    assert not rows["add 0.01"]["vs_random"]["moves"]  # a push 1% of the residual norm moves nothing
     assert rows["none"]["rate"] == 0.0 and rows["add 20 random"]["rate"] == 0.0
     assert rows["add 20"]["rate"] >= 0.8 and rows["add 20"]["ci_low"] > 0.5
     assert rows["add 20"]["vs_random"]["moves"] and res["moves"]

@@ -163,7 +163,7 @@ def steering_check(model: Any, tokenizer: Any, prompts: Sequence[str], direction
     return {"direction": direction.name, "kind": direction.kind, "layer": direction.layer, "judge": j.name,
             "residual_norm": norm, "prompts": len(prompts), "samples_per_prompt": s.samples_per_prompt,
             "positions": s.positions, "rows": rows,
-            "moves": any(r["vs_random"]["moves"] for r in rows if r["condition"].startswith("add"))}
+            "moves": any(r["vs_random"]["moves"] for r in rows if "vs_random" in r and r["condition"].startswith("add"))}
 
 
 def _paired(res: dict) -> dict:
