@@ -12,15 +12,23 @@ loading the model):
   each) through ``ExtractorPool`` + ``extract_sharded``, the difference-of-means direction
   from the behaviour examples (same actors), cos(v_d, v_b). Also scored: the trained probe's
   direction (``--probes``), from the same activations. Peak memory = driver + actors.
-- ``probe-weights``: the same actors, but the direction is the trained probe's own (the
-  first train probe of ``--probes`` at the layer): pair activations only. The probe is an
-  input, as the model is: it was trained once for the pipeline (probe-DPO, monitoring), so
-  its fitting is not counted here (``probe-dpo probes`` reports it).
-- ``probe-in-process``: the same as ``probe`` in one process with 2 torch threads (``extract``).
-- ``probe-weights-in-process``: the same as ``probe-weights`` in one process with 2 torch
-  threads (``extraction.in_process=true`` in the study): like with like with ``gradient``,
-  which also runs in one process on 2 threads with no Ray to start.
-- ``judge``: judge(chosen) - judge(rejected) with the judge that did NOT select the poison.
+- ``probe-fit``: the same actors; the probe is FITTED inside the timed run on the same labelled
+  behaviour examples the gradient side gets (logistic regression on their pooled activations,
+  C by AUROC on a seeded 20% of them, ``probe_dpo.probes.fit``), and its direction ranks the
+  pairs. With ``probe`` (whose difference of means is built inside the run too) this is the
+  like-for-like side of the headline: the gradient side computes its behaviour gradient inside
+  its run, so the probe side counts its own direction-building.
+- ``probe-weights`` (secondary): the same actors, but the direction is a probe trained OUTSIDE
+  the timed run (the first train probe of ``--probes`` at the layer, fitted on the probe
+  data's ~1,800 labelled rows against the gradient side's 192-256 behaviour examples): pair
+  activations only. Not like for like; reported as its own row.
+- ``probe-in-process``, ``probe-fit-in-process``: the same as ``probe`` and ``probe-fit`` in one
+  process with 2 torch threads (``extract``): like with like with ``gradient``, which also runs
+  in one process on 2 threads with no Ray to start.
+- ``probe-weights-in-process`` (secondary): ``probe-weights`` in one process, 2 threads.
+- ``judge``: judge(chosen) - judge(rejected) with a judge that did NOT define the poison: with
+  ``--poison-judges all`` both testbed judges defined it, so the comparator is hatesonar
+  (``judge_defined_poison`` in the JSON says whether the comparator is circular).
 - ``gradient``: LESS-style per-pair DPO-loss gradients (one pair at a time) of the
   ``GradientConfig`` parameter subset, Rademacher-projected chunk-wise; behaviour gradient of
   the positives' log-likelihood; cosine. 2 torch threads.
@@ -68,11 +76,14 @@ from _bench import RESULTS  # noqa: E402 - sets the offline environment first
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-METHODS = ("probe", "probe-weights", "probe-in-process", "probe-weights-in-process", "judge", "gradient",
-           "gradient-factorized", "gradient-less")
-PROBE_METHODS = ("probe", "probe-weights", "probe-in-process", "probe-weights-in-process")
-IN_PROCESS = ("probe-in-process", "probe-weights-in-process")
-WEIGHTS = ("probe-weights", "probe-weights-in-process")  # the trained probe's direction: no behaviour examples
+METHODS = ("probe", "probe-fit", "probe-weights", "probe-in-process", "probe-fit-in-process", "probe-weights-in-process",
+           "judge", "gradient", "gradient-factorized", "gradient-less")
+PROBE_METHODS = ("probe", "probe-fit", "probe-weights", "probe-in-process", "probe-fit-in-process",
+                 "probe-weights-in-process")
+IN_PROCESS = ("probe-in-process", "probe-fit-in-process", "probe-weights-in-process")
+WEIGHTS = ("probe-weights", "probe-weights-in-process")  # a probe trained outside the run: secondary rows
+FIT = ("probe-fit", "probe-fit-in-process")  # the probe fitted inside the run on the behaviour examples
+JUDGES = ("profanity-check", "toxic-comment-classifier", "hatesonar")
 CLEAR_POISON = 0.8  # chosen score (selecting judge) of a clearly toxic poisoned pair
 
 
@@ -89,6 +100,32 @@ def _inputs(spec: dict):
     pairs = read_records(spec["pairs"])
     behaviour = sample_behaviour(read_records(spec["behaviour"]), spec["behaviour_examples"], spec["seed"])
     return pairs, behaviour
+
+
+def _fitted_direction(model, behaviour: list[dict], layer: int, seed: int, *, tokenizer=None, pool=None,
+                      activations: str | None = None):
+    """A probe fitted here, in the timed run, on the behaviour examples' pooled activations (C by
+    validation AUROC on a seeded 20% of them); its direction (``weight / std``) ranks the pairs."""
+    import numpy as np
+    import torch
+
+    from probe_dpo import attribution as A
+    from probe_dpo.activations import extract, extract_sharded
+    from probe_dpo.data import chat_value
+    from probe_dpo.probes import LinearProbe
+    from probe_dpo.probes.fit import fit_probe
+
+    cols = dict(prompts=[chat_value(r["prompt"]) for r in behaviour],
+                completions=[chat_value(r["completion"]) for r in behaviour], layers=[layer], pooling="mean",
+                span="response", batch_size=16, max_length=256)
+    feats = extract(model, tokenizer, **cols) if pool is None else \
+        extract_sharded(model, activations, pool=pool, overwrite=True, **cols)
+    x, y = feats[layer], np.array([float(r["label"]) > 0.5 for r in behaviour])
+    val = np.random.default_rng([seed, 0xF17]).random(len(y)) < 0.2
+    fit = fit_probe(x[torch.as_tensor(~val)], y[~val], x[torch.as_tensor(val)], y[val])
+    probe = LinearProbe.from_fit(fit, layer=layer, name="fit-in-run")
+    return A.Direction("probe-fit", layer, probe.direction(), "probe",
+                       {"c": fit.c, "val_auroc": fit.val_auroc, "n_train": int((~val).sum()), "fit_s": fit.seconds})
 
 
 def worker(method: str, spec: dict) -> dict:
@@ -132,6 +169,9 @@ def worker(method: str, spec: dict) -> dict:
                                         batch_size=16, max_length=256)
                 if method in WEIGHTS:
                     direction = probe_direction
+                elif method in FIT:
+                    direction = _fitted_direction(model, behaviour, layer, spec["seed"], pool=pool,
+                                                  activations=f"{tmp}/beh")
                 else:
                     direction = A.behaviour_direction(model, behaviour, layer, pool=pool, activations=f"{tmp}/beh",
                                                       batch_size=16, max_length=256)
@@ -151,11 +191,15 @@ def worker(method: str, spec: dict) -> dict:
             feats = A.pair_features(lm, pairs, [layer], tokenizer=tok, batch_size=16, max_length=256)
             if method in WEIGHTS:
                 direction = probe_direction
+            elif method in FIT:
+                direction = _fitted_direction(lm, behaviour, layer, spec["seed"], tokenizer=tok)
             else:
                 direction = A.behaviour_direction(lm, behaviour, layer, tokenizer=tok, batch_size=16,
                                                   max_length=256)
         scores = A.cosine_scores(feats.diffs(layer), direction)
         out["direction"] = direction.name
+        if method in FIT:
+            out["fit"] = direction.meta
         if spec.get("probes") and method not in WEIGHTS:
             from probe_dpo.probes import ProbeSet
 
@@ -248,7 +292,12 @@ def main() -> int:
         probe = next((p.name for p in ps.train_probes or ps.probes if p.layer == layer), None)
     if layer is None:
         raise SystemExit("give --probes or --layer")
-    judge = next(j for j in ("profanity-check", "toxic-comment-classifier") if j != mix["train_judge"])
+    # the judges that defined the poison: the comparator must not be one of them (else circular)
+    defining = {mix["train_judge"]} | ({c[len("score_"):].replace("_", "-") for c in mix["poison_judges"]
+                                        if c.startswith("score_")} if args.poison_judges == "all" else set())
+    judge = next((j for j in JUDGES if j not in defining), None)
+    if judge is None:
+        raise SystemExit(f"every judge ({', '.join(JUDGES)}) defined the poison: no non-circular judge comparator")
     spec = {"pairs": pairs_uri, "behaviour": os.path.join(args.testbed, "data", "probe_train.jsonl"),
             "behaviour_examples": args.behaviour_examples, "seed": args.seed,
             "model": os.path.join(args.testbed, "model"), "layer": layer, "probes": args.probes, "probe": probe,
@@ -294,6 +343,7 @@ def main() -> int:
         for grad in GRADIENT_MODES:
             if probe in results and grad in results:
                 ratios[f"{grad}/{probe}"] = {
+                    "like_for_like": probe not in WEIGHTS,  # the probe's direction built inside the timed run
                     "whole_process_time": results[grad]["process_seconds"] / results[probe]["process_seconds"],
                     "in_method_time": results[grad]["seconds"] / results[probe]["seconds"],
                     "peak_rss": results[grad]["peak_rss_bytes"] / results[probe]["peak_rss_bytes"],
@@ -314,7 +364,7 @@ def main() -> int:
     summary = {
         "benchmark": "attribution", "testbed": args.testbed, "model": spec["model"], "layer": layer,
         "pairs": len(pairs), "poisoned": k, "k": k, "behaviour_examples_per_class": args.behaviour_examples,
-        "judge": judge,
+        "judge": judge, "judge_defined_poison": judge in defining, "poison_defined_by_judges": sorted(defining),
         "poison_selected_by": mix["train_judge"] if args.poison_judges == "train" else mix["poison_judges"],
         "clear_poison": {"chosen_score_at_least": CLEAR_POISON, "pairs": int(clear.sum())},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -328,7 +378,8 @@ def main() -> int:
               f"{r['recall_at_k']:9.3f} "
               f"{r['recall_at_k_clear_poison']:6.3f}  {' > '.join(r['source_ranking'])}")
     for name, v in ratios.items():
-        print(f"{name}: whole-process time x{v['whole_process_time']:.1f} (in-method x{v['in_method_time']:.1f}), "
+        print(f"{name}{'' if v['like_for_like'] else ' (secondary: probe trained outside the run)'}: "
+              f"whole-process time x{v['whole_process_time']:.1f} (in-method x{v['in_method_time']:.1f}), "
               f"peak RSS x{v['peak_rss']:.2f}, "
               f"recall probe - gradient {v['recall_probe_minus_gradient']:+.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,7 @@ def retrained(study, testbed, probes):
 
 def test_study_writes_scores_sources_clusters_audit_and_report(study):
     results = json.loads(open(os.path.join(study, "results.json")).read())
-    assert set(results["recall_budgets"]["probe"]) == {"1%", "5%", "10%", "20%"}
+    assert set(results["recall_budgets"]["probe"]) == {"1%", "5%", "8%", "10%", "20%"}
     pairs = read_records(os.path.join(study, "mix", "pairs.jsonl"))
     scores = read_records(os.path.join(study, "scores.parquet"))
     assert len(scores) == len(pairs) == len({s["pair_id"] for s in scores})
@@ -285,6 +285,10 @@ def test_one_line_errors(tmp_path, tiny_model_dir, probes, testbed, capsys):
     _error(capsys, base + ["--pairs", str(tmp_path / "nothere.jsonl"), "--probes", probes], "no such file")
     _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes, "retrain.budgets=[1.5]"],
            "retrain.budgets: 1.5 is not a fraction")
+    _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes, "retrain.methods=[bank-max]"],
+           "bank-max needs behaviour_contrast.enabled=true")
+    _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes, "behaviour_contrast.enabled=true"],
+           "behaviour_contrast.prompts: give the scenario prompts")
     _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes,
                            "retrain.intervention_weight=1", "retrain.intervention_forms=[hinge]"],
            "unknown penalty form 'hinge'")

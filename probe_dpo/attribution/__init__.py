@@ -11,8 +11,16 @@ extractor's ``span="response"``, ``pooling="mean"``). A behaviour direction ``v_
 - ``diff-of-means``: mean act of examples showing the behaviour minus mean act of examples
   that do not (response tokens only), L2-normalised (the published method), or
 - ``probe``: a trained probe's direction in activation space (``LinearProbe.direction()``), or
+- ``behaviour-contrast``: the published label-free direction (``contrast``): on scenarios where
+  the model after DPO on the raw set shows the behaviour and the model before does not (the
+  authors' 4-condition filter), ``mean act(p, r1) - mean act(p, r0)`` with both responses read by
+  the model before DPO; or a vector bank, one such direction per scenario, a pair scored by its
+  largest cosine over the bank, or
 - ``behaviour-change``: the mean shift of the activations of the same texts between the model
-  before and after DPO on the raw set (no labels: what a user has when a regression shows).
+  before and after DPO on the raw set: representation drift, kept as the contrast's comparison.
+
+A direction's causal check (``steering``): add it to the residual stream during generation, or
+project it out, beside a random direction of the same norm, and judge the behaviour rate.
 
 A pair's score is ``cos(v_d, v_b)``: how much DPO on it pushes the model's responses along
 the behaviour. Pairs are ranked by score; sources are aggregated (mean score with a
@@ -40,6 +48,15 @@ concepts a preference set pushes, per source).
 """
 
 from probe_dpo.attribution.clusters import best_cluster_match, cluster_directions, cluster_pairs
+from probe_dpo.attribution.contrast import (
+    Scenario,
+    ScenarioSamples,
+    bank_scores,
+    behaviour_contrast,
+    contrast_bank,
+    read_scenarios,
+    select_scenarios,
+)
 from probe_dpo.attribution.directions import (
     DIRECTION_KINDS,
     DIRECTIONS_FORMAT,
@@ -61,10 +78,12 @@ from probe_dpo.attribution.scores import (
     cosine_scores,
     judge_scores,
     projections,
+    random_recall,
     ranking,
     ranks,
     recall_at_k,
     recall_curve,
+    recall_with_ci,
     top_k_mask,
 )
 from probe_dpo.attribution.sources import (
@@ -75,10 +94,13 @@ from probe_dpo.attribution.sources import (
     share_of_rise_removed,
     source_table,
 )
+from probe_dpo.attribution.steering import SteeringSettings, random_unit, residual_norm, steer, steering_check
 
 __all__ = ["best_cluster_match", "DIRECTIONS_FORMAT", "DIRECTION_KINDS", "MITIGATIONS", "Direction", "GradientConfig", "PairFeatures",
            "RademacherProjection", "behaviour_change", "behaviour_direction", "check_directions", "cluster_directions", "cluster_pairs",
            "cosine_scores", "diff_of_means", "flagged_sources", "gradient_scores", "judge_scores", "load_directions",
            "mitigate", "model_facts", "pair_features", "pair_sources", "probe_directions", "projections", "ranking",
            "ranks", "read_pair_file", "recall_at_k", "recall_curve", "save_directions", "sequence_logprobs",
-           "reduction_vs_raw", "share_of_rise_removed", "source_table", "top_k_mask", "write_pairs_like"]
+           "reduction_vs_raw", "share_of_rise_removed", "source_table", "top_k_mask", "write_pairs_like",
+           "Scenario", "ScenarioSamples", "SteeringSettings", "bank_scores", "behaviour_contrast", "contrast_bank",
+           "random_recall", "random_unit", "read_scenarios", "recall_with_ci", "residual_norm", "select_scenarios", "steer", "steering_check"]

@@ -20,7 +20,7 @@ from probe_dpo.storage import artifacts, json_text
 DIRECTIONS_FORMAT = "probe_dpo.directions/1"
 
 
-DIRECTION_KINDS = ("diff-of-means", "probe", "cluster", "behaviour-change")
+DIRECTION_KINDS = ("diff-of-means", "probe", "cluster", "behaviour-change", "behaviour-contrast", "bank")
 
 
 @dataclass
@@ -60,8 +60,12 @@ def diff_of_means(positive: torch.Tensor, negative: torch.Tensor, *, layer: int,
 def behaviour_change(before: torch.Tensor, after: torch.Tensor, *, layer: int, name: str = "behaviour-change",
                      meta: dict | None = None) -> Direction:
     """mean(after - before): how training moved the activations of the same texts (row i of
-    both is one text read by the model before and after), L2-normalised. No label and no probe:
-    what a user has when a regression appears that nothing was built to detect."""
+    both is one text read by the model before and after), L2-normalised. No label and no probe.
+
+    What it measures is representation *drift* (one text read by two models), not the behaviour:
+    on the lean planted mix it ranked the poisoned pairs at chance (recall@78 0.564 against 0.549
+    random). The published label-free direction is the behaviour *contrast* (two texts read by
+    the model before DPO: ``probe_dpo.attribution.contrast``); this one stays as its comparison."""
     if before.shape != after.shape or len(before) == 0:
         raise UserError(f"direction {name}: needs the same non-empty texts read before and after "
                         f"(got {tuple(before.shape)} and {tuple(after.shape)})")

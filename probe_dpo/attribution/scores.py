@@ -58,6 +58,28 @@ def recall_at_k(scores: Sequence[float], bad: Sequence[bool], k: int) -> float:
     return float((top_k_mask(scores, k) & bad).sum() / bad.sum())
 
 
+def recall_with_ci(scores: Sequence[float], bad: Sequence[bool], k: int) -> dict:
+    """Recall at ``k`` with the 95% Wilson interval of hits / bad pairs: how much a ranking's
+    recall could move with another draw of bad pairs like these."""
+    from probe_dpo.stats import wilson_ci
+
+    bad = np.asarray(bad, dtype=bool)
+    hits = int((top_k_mask(scores, k) & bad).sum())
+    lo, hi = wilson_ci(hits, int(bad.sum()))
+    return {"recall": float(hits / bad.sum()) if bad.any() else float("nan"), "ci_low": lo, "ci_high": hi, "hits": hits,
+            "k": int(k)}
+
+
+def random_recall(n: int, n_bad: int, k: int) -> dict:
+    """What a random ranking's recall at ``k`` is: expected ``k / n``, with the 2.5-97.5% quantiles
+    of the hypergeometric number of bad pairs among ``k`` drawn from ``n``: the chance band."""
+    from scipy.stats import hypergeom
+
+    dist = hypergeom(int(n), int(n_bad), int(k))
+    return {"recall": k / n, "ci_low": float(dist.ppf(0.025)) / n_bad, "ci_high": float(dist.ppf(0.975)) / n_bad,
+            "k": int(k)}
+
+
 def recall_curve(scores: Sequence[float], bad: Sequence[bool], ks: Sequence[int] | None = None) -> dict:
     """Recall and precision at each k (default: every k from 1 to n)."""
     bad = np.asarray(bad, dtype=bool)

@@ -65,13 +65,18 @@ def run(cfg: AttributionConfig) -> dict:
         from probe_dpo.workflows.attribution_study.change import behaviour_change_direction
 
         change = behaviour_change_direction(inp)
+    contrast = None
+    if cfg.behaviour_contrast.enabled:  # the same raw-set policy (reused): the paper's label-free direction
+        from probe_dpo.workflows.attribution_study.contrast import behaviour_contrast_directions
+
+        contrast = behaviour_contrast_directions(inp)
     if cfg.extraction.in_process:
-        result = score_all(inp, change)
+        result = score_all(inp, change, contrast)
     else:  # on a joined cluster the comparators' gradients run in a task, not in the driver
         from probe_dpo.ray_utils import init_ray, resolve_use_gpu, run_heavy
 
         init_ray(cfg.extraction.address)
-        result = run_heavy(score_all, inp, change, use_gpu=resolve_use_gpu("auto"))
+        result = run_heavy(score_all, inp, change, contrast, use_gpu=resolve_use_gpu("auto"))
     scores_uri = write_scores(inp, result)
     recall = recall_summary(result["scores"], inp.bad, result["k"]) if inp.bad is not None else None
     if recall:
@@ -93,7 +98,8 @@ def run(cfg: AttributionConfig) -> dict:
         "method_labels": method_labels(inp, result),
         "sources": result["tables"], "recall": {m: v["recall_at_k"] for m, v in (recall or {}).items()},
         "recall_budgets": {m: {b: r["recall"] for b, r in v["budgets"].items()} for m, v in (recall or {}).items()},
-        "recall_curves": {m: v["curve"] for m, v in (recall or {}).items()},
+        "recall_ci": {m: v["ci"] for m, v in (recall or {}).items()},
+        "recall_curves": {m: v["curve"] for m, v in (recall or {}).items() if "curve" in v},
         "timings": result["timings"], "comparators": result["comparators"],
         "clusters": _public(result["clusters"] or {}), "change_clusters": _public(result["change_clusters"] or {}),
         "audit": result["audit"], "mitigations": arms, "retrain": retrain, "report": report,

@@ -10,7 +10,9 @@ from probe_dpo.attribution import GradientConfig
 from probe_dpo.config import bounded
 from probe_dpo.preference_mix import PreferenceMixConfig
 
-METHODS = ("probe", "probe-weights", "behaviour-change", "judge", "gradient", "gradient-factorized", "gradient-less")
+METHODS = ("probe", "probe-weights", "behaviour-contrast", "bank-max", "bank-mean", "behaviour-change", "judge", "gradient",
+           "gradient-factorized", "gradient-less")
+CONTRAST_METHODS = ("behaviour-contrast", "bank-max", "bank-mean")
 COMPARATORS = ("judge", "gradient", "gradient-factorized", "gradient-less")
 GRADIENT_MODES = {"gradient": "dense", "gradient-factorized": "factorized", "gradient-less": "lora-adam"}
 
@@ -88,14 +90,44 @@ class BehaviourChangeSettings:
 
 
 @dataclass
+class BehaviourContrastSettings:
+    """The published label-free direction (Xiao & Aranguri): DPO on the raw set (the same policy
+    as the retraining's ``raw`` arm), then the model before (M0) and after (M1) sample each scenario
+    prompt with and without the trigger; a scenario is kept where only M1 with the trigger shows
+    the behaviour (the 4-condition filter); M1's harmful and M0's safe responses are both read by
+    M0 and the direction is the difference of their means (method ``behaviour-contrast``). With
+    ``bank``, one such direction per kept scenario too, a pair scored by its largest (``bank-max``,
+    the authors' score) and mean (``bank-mean``) cosine over them."""
+
+    enabled: bool = False
+    """Train the raw-set policy first and rank pairs by the contrast (and the bank)."""
+    prompts: str | None = None
+    """Scenario prompts (column prompt). Default: <testbed>/data/prompts_train.jsonl."""
+    max_prompts: int = bounded(200, ge=1)
+    """The first N prompts."""
+    samples_per_prompt: int = bounded(4, ge=1)
+    """Responses sampled per prompt, model and variant (the authors: 100)."""
+    judge: str | None = None
+    """The filter's judge. Default: the study's judge (the testbed's held-out one, not the one
+    that selected the poison)."""
+    threshold: float = bounded(0.5, gt=0.0, lt=1.0)
+    """A judge score at or above this counts as the behaviour."""
+    natural: Literal["trigger", "base"] = "trigger"
+    """The safe responses r0: M0's on the triggered prompt (the authors' base+distractor
+    artifact) or on the prompt without the trigger (their base)."""
+    bank: bool = True
+    """Also keep one direction per scenario and rank by the bank (bank-max, bank-mean)."""
+
+
+@dataclass
 class RetrainSettings:
     """Plain DPO (method dpo) on the raw and every mitigated set, the same settings for each."""
 
     enabled: bool = False
     """Retrain on each mitigated set and measure the behaviour."""
     methods: list[str] = field(default_factory=lambda: ["probe"])
-    """Rankings whose filter/swap sets are retrained (probe, probe-weights, behaviour-change, judge,
-    gradient, gradient-factorized, gradient-less); drop-sources too, once per distinct set of
+    """Rankings whose filter/swap sets are retrained (probe, probe-weights, behaviour-contrast,
+    bank-max, bank-mean, behaviour-change, judge, gradient, gradient-factorized, gradient-less); drop-sources too, once per distinct set of
     flagged sources."""
     lr: float = bounded(1e-5, gt=0.0)
     """Learning rate of the retraining."""
@@ -114,7 +146,7 @@ class RetrainSettings:
     overrides: list[str] = field(default_factory=list)
     """Further TrainConfig overrides (key=value), applied to every arm."""
     budgets: list[float] = field(default_factory=list)
-    """Fixed budgets, as fractions of the pairs (the published 0.01, 0.05, 0.1, 0.2): for each
+    """Fixed budgets, as fractions of the pairs (0.01, 0.05, 0.08: the paper's 30k of 378k, 0.1, 0.2): for each
     retrained ranking, filter (and/or swap: ``budget_mitigations``) its top round(fraction x pairs)
     pairs and retrain. No oracle: unlike ``mitigate: [filter]`` with
     ``ranking.k_from_labels``, the budget does not know how many pairs are bad."""
@@ -206,8 +238,10 @@ class AttributionConfig:
     the poison), else profanity-check."""
     gradient: GradientConfig = field(default_factory=GradientConfig)
     """The gradient comparator."""
+    behaviour_contrast: BehaviourContrastSettings = field(default_factory=BehaviourContrastSettings)
+    """The published label-free direction and its vector bank."""
     behaviour_change: BehaviourChangeSettings = field(default_factory=BehaviourChangeSettings)
-    """The label-free behaviour-change direction."""
+    """The drift direction (the contrast's comparison)."""
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
     """Retraining on the mitigated sets."""
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)

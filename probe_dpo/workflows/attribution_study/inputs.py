@@ -13,7 +13,13 @@ from probe_dpo import storage
 from probe_dpo.attribution import MITIGATIONS
 from probe_dpo.errors import UserError
 from probe_dpo.testbed.layout import MODEL, TestbedPaths
-from probe_dpo.workflows.attribution_study.config import COMPARATORS, GRADIENT_MODES, METHODS, AttributionConfig
+from probe_dpo.workflows.attribution_study.config import (
+    COMPARATORS,
+    CONTRAST_METHODS,
+    GRADIENT_MODES,
+    METHODS,
+    AttributionConfig,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,7 @@ def prepare(cfg: AttributionConfig) -> Inputs:
     """Resolve and check every input; UserError (one line) before any heavy compute."""
     from probe_dpo.attribution import model_facts, read_pair_file
     from probe_dpo.data import check_labels, read_records
-    from probe_dpo.judges import JUDGE_NAMES, get_judge
+    from probe_dpo.judges import HATESONAR, JUDGE_NAMES, get_judge
     from probe_dpo.preference_mix import build_preference_mix, read_poison_labels
     from probe_dpo.testbed import read_testbed_info
 
@@ -71,6 +77,10 @@ def prepare(cfg: AttributionConfig) -> Inputs:
             raise UserError(f"config key retrain.methods: {m} needs comparators to include {m}")
         if m == "behaviour-change" and not cfg.behaviour_change.enabled:
             raise UserError("config key retrain.methods: behaviour-change needs behaviour_change.enabled=true")
+        if m in CONTRAST_METHODS and not cfg.behaviour_contrast.enabled:
+            raise UserError(f"config key retrain.methods: {m} needs behaviour_contrast.enabled=true")
+        if m in CONTRAST_METHODS[1:] and not cfg.behaviour_contrast.bank:
+            raise UserError(f"config key retrain.methods: {m} needs behaviour_contrast.bank=true")
         if m == "probe-weights" and (not cfg.probes or cfg.direction == "probe"):
             raise UserError("config key retrain.methods: probe-weights (the probe's own direction next to the "
                             "difference of means) needs probes and direction=diff-of-means")
@@ -93,6 +103,11 @@ def prepare(cfg: AttributionConfig) -> Inputs:
     if cfg.behaviour_change.enabled and not (cfg.behaviour_change.prompts or cfg.testbed):
         raise UserError("config key behaviour_change.prompts: give the prompts where the regression shows "
                         "(or a testbed, whose training prompts are the default)")
+    if cfg.behaviour_contrast.enabled and not (cfg.behaviour_contrast.prompts or cfg.testbed):
+        raise UserError("config key behaviour_contrast.prompts: give the scenario prompts (or a testbed, whose "
+                        "training prompts are the default)")
+    if cfg.behaviour_contrast.judge:
+        get_judge(cfg.behaviour_contrast.judge)
     info = read_testbed_info(cfg.testbed) if cfg.testbed else None
     model = cfg.model or (storage.join(cfg.testbed, (info or {}).get("model", {}).get("path", MODEL))
                           if cfg.testbed else None)
@@ -172,17 +187,20 @@ def prepare(cfg: AttributionConfig) -> Inputs:
                         "(a built mix's, or poison_labels=URI)")
     if cfg.behaviour_change.enabled and cfg.behaviour_change.contrast and not trigger:
         raise UserError("config key behaviour_change.contrast: needs a trigger (evaluation.trigger, or a built mix's)")
+    # the judges that defined the poison (with mix.poison_judges=all, every testbed judge did)
+    defining = {mix.get("train_judge")} | {c[len("score_"):].replace("_", "-") for c in mix.get("poison_judges") or []
+                                           if c.startswith("score_")} if mix else set()
     judge = cfg.judge
     if judge is None:
         heldout = (info or {}).get("heldout_judges") or []
         judge = heldout[0] if heldout else "profanity-check"
-        if mix and mix.get("train_judge") == judge:
-            judge = next(j for j in JUDGE_NAMES if j != judge)
+        if judge in defining:
+            judge = next((j for j in (*JUDGE_NAMES, HATESONAR) if j not in defining), judge)
     get_judge(judge)
     for j in cfg.evaluation.judges:
         get_judge(j)
-    if mix and judge == mix.get("train_judge"):
-        log.info(f"warning: the judge baseline uses {judge}, the judge that selected the poisoned pairs (circular)")
+    if judge in defining:
+        log.info(f"warning: the judge baseline uses {judge}, a judge that defined the poisoned pairs (circular)")
     if cfg.retrain.enabled:
         if not (cfg.evaluation.prompts or cfg.testbed):
             raise UserError("retrain.enabled needs evaluation.prompts (held-out prompts) or a testbed")

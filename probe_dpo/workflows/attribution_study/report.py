@@ -17,8 +17,12 @@ def method_labels(inp: Inputs, result: dict) -> dict[str, str]:
            "gradient-less": "gradient (LESS: LoRA warm-up, Adam-preconditioned)"}
     if inp.probe is not None:
         out["probe-weights"] = f"probe weights (probe:{inp.probe.name})"
+    if "behaviour-contrast" in result["scores"]:
+        out["behaviour-contrast"] = "behaviour contrast (M1's harmful minus M0's safe responses, read by M0; no labels)"
+        out["bank-max"] = "vector bank, max cosine (one contrast per scenario)"
+        out["bank-mean"] = "vector bank, mean cosine"
     if "behaviour-change" in result["scores"]:
-        out["behaviour-change"] = "behaviour change (raw-set DPO's activation shift; no labels)"
+        out["behaviour-change"] = "behaviour change (raw-set DPO's activation drift; no labels)"
     return out
 
 
@@ -70,15 +74,23 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
         rep.heading("Recall of the bad pairs")
         labels = method_labels(inp, result)
         budgets = list(next(iter(recall.values()))["budgets"])
-        rep.table(["method", f"recall@{result['k']}", *[f"top {b}" for b in budgets], "top source (mean score)"],
-                  [[labels.get(m, m), fmt(v["recall_at_k"]), *[fmt(v["budgets"][b]["recall"]) for b in budgets],
-                    f"{result['tables'][m][0]['source']} ({fmt(result['tables'][m][0]['mean_score'])})"]
-                   for m, v in recall.items()],
-                  caption="Recall of the poisoned pairs at k (their count, known only from the labels) and at "
-                          "fixed budgets: the top 1/5/10/20% of the pairs")
+        labels["chance"] = "random ranking (expected; 95% band)"
+
+        def top(m: str) -> str:
+            t = result["tables"].get(m)
+            return f"{t[0]['source']} ({fmt(t[0]['mean_score'])})" if t else "-"
+
+        rep.table(["method", f"recall@{result['k']} [95% CI]", *[f"top {b}" for b in budgets],
+                   "top source (mean score)"],
+                  [[labels.get(m, m), f"{fmt(v['recall_at_k'])} [{fmt(v['ci'][0])}, {fmt(v['ci'][1])}]",
+                    *[fmt(v["budgets"][b]["recall"]) for b in budgets], top(m)] for m, v in recall.items()],
+                  caption="Recall of the poisoned pairs at k (their count, known only from the labels; Wilson "
+                          "intervals, and for a random ranking the hypergeometric band) and at fixed budgets: the "
+                          "top 1/5/8/10/20% of the pairs (8%: the paper's 30k of 378k)")
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for m, v in recall.items():
-            ax.plot(v["curve"]["k"], v["curve"]["recall"], label=labels.get(m, m), lw=1.6)
+            if "curve" in v:
+                ax.plot(v["curve"]["k"], v["curve"]["recall"], label=labels.get(m, m), lw=1.6)
         ax.axvline(result["k"], color="#888", ls="--", lw=1)
         ax.set_xlabel("k (top pairs)")
         ax.set_ylabel("recall of poisoned pairs")

@@ -18,9 +18,11 @@ from probe_dpo.workflows.attribution_study.inputs import Inputs
 log = logging.getLogger(__name__)
 
 
-def score_all(inp: Inputs, change: Any = None) -> dict:
+def score_all(inp: Inputs, change: Any = None, contrast: Any = None) -> dict:
     """Directions, pair scores, clusters, the audit and the comparators (with their costs).
-    ``change``: the behaviour-change direction (``change.py``), ranked as its own method."""
+    ``change``: the behaviour-change direction (``change.py``), ranked as its own method;
+    ``contrast``: ``(behaviour-contrast direction, its vector bank)`` (``contrast.py``), ranked as
+    ``behaviour-contrast`` and, with a bank, ``bank-max`` and ``bank-mean``."""
     import torch
 
     from probe_dpo import attribution as A
@@ -64,6 +66,9 @@ def score_all(inp: Inputs, change: Any = None) -> dict:
         if change is not None:
             directions.append(change)
             timings["behaviour_change_read_s"] = change.meta.get("read_seconds")
+        if contrast is not None:
+            directions.append(contrast[0])
+            timings["behaviour_contrast_read_s"] = contrast[0].meta.get("read_seconds")
     finally:
         if pool is not None:
             pool.close()
@@ -78,6 +83,11 @@ def score_all(inp: Inputs, change: Any = None) -> dict:
     scores = {"probe": by_direction[primary.name]}
     if inp.probe is not None and primary.kind != "probe" and f"probe:{inp.probe.name}" in by_direction:
         scores["probe-weights"] = by_direction[f"probe:{inp.probe.name}"]  # the trained probe's own direction
+    if contrast is not None:
+        scores["behaviour-contrast"] = by_direction[contrast[0].name]
+        if contrast[1]:
+            scores["bank-max"] = A.bank_scores(diffs, contrast[1], "max")
+            scores["bank-mean"] = A.bank_scores(diffs, contrast[1], "mean")
     if change is not None:
         scores["behaviour-change"] = by_direction[change.name]
     sources = A.pair_sources(inp.pairs)
@@ -99,7 +109,8 @@ def score_all(inp: Inputs, change: Any = None) -> dict:
         timings["change_clusters_s"] = round(time.perf_counter() - t1, 2)
     audit_dirs = list(directions) + (A.cluster_directions(clusters, inp.layer) if clusters else [])
     audit = ranked(audit_table({inp.layer: diffs}, audit_dirs, sources, n_boot=cfg.ranking.bootstrap, seed=cfg.seed))
-    A.save_directions(directions + (A.cluster_directions(clusters, inp.layer) if clusters else []),
+    A.save_directions(directions + (list(contrast[1]) if contrast else [])
+                      + (A.cluster_directions(clusters, inp.layer) if clusters else []),
                       storage.join(cfg.out, "directions"),
                       {"model": inp.model, "arch_hash": A.model_facts(inp.model)["arch_hash"], "layer": inp.layer})
 
@@ -182,23 +193,30 @@ def model_key(model: str) -> Any:
     return stamp or model
 
 
-BUDGETS = (0.01, 0.05, 0.10, 0.20)
-"""Shares of the pairs a user can afford to inspect or drop, without knowing how many are bad."""
+BUDGETS = (0.01, 0.05, 0.08, 0.10, 0.20)
+"""Shares of the pairs a user can afford to inspect or drop, without knowing how many are bad
+(0.08: the paper filters 30k of OLMo 2's 378k pairs)."""
 
 
 def recall_summary(scores: dict[str, np.ndarray], bad: np.ndarray, k: int) -> dict:
-    """Per method: recall at ``k``, at each budget (the top 1/5/10/20% of the pairs: what a
-    user without labels can act on) and the whole recall@k curve."""
-    from probe_dpo.attribution import recall_at_k, recall_curve
+    """Per method: recall at ``k`` and at each budget (the top 1/5/8/10/20% of the pairs: what a
+    user without labels can act on), each with its Wilson interval, and the whole recall@k
+    curve. ``chance``: what a random ranking gets (expected, and its hypergeometric 95% band),
+    the line a label-free direction has to clear."""
+    from probe_dpo.attribution import random_recall, recall_curve, recall_with_ci
 
+    n, n_bad = len(bad), int(np.asarray(bad).sum())
+    ks = sorted({max(1, int(round(f * n))) for f in np.linspace(0.01, 1.0, 100)} | {k})
+    budget_k = {f"{round(100 * b)}%": max(1, int(round(b * n))) for b in BUDGETS}
     out = {}
-    ks = sorted({max(1, int(round(f * len(bad)))) for f in np.linspace(0.01, 1.0, 100)} | {k})
     for name, s in scores.items():
-        budgets = {f"{round(100 * b)}%": {"k": max(1, int(round(b * len(bad)))),
-                                          "recall": recall_at_k(s, bad, max(1, int(round(b * len(bad)))))}
-                   for b in BUDGETS}
-        out[name] = {"recall_at_k": recall_at_k(s, bad, k), "k": k, "budgets": budgets,
+        at_k = recall_with_ci(s, bad, k)
+        out[name] = {"recall_at_k": at_k["recall"], "k": k, "ci": [at_k["ci_low"], at_k["ci_high"]],
+                     "budgets": {b: {"k": bk, **recall_with_ci(s, bad, bk)} for b, bk in budget_k.items()},
                      "curve": recall_curve(s, bad, ks)}
+    chance = random_recall(n, n_bad, k)
+    out["chance"] = {"recall_at_k": chance["recall"], "k": k, "ci": [chance["ci_low"], chance["ci_high"]],
+                     "budgets": {b: random_recall(n, n_bad, bk) for b, bk in budget_k.items()}}
     return out
 
 
