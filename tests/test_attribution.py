@@ -297,13 +297,13 @@ def test_factorized_gradients_equal_kronecker_projection_of_autograd(tiny):
     pairs, _ = planted_pairs(3, 4)
     recorder = G._FactorizedRecorder(model, ["down_proj"], 3, seed=1)
     cfg = A.GradientConfig(mode="factorized", rank=3)
-    from probe_dpo.activations.extract import _pad_id
+    from probe_dpo.activations.extract import pad_token_id
 
     for p in model.parameters():
         p.requires_grad_(False)
     try:
         feats = G._factorized_features(model, tok, [x["prompt"] for x in pairs], [x["chosen"] for x in pairs], cfg,
-                                       recorder, batch=3, pad_id=_pad_id(tok))
+                                       recorder, batch=3, pad_id=pad_token_id(tok))
     finally:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -75,3 +75,14 @@ def test_modules_are_small_enough_to_read_in_one_sitting():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_no_module_imports_another_modules_private_name():
+    """A name with a leading underscore is its module's own: another module that needs it gets a
+    public name (a building block), so a reader can tell a module's interface from its insides."""
+    private = sorted((str(p.relative_to(PACKAGE.parent)), node.module, a.name)
+                     for p in PACKAGE.rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+                     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("probe_dpo")
+                     for a in node.names if a.name.startswith("_") and not a.name.startswith("__"))
+    assert private == []
+

@@ -49,7 +49,7 @@ SPANS = ("response", "all")
 Features = dict[int, Any]  # layer -> Tensor [n, hidden] (mean/last) or list of [tokens, hidden] (none)
 
 
-def _check_inputs(texts, prompts, completions, span) -> tuple[str, int]:
+def check_inputs(texts, prompts, completions, span) -> tuple[str, int]:
     if texts is not None and (prompts is not None or completions is not None):
         raise UserError("give either texts or prompts + completions, not both")
     if texts is None:
@@ -79,7 +79,7 @@ def tokenize(tokenizer, texts: Sequence[str] | None = None, *, prompts: Sequence
     their last ``max_length`` tokens (the completion matters most); the span start moves
     with the cut.
     """
-    span, _ = _check_inputs(texts, prompts, completions, span)
+    span, _ = check_inputs(texts, prompts, completions, span)
     if max_length < 1:
         raise UserError(f"max_length must be >= 1, got {max_length}")
     if texts is not None:
@@ -167,22 +167,22 @@ def extract(model, tokenizer, texts: Sequence[str] | None = None, *,
     if batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {batch_size}")
     layer_ids = resolve_layers(model, layers)
-    span, n = _check_inputs(texts, prompts, completions, span)
+    span, n = check_inputs(texts, prompts, completions, span)
     t0 = time.perf_counter()
     encoded = tokenize(tokenizer, texts, prompts=prompts, completions=completions, span=span,
                        max_length=max_length)
-    return _extract_encoded(model, encoded, layer_ids, pooling, batch_size, stop_early,
-                            _pad_id(tokenizer), stats, t0)
+    return extract_encoded(model, encoded, layer_ids, pooling, batch_size, stop_early,
+                            pad_token_id(tokenizer), stats, t0)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if tid is not None:
             return int(tid)
     return 0
 
 
-def _extract_encoded(model, encoded: list[tuple[list[int], int]], layer_ids: list[int], pooling: str,
+def extract_encoded(model, encoded: list[tuple[list[int], int]], layer_ids: list[int], pooling: str,
                      batch_size: int, stop_early: bool, pad_id: int, stats: dict | None,
                      t0: float) -> Features:
     from probe_dpo.model import forward_until, hidden_size

@@ -21,10 +21,10 @@ import torch
 from probe_dpo.activations.extract import (
     POOLINGS,
     Features,
-    _check_inputs,
-    _extract_encoded,
-    _pad_id,
+    check_inputs,
+    extract_encoded,
     inputs_hash,
+    pad_token_id,
     tokenize,
 )
 from probe_dpo.data import json_digest
@@ -63,8 +63,8 @@ class _Extractor:
         encoded = tokenize(self.tokenizer, task.get("texts"), prompts=task.get("prompts"),
                            completions=task.get("completions"), span=task["span"],
                            max_length=task["max_length"])
-        feats = _extract_encoded(self.model, encoded, task["layers"], task["pooling"], task["batch_size"],
-                                 task["stop_early"], _pad_id(self.tokenizer), stats, t0)
+        feats = extract_encoded(self.model, encoded, task["layers"], task["pooling"], task["batch_size"],
+                                 task["stop_early"], pad_token_id(self.tokenizer), stats, t0)
         data = save(_to_tensors(feats, task["pooling"]),
                     metadata={"fingerprint": task["fingerprint"], "start": str(task["start"]),
                               "end": str(task["end"])})
@@ -218,7 +218,7 @@ def extract_sharded(model: str, out: str, texts: Sequence[str] | None = None, *,
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if value < 1:
             raise UserError(f"{name} must be >= 1, got {value}")
-    span, n = _check_inputs(texts, prompts, completions, span)
+    span, n = check_inputs(texts, prompts, completions, span)
     if n == 0:
         raise UserError("nothing to extract: no inputs")
     count = _config_layer_count(model)  # a wrong layer is refused before Ray starts (it did only on GPU boxes)
@@ -234,7 +234,7 @@ def extract_sharded(model: str, out: str, texts: Sequence[str] | None = None, *,
             dtype = "bfloat16" if use_gpu else "float32"
     if pool is not None and (pool.model != str(model) or pool.dtype != dtype):
         raise UserError(f"the extractor pool holds {pool.model} ({pool.dtype}), not {model} ({dtype})")
-    stamp = _model_stamp(str(model))
+    stamp = model_files_stamp(str(model))
     data_hash = inputs_hash(texts, prompts, completions)
     if count is not None and stamp is not None and storage.is_complete(out):
         # Already complete for this very model folder (unchanged files) and job: no actors needed.
@@ -314,7 +314,7 @@ def extract_sharded(model: str, out: str, texts: Sequence[str] | None = None, *,
     return load_activations(out)[0] if load else manifest
 
 
-def _model_stamp(model: str) -> str | None:
+def model_files_stamp(model: str) -> str | None:
     """A cheap identity of a model folder's files (names, sizes, mtimes; a remote artifact's
     manifest); None for a hub id. Lets a complete extraction be recognised without actors."""
     import os

@@ -317,13 +317,13 @@ def gradient_scores(model: Any, tokenizer: Any, pairs: Sequence[dict], behaviour
     log-likelihood of ``behaviour`` records (prompt, completion: examples of the behaviour).
     A positive score means a step on the pair raises the behaviour's likelihood.
     """
-    from probe_dpo.activations.extract import _pad_id
+    from probe_dpo.activations.extract import pad_token_id
 
     cfg = cfg or GradientConfig()
     if not behaviour:
         raise UserError("gradient comparator: no behaviour examples")
     t0 = time.perf_counter()
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     was_training = model.training
     model.eval()  # no dropout; gradients still flow
     saved = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -187,9 +187,9 @@ def top_k(cfg: AttributionConfig, n: int, bad: np.ndarray | None) -> int:
 
 
 def model_key(model: str) -> Any:
-    from probe_dpo.activations.sharded import _model_stamp
+    from probe_dpo.activations.sharded import model_files_stamp
 
-    stamp = _model_stamp(model)
+    stamp = model_files_stamp(model)
     return stamp or model
 
 
