@@ -389,7 +389,8 @@ def main() -> int:
                                   "process_seconds": {m: r["process_seconds"] for m, r in results.items()},
                                   "peak_rss_mib": {m: round(r["peak_rss_bytes"] / 2**20) for m, r in results.items()},
                                   "ratios": {n: {k2: (round(v2, 3) if isinstance(v2, float) else
-                                                      [round(x, 3) for x in v2]) for k2, v2 in v.items()}
+                                                      [round(x, 3) for x in v2] if isinstance(v2, list) else v2)
+                                                 for k2, v2 in v.items()}
                                              for n, v in ratios.items()},
                                   "json": args.out}))
     return 0
