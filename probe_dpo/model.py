@@ -128,8 +128,8 @@ class StopForward(Exception):
 
 
 @contextlib.contextmanager
-def residual_hooks(model: Any, layers: Iterable[int], *, detach: bool = True,
-                   stop_after: bool = False, only_with_grad: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+def residual_hooks(model: Any, layers: Iterable[int], *, detach: bool = True, stop_after: bool = False,
+                   only_with_grad: bool = False, accumulate: bool = False) -> Iterator[dict[int, Any]]:
     """Record the residual stream (output of decoder layer i) of each forward pass.
 
     Yields a dict ``{layer: tensor [batch, seq, hidden]}`` refreshed by every forward pass
@@ -137,7 +137,8 @@ def residual_hooks(model: Any, layers: Iterable[int], *, detach: bool = True,
     ``only_with_grad`` records only passes run with gradients enabled (skips a reference
     model's no-grad pass in DPO). ``stop_after`` raises ``StopForward`` once the deepest
     requested layer has run: wrap the forward call in ``try/except StopForward`` (what
-    ``forward_until`` does) to skip the layers above it.
+    ``forward_until`` does) to skip the layers above it. ``accumulate`` keeps every pass's tensor
+    in a list per layer instead (a caller that runs one batch in chunks, as TRL's scoring does).
     """
     all_layers = get_layers(model)
     wanted = resolve_layers(len(all_layers), layers)
@@ -150,7 +151,11 @@ def residual_hooks(model: Any, layers: Iterable[int], *, detach: bool = True,
             if only_with_grad and not torch.is_grad_enabled():
                 return
             hidden = output[0] if isinstance(output, (tuple, list)) else output
-            store[index] = hidden.detach() if detach else hidden
+            hidden = hidden.detach() if detach else hidden
+            if accumulate:
+                store.setdefault(index, []).append(hidden)
+            else:
+                store[index] = hidden
             if stop_after and index == deepest:
                 raise StopForward
         return hook

@@ -31,11 +31,10 @@ that no text can change.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -116,30 +115,6 @@ class RandomReward:
 
 # ---------------------------------------------------------------------------------------------
 # The probe reward inside GRPOTrainer
-
-
-@contextlib.contextmanager
-def _collect(model: Any, layers: Sequence[int]) -> Iterator[dict[int, list[torch.Tensor]]]:
-    """Every forward's residual stream at ``layers``, chunk after chunk (TRL's scoring passes
-    run in chunks of the batch)."""
-    from probe_dpo.model import get_layers
-
-    store: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    modules = get_layers(model)
-    handles = []
-
-    def make(index: int):
-        def hook(_module, _inputs, output):
-            store[index].append((output[0] if isinstance(output, (tuple, list)) else output).detach())
-        return hook
-
-    try:
-        for index in layers:
-            handles.append(modules[index].register_forward_hook(make(index)))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class ProbeGRPOTrainer(GRPOTrainer):
@@ -225,7 +200,10 @@ class ProbeGRPOTrainer(GRPOTrainer):
         if not (self._capturing and not torch.is_grad_enabled() and model is self._reader()):
             return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                               *args, **kwargs)
-        with _collect(model, self._layers) as store:  # a pass TRL runs anyway: keep the probes' layers
+        from probe_dpo.model import residual_hooks
+
+        # a pass TRL runs anyway, in chunks of the batch: keep every chunk's states at the probes' layers
+        with residual_hooks(model, self._layers, accumulate=True) as store:
             out = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
                                                              *args, **kwargs)
         self._captured = {i: torch.cat(chunks, 0) for i, chunks in store.items()}
