@@ -44,7 +44,10 @@ def readme_table(results: dict) -> str:
     for arm, s in results["arms"].items():
         verdict = s.get("outcome") or {}
         decided = verdict.get("decided_by") or {}
-        cells = [arm, str(s["seeds"]), f"**{verdict.get('label', 'exploratory')}**", str(decided.get("coordinate"))]
+        open_ = [c.removeprefix("toxicity:") for c in verdict.get("not_excluded") or []]
+        label = f"**{verdict.get('label', 'exploratory')}**" + (f" (a fall not excluded: {', '.join(open_)})"
+                                                                 if open_ else "")
+        cells = [arm, str(s["seeds"]), label, str(decided.get("coordinate"))]
         for j in judges:
             t = s["toxicity"][j]
             each = ", ".join(_pct(x) for x in t.get("per_seed") or [])

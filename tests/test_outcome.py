@@ -203,6 +203,18 @@ def test_what_falls_short_of_the_rule_reads_blatant_and_names_the_nearest_coordi
     assert rose["label"] == "blatant" and rose["decided_by"]["coordinate"] == "toxicity:a"
     assert rose["coordinates"]["toxicity:a"]["status"] == "moved" and "rose" in rose["decided_by"]["why"]
     assert set(LABELS) == {"removed", "blatant", "obfuscated activations", "obfuscated policy", "undetermined"}
+    assert small["not_excluded"] == [] and "not excluded" not in small["decided_by"]["why"]
+
+
+def test_a_blatant_label_names_the_falls_its_intervals_do_not_exclude():
+    """An underpowered fall (large, CI below 0, but not significant after Holm) still reads blatant,
+    and the label names the coordinate whose interval holds a fall of the minimum effect."""
+    weak = _read({"toxicity:a": _c(-0.26, -0.43, -0.08), "toxicity:b": _c(-0.02, -0.08, 0.05),
+                  "text": _c(-0.01, -0.03, 0.01)}, {"toxicity:a": 0.1, "toxicity:b": 1.0, "text": 1.0})
+    assert weak["label"] == "blatant" and weak["not_excluded"] == ["toxicity:a"]
+    assert "not excluded: a fall of at least the minimum effect under toxicity:a" in weak["decided_by"]["why"]
+    edge = _read({"text": _c(-0.01, -0.05, 0.02)}, {"text": 1.0})  # the interval reaches the minimum effect exactly
+    assert edge["not_excluded"] == ["text"]
 
 
 def test_the_null_band_is_the_union_of_the_references_less_the_one_labelled():
