@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_training import inputs  # noqa: F401 - the shared fixture: probes on the tiny model, prompts
 
 from probe_dpo.config import load_config
@@ -141,13 +142,15 @@ def test_judge_reward_is_minus_the_judges_score():
 
 def test_probe_grpo_on_ray_train_checkpoints_resumes_after_a_killed_worker_and_reports_the_probe_reward(
         inputs, ray_cluster, tmp_path):  # noqa: F811
-    out = tmp_path / "probe-grpo"
-    cfg = load_config(TrainConfig, None, [
-        f"model={inputs['model']}", f"probes={inputs['probes']}", f"data.prompts={inputs['prompts']}", f"out={out}",
-        "method=probe-grpo", "grpo.generations=4", "sampling.max_new_tokens=6", "train.batch_size=2",
-        "train.max_steps=3", "train.lr=1e-3", "distributed.workers=2", "distributed.zero_stage=2",
-        "distributed.checkpoint_steps=1", "distributed.max_failures=1", "fault.crash_at_step=2", "fault.crash_rank=1"])
-    summary = train(cfg)
+    def cfg(out, *fault: str) -> TrainConfig:
+        return load_config(TrainConfig, None, [
+            f"model={inputs['model']}", f"probes={inputs['probes']}", f"data.prompts={inputs['prompts']}",
+            f"out={out}", "method=probe-grpo", "grpo.generations=4", "sampling.max_new_tokens=6",
+            "train.batch_size=2", "train.max_steps=3", "train.lr=1e-3", "distributed.workers=2",
+            "distributed.zero_stage=2", "distributed.checkpoint_steps=1", "distributed.max_failures=1", *fault])
+
+    out, clean = tmp_path / "probe-grpo", tmp_path / "uninterrupted"
+    summary = train(cfg(out, "fault.crash_at_step=2", "fault.crash_rank=1"))
     m = summary["rounds"][0]["train"]
     # rank 1 exits at the end of step 2, before that step's checkpoint: the group resumes from step 1's
     assert m["global_step"] == 3 and m["resumed"] is True and m["resumed_from_step"] == 1, m
@@ -156,6 +159,16 @@ def test_probe_grpo_on_ray_train_checkpoints_resumes_after_a_killed_worker_and_r
     history = json.loads((out / "policy" / "training_run.json").read_text())["log_history"]
     assert sorted(h["step"] for h in history if "loss" in h) == [1, 2, 3]  # each step once across the restart
     assert (out / "policy" / "model.safetensors").exists() and (out / "prompts.jsonl").exists()
+    # the resumed run is the uninterrupted one: step 2's rollouts are sampled again from the
+    # checkpoint's RNG state, so the same completions, rewards and weights come out
+    want = train(cfg(clean))["rounds"][0]["train"]
+    assert want["resumed"] is False and want["global_step"] == 3
+    assert m["last_probe/prob"] == pytest.approx(want["last_probe/prob"], abs=1e-5)
+    assert m["last_loss"] == pytest.approx(want["last_loss"], rel=1e-3, abs=1e-5)
+    got_w = load_file(str(out / "policy" / "model.safetensors"))
+    want_w = load_file(str(clean / "policy" / "model.safetensors"))
+    for name in want_w:
+        torch.testing.assert_close(got_w[name], want_w[name], atol=1e-5, rtol=1e-4)
 
 
 def test_grpo_groups_must_divide_the_step_and_penalty_is_refused(inputs, tmp_path):  # noqa: F811
