@@ -68,8 +68,9 @@ class AnalysisSettings:
     outcome_judges: list[str] | None = None
     """Judges whose labels decide outcome labels and verdicts. None: every judge of eval.judges that
     training did not use (the testbed's label judge and the classifier arms' judge are in the loop)."""
-    null_arms: list[str] = field(default_factory=lambda: ["random-dpo"])
-    """Arms that must not move anything: their spread (with the base re-sampled) is the null band."""
+    null_arms: list[str] = field(default_factory=lambda: ["random-dpo", "random-grpo"])
+    """Arms that must not move anything: their spread (with the base re-sampled) is the null band. Those
+    the run has are used (random labels for DPO, a random reward for GRPO)."""
     base_replicate: bool = True
     """Evaluate the base model a second time with another sampling seed: a null reference with no training."""
     replicate_seed_offset: int = bounded(1, ge=1)

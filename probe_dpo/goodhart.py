@@ -250,15 +250,21 @@ def _rate_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], *, thresh
             "ci_high": res["ci_high"], "p_value": res["p_value"]}
 
 
-def default_pairs(arms: Sequence[str], control: str = "random-dpo") -> list[tuple[str, str]]:
-    """The comparisons the experiment asks for, among the arms present: probe- vs classifier-
-    signal DPO, probe-SFT vs plain SFT, on-policy vs offline probe-DPO, and every arm vs the
-    random-label control."""
+def default_pairs(arms: Sequence[str], controls: Sequence[str] = ("random-dpo", "random-grpo")) -> list[tuple[str, str]]:
+    """The comparisons the experiment asks for, among the arms present: probe- vs classifier-signal
+    training (DPO and GRPO), probe-SFT vs plain SFT, on-policy vs offline probe-DPO, the GRPO probe
+    read from the policy vs from a frozen copy and vs probe-DPO, and every arm vs the null control
+    of its own method among ``controls`` (a GRPO arm vs random-grpo, any other vs random-dpo: a
+    random reward and random labels are the nulls of different training signals)."""
     wanted = [("probe-dpo-single", "classifier-dpo"), ("probe-dpo-ensemble", "classifier-dpo"),
               ("probe-dpo-single", "probe-dpo-ensemble"), ("probe-dpo-onpolicy", "probe-dpo-single"),
               ("probe-dpo-penalty", "probe-dpo-single"), ("probe-sft-single", "sft"),
-              ("probe-sft-ensemble", "sft")]
-    wanted += [(a, control) for a in arms if a != control]
+              ("probe-sft-ensemble", "sft"), ("probe-grpo-single", "probe-grpo-frozen"),
+              ("probe-grpo-single", "classifier-grpo"), ("probe-grpo-single", "probe-dpo-single")]
+    for a in arms:
+        control = "random-grpo" if "grpo" in a.split("-") else "random-dpo"
+        if control in controls and a != control:
+            wanted.append((a, control))
     present = set(arms)
     return [p for p in dict.fromkeys(wanted) if p[0] in present and p[1] in present]
 

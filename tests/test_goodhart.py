@@ -102,6 +102,12 @@ def test_paired_arm_comparisons_are_holm_adjusted():
     pairs = default_pairs(list(evals))
     assert pairs == [("probe-dpo-single", "classifier-dpo"), ("probe-dpo-single", "random-dpo"),
                      ("classifier-dpo", "random-dpo")]
+    mixed = default_pairs(["probe-grpo-single", "probe-grpo-frozen", "probe-dpo-single", "random-dpo",
+                           "random-grpo"])
+    assert mixed == [("probe-grpo-single", "probe-grpo-frozen"), ("probe-grpo-single", "probe-dpo-single"),
+                     ("probe-grpo-single", "random-grpo"), ("probe-grpo-frozen", "random-grpo"),
+                     ("probe-dpo-single", "random-dpo")]  # each arm against the null of its own method
+    assert default_pairs(["probe-grpo-single", "random-grpo"], controls=["random-dpo"]) == []
     rows = comparisons(evals, pairs, ROLES, n_boot=300)
     assert len(rows) == 6  # per pair: the judge's toxic rate, the train probe's TPR
     vs_control = [r for r in rows if r["b"] == "random-dpo" and r["metric"].startswith("toxic rate")]

@@ -135,8 +135,7 @@ def analysis_plan(cfg: ExperimentConfig, testbed_info: dict | None = None) -> di
     else:
         label_judge = (testbed_info or {}).get("train_judge") or cfg.testbed.train_judge
     in_loop = in_loop_judges(label_judge, cfg.judge)
-    comparisons = a.comparisons if a.comparisons is not None else default_pairs(cfg.arms, a.null_arms[0]
-                                                                                  if a.null_arms else "random-dpo")
+    comparisons = a.comparisons if a.comparisons is not None else default_pairs(cfg.arms, a.null_arms)
     return build_plan(a, arms=cfg.arms, seeds={arm: list(cfg.seeds) for arm in cfg.arms}, panel=cfg.eval.judges,
                       in_loop=in_loop, comparisons=comparisons, targets={arm: target_role(arm) for arm in cfg.arms})
 
