@@ -27,6 +27,13 @@ sampled token and left-pads per batch, so it is not the probe's feature.
 The ``classifier-grpo`` reward (``JudgeReward``) is minus a judge's score of the completion
 text; the ``random-grpo`` control (``RandomReward``) is a seeded random number per completion
 that no text can change.
+
+Rollouts are TRL's own (``GRPOTrainer`` samples, keeps the token ids and the sampling
+log-probabilities it needs), with the sampling settings of ``probe_dpo.generation``
+(``sampling.max_new_tokens``, temperature, top-p/k). The reward reads only prompt and completion
+ids, so it does not depend on the engine: TRL's vLLM mode (``trl.use_vllm=true``) would serve on a
+GPU, but ``vllm==0.32`` needs ``transformers<5.20`` and the pinned stack has 5.23 (STACK.md), so
+it is neither installed nor tested here.
 """
 
 from __future__ import annotations
