@@ -424,7 +424,9 @@ class ExperimentConfig:
 
 
 def trial_specs(cfg: ExperimentConfig) -> list[dict]:
-    return [{"id": f"{arm}-s{seed}", "arm": arm, "seed": seed} for arm in cfg.arms for seed in cfg.seeds]
+    """One trial per arm and seed, seed by seed: every arm's first seed runs before any arm's second,
+    so a run stopped part-way (or read while it runs) has every arm, with fewer seeds."""
+    return [{"id": f"{arm}-s{seed}", "arm": arm, "seed": seed} for seed in cfg.seeds for arm in cfg.arms]
 
 
 def target_role(arm: str) -> str:
