@@ -3,6 +3,8 @@
     python examples/reference.py                 # run (or resume) the demo in runs/demo, then bundle it
     python examples/reference.py --skip-run      # bundle an existing run folder as it is
     python examples/reference.py --check         # does README.md's table match the committed bundle?
+    python examples/reference.py --skip-run --run runs/demo-grpo --bundle examples/demo-grpo
+                                                 # bundle another run (no README table)
 
 Why: every scientific figure the README states must come from a file a clone has. The run folder
 (``runs/demo``) is git-ignored (it holds model weights); this script copies its small, readable
@@ -88,27 +90,27 @@ def screenshot(page: Path, png: Path) -> None:
                        check=True, capture_output=True, timeout=120)
 
 
-def bundle(run: Path) -> dict:
-    """Copy the run's readable part into ``examples/demo`` with its provenance."""
+def bundle(run: Path, dest: Path = BUNDLE) -> dict:
+    """Copy the run's readable part into ``dest`` (``examples/demo``) with its provenance."""
     from importlib.metadata import version
 
     from probe_dpo.workflows.experiment.results import write_results
 
     write_results(str(run))  # the report and results.json from storage, with this commit's analysis code
-    if BUNDLE.exists():
-        shutil.rmtree(BUNDLE)
+    if dest.exists():
+        shutil.rmtree(dest)
     for rel in FILES:
-        (BUNDLE / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run / rel, BUNDLE / rel)
-    shutil.copytree(run / "figures", BUNDLE / "figures")
-    screenshot(BUNDLE / "report.html", BUNDLE / "report.png")
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run / rel, dest / rel)
+    shutil.copytree(run / "figures", dest / "figures")
+    screenshot(dest / "report.html", dest / "report.png")
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "probe_dpo"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip())
     provenance = {"bundled_at_commit": commit, "library_changed_since_commit": dirty,
                   "python": sys.version.split()[0], "packages": {p: version(p) for p in PACKAGES},
                   "plan_sha256": json.loads((run / "analysis-plan.json").read_text())["sha256"]}
-    (BUNDLE / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    (dest / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     return provenance
 
 
@@ -117,11 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", default=str(ROOT / "runs" / "demo"), help="the demo's run folder")
     parser.add_argument("--skip-run", action="store_true", help="bundle the run folder as it is")
     parser.add_argument("--check", action="store_true", help="only check README.md against the bundle")
+    parser.add_argument("--bundle", default=str(BUNDLE), help="where to bundle it (README's table: examples/demo only)")
     args = parser.parse_args(argv)
+    dest = Path(args.bundle).resolve()
     if not args.check:
         if not args.skip_run:
             subprocess.run([sys.executable, "-m", "probe_dpo.cli", "demo", "--storage", args.run], check=True)
-        bundle(Path(args.run))
+        bundle(Path(args.run), dest)
+        if dest != BUNDLE:
+            print(f"bundled {args.run} into {dest}")
+            return 0
     table = readme_table(json.loads((BUNDLE / "results.json").read_text()))
     text = README.read_text()
     if args.check:

@@ -81,7 +81,11 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
     # --- header ----------------------------------------------------------------------------------
     how = ("fixed by `probes.train_layer`" if summary.get("train_layer_chosen_by") == "config"
            else "the best by validation AUROC")
-    rep.text(f"{len(names)} of {len(ctx['arms'])} arms complete (seeds {ctx['seeds']}). Base model "
+    done = sum(int(arms[a].get("seeds", 0)) for a in names if a in ctx["arms"])
+    declared = len(ctx["arms"]) * len(ctx["seeds"])
+    partial = (f" **Partial run: {done} of {declared} trials (arm x seed) are complete**; every figure rests on the "
+               "seeds that ran (each arm's count is in its row)." if done < declared else "")
+    rep.text(f"{len(names)} of {len(ctx['arms'])} arms complete (seeds {ctx['seeds']}).{partial} Base model "
              f"`{ctx['base_model']}`; {tox0['prompts']} held-out prompts x {e['samples_per_prompt']} samples, judged by "
              f"{', '.join(f'`{j}`' for j in judges)}. The train probe is `{summary['best_probe']}` (layer "
              f"{summary['best_layer']}, {how}); the ensemble is {len(summary.get('ensemble_probes', []))} probes "
