@@ -286,7 +286,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None, report_steps: int 
     from probe_dpo.data import write_records
     from probe_dpo.model import hub_env
     from probe_dpo.ray_utils import init_ray
-    from probe_dpo.training.loop import fit_round
+    from probe_dpo.training.loop import TrainJob, fit_round
 
     t_start = time.perf_counter()
     # relative paths mean the caller's folder; Ray Train workers run elsewhere (issue 19)
@@ -356,18 +356,18 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None, report_steps: int 
             write_records(rows, data_uri)
             kind = "sft"
         entry["data_seconds"] = round(time.perf_counter() - t0, 2)
-        job = {"cfg": to_dict(cfg), "kind": kind, "data": data_uri, "model": model,
-               "reference": plan.model if cfg.dpo.reference == "base" else model,
-               "probes": cfg.probes, "aggregation": plan.aggregation, "policy": policy, "round": r,
-               "config_hash": chash, "env": hub_env(), "generation": plan.settings.to_dict(),
-               "report_steps": report_steps}
         run_name = f"{cfg.method}-round{r}-{chash[:8]}"
+        tracking: dict[str, Any] = {}
         if cfg.tracking.report_to:
             from probe_dpo.tracking import trainer_args, trainer_env
 
-            job.update(tracking_env=trainer_env(cfg.tracking, out, run_name),
-                       tracking_args=trainer_args(cfg.tracking, run_name))
-        entry["train"] = fit_round(job, cfg, storage_root=storage.join(out, "ray"), run_name=run_name,
+            tracking = dict(tracking_env=trainer_env(cfg.tracking, out, run_name),
+                            tracking_args=trainer_args(cfg.tracking, run_name))
+        job = TrainJob(cfg=cfg, kind=kind, data=data_uri, model=model,
+                       reference=plan.model if cfg.dpo.reference == "base" else model, policy=policy, round=r,
+                       config_hash=chash, generation=plan.settings.to_dict(), env=hub_env(),
+                       report_steps=report_steps, **tracking)
+        entry["train"] = fit_round(job, storage_root=storage.join(out, "ray"), run_name=run_name,
                                    callbacks=callbacks)
         if not cfg.distributed.keep_finished_checkpoints:  # the published policy supersedes them
             storage.remove(storage.join(out, "ray", run_name))

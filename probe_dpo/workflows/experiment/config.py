@@ -4,16 +4,38 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from probe_dpo import storage
 from probe_dpo.analysis import AnalysisSettings
-from probe_dpo.config import bounded
+from probe_dpo.config import bounded, from_dict, set_dotted, to_dict
 from probe_dpo.errors import UserError
 from probe_dpo.testbed import TestbedConfig
 from probe_dpo.testbed.behaviour import BehaviourConfig
+from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.tracking import TrackingSettings
-from probe_dpo.training.config import DistributedSettings, DPOSettings, GRPOSettings, LoraSettings, OptimSettings
+from probe_dpo.training.config import (
+    DistributedSettings,
+    DPOSettings,
+    GRPOSettings,
+    LoraSettings,
+    OptimSettings,
+    TrainConfig,
+)
+
+
+@dataclass(frozen=True)
+class SharedInputs:
+    """What the experiment's shared stages made that an arm's training reads (URIs)."""
+
+    run: str
+    testbed: str
+    base_model: str
+    probes: dict[str, str]  # the probe views an arm trains against: single, ensemble
+    pairs: dict[str, str]   # the shared DPO pairs of each signal: single, ensemble, classifier
+    control_sft: str        # the positive control's SFT data
 
 
 @dataclass(frozen=True)
@@ -31,9 +53,53 @@ class Arm:
     training prompts: GRPO samples its own completions)."""
     about: str
     settings: tuple[tuple[str, Any], ...] = ()
+    name: str = ""  # its key in ARMS (filled in there)
+
+    def train_settings(self, cfg: ExperimentConfig, shared: SharedInputs, trial: str, seed: int,
+                       overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The keys this arm's ``TrainConfig`` is given for one trial: the experiment's training
+        settings, then the arm's own, then ``arm_settings``, then a search sample's ``overrides``
+        (all dotted keys, through ``set_dotted``). Only what the experiment sets, not every default
+        of ``TrainConfig``: these keys name a trial's result (``trials.trial_key_fields``), so a new
+        ``TrainConfig`` field does not make finished trials look changed."""
+        is_dpo = self.data.startswith("pairs:")
+        data: dict[str, Any] = {}
+        if is_dpo:
+            data["pairs"] = shared.pairs[self.data.split(":", 1)[1]]
+        elif self.data == "prompts":  # GRPO: the same training prompts the DPO pairs were sampled from
+            data["prompts"] = TestbedPaths(shared.testbed).data("prompts_train")
+            data["max_prompts"] = cfg.grpo_prompts
+        elif self.data == "control":
+            data["sft"] = shared.control_sft
+        else:
+            data["sft"] = TestbedPaths(shared.testbed).data("sft")
+            data["max_sft"] = cfg.sft_rows
+        out = {"method": self.method, "model": shared.base_model,
+               "out": storage.join(shared.run, "trials", trial, "train"), "seed": seed, "judge": cfg.judge,
+               "testbed": shared.testbed, "data": data, "dpo": to_dict(cfg.dpo), "grpo": to_dict(cfg.grpo),
+               "train": to_dict(cfg.dpo_train if is_dpo or self.data == "prompts" else cfg.sft_train),
+               "lora": to_dict(cfg.lora),
+               "distributed": {**to_dict(cfg.distributed), "address": None}}
+        if self.probes is not None:
+            out["probes"] = shared.probes[self.probes]
+        if cfg.tracking.report_to:  # every trial's training steps into the run's one tracking folder
+            from probe_dpo.tracking import log_dir
+
+            out["tracking"] = {**to_dict(cfg.tracking), "dir": log_dir(cfg.tracking, shared.run),
+                               "project": cfg.tracking.project}
+        for dotted, value in [*self.settings, *cfg.arm_settings.get(self.name, {}).items(),
+                              *(overrides or {}).items()]:
+            set_dotted(TrainConfig, out, dotted, value, f"arm {self.name}: training key {dotted!r}")
+        return out
+
+    def train_config(self, cfg: ExperimentConfig, shared: SharedInputs, trial: str, seed: int,
+                     overrides: dict[str, Any] | None = None, where: str | None = None) -> TrainConfig:
+        """This arm's ``TrainConfig`` for one trial (``train_settings``, checked and typed)."""
+        return from_dict(TrainConfig, self.train_settings(cfg, shared, trial, seed, overrides),
+                         where or f"trial {trial}")
 
 
-ARMS: dict[str, Arm] = {
+_ARMS: dict[str, Arm] = {
     "probe-dpo-single": Arm("probe-dpo", "single", "pairs:single", "DPO on pairs ranked by the train probe"),
     "probe-dpo-ensemble": Arm("probe-dpo", "ensemble", "pairs:ensemble", "DPO on pairs ranked by the probe ensemble"),
     "probe-dpo-onpolicy": Arm("probe-dpo", "single", "pairs:single",
@@ -69,6 +135,7 @@ ARMS: dict[str, Arm] = {
                                "penalty against the train probe (built to make it miss)",
                                (("penalty.weight", 5.0), ("penalty.form", "bce"), ("train.lr", 5e-5))),
 }
+ARMS: dict[str, Arm] = {name: dataclasses.replace(arm, name=name) for name, arm in _ARMS.items()}
 
 
 @dataclass
@@ -419,8 +486,6 @@ class ExperimentConfig:
         stray = [a for a in self.arm_settings if a not in ARMS]
         if stray:
             raise ValueError(f"key arm_settings: unknown arm(s) {stray} (valid: {', '.join(ARMS)})")
-
-
 
 
 def trial_specs(cfg: ExperimentConfig) -> list[dict]:
