@@ -13,9 +13,10 @@ from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.logs import setup as setup_logs
 from probe_dpo.training.loop import TRAIN_METRICS, TRAIN_STEP
-from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig, SharedInputs, sampler_values, target_role
+from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig, SharedInputs, target_role
 from probe_dpo.workflows.experiment.evaluate import eval_files, load_eval, run_eval
 from probe_dpo.workflows.experiment.results import flat_metrics, write_results
+from probe_dpo.workflows.experiment.space import sampler_values
 from probe_dpo.workflows.experiment.stages import cached, publish_json
 
 log = logging.getLogger(__name__)
