@@ -126,18 +126,11 @@ class PenaltySpec:
 
 
 def check_probes_fit(probes: Sequence[Any], model: Any) -> None:
-    """UserError unless the probes read layers the model has, at its hidden size."""
-    from probe_dpo.model import hidden_size, num_layers
+    """UserError unless the penalty's (or reward's) probes fit the loaded model
+    (``probe_dpo.model.check_fit``; the trainers' and GRPO's one wording)."""
+    from probe_dpo.model import check_fit
 
-    try:
-        size, count = hidden_size(model), num_layers(model)
-    except Exception:  # noqa: BLE001 - an architecture these helpers do not know: the first step checks
-        return
-    for probe in probes:
-        if probe.hidden_size != size:
-            raise UserError(f"probe {probe.name} expects hidden size {probe.hidden_size}, but the model has {size}")
-        if probe.layer >= count:
-            raise UserError(f"probe {probe.name} reads layer {probe.layer}, but the model has {count} layers")
+    check_fit(probes, model, where="the trainer's probes")
 
 
 class _ProbePenaltyMixin:
