@@ -439,15 +439,35 @@ def _config_dict(model_or_dir: Any) -> dict[str, Any]:
         raise UserError(f"cannot read {local / 'config.json'}: {_first_line(exc)}") from None
 
 
-def model_facts(model_or_dir: Any) -> dict[str, int | None]:
-    """``hidden_size`` and ``num_layers`` from a model's config alone (no weights are loaded);
-    None where the config does not say (multimodal configs keep them in ``text_config``)."""
+def model_facts(model_or_dir: Any) -> dict[str, Any]:
+    """``hidden_size``, ``num_layers`` and ``arch_hash`` from a model's config alone (no weights
+    are loaded); the first two None where the config does not say (multimodal configs keep them
+    in ``text_config``)."""
     config = _config_dict(model_or_dir)
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     hidden = next((text[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(text.get(k), int)), None)
     layers = next((text[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)),
                   None)
-    return {"hidden_size": hidden, "num_layers": layers}
+    return {"hidden_size": hidden, "num_layers": layers, "arch_hash": arch_hash(model_or_dir)}
+
+
+def check_fit(readers: Iterable[Any], model: Any, *, where: str, arch: str | None = None) -> None:
+    """The one answer to "do these probes (or directions) fit this model?": UserError unless each
+    reader (``name``, ``layer``, ``hidden_size``: a probe or a direction) reads a layer the model
+    has, at its hidden size, and, given the architecture hash they were made on (``arch``), the
+    model has that architecture. Read from the config alone (a folder/URI, or a loaded module's
+    config), so it runs before any weights load; what the config does not say is not checked."""
+    facts = model_facts(model)
+    desc = f"model {model}" if isinstance(model, (str, Path)) else f"the given {type(model).__name__}"
+    size, count = facts["hidden_size"], facts["num_layers"]
+    for r in readers:
+        if size is not None and r.hidden_size != size:
+            raise UserError(f"{where}: {r.name} reads hidden size {r.hidden_size}, but {desc} has hidden size {size}: "
+                            "they come from another model")
+        if count is not None and not 0 <= r.layer < count:
+            raise UserError(f"{where}: {r.name} reads layer {r.layer}, but {desc} has layers 0..{count - 1}")
+    if arch and arch != facts["arch_hash"]:
+        raise UserError(f"{where} come from a different architecture ({arch}) than {desc} ({facts['arch_hash']})")
 
 
 def source_dtype(model_or_dir: Any) -> str:

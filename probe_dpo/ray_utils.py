@@ -382,9 +382,9 @@ def fail_once_on_user_error(trainable: Callable[[dict], Any],
     """
 
     @functools.wraps(trainable)
-    def wrapper(config: dict) -> Any:
+    def wrapper(config: dict, **kwargs: Any) -> Any:  # kwargs: tune.with_parameters' objects
         try:
-            return trainable(config)
+            return trainable(config, **kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised unless a UserError is behind it
             user = find_user_error(exc)
             if user is None:

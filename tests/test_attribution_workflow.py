@@ -277,7 +277,7 @@ def test_one_line_errors(tmp_path, tiny_model_dir, probes, testbed, capsys):
     deep = ProbeSet([LinearProbe(torch.ones(64), 0.0, torch.zeros(64), torch.ones(64), layer=9, name="d")])
     deep.save(str(tmp_path / "deep"))
     _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", str(tmp_path / "deep")],
-           "read layer(s) [9]")
+           "d reads layer 9")
     _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes, "layer=5"],
            "layer 5 is out of range")
     _error(capsys, base + ["--pairs", str(tmp_path / "ok.jsonl"), "--probes", probes, "--mitigate", "burn"],

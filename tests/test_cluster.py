@@ -395,20 +395,19 @@ def test_rayjob_experiment_trains_on_the_gpus_it_asks_for():
     assert cfg.concurrent_trials * cfg.distributed.workers < gpus  # a GPU left for evaluation tasks
 
     # every GPU consumer of a trial asks for one GPU (of the type asked for, when one is)
-    from probe_dpo.config import from_dict
     from probe_dpo.ray_utils import gpu_options
-    from probe_dpo.training import TrainConfig
     from probe_dpo.training.loop import scaling_config
-    from probe_dpo.workflows.experiment.trials import train_config_dict
+    from probe_dpo.workflows.experiment.config import ARMS, SharedInputs
 
     typed = load_config(ExperimentConfig, bundled_config(args.config),
                         [*args.overrides, "distributed.accelerator_type=H100"])
-    ctx = {"run": "s3://b/run", "testbed": "s3://b/run/testbed", "base_model": "s3://b/run/testbed/model"}
-    paths = {"pairs": {"single": "s3://b/p", "ensemble": "s3://b/p", "classifier": "s3://b/p"},
-             "control_sft": "s3://b/c", "single": "s3://b/s", "ensemble": "s3://b/e"}
+    shared = SharedInputs(run="s3://b/run", testbed="s3://b/run/testbed", base_model="s3://b/run/testbed/model",
+                          probes={"single": "s3://b/s", "ensemble": "s3://b/e"},
+                          pairs={"single": "s3://b/p", "ensemble": "s3://b/p", "classifier": "s3://b/p"},
+                          control_sft="s3://b/c")
     for c, accelerator in ((cfg, None), (typed, "H100")):
         for arm in c.arms:
-            tcfg = from_dict(TrainConfig, train_config_dict(c, ctx, paths, {"id": arm, "arm": arm, "seed": 0}))
+            tcfg = ARMS[arm].train_config(c, shared, arm, 0)
             workers = scaling_config(tcfg.distributed)
             assert workers.num_workers == 2 and workers.use_gpu and workers.accelerator_type == accelerator
             assert workers.resources_per_worker == {"CPU": 1, "GPU": 1}

@@ -86,3 +86,19 @@ def test_no_module_imports_another_modules_private_name():
                      for a in node.names if a.name.startswith("_") and not a.name.startswith("__"))
     assert private == []
 
+
+
+# Every workflow module is a script with the same entry points (``run(cfg)``, ``main(argv)``), as the
+# CLI is one (``main``): the convention, not a clash.
+ENTRY_POINTS = {"main", "run"}
+
+
+def test_no_two_modules_define_a_public_function_of_one_name():
+    """A public function's name says which one it is across the package (``model_facts`` is the
+    model's, ``evaluate_model`` the experiment's): a reader who greps a name finds one definition."""
+    where: dict[str, list[str]] = {}
+    for p in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(p.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                where.setdefault(node.name, []).append(str(p.relative_to(PACKAGE.parent)))
+    assert {name: files for name, files in where.items() if len(files) > 1 and name not in ENTRY_POINTS} == {}

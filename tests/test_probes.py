@@ -182,7 +182,7 @@ def test_check_compatible_names_both_models(tiny_model_dir):
 
     model = load_model(tiny_model_dir)
     ps = _set(d=6)
-    with pytest.raises(UserError, match=r"hidden size 6, model hash m{16}.*has hidden size 64, model hash [0-9a-f]{16}"):
+    with pytest.raises(UserError, match=r"reads hidden size 6, but the given LlamaForCausalLM has hidden size 64"):
         ps.check_compatible(model)
     ok = ProbeSet([LinearProbe(torch.randn(64), 0.0, torch.zeros(64), torch.ones(64), layer=1)],
                   meta={"model_hash": model_hash(model), "arch_hash": arch_hash(model)})
@@ -193,7 +193,7 @@ def test_check_compatible_names_both_models(tiny_model_dir):
     with pytest.raises(UserError, match="model hash"):
         ok.check_compatible(model, same_weights=True)
     deep = ProbeSet([LinearProbe(torch.randn(64), 0.0, torch.zeros(64), torch.ones(64), layer=5)])
-    with pytest.raises(UserError, match=r"read layer\(s\) \[5\], but .* has 2 layers"):
+    with pytest.raises(UserError, match=r"reads layer 5, but the given LlamaForCausalLM has layers 0..1"):
         deep.check_compatible(model)
 
 

@@ -67,7 +67,6 @@ from probe_dpo.attribution.directions import (
     check_directions,
     diff_of_means,
     load_directions,
-    model_facts,
     pair_features,
     probe_directions,
     save_directions,
@@ -95,6 +94,7 @@ from probe_dpo.attribution.sources import (
     source_table,
 )
 from probe_dpo.attribution.steering import SteeringSettings, random_unit, residual_norm, steer, steering_check
+from probe_dpo.model import model_facts  # the attribution's model facts (arch_hash included) are the model's
 
 __all__ = ["best_cluster_match", "DIRECTIONS_FORMAT", "DIRECTION_KINDS", "MITIGATIONS", "Direction", "GradientConfig", "PairFeatures",
            "RademacherProjection", "behaviour_change", "behaviour_direction", "check_directions", "cluster_directions", "cluster_pairs",

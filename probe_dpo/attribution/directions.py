@@ -137,28 +137,13 @@ def load_directions(uri: str) -> tuple[list[Direction], dict]:
     return out, {k: v for k, v in card.items() if k not in ("format", "directions")}
 
 
-def model_facts(model: str) -> dict:
-    """Hidden size, layer count and architecture hash from a model folder's config alone."""
-    from probe_dpo.model import arch_hash
-    from probe_dpo.model import model_facts as facts
-
-    return {**facts(model), "arch_hash": arch_hash(model)}
-
-
 def check_directions(directions: Sequence[Direction], model: str, *, where: str = "directions",
                      arch: str | None = None) -> None:
-    """UserError unless every direction fits ``model``: hidden size, layer range, architecture."""
-    facts = model_facts(model)
-    if arch and arch != facts["arch_hash"]:
-        raise UserError(f"{where} come from a different architecture ({arch}) than model {model} "
-                        f"({facts['arch_hash']}): make them on this model")
-    for d in directions:
-        if facts["hidden_size"] is not None and d.hidden_size != facts["hidden_size"]:
-            raise UserError(f"{where}: {d.name} has hidden size {d.hidden_size}, but model {model} has hidden size "
-                            f"{facts['hidden_size']}: they come from another model")
-        if facts["num_layers"] is not None and not 0 <= d.layer < facts["num_layers"]:
-            raise UserError(f"{where}: {d.name} reads layer {d.layer}, but model {model} has layers "
-                            f"0..{facts['num_layers'] - 1}")
+    """UserError unless every direction fits ``model``: hidden size, layer range, architecture
+    (``probe_dpo.model.check_fit``, the check probes get too)."""
+    from probe_dpo.model import check_fit
+
+    check_fit(directions, model, where=where, arch=arch)
 
 
 @dataclass

@@ -27,12 +27,12 @@ from probe_dpo.probes.crossfit import cross_fit_scores, group_folds
 from probe_dpo.probes.evaluate import eval_markdown, evaluate_probes
 from probe_dpo.probes.fit import DEFAULT_C_GRID, NEWTON_MAX_DIM, FitResult, fit_probe
 from probe_dpo.probes.probe import FORMAT, ROLES, LinearProbe, ProbeSet
+from probe_dpo.probes.report import report_markdown
 from probe_dpo.probes.train import (
     HeldOutSpec,
     ProbeTrainConfig,
     ProbeTrainResult,
     TrainProbeSpec,
-    report_markdown,
     train_probes,
 )
 

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from probe_dpo.probes.probe import ROLES, ProbeSet
-from probe_dpo.probes.train import ProbeTrainConfig, auroc_subset, extract_records, format_metric, labels_of, read_split
+from probe_dpo.probes.report import auroc_subset, format_metric
+from probe_dpo.probes.train import ProbeTrainConfig, extract_records, labels_of, read_split
 from probe_dpo.stats import as_numpy as _np
 from probe_dpo.stats import binary_metrics, roc_auc
 

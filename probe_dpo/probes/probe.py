@@ -163,33 +163,24 @@ class ProbeSet(nn.Module):
     def check_compatible(self, model: Any, *, same_weights: bool = False) -> None:
         """UserError unless ``model`` (module or folder) fits these probes.
 
-        The hidden size, the architecture and the layer count must match; with
-        ``same_weights`` the model hash must too (the probes' own model, not a fine-tune).
+        The hidden size, the architecture and the layer count must match
+        (``probe_dpo.model.check_fit``, from the config); with ``same_weights`` the model hash
+        must too (the probes' own model, not a fine-tune: the weights are loaded for it).
         """
-        from probe_dpo.model import arch_hash, hidden_size, model_hash, num_layers
+        from probe_dpo.model import check_fit, model_hash
 
-        if not isinstance(model, nn.Module):
-            from probe_dpo.model import load_model
-
-            desc = str(model)
-            model = load_model(model)
-        else:
-            desc = f"the given {type(model).__name__}"
         where = f"probes {self.uri}" if self.uri else "these probes"
-        mine = f"hidden size {self.hidden_size}, model hash {self.meta.get('model_hash', '?')}"
-        size = hidden_size(model)
-        theirs = f"hidden size {size}, model hash {model_hash(model)}"
-        if size != self.hidden_size:
-            raise UserError(f"{where} were trained on a model with {mine}, but {desc} has {theirs}")
-        if self.meta.get("arch_hash") and arch_hash(model) != self.meta["arch_hash"]:
-            raise UserError(f"{where} were trained on a model with {mine} (architecture {self.meta['arch_hash']}), "
-                            f"but {desc} has {theirs} (architecture {arch_hash(model)})")
-        count = num_layers(model)
-        deep = [p.layer for p in self.probes if p.layer >= count]
-        if deep:
-            raise UserError(f"{where} read layer(s) {sorted(set(deep))}, but {desc} has {count} layers")
-        if same_weights and self.meta.get("model_hash") and model_hash(model) != self.meta["model_hash"]:
-            raise UserError(f"{where} were trained on a model with {mine}, but {desc} has {theirs}")
+        check_fit(self.probes, model, where=where, arch=self.meta.get("arch_hash"))
+        if same_weights and self.meta.get("model_hash"):
+            if not isinstance(model, nn.Module):
+                from probe_dpo.model import load_model
+
+                desc, model = str(model), load_model(model)
+            else:
+                desc = f"the given {type(model).__name__}"
+            if model_hash(model) != self.meta["model_hash"]:
+                raise UserError(f"{where} were trained on a model with model hash {self.meta['model_hash']}, but "
+                                f"{desc} has model hash {model_hash(model)}")
 
     # --- files --------------------------------------------------------------------------------
 

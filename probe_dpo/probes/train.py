@@ -21,6 +21,7 @@ from probe_dpo.errors import UserError
 from probe_dpo.probes.crossfit import group_folds
 from probe_dpo.probes.fit import DEFAULT_C_GRID, FitResult, fit_probe
 from probe_dpo.probes.probe import LinearProbe, ProbeSet
+from probe_dpo.probes.report import auroc_subset, probe_baselines, report_markdown
 from probe_dpo.stats import as_numpy as _np
 from probe_dpo.stats import binary_metrics, roc_auc, threshold_at_fpr
 from probe_dpo.storage import json_text
@@ -176,10 +177,6 @@ def _split_groups(groups: list[Any], fraction: float, seed: int) -> tuple[np.nda
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
-def auroc_subset(probs: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> float:
-    return roc_auc(probs[mask], labels[mask]) if mask.any() else float("nan")
-
-
 def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: str | None = None,
                  train: str | None = None, val: str | None = None, test: str | None = None,
                  out: str | None = None, keep_features: bool = False) -> ProbeTrainResult:
@@ -188,7 +185,6 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
     Data come from a testbed folder (``model/`` and ``data/probe_{train,val,test}.jsonl``) or
     explicit ``model`` / ``train`` / ``val`` / ``test`` paths (``test`` is optional).
     """
-    from probe_dpo import storage
     from probe_dpo.data import content_hash
     from probe_dpo.model import (
         arch_hash,
@@ -201,24 +197,10 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
     )
 
     t_start = time.perf_counter()
-    info: dict[str, Any] = {}
-    if testbed is not None:
-        from probe_dpo.testbed.layout import TestbedPaths
-
-        paths = TestbedPaths(testbed)
-        model = model or paths.model
-        train = train or paths.data("probe_train")
-        val = val or paths.data("probe_val")
-        test = test or paths.data("probe_test")
-        if storage.exists(paths.info):
-            info = storage.read_json(paths.info)
-    if model is None or train is None or val is None:
-        raise UserError("give a testbed folder, or a model and train and val data")
+    model, files, info = _input_files(testbed, model, train, val, test)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    splits = {"train": read_split(train, cfg, "probe-train data"), "val": read_split(val, cfg, "probe-val data")}
-    if test is not None:
-        splits["test"] = read_split(test, cfg, "probe-test data")
+    splits = {name: read_split(uri, cfg, f"probe-{name} data") for name, uri in files.items()}
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     lm = load_model(model, dtype=cfg.dtype, device=device)
     tok = load_tokenizer(model)
@@ -230,24 +212,7 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
     held_layers = None if cfg.held_out.layers is None else \
         [_in_layers(lm, L, layers, "held_out.layers") for L in cfg.held_out.layers]
     labels = {k: labels_of(v, cfg) for k, v in splits.items()}
-    feats: dict[str, dict[int, torch.Tensor]] = {}
-    pool = None
-    if cfg.actors > 0:
-        from probe_dpo.activations import ExtractorPool
-
-        pool = ExtractorPool(str(model), actors=cfg.actors, address=cfg.address, dtype=cfg.dtype,
-                             threads_per_actor=max(1, (cfg.threads or torch.get_num_threads()) // cfg.actors))
-    try:
-        for name, records in splits.items():
-            t0 = time.perf_counter()
-            feats[name] = extract_records(model, lm, tok, records, layers, pooling=cfg.pooling, span=cfg.span,
-                                          batch_size=cfg.batch_size, max_length=cfg.max_length, pool=pool,
-                                          activations=cfg.activations, name=name, dtype=cfg.dtype)
-            log.info(f"probes: extracted {len(records)} {name} rows x {len(layers)} layers in "
-                f"{time.perf_counter() - t0:.1f}s")
-    finally:
-        if pool is not None:
-            pool.close()
+    feats = _extract_splits(cfg, model, lm, tok, splits, layers)
     del lm
     data_hashes = {k: content_hash(v, [*_columns_for(cfg), "text", cfg.label_column]) for k, v in splits.items()}
     base_card = {"pooling": cfg.pooling, "span": cfg.span, "label_column": cfg.label_column,
@@ -255,82 +220,22 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
                  "model_hash": m_hash, "arch_hash": a_hash, "model": str(model), "hidden_size": width,
                  "max_length": cfg.max_length, "c_grid": list(cfg.c_grid), "fpr": cfg.fpr,
                  "data_hash": data_hashes["train"], "val_data_hash": data_hashes["val"]}
-    fit_device = device
 
     train_rows = np.arange(len(splits["train"]))
     reserve_rows = np.array([], dtype=np.int64)
     if cfg.held_out.data_fraction > 0:
         train_rows, reserve_rows = _split_groups(_group_ids(splits["train"]), cfg.held_out.data_fraction, cfg.seed)
-
-    def fit(layer: int, rows: np.ndarray | None = None, xs: tuple | None = None) -> FitResult:
-        if xs is None:
-            x_tr, y_tr = feats["train"][layer], labels["train"]
-            if rows is not None:
-                x_tr, y_tr = x_tr[torch.as_tensor(rows)], y_tr[rows]
-            xs = (x_tr, y_tr, feats["val"][layer], labels["val"])
-        if len(set(xs[1].tolist())) < 2:
-            raise UserError(f"a probe's training subset at layer {layer} has a single class: use more data "
-                            f"or a smaller held_out.data_fraction")
-        return fit_probe(xs[0], xs[1], xs[2], xs[3], cfg.c_grid, device=fit_device)
+    fit = _Fitter(feats, labels, cfg.c_grid, device)
 
     # 1. the per-layer sweep (on the rows training probes may use)
     sweep = {layer: fit(layer, train_rows if len(reserve_rows) else None) for layer in layers}
     ranked = sorted(layers, key=lambda L: (-_nan_low(sweep[L].val_auroc), L))
     log.info("probes: per-layer sweep done (best layer by val AUROC: " + ", ".join(
         f"L{L}={sweep[L].val_auroc:.3f}" for L in ranked[:3]) + ")")
-
-    # 2. training probes
-    made: list[tuple[LinearProbe, FitResult, dict]] = []
-    best_layer = spec_layer if spec_layer is not None else ranked[0]
-    if spec.kind == "single":
-        made.append((_probe(sweep[best_layer], best_layer, f"train-L{best_layer}", "train", base_card),
-                     sweep[best_layer], {"subset": "all" if not len(reserve_rows) else "train-share"}))
-        train_layers = [best_layer]
-    elif spec.kind == "layers":
-        # explicit layers; else the n best, with the fixed layer (when one is set) always among them
-        first = [spec_layer] if spec_layer is not None else []
-        train_layers = spec_layers or first + [L for L in ranked if L not in first][:spec.n - len(first)]
-        for L in train_layers:
-            made.append((_probe(sweep[L], L, f"train-L{L}", "train", base_card), sweep[L], {"subset": "all"}))
-    elif spec.kind == "seeds":
-        train_layers = [best_layer]
-        pool_x = torch.cat([feats["train"][best_layer][torch.as_tensor(train_rows)], feats["val"][best_layer]])
-        pool_y = np.concatenate([labels["train"][train_rows], labels["val"]])
-        groups = [_group_ids(splits["train"])[i] for i in train_rows] + _group_ids(splits["val"])
-        frac = len(splits["val"]) / (len(train_rows) + len(splits["val"]))
-        for s in range(spec.n):
-            tr, va = _split_groups(groups, frac, cfg.seed + 1000 + s)
-            res = fit(best_layer, xs=(pool_x[torch.as_tensor(tr)], pool_y[tr], pool_x[torch.as_tensor(va)], pool_y[va]))
-            made.append((_probe(res, best_layer, f"train-L{best_layer}-seed{s}", "train", base_card), res,
-                         {"subset": f"train+val re-split by prompt, seed {cfg.seed + 1000 + s}"}))
-    elif spec.kind == "subsets":
-        train_layers = [best_layer]
-        folds = group_folds([_group_ids(splits["train"])[i] for i in train_rows], spec.n, cfg.seed + 3000)
-        for s in range(spec.n):
-            res = fit(best_layer, train_rows[folds == s])
-            made.append((_probe(res, best_layer, f"train-L{best_layer}-part{s}", "train", base_card), res,
-                         {"subset": f"disjoint share {s + 1} of {spec.n} of the training prompts "
-                                    f"(seed {cfg.seed + 3000})"}))
-    else:  # bootstrap
-        train_layers = [best_layer]
-        rng = np.random.default_rng(cfg.seed + 2000)
-        for s in range(spec.n):
-            rows = rng.choice(train_rows, size=len(train_rows), replace=True)
-            res = fit(best_layer, rows)
-            made.append((_probe(res, best_layer, f"train-L{best_layer}-boot{s}", "train", base_card), res,
-                         {"subset": f"bootstrap resample {s} of the training rows (seed {cfg.seed + 2000})"}))
-
-    # 3. held-out probes
-    held = held_layers if held_layers is not None else [L for L in layers if L not in train_layers]
-    for L in held:
-        if L in train_layers and not len(reserve_rows):
-            continue  # the same layer on the same data is not held out
-        made.append((_probe(sweep[L], L, f"heldout-L{L}", "held_out", base_card), sweep[L], {"subset": "all"}))
-    if len(reserve_rows):
-        for L in train_layers:
-            res = fit(L, reserve_rows)
-            made.append((_probe(res, L, f"heldout-data-L{L}", "held_out", base_card), res,
-                         {"subset": f"reserved {cfg.held_out.data_fraction:.0%} of training prompts"}))
+    # 2. training probes, 3. held-out probes
+    made, train_layers = _train_role_probes(cfg, fit, splits, sweep, ranked, spec_layer, spec_layers, train_rows,
+                                            reserve_rows, base_card)
+    made += _held_out_probes(cfg, fit, sweep, layers, held_layers, train_layers, reserve_rows, base_card)
 
     # 4. metrics
     genre = {k: np.array([r.get("genre") == "toxic-prompt" for r in v]) for k, v in splits.items()}
@@ -359,7 +264,7 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
                 ensemble["test_toxic_prompts"] = auroc_subset(p, labels[split], genre[split])
 
     # 5. baselines and report
-    baselines = _baselines(splits, labels, genre if has_genre else None, info)
+    baselines = probe_baselines(splits, labels, genre if has_genre else None, info)
     report = {"model": str(model), "model_hash": m_hash, "testbed": testbed, "layers": layers,
               "pooling": cfg.pooling, "span": cfg.span, "fpr": cfg.fpr, "c_grid": list(cfg.c_grid),
               "sizes": {k: {"rows": len(v), "positives": int(labels[k].sum()),
@@ -374,6 +279,139 @@ def train_probes(cfg: ProbeTrainConfig, *, testbed: str | None = None, model: st
         probeset.save(out, extra_files={"report.json": json_text(report),
                                         "report.md": markdown})
     return ProbeTrainResult(probeset, report, markdown, feats if keep_features else None)
+
+
+def _input_files(testbed: str | None, model: str | None, train: str | None, val: str | None,
+                 test: str | None) -> tuple[str, dict[str, str], dict]:
+    """The model and the split files (a testbed's unless given), and the testbed's summary."""
+    from probe_dpo import storage
+
+    info: dict[str, Any] = {}
+    if testbed is not None:
+        from probe_dpo.testbed.layout import TestbedPaths
+
+        paths = TestbedPaths(testbed)
+        model = model or paths.model
+        train = train or paths.data("probe_train")
+        val = val or paths.data("probe_val")
+        test = test or paths.data("probe_test")
+        if storage.exists(paths.info):
+            info = storage.read_json(paths.info)
+    if model is None or train is None or val is None:
+        raise UserError("give a testbed folder, or a model and train and val data")
+    return model, {"train": train, "val": val, **({"test": test} if test is not None else {})}, info
+
+
+def _extract_splits(cfg: ProbeTrainConfig, model: str, lm: Any, tok: Any, splits: dict[str, list[dict]],
+                    layers: list[int]) -> dict[str, dict[int, torch.Tensor]]:
+    """Each split's pooled activations at ``layers`` (in this process, or on ``cfg.actors`` Ray actors)."""
+    feats: dict[str, dict[int, torch.Tensor]] = {}
+    pool = None
+    if cfg.actors > 0:
+        from probe_dpo.activations import ExtractorPool
+
+        pool = ExtractorPool(str(model), actors=cfg.actors, address=cfg.address, dtype=cfg.dtype,
+                             threads_per_actor=max(1, (cfg.threads or torch.get_num_threads()) // cfg.actors))
+    try:
+        for name, records in splits.items():
+            t0 = time.perf_counter()
+            feats[name] = extract_records(model, lm, tok, records, layers, pooling=cfg.pooling, span=cfg.span,
+                                          batch_size=cfg.batch_size, max_length=cfg.max_length, pool=pool,
+                                          activations=cfg.activations, name=name, dtype=cfg.dtype)
+            log.info(f"probes: extracted {len(records)} {name} rows x {len(layers)} layers in "
+                f"{time.perf_counter() - t0:.1f}s")
+    finally:
+        if pool is not None:
+            pool.close()
+    return feats
+
+
+@dataclass(frozen=True)
+class _Fitter:
+    """Fits one probe at a layer: on the training rows (``rows`` of them), validated on val; or on
+    given ``xs`` = (x_train, y_train, x_val, y_val)."""
+
+    feats: dict[str, dict[int, torch.Tensor]]
+    labels: dict[str, np.ndarray]
+    c_grid: Any
+    device: str
+
+    def __call__(self, layer: int, rows: np.ndarray | None = None, xs: tuple | None = None) -> FitResult:
+        if xs is None:
+            x_tr, y_tr = self.feats["train"][layer], self.labels["train"]
+            if rows is not None:
+                x_tr, y_tr = x_tr[torch.as_tensor(rows)], y_tr[rows]
+            xs = (x_tr, y_tr, self.feats["val"][layer], self.labels["val"])
+        if len(set(xs[1].tolist())) < 2:
+            raise UserError(f"a probe's training subset at layer {layer} has a single class: use more data "
+                            f"or a smaller held_out.data_fraction")
+        return fit_probe(xs[0], xs[1], xs[2], xs[3], self.c_grid, device=self.device)
+
+
+def _train_role_probes(cfg: ProbeTrainConfig, fit: _Fitter, splits: dict, sweep: dict, ranked: list[int],
+                       spec_layer: int | None, spec_layers: list[int], train_rows: np.ndarray,
+                       reserve_rows: np.ndarray, base_card: dict) -> tuple[list[tuple], list[int]]:
+    """The probes of role train, as ``train_probe.kind`` makes them (one, several layers, seeds,
+    disjoint shares or bootstrap resamples), with the layers they read."""
+    spec = cfg.train_probe
+    made: list[tuple[LinearProbe, FitResult, dict]] = []
+    best_layer = spec_layer if spec_layer is not None else ranked[0]
+    if spec.kind == "single":
+        made.append((_probe(sweep[best_layer], best_layer, f"train-L{best_layer}", "train", base_card),
+                     sweep[best_layer], {"subset": "all" if not len(reserve_rows) else "train-share"}))
+        return made, [best_layer]
+    if spec.kind == "layers":
+        # explicit layers; else the n best, with the fixed layer (when one is set) always among them
+        first = [spec_layer] if spec_layer is not None else []
+        train_layers = spec_layers or first + [L for L in ranked if L not in first][:spec.n - len(first)]
+        for L in train_layers:
+            made.append((_probe(sweep[L], L, f"train-L{L}", "train", base_card), sweep[L], {"subset": "all"}))
+        return made, train_layers
+    if spec.kind == "seeds":
+        feats, labels = fit.feats, fit.labels
+        pool_x = torch.cat([feats["train"][best_layer][torch.as_tensor(train_rows)], feats["val"][best_layer]])
+        pool_y = np.concatenate([labels["train"][train_rows], labels["val"]])
+        groups = [_group_ids(splits["train"])[i] for i in train_rows] + _group_ids(splits["val"])
+        frac = len(splits["val"]) / (len(train_rows) + len(splits["val"]))
+        for s in range(spec.n):
+            tr, va = _split_groups(groups, frac, cfg.seed + 1000 + s)
+            res = fit(best_layer, xs=(pool_x[torch.as_tensor(tr)], pool_y[tr], pool_x[torch.as_tensor(va)], pool_y[va]))
+            made.append((_probe(res, best_layer, f"train-L{best_layer}-seed{s}", "train", base_card), res,
+                         {"subset": f"train+val re-split by prompt, seed {cfg.seed + 1000 + s}"}))
+    elif spec.kind == "subsets":
+        folds = group_folds([_group_ids(splits["train"])[i] for i in train_rows], spec.n, cfg.seed + 3000)
+        for s in range(spec.n):
+            res = fit(best_layer, train_rows[folds == s])
+            made.append((_probe(res, best_layer, f"train-L{best_layer}-part{s}", "train", base_card), res,
+                         {"subset": f"disjoint share {s + 1} of {spec.n} of the training prompts "
+                                    f"(seed {cfg.seed + 3000})"}))
+    else:  # bootstrap
+        rng = np.random.default_rng(cfg.seed + 2000)
+        for s in range(spec.n):
+            rows = rng.choice(train_rows, size=len(train_rows), replace=True)
+            res = fit(best_layer, rows)
+            made.append((_probe(res, best_layer, f"train-L{best_layer}-boot{s}", "train", base_card), res,
+                         {"subset": f"bootstrap resample {s} of the training rows (seed {cfg.seed + 2000})"}))
+    return made, [best_layer]
+
+
+def _held_out_probes(cfg: ProbeTrainConfig, fit: _Fitter, sweep: dict, layers: list[int],
+                     held_layers: list[int] | None, train_layers: list[int], reserve_rows: np.ndarray,
+                     base_card: dict) -> list[tuple]:
+    """The probes of role held_out: other layers' sweep probes and, with reserved prompts, probes at
+    the train layers fitted on prompts the train probes never saw."""
+    made = []
+    held = held_layers if held_layers is not None else [L for L in layers if L not in train_layers]
+    for L in held:
+        if L in train_layers and not len(reserve_rows):
+            continue  # the same layer on the same data is not held out
+        made.append((_probe(sweep[L], L, f"heldout-L{L}", "held_out", base_card), sweep[L], {"subset": "all"}))
+    if len(reserve_rows):
+        for L in train_layers:
+            res = fit(L, reserve_rows)
+            made.append((_probe(res, L, f"heldout-data-L{L}", "held_out", base_card), res,
+                         {"subset": f"reserved {cfg.held_out.data_fraction:.0%} of training prompts"}))
+    return made
 
 
 def _in_layers(model, layer: int, layers: list[int], key: str) -> int:
@@ -418,69 +456,3 @@ def _row(probe: LinearProbe, res: FitResult, metrics: dict) -> dict:
             "test_accuracy": get("test", "accuracy"), "test_tpr_at_fpr": get("test", "tpr"),
             "test_fpr": get("test", "fpr")}
 
-
-def _baselines(splits, labels, genre, info: dict) -> dict:
-    out: dict[str, Any] = {}
-    for split in ("val", "test"):
-        if split not in splits:
-            continue
-        records = splits[split]
-        entry: dict[str, Any] = {}
-        if genre is not None:
-            entry["genre_indicator_auroc"] = roc_auc(genre[split].astype(float), labels[split])
-            mask = genre[split]
-            entry["toxic_prompt_share"] = float(mask.mean())
-            entry["positive_rate_toxic_prompts"] = float(labels[split][mask].mean()) if mask.any() else None
-            entry["positive_rate_benign_prompts"] = float(labels[split][~mask].mean()) if (~mask).any() else None
-        columns = sorted({k for r in records for k in r if k.startswith("score_")})
-        train_judge = info.get("train_judge")
-        judges = {}
-        for col in columns:
-            if not all(isinstance(r.get(col), (int, float)) for r in records):
-                continue
-            scores = np.array([float(r[col]) for r in records])
-            same = train_judge is not None and col == "score_" + str(train_judge).replace("-", "_")
-            judges[col] = {"auroc": roc_auc(scores, labels[split]), "training_judge": same}
-            if genre is not None:
-                judges[col]["auroc_toxic_prompts"] = auroc_subset(scores, labels[split], genre[split])
-        entry["judge_agreement"] = judges
-        out[split] = entry
-    return out
-
-
-def format_metric(x: Any) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.3f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.0e}"
-    return str(x)
-
-
-def report_markdown(report: dict) -> str:
-    """The report as a markdown table (what the CLI prints)."""
-    lines = [f"# Probes on {report['model']} ({report['pooling']} pooling over {report['span']} tokens)", ""]
-    sizes = ", ".join(f"{k}: {v['rows']} rows / {v['positives']} positive" for k, v in report["sizes"].items())
-    lines += [f"Data: {sizes}. Threshold at {report['fpr']:.0%} FPR on validation negatives.", ""]
-    lines += ["| probe | role | layer | C | val AUROC | test AUROC | test AUROC (toxic prompts) | test TPR @ thr |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(report["probes"], key=lambda r: (r["role"] != "train", r["layer"], r["name"])):
-        lines.append(f"| {r['name']} | {r['role']} | {r['layer']} | {format_metric(r['c'])} | {format_metric(r['val_auroc'])} | "
-                     f"{format_metric(r['test_auroc'])} | {format_metric(r['test_toxic_prompts_auroc'])} | {format_metric(r['test_tpr_at_fpr'])} |")
-    if report.get("train_ensemble"):
-        e = report["train_ensemble"]
-        lines.append(f"| train ensemble ({report['aggregation']}) | train | - | - | {format_metric(e.get('val'))} | "
-                     f"{format_metric(e.get('test'))} | {format_metric(e.get('test_toxic_prompts'))} | - |")
-    split = "test" if "test" in report["baselines"] else "val"
-    base = report["baselines"].get(split, {})
-    lines += ["", f"Baselines on {split}:", ""]
-    if "genre_indicator_auroc" in base:
-        lines.append(f"- prompt-genre indicator (toxic-prompt vs benign-prompt) AUROC: {format_metric(base['genre_indicator_auroc'])}")
-    for col, j in base.get("judge_agreement", {}).items():
-        tag = " (the training judge)" if j.get("training_judge") else ""
-        lines.append(f"- {col}{tag} AUROC against the labels: {format_metric(j['auroc'])} "
-                     f"(toxic prompts only: {format_metric(j.get('auroc_toxic_prompts'))})")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluating a saved set on any model and labelled file

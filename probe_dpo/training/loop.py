@@ -1,6 +1,6 @@
 """The Ray Train loop: one TRL trainer per worker, each a DeepSpeed engine.
 
-``fit_round`` runs ``train_worker`` in a ``TorchTrainer`` with N workers (gloo on CPU, NCCL
+``fit_round`` runs ``train_worker`` on one ``TrainJob`` in a ``TorchTrainer`` with N workers (gloo on CPU, NCCL
 on GPU). Every worker loads the policy (and, for full-weight DPO, an explicit reference
 model), builds a ``ProbeDPOTrainer`` / ``ProbeSFTTrainer`` / ``ProbeGRPOTrainer`` from a
 ``ProbeDPOConfig`` / ``ProbeSFTConfig`` / ``ProbeGRPOConfig`` (the penalty's or reward's ``probe_*`` fields; ``deepspeed=<dict>`` with the ZeRO
@@ -25,14 +25,17 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from probe_dpo.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "training_run.json"
 
-# What a training run reports while it trains when asked (``job["report_steps"]``, a Tune search
+# What a training run reports while it trains when asked (``TrainJob.report_steps``, a Tune search
 # under ASHA): result key -> the key TRL logs (NaN when this method logs none), and the step.
 TRAIN_METRICS = {"train.loss": "loss", "train.probe_penalty": "probe_penalty",
                  "train.rewards.margins": "rewards/margins", "train.rewards.accuracies": "rewards/accuracies"}
@@ -40,6 +43,27 @@ TRAIN_STEP = "train.step"
 
 
 STALE_BUILD_LOCK_S = 900.0
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One round's work for the Ray Train workers, made by ``probe_dpo.training.run.train`` and
+    handed to every worker as it is (pickled by Ray): the typed ``TrainConfig`` itself, so a
+    setting reaches the worker's TRL config with no dict round trip on the way."""
+
+    cfg: TrainConfig
+    kind: Literal["dpo", "sft", "grpo"]  # the trainer
+    data: str                            # the round's records: pairs, SFT rows or GRPO's prompts
+    model: str                           # the policy the round starts from
+    reference: str                       # DPO's reference: the round's start, or the base model
+    policy: str                          # where the round's policy is published
+    round: int
+    config_hash: str                     # the run's, written with the policy
+    generation: dict                     # the testbed's GenerationSettings.to_dict() (GRPO's rollouts)
+    env: dict                            # the driver's Hugging Face settings (probe_dpo.model.hub_env)
+    report_steps: int | None = None      # report TRAIN_METRICS every N steps (a Tune search under ASHA)
+    tracking_env: dict | None = None     # probe_dpo.tracking.trainer_env / trainer_args, when tracking
+    tracking_args: dict | None = None
 
 
 def _worker_setup(threads: int) -> None:
@@ -91,7 +115,7 @@ def prebuild_deepspeed_ops(offload: bool) -> None:
         get_accelerator().create_op_builder("CPUAdamBuilder").load()
 
 
-def train_worker(job: dict) -> None:
+def train_worker(job: TrainJob) -> None:
     """Ray Train loop body (runs on every worker).
 
     Everything a worker writes locally (the resumed checkpoint, the trainer's output folder,
@@ -105,7 +129,7 @@ def train_worker(job: dict) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _early_warning(cfg: Any, job: dict, records: list[dict], tokenizer: Any, rank: int, dtype: str) -> Any:
+def _early_warning(cfg: Any, job: TrainJob, records: list[dict], tokenizer: Any, rank: int, dtype: str) -> Any:
     """The hiding watch of ``cfg.early_warning`` (None when off); rank 0 holds the probes and,
     without LoRA, a frozen copy of the model the policy starts from."""
     if not cfg.early_warning.every_steps:
@@ -115,57 +139,56 @@ def _early_warning(cfg: Any, job: dict, records: list[dict], tokenizer: Any, ran
     from probe_dpo.training.early_warning import EarlyWarningCallback, probe_prompts
 
     probes = ProbeSet.load(cfg.probes) if rank == 0 else None
-    frozen = load_model(job["model"], dtype=dtype) if rank == 0 and not cfg.lora.enabled else None
+    frozen = load_model(job.model, dtype=dtype) if rank == 0 and not cfg.lora.enabled else None
     return EarlyWarningCallback(cfg.early_warning, probes, probe_prompts(records, cfg.early_warning.prompts),
                                 tokenizer, frozen=frozen, rank=rank, seed=cfg.seed)
 
 
-def _train(job: dict, scratch: Path) -> None:
+def worker_arguments(job: TrainJob, output_dir: str) -> Any:
+    """The TRL config a worker trains with: ``ProbeDPOConfig`` / ``ProbeSFTConfig`` /
+    ``ProbeGRPOConfig`` of the job's ``TrainConfig``, with the DeepSpeed config of its ZeRO
+    stage and offload. No tqdm bar in a worker: Ray forwards each worker's output to the driver
+    line by line, prefixed with the worker, so every in-place redraw of the bar (\\r) becomes
+    one more log line per worker; the per-step logs (and ray.train.report) carry the same progress."""
+    from probe_dpo.training.trainers import deepspeed_config, training_arguments
+
+    dist = job.cfg.distributed
+    ds = deepspeed_config(dist.zero_stage, offload=dist.offload, bf16=dist.use_gpu)
+    if job.kind == "grpo":
+        from probe_dpo.training.grpo import grpo_arguments
+
+        return grpo_arguments(job.cfg, job.generation, output_dir=output_dir, deepspeed=ds,
+                              save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
+                              tracking=job.tracking_args, progress_bar=False)
+    return training_arguments(job.kind, job.cfg, output_dir=output_dir, deepspeed=ds,
+                              save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
+                              tracking=job.tracking_args, progress_bar=False)
+
+
+def _train(job: TrainJob, scratch: Path) -> None:
     import ray.train
     import torch
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
 
-    from probe_dpo.config import from_dict
     from probe_dpo.data import read_records
     from probe_dpo.model import apply_hub_env, load_model, load_tokenizer
     from probe_dpo.tracking import apply_env
-    from probe_dpo.training.config import TrainConfig
-    from probe_dpo.training.trainers import (
-        CrashCallback,
-        EMACallback,
-        SkipFinalCheckpoint,
-        build_trainer,
-        deepspeed_config,
-        training_arguments,
-    )
+    from probe_dpo.training.trainers import CrashCallback, EMACallback, SkipFinalCheckpoint, build_trainer
 
-    cfg: TrainConfig = from_dict(TrainConfig, job["cfg"], "training job")
+    cfg = job.cfg
     dist = cfg.distributed
     _worker_setup(dist.threads_per_worker)
-    apply_hub_env(job.get("env"))  # a hub id resolves in the driver's Hugging Face cache
-    apply_env(job.get("tracking_env"))  # offline W&B, the MLflow file store: read by transformers
+    apply_hub_env(job.env)  # a hub id resolves in the driver's Hugging Face cache
+    apply_env(job.tracking_env)  # offline W&B, the MLflow file store: read by transformers
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     t0 = time.perf_counter()
 
-    records = read_records(job["data"], what="training data")
-    tokenizer = load_tokenizer(job["model"])
+    records = read_records(job.data, what="training data")
+    tokenizer = load_tokenizer(job.model)
     output_dir = str(scratch / "trainer")
-    ds = deepspeed_config(dist.zero_stage, offload=dist.offload, bf16=dist.use_gpu)
     # the arguments first: under ZeRO-3 they make from_pretrained build the models partitioned
-    # No tqdm bar in a worker: Ray forwards each worker's output to the driver line by line,
-    # prefixed with the worker, so every in-place redraw of the bar (\r) becomes one more log
-    # line per worker; the per-step logs (and ray.train.report) carry the same progress.
-    if job["kind"] == "grpo":
-        from probe_dpo.training.grpo import build_grpo_trainer, grpo_arguments
-
-        args = grpo_arguments(cfg, job["generation"], output_dir=output_dir, deepspeed=ds,
-                              save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
-                              tracking=job.get("tracking_args"), progress_bar=False)
-    else:
-        args = training_arguments(job["kind"], cfg, output_dir=output_dir, deepspeed=ds,
-                                  save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu,
-                                  tracking=job.get("tracking_args"), progress_bar=False)
+    args = worker_arguments(job, output_dir)
     if dist.zero_stage == 3:
         # zero.Init sizes the partitions from deepspeed.comm's world, which the CPU path of
         # TrainingArguments never initialises: wrap Ray's process group before the models load
@@ -173,14 +196,14 @@ def _train(job: dict, scratch: Path) -> None:
 
         deepspeed.init_distributed(dist_backend="nccl" if dist.use_gpu else "gloo")
     dtype = "bfloat16" if dist.use_gpu else "float32"  # bf16 on a GPU; CPUs train in fp32
-    model = load_model(job["model"], dtype=dtype)
+    model = load_model(job.model, dtype=dtype)
     model.train()
     ref_model = None
-    if job["kind"] == "dpo" and not cfg.lora.enabled:
-        ref_model = load_model(job["reference"], dtype=dtype)
+    if job.kind == "dpo" and not cfg.lora.enabled:
+        ref_model = load_model(job.reference, dtype=dtype)
     reader_model = None  # probe-grpo's frozen reader, where TRL builds no reference model to reuse
     if cfg.method == "probe-grpo" and cfg.grpo.reader == "frozen" and (cfg.grpo.beta == 0 or cfg.lora.enabled):
-        reader_model = load_model(job["model"], dtype=dtype)
+        reader_model = load_model(job.model, dtype=dtype)
     held, total = parameter_elements(model)
 
     checkpoint = ray.train.get_checkpoint()
@@ -204,18 +227,19 @@ def _train(job: dict, scratch: Path) -> None:
     warning = _early_warning(cfg, job, records, tokenizer, rank, dtype)
     if warning is not None:
         callbacks.append(warning)
-    if job.get("report_steps"):  # a Tune search's scheduler (ASHA) reads these while the trial trains
-        callbacks.append(progress_callback(int(job["report_steps"])))
+    if job.report_steps:  # a Tune search's scheduler (ASHA) reads these while the trial trains
+        callbacks.append(progress_callback(int(job.report_steps)))
     callbacks.append(RayTrainReportCallback())  # last: the EMA file is in the folder it copies
 
     # the penalty is in the arguments: the trainer loads cfg.probes' train probes itself
-    if job["kind"] == "grpo":
+    if job.kind == "grpo":
+        from probe_dpo.training.grpo import build_grpo_trainer
+
         trainer = build_grpo_trainer(model, tokenizer, records, cfg, args, callbacks=callbacks,
                                      reader_model=reader_model)
     else:
-        trainer = build_trainer(job["kind"], model, tokenizer, records, cfg, output_dir=output_dir,
-                                ref_model=ref_model, callbacks=callbacks, deepspeed=ds,
-                                save_steps=dist.checkpoint_steps, use_gpu=dist.use_gpu, args=args)
+        trainer = build_trainer(job.kind, model, tokenizer, records, cfg, output_dir=output_dir,
+                                ref_model=ref_model, callbacks=callbacks, args=args)
     trainer = prepare_trainer(trainer)
     if warning is not None:
         warning.bind(trainer)
@@ -246,19 +270,19 @@ def _train(job: dict, scratch: Path) -> None:
 
         policy = finalize_policy(raw, final_dir / "policy", cfg, job, tokenizer,
                                  ema.shadow if ema is not None else None)
-        info = {"method": cfg.method, "round": job["round"], "base_model": job["model"],
-                "reference": job.get("reference"), "data": job["data"], "metrics": metrics,
+        info = {"method": cfg.method, "round": job.round, "base_model": job.model,
+                "reference": job.reference, "data": job.data, "metrics": metrics,
                 "ema_decay": cfg.train.ema_decay, "ema_updates": ema.updates if ema else None,
                 "lora": cfg.lora.enabled, "lora_merged": cfg.lora.enabled and cfg.lora.merge,
-                "config_hash": job["config_hash"], "log_history": trainer.state.log_history}
+                "config_hash": job.config_hash, "log_history": trainer.state.log_history}
         (policy / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        artifacts.publish_dir(policy, job["policy"], overwrite=True,
-                            metadata={"kind": "policy", "method": cfg.method, "round": job["round"],
-                                      "config_hash": job["config_hash"]})
-        log.info(f"rank 0: published the policy at {job['policy']}")
+        artifacts.publish_dir(policy, job.policy, overwrite=True,
+                            metadata={"kind": "policy", "method": cfg.method, "round": job.round,
+                                      "config_hash": job.config_hash})
+        log.info(f"rank 0: published the policy at {job.policy}")
     if dist.zero_stage == 3 and torch.distributed.is_initialized():
         torch.distributed.barrier()
-    ray.train.report({**metrics, "policy": job["policy"], "finished": 1})  # not "done": Tune reads that as "stop the trial"
+    ray.train.report({**metrics, "policy": job.policy, "finished": 1})  # not "done": Tune reads that as "stop the trial"
 
 
 def progress_callback(every: int) -> Any:
@@ -292,7 +316,7 @@ def parameter_elements(model: Any) -> tuple[int, int]:
     return held, total
 
 
-def finalize_policy(raw: Path, dest: Path, cfg: Any, job: dict, tokenizer: Any,
+def finalize_policy(raw: Path, dest: Path, cfg: Any, job: TrainJob, tokenizer: Any,
                     ema_shadow: dict | None) -> Path:
     """The final ``save_pretrained`` folder from the trainer's saved model (rank 0, CPU), in the
     base model's own dtype (a bf16 checkpoint stays bf16; a float32 one float32)."""
@@ -300,11 +324,11 @@ def finalize_policy(raw: Path, dest: Path, cfg: Any, job: dict, tokenizer: Any,
 
     from probe_dpo.model import load_model, source_dtype
 
-    dtype = source_dtype(job["model"])
+    dtype = source_dtype(job.model)
     if cfg.lora.enabled:
         from peft import PeftModel
 
-        base = load_model(job["model"], dtype=dtype)
+        base = load_model(job.model, dtype=dtype)
         model = PeftModel.from_pretrained(base, str(raw))
         if ema_shadow is not None:
             _copy_into(model, ema_shadow)
@@ -345,23 +369,25 @@ def scaling_config(dist: Any) -> Any:
                          accelerator_type=dist.accelerator_type if dist.use_gpu else None)
 
 
-def fit_round(job: dict, cfg: Any, *, storage_root: str, run_name: str,
-              callbacks: list | None = None) -> dict:
-    """Run ``train_worker`` under a Ray ``TorchTrainer``; returns rank 0's final metrics.
+def fit_round(job: TrainJob, *, storage_root: str, run_name: str, callbacks: list | None = None) -> dict:
+    """Run ``train_worker`` on ``job`` under a Ray ``TorchTrainer``; returns rank 0's final metrics.
 
+    The job goes to the workers bound to the function (``functools.partial``), not as Ray's
+    ``train_loop_config``: that is a dict Ray also copies into its run state as JSON.
     ``callbacks`` go to the Train run (e.g. ``TuneReportCallback`` inside a Tune trial)."""
+    import functools
+
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from probe_dpo import storage
 
-    dist = cfg.distributed
+    dist = job.cfg.distributed
     if not dist.use_gpu:
         prebuild_deepspeed_ops(dist.offload)
     fs, path = storage.pyarrow_filesystem(storage_root)
     trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=job,
+        functools.partial(train_worker, job),
         scaling_config=scaling_config(dist),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=dist.max_failures),
@@ -379,7 +405,7 @@ def fit_round(job: dict, cfg: Any, *, storage_root: str, run_name: str,
             raise inner from None
         raise
     metrics = dict(result.metrics or {})
-    run_file = storage.join(job["policy"], RUN_FILE)
+    run_file = storage.join(job.policy, RUN_FILE)
     if storage.exists(run_file):  # rank 0's own summary of the finished run
         metrics = dict(storage.read_json(run_file).get("metrics", metrics))
     metrics["fit_seconds"] = round(time.perf_counter() - t0, 2)

@@ -53,7 +53,7 @@ class Plan:
     aggregation: str = "mean"
 
 
-def config_hash(cfg: TrainConfig) -> str:
+def train_config_hash(cfg: TrainConfig) -> str:
     """What identifies a run's results (not where or how it is run)."""
     data = to_dict(cfg)
     for key in ("fault", "tracking"):  # where and whether it is logged does not change the results
@@ -62,27 +62,6 @@ def config_hash(cfg: TrainConfig) -> str:
                            if k in ("workers", "zero_stage", "use_gpu")}
     data["sampling"] = {k: v for k, v in data["sampling"].items() if k not in ("actors", "threads_per_actor")}
     return json_digest(data)
-
-
-def check_probes(probes: Any, model: str) -> None:
-    """UserError unless the train probes fit ``model`` (hidden size, architecture, layer count),
-    read from the model's config alone (no weights are loaded)."""
-    from probe_dpo.model import arch_hash, model_facts
-
-    facts = model_facts(model)
-    where = f"probes {probes.uri}" if probes.uri else "the probes"
-    if not probes.train_probes:
-        raise UserError(f"{where}: no probes with role 'train' to train against")
-    if facts["hidden_size"] is not None and probes.hidden_size != facts["hidden_size"]:
-        raise UserError(f"{where} read hidden size {probes.hidden_size}, but model {model} has hidden size "
-                        f"{facts['hidden_size']}: train the probes on this model")
-    if probes.meta.get("arch_hash") and arch_hash(model) != probes.meta["arch_hash"]:
-        raise UserError(f"{where} were trained on a different architecture ({probes.meta['arch_hash']}) "
-                        f"than model {model} ({arch_hash(model)})")
-    if facts["num_layers"] is not None:
-        deep = sorted({p.layer for p in probes.probes if p.layer >= facts["num_layers"]})
-        if deep:
-            raise UserError(f"{where} read layer(s) {deep}, but model {model} has {facts['num_layers']} layers")
 
 
 def prepare(cfg: TrainConfig) -> Plan:
@@ -97,7 +76,7 @@ def prepare(cfg: TrainConfig) -> Plan:
     model = cfg.model or (storage.join(cfg.testbed, info["model"].get("path", MODEL)) if info else None)
     if not model:
         raise UserError("no model: set model=<folder or URI> or testbed=<testbed folder>")
-    from probe_dpo.model import model_dir, model_facts
+    from probe_dpo.model import check_fit, model_dir, model_facts
 
     if not storage.exists(storage.join(model_dir(model), "config.json")):  # a hub id: its cached snapshot
         raise UserError(f"model {model}: no config.json there (not a save_pretrained folder)")
@@ -140,7 +119,10 @@ def prepare(cfg: TrainConfig) -> Plan:
         from probe_dpo.probes import ProbeSet
 
         plan.probes = ProbeSet.load(cfg.probes)
-        check_probes(plan.probes, model)
+        where = f"probes {plan.probes.uri}" if plan.probes.uri else "the probes"
+        if not plan.probes.train_probes:
+            raise UserError(f"{where}: no probes with role 'train' to train against")
+        check_fit(plan.probes.probes, model, where=where, arch=plan.probes.meta.get("arch_hash"))
         plan.aggregation = cfg.aggregation or plan.probes.aggregation
 
     def data_path(value: str | None, split: str, key: str) -> str:
@@ -188,7 +170,7 @@ def prepare(cfg: TrainConfig) -> Plan:
 
         check_installed(cfg.tracking)
         log_dir(cfg.tracking, cfg.out)  # a remote run folder needs tracking.dir
-    plan.config_hash = config_hash(cfg)
+    plan.config_hash = train_config_hash(cfg)
     return plan
 
 
@@ -286,7 +268,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None, report_steps: int 
     from probe_dpo.data import write_records
     from probe_dpo.model import hub_env
     from probe_dpo.ray_utils import init_ray
-    from probe_dpo.training.loop import fit_round
+    from probe_dpo.training.loop import TrainJob, fit_round
 
     t_start = time.perf_counter()
     # relative paths mean the caller's folder; Ray Train workers run elsewhere (issue 19)
@@ -299,7 +281,7 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None, report_steps: int 
         init_ray(cfg.distributed.address)
         cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(
             cfg.distributed, use_gpu=resolve_use_gpu(cfg.distributed.use_gpu)))
-        plan = dataclasses.replace(plan, cfg=cfg, config_hash=config_hash(cfg))
+        plan = dataclasses.replace(plan, cfg=cfg, config_hash=train_config_hash(cfg))
     out = cfg.out
     chash = plan.config_hash
     rounds = cfg.dpo.rounds if cfg.is_dpo else 1
@@ -356,18 +338,18 @@ def train(cfg: TrainConfig, *, callbacks: list | None = None, report_steps: int 
             write_records(rows, data_uri)
             kind = "sft"
         entry["data_seconds"] = round(time.perf_counter() - t0, 2)
-        job = {"cfg": to_dict(cfg), "kind": kind, "data": data_uri, "model": model,
-               "reference": plan.model if cfg.dpo.reference == "base" else model,
-               "probes": cfg.probes, "aggregation": plan.aggregation, "policy": policy, "round": r,
-               "config_hash": chash, "env": hub_env(), "generation": plan.settings.to_dict(),
-               "report_steps": report_steps}
         run_name = f"{cfg.method}-round{r}-{chash[:8]}"
+        tracking: dict[str, Any] = {}
         if cfg.tracking.report_to:
             from probe_dpo.tracking import trainer_args, trainer_env
 
-            job.update(tracking_env=trainer_env(cfg.tracking, out, run_name),
-                       tracking_args=trainer_args(cfg.tracking, run_name))
-        entry["train"] = fit_round(job, cfg, storage_root=storage.join(out, "ray"), run_name=run_name,
+            tracking = dict(tracking_env=trainer_env(cfg.tracking, out, run_name),
+                            tracking_args=trainer_args(cfg.tracking, run_name))
+        job = TrainJob(cfg=cfg, kind=kind, data=data_uri, model=model,
+                       reference=plan.model if cfg.dpo.reference == "base" else model, policy=policy, round=r,
+                       config_hash=chash, generation=plan.settings.to_dict(), env=hub_env(),
+                       report_steps=report_steps, **tracking)
+        entry["train"] = fit_round(job, storage_root=storage.join(out, "ray"), run_name=run_name,
                                    callbacks=callbacks)
         if not cfg.distributed.keep_finished_checkpoints:  # the published policy supersedes them
             storage.remove(storage.join(out, "ray", run_name))

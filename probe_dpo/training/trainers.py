@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from transformers import TrainerCallback
@@ -112,28 +112,25 @@ class ProbeSFTConfig(_ProbePenaltyFields, SFTConfig):
 # The probe penalty in TRL's compute_loss
 
 
-class _Penalty(NamedTuple):
-    recorder: PenaltyRecorder
-    weight: float
-    reduce: str
-    tokens: str
-    aggregation: str
-    form: str
+@dataclass(frozen=True)
+class PenaltySpec:
+    """The probe penalty a trainer adds, resolved once from its ``probe_*`` args and the probes
+    (λ > 0: a trainer with λ = 0 has none)."""
+
+    recorder: PenaltyRecorder  # records the states at the probes' layers; its probes are the penalty's
+    weight: float              # λ
+    reduce: str                # pooled | token
+    tokens: str                # completions | chosen (DPO)
+    aggregation: str           # mean | max over an ensemble
+    form: str                  # prob | logit | bce
 
 
 def check_probes_fit(probes: Sequence[Any], model: Any) -> None:
-    """UserError unless the probes read layers the model has, at its hidden size."""
-    from probe_dpo.model import hidden_size, num_layers
+    """UserError unless the penalty's (or reward's) probes fit the loaded model
+    (``probe_dpo.model.check_fit``; the trainers' and GRPO's one wording)."""
+    from probe_dpo.model import check_fit
 
-    try:
-        size, count = hidden_size(model), num_layers(model)
-    except Exception:  # noqa: BLE001 - an architecture these helpers do not know: the first step checks
-        return
-    for probe in probes:
-        if probe.hidden_size != size:
-            raise UserError(f"probe {probe.name} expects hidden size {probe.hidden_size}, but the model has {size}")
-        if probe.layer >= count:
-            raise UserError(f"probe {probe.name} reads layer {probe.layer}, but the model has {count} layers")
+    check_fit(probes, model, where="the trainer's probes")
 
 
 class _ProbePenaltyMixin:
@@ -143,13 +140,13 @@ class _ProbePenaltyMixin:
     or a list of ``LinearProbe``) instead of loading ``args.probe_path``.
     """
 
-    _penalty: _Penalty | None = None
+    _penalty: PenaltySpec | None = None
 
     def __init__(self, *args: Any, probes: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._penalty = self._penalty_from_args(probes)
 
-    def _penalty_from_args(self, probes: Any) -> _Penalty | None:
+    def _penalty_from_args(self, probes: Any) -> PenaltySpec | None:
         args = self.args
         if not hasattr(args, "probe_weight"):
             if probes is not None:
@@ -174,8 +171,9 @@ class _ProbePenaltyMixin:
                 raise UserError(f"{where} has no train probes for the penalty")
         probes = list(probes)
         check_probes_fit(probes, self.model)
-        return _Penalty(PenaltyRecorder(probes), float(args.probe_weight), args.probe_reduce,
-                        getattr(args, "probe_tokens", "completions"), aggregation or "mean", args.probe_form)
+        return PenaltySpec(recorder=PenaltyRecorder(probes), weight=float(args.probe_weight), reduce=args.probe_reduce,
+                           tokens=getattr(args, "probe_tokens", "completions"), aggregation=aggregation or "mean",
+                           form=args.probe_form)
 
     def _penalty_mask(self, inputs: dict) -> torch.Tensor:
         raise NotImplementedError
@@ -184,8 +182,8 @@ class _ProbePenaltyMixin:
         if self._penalty is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        recorder, weight, reduce, _, aggregation, form = self._penalty
-        with recorder.recording(model) as store:
+        spec = self._penalty
+        with spec.recorder.recording(model) as store:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
         if not store or not torch.is_grad_enabled():
@@ -193,15 +191,15 @@ class _ProbePenaltyMixin:
         loss, outputs = result if return_outputs else (result, None)
         mask = self._penalty_mask(inputs)
         hidden = {layer: h[:mask.shape[0]] for layer, h in store.items()}
-        penalty = probe_penalty(hidden, mask.to(next(iter(hidden.values())).device), recorder.probes,
-                                reduce=reduce, aggregation=aggregation, form=form)
+        penalty = probe_penalty(hidden, mask.to(next(iter(hidden.values())).device), spec.recorder.probes,
+                                reduce=spec.reduce, aggregation=spec.aggregation, form=spec.form)
         scale = 1.0
         scaled_for_ga = self.loss_is_scaled_for_ga
         if scaled_for_ga is None:
             scaled_for_ga = bool(getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
         if scaled_for_ga:  # Trainer will not divide by the accumulation steps: do it for the penalty
             scale = 1.0 / max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
-        loss = loss + (weight * scale) * penalty.to(loss.dtype)
+        loss = loss + (spec.weight * scale) * penalty.to(loss.dtype)
         mode = "train" if self.model.training else "eval"
         if hasattr(self, "_metrics"):  # the mean over the processes, as TRL logs its own metrics
             self._metrics[mode]["probe_penalty"].append(

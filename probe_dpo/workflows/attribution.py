@@ -35,7 +35,7 @@ from probe_dpo.errors import UserError
 from probe_dpo.logs import setup as setup_logs
 from probe_dpo.workflows import bundled_config
 from probe_dpo.workflows.attribution_study.config import AttributionConfig
-from probe_dpo.workflows.attribution_study.inputs import prepare
+from probe_dpo.workflows.attribution_study.inputs import prepare_inputs
 from probe_dpo.workflows.attribution_study.report import build_report, method_labels
 from probe_dpo.workflows.attribution_study.retrain import retrain_and_evaluate, write_mitigations
 from probe_dpo.workflows.attribution_study.scoring import recall_summary, score_all, write_scores
@@ -58,7 +58,7 @@ def _public(clusters: dict) -> dict:
 def run(cfg: AttributionConfig) -> dict:
     t_start = time.perf_counter()
     cfg = _absolute(cfg)
-    inp = prepare(cfg)
+    inp = prepare_inputs(cfg)
     log.info(f"{len(inp.pairs)} pairs from {inp.pairs_uri}; model {inp.model}; layer {inp.layer}; out {cfg.out}")
     change = None
     if cfg.behaviour_change.enabled:  # DPO on the raw set first: the direction is what it changed

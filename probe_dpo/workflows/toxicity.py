@@ -50,6 +50,7 @@ from probe_dpo.testbed.behaviour import TOXICITY
 from probe_dpo.workflows import bundled_config
 from probe_dpo.workflows.experiment.config import (
     ExperimentConfig,
+    SharedInputs,
     target_role,
     trial_specs,
 )
@@ -106,18 +107,19 @@ def run(cfg: ExperimentConfig) -> dict:
     if cfg.analysis.base_replicate:
         base_evaluation(ctx, base_key, replicate_offset=cfg.analysis.replicate_seed_offset)
     write_results(run_uri)
-    paths = {"single": probes["single"], "ensemble": probes["ensemble"], "pairs": probes["pairs"],
-             "control_sft": probes["control_sft"]}
+    shared = SharedInputs(run=run_uri, testbed=tb["uri"], base_model=tb["model"],
+                          probes={"single": probes["single"], "ensemble": probes["ensemble"]},
+                          pairs=probes["pairs"], control_sft=probes["control_sft"])
     specs = trial_specs(cfg)
     todo = [s for s in specs if not storage.is_complete(storage.join(run_uri, "trials", s["id"], "eval"))]
     if len(todo) < len(specs):
         log.info(f"{len(specs) - len(todo)} of {len(specs)} trials already complete: skipping them")
     if todo:
         log.info(f"Tune: {len(todo)} trial(s): {', '.join(s['id'] for s in todo)}")
-        run_tune(cfg, run_uri, ctx, paths, base_key, todo)
+        run_tune(cfg, shared, ctx, base_key, todo)
     if cfg.search.arm is not None:
         log.info(f"Tune search over {cfg.search.arm}: {cfg.search.num_samples} samples of {sorted(cfg.search.space)}")
-        run_tune(cfg, run_uri, ctx, paths, base_key, [], search=True)
+        run_tune(cfg, shared, ctx, base_key, [], search=True)
     record_timing(run_uri, "this_run_total", time.perf_counter() - t0)
     out = write_results(run_uri)
     log.info(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {len(out['rows'])} trials; report at {out['html']}")

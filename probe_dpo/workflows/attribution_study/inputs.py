@@ -56,11 +56,12 @@ def sample_behaviour(records: list[dict], per_class: int, seed: int) -> list[dic
     return out
 
 
-def prepare(cfg: AttributionConfig) -> Inputs:
+def prepare_inputs(cfg: AttributionConfig) -> Inputs:
     """Resolve and check every input; UserError (one line) before any heavy compute."""
-    from probe_dpo.attribution import model_facts, read_pair_file
+    from probe_dpo.attribution import read_pair_file
     from probe_dpo.data import check_labels, read_records
     from probe_dpo.judges import HATESONAR, JUDGE_NAMES, get_judge
+    from probe_dpo.model import check_fit, model_facts
     from probe_dpo.preference_mix import build_preference_mix, read_poison_labels
     from probe_dpo.testbed import read_testbed_info
 
@@ -135,12 +136,7 @@ def prepare(cfg: AttributionConfig) -> Inputs:
         probeset = ProbeSet.load(cfg.probes)
         if not len(probeset.probes):
             raise UserError(f"probes {cfg.probes}: the set holds no probes")
-        if facts["hidden_size"] is not None and probeset.hidden_size != facts["hidden_size"]:
-            raise UserError(f"probes {cfg.probes} read hidden size {probeset.hidden_size}, but model {model} has "
-                            f"hidden size {facts['hidden_size']}: the probes come from another model")
-        if probeset.meta.get("arch_hash") and probeset.meta["arch_hash"] != facts["arch_hash"]:
-            raise UserError(f"probes {cfg.probes} were trained on a different architecture "
-                            f"({probeset.meta['arch_hash']}) than model {model} ({facts['arch_hash']})")
+        check_fit(probeset.probes, model, where=f"probes {cfg.probes}", arch=probeset.meta.get("arch_hash"))
         if cfg.probe:
             try:
                 probe = probeset[cfg.probe]
@@ -149,10 +145,6 @@ def prepare(cfg: AttributionConfig) -> Inputs:
                                 f"{', '.join(p.name for p in probeset.probes)})") from None
         else:
             probe = probeset.default_probe
-        deep = sorted({p.layer for p in probeset.probes if p.layer >= (facts["num_layers"] or 10**9)})
-        if deep:
-            raise UserError(f"probes {cfg.probes} read layer(s) {deep}, but model {model} has {facts['num_layers']} "
-                            f"layers: the probes come from another model")
     layer = cfg.layer if cfg.layer is not None else (probe.layer if probe is not None else None)
     if layer is None:
         raise UserError("no layer: give probes (their layer is used) or layer=<index>")

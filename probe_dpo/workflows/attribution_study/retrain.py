@@ -97,7 +97,7 @@ def policy_key(model: str) -> Any:
     return model_key(model)
 
 
-def evaluate_model(inp: Inputs, name: str, model: str) -> dict:
+def evaluate_retrained(inp: Inputs, name: str, model: str) -> dict:
     """Toxicity of the model's continuations of the (triggered) held-out prompts under every
     judge, and benign perplexity; cached at <out>/eval/<name>.{json,samples.jsonl}."""
     from probe_dpo.data import read_records, write_records
@@ -154,7 +154,7 @@ def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict]) -> dict:
     gpu = resolve_use_gpu("auto") if ray.is_initialized() else False
 
     def evaluate(name: str, model: str) -> dict:  # model work off the driver on a joined cluster
-        return run_heavy(evaluate_model, inp, name, model, use_gpu=gpu)
+        return run_heavy(evaluate_retrained, inp, name, model, use_gpu=gpu)
 
     results: dict[str, dict] = {"base": evaluate("base", inp.model)}
     todo = {"raw": (inp.pairs_uri, []), **{a: (v["uri"], []) for a, v in arms.items() if "uri" in v}}

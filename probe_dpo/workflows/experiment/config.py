@@ -4,16 +4,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from probe_dpo import storage
 from probe_dpo.analysis import AnalysisSettings
-from probe_dpo.config import bounded
+from probe_dpo.config import bounded, from_dict, set_dotted, to_dict
 from probe_dpo.errors import UserError
 from probe_dpo.testbed import TestbedConfig
 from probe_dpo.testbed.behaviour import BehaviourConfig
+from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.tracking import TrackingSettings
-from probe_dpo.training.config import DistributedSettings, DPOSettings, GRPOSettings, LoraSettings, OptimSettings
+from probe_dpo.training.config import (
+    DistributedSettings,
+    DPOSettings,
+    GRPOSettings,
+    LoraSettings,
+    OptimSettings,
+    TrainConfig,
+)
+from probe_dpo.workflows.experiment.space import check_sampler
+
+
+@dataclass(frozen=True)
+class SharedInputs:
+    """What the experiment's shared stages made that an arm's training reads (URIs)."""
+
+    run: str
+    testbed: str
+    base_model: str
+    probes: dict[str, str]  # the probe views an arm trains against: single, ensemble
+    pairs: dict[str, str]   # the shared DPO pairs of each signal: single, ensemble, classifier
+    control_sft: str        # the positive control's SFT data
 
 
 @dataclass(frozen=True)
@@ -31,9 +54,53 @@ class Arm:
     training prompts: GRPO samples its own completions)."""
     about: str
     settings: tuple[tuple[str, Any], ...] = ()
+    name: str = ""  # its key in ARMS (filled in there)
+
+    def train_settings(self, cfg: ExperimentConfig, shared: SharedInputs, trial: str, seed: int,
+                       overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The keys this arm's ``TrainConfig`` is given for one trial: the experiment's training
+        settings, then the arm's own, then ``arm_settings``, then a search sample's ``overrides``
+        (all dotted keys, through ``set_dotted``). Only what the experiment sets, not every default
+        of ``TrainConfig``: these keys name a trial's result (``trials.trial_key_fields``), so a new
+        ``TrainConfig`` field does not make finished trials look changed."""
+        is_dpo = self.data.startswith("pairs:")
+        data: dict[str, Any] = {}
+        if is_dpo:
+            data["pairs"] = shared.pairs[self.data.split(":", 1)[1]]
+        elif self.data == "prompts":  # GRPO: the same training prompts the DPO pairs were sampled from
+            data["prompts"] = TestbedPaths(shared.testbed).data("prompts_train")
+            data["max_prompts"] = cfg.grpo_prompts
+        elif self.data == "control":
+            data["sft"] = shared.control_sft
+        else:
+            data["sft"] = TestbedPaths(shared.testbed).data("sft")
+            data["max_sft"] = cfg.sft_rows
+        out = {"method": self.method, "model": shared.base_model,
+               "out": storage.join(shared.run, "trials", trial, "train"), "seed": seed, "judge": cfg.judge,
+               "testbed": shared.testbed, "data": data, "dpo": to_dict(cfg.dpo), "grpo": to_dict(cfg.grpo),
+               "train": to_dict(cfg.dpo_train if is_dpo or self.data == "prompts" else cfg.sft_train),
+               "lora": to_dict(cfg.lora),
+               "distributed": {**to_dict(cfg.distributed), "address": None}}
+        if self.probes is not None:
+            out["probes"] = shared.probes[self.probes]
+        if cfg.tracking.report_to:  # every trial's training steps into the run's one tracking folder
+            from probe_dpo.tracking import log_dir
+
+            out["tracking"] = {**to_dict(cfg.tracking), "dir": log_dir(cfg.tracking, shared.run),
+                               "project": cfg.tracking.project}
+        for dotted, value in [*self.settings, *cfg.arm_settings.get(self.name, {}).items(),
+                              *(overrides or {}).items()]:
+            set_dotted(TrainConfig, out, dotted, value, f"arm {self.name}: training key {dotted!r}")
+        return out
+
+    def train_config(self, cfg: ExperimentConfig, shared: SharedInputs, trial: str, seed: int,
+                     overrides: dict[str, Any] | None = None, where: str | None = None) -> TrainConfig:
+        """This arm's ``TrainConfig`` for one trial (``train_settings``, checked and typed)."""
+        return from_dict(TrainConfig, self.train_settings(cfg, shared, trial, seed, overrides),
+                         where or f"trial {trial}")
 
 
-ARMS: dict[str, Arm] = {
+_ARMS: dict[str, Arm] = {
     "probe-dpo-single": Arm("probe-dpo", "single", "pairs:single", "DPO on pairs ranked by the train probe"),
     "probe-dpo-ensemble": Arm("probe-dpo", "ensemble", "pairs:ensemble", "DPO on pairs ranked by the probe ensemble"),
     "probe-dpo-onpolicy": Arm("probe-dpo", "single", "pairs:single",
@@ -69,6 +136,7 @@ ARMS: dict[str, Arm] = {
                                "penalty against the train probe (built to make it miss)",
                                (("penalty.weight", 5.0), ("penalty.form", "bce"), ("train.lr", 5e-5))),
 }
+ARMS: dict[str, Arm] = {name: dataclasses.replace(arm, name=name) for name, arm in _ARMS.items()}
 
 
 @dataclass
@@ -242,95 +310,6 @@ class SearchSettings:
         return [self.mode] if isinstance(self.mode, str) else list(self.mode)
 
 
-# Tune's samplers a search space may name: the arguments each takes (in the order of Tune's call).
-SAMPLERS = {"uniform": ("lo", "hi"), "loguniform": ("lo", "hi"), "quniform": ("lo", "hi", "q"),
-            "qloguniform": ("lo", "hi", "q"), "randint": ("lo", "hi"), "choice": ("values",),
-            "grid_search": ("values",)}
-ALIASES = {"grid": "grid_search"}  # the name the list form used first
-
-
-def check_sampler(key: str, value: Any) -> dict:
-    """One ``search.space`` entry checked (its sampler's name and arguments) and normalised to
-    Tune's form ``{name: [args]}`` (``{choice: [values]}``; bounds as numbers: YAML 1.1 reads 1e-6
-    as a string); ValueError ``key <key>: ...`` otherwise."""
-    import difflib
-
-    usage = ("{loguniform|uniform: [lo, hi]}, {quniform|qloguniform: [lo, hi, q]}, {randint: [lo, hi]} or "
-             "{choice|grid_search: [values]} (or the list form [loguniform, lo, hi], [choice, [values]])")
-    if isinstance(value, dict):
-        if len(value) != 1:
-            raise ValueError(f"key {key}: one sampler per key, e.g. {{loguniform: [1.0e-6, 1.0e-4]}}, got "
-                             f"{sorted(map(str, value))}")
-        (name, args), = value.items()
-        name = str(name)
-        if SAMPLERS.get(ALIASES.get(name, name)) == ("values",):
-            args = [args]
-        elif not isinstance(args, (list, tuple)):
-            args = [args]
-    elif isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
-        name, args = value[0], list(value[1:])
-    else:
-        raise ValueError(f"key {key}: expected {usage}, got {value!r}")
-    name = ALIASES.get(name, name)
-    if name not in SAMPLERS:
-        close = difflib.get_close_matches(name, list(SAMPLERS), n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else f" (valid: {', '.join(SAMPLERS)})"
-        raise ValueError(f"key {key}: unknown sampler {name!r}{hint}")
-    if SAMPLERS[name] == ("values",):
-        if len(args) != 1 or not isinstance(args[0], (list, tuple)) or not args[0]:
-            raise ValueError(f"key {key}: {name} takes one non-empty list of values, e.g. {{{name}: [0.1, 0.3]}}, "
-                             f"got {value!r}")
-        return {name: [_yaml_number(v) for v in args[0]]}
-    wanted = SAMPLERS[name]
-    if len(args) != len(wanted):
-        example = {"randint": "[1, 5]", "quniform": "[0.0, 2.0, 0.5]", "qloguniform": "[1.0e-6, 1.0e-4, 1.0e-6]"}
-        raise ValueError(f"key {key}: {name} takes {len(wanted)} numbers ({', '.join(wanted)}), e.g. "
-                         f"{{{name}: {example.get(name, '[1.0e-6, 1.0e-4]')}}}, got {value!r}")
-    numbers = []
-    for arg in args:
-        number = None
-        if not isinstance(arg, bool):
-            try:
-                number = float(arg)
-            except (TypeError, ValueError):
-                pass
-        if number is None or number != number or number in (float("inf"), float("-inf")):
-            raise ValueError(f"key {key}: the arguments of {name} must be finite numbers, got {arg!r}")
-        numbers.append(number)
-    lo, hi = numbers[:2]
-    if name == "randint":
-        if not all(n.is_integer() for n in numbers):
-            raise ValueError(f"key {key}: randint takes integer bounds, got {list(args)!r}")
-        numbers = [int(n) for n in numbers]
-    if not lo < hi:
-        raise ValueError(f"key {key}: {name} needs lo < hi, got {lo!r} and {hi!r}")
-    if "log" in name and lo <= 0:
-        raise ValueError(f"key {key}: {name} needs positive bounds, got lo = {lo!r}")
-    if "q" in wanted and not numbers[2] > 0:
-        raise ValueError(f"key {key}: {name} needs a positive q, got {numbers[2]!r}")
-    return {name: numbers}
-
-
-def _yaml_number(value: Any) -> Any:
-    """A value of a list as a number when YAML 1.1 left it a string (it reads 1e-5 as one)."""
-    import re
-
-    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
-        return float(value)
-    return value
-
-
-def sampler_values(entry: dict) -> list:
-    """The values of a normalised ``search.space`` entry a training config must accept: every
-    value of a list, a range's bounds (randint's upper bound is excluded)."""
-    (name, args), = entry.items()
-    if SAMPLERS[name] == ("values",):
-        return list(args)
-    if name == "randint":
-        return [args[0], args[1] - 1]
-    return list(args[:2])
-
-
 @dataclass
 class ExperimentConfig:
     name: str = "toxicity"
@@ -363,7 +342,7 @@ class ExperimentConfig:
     judge: str = "toxic-comment-classifier"
     """The classifier of the classifier arms (the testbed's training judge)."""
     sft_rows: int | None = bounded(400, ge=1)
-    """SFT rows used by the SFT arms (None: all)."""
+    """SFT rows used by the SFT arms (None: all); an arm's own key for it is data.max_sft."""
     arm_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per arm, dotted training keys over the arm's own settings, e.g.
     {obfuscation-control: {penalty.weight: 5.0}, probe-dpo-onpolicy: {dpo.rounds: 3}}."""
@@ -373,13 +352,15 @@ class ExperimentConfig:
     """GRPO settings of the GRPO arms (their optimisation is dpo_train's)."""
     grpo_prompts: int | None = bounded(64, ge=1)
     """Training prompts of the GRPO arms (each step samples grpo.generations completions of
-    each; None: all of them)."""
+    each; None: all of them); an arm's own key for it is data.max_prompts."""
     dpo_train: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-5, epochs=1.0, batch_size=2,
                                                                             max_length=96))
-    """Optimisation of the DPO arms."""
+    """Optimisation of the DPO and GRPO arms: each one's ``train`` (the key arm_settings and search.space
+    name, e.g. train.lr). Two names here, not one ``train``, because the DPO and SFT arms are tuned
+    apart; renaming them would break saved configs and the reference run's (examples/demo)."""
     sft_train: OptimSettings = field(default_factory=lambda: OptimSettings(lr=1e-5, epochs=1.0, batch_size=2,
                                                                             max_length=96))
-    """Optimisation of the SFT arms."""
+    """Optimisation of the SFT arms: each one's ``train`` (see dpo_train)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA adapters for every arm (off: full fine-tuning)."""
     distributed: DistributedSettings = field(default_factory=DistributedSettings)
@@ -419,8 +400,6 @@ class ExperimentConfig:
         stray = [a for a in self.arm_settings if a not in ARMS]
         if stray:
             raise ValueError(f"key arm_settings: unknown arm(s) {stray} (valid: {', '.join(ARMS)})")
-
-
 
 
 def trial_specs(cfg: ExperimentConfig) -> list[dict]:

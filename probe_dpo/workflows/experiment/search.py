@@ -16,7 +16,8 @@ from typing import Any, Mapping, Sequence
 
 from probe_dpo import storage
 from probe_dpo.training.loop import TRAIN_METRICS, TRAIN_STEP
-from probe_dpo.workflows.experiment.config import SAMPLERS, SearchSettings
+from probe_dpo.workflows.experiment.config import SearchSettings
+from probe_dpo.workflows.experiment.space import SAMPLERS
 
 SEARCHES = "searches"  # <run>/searches/<tune experiment name>.json: each search's outcome
 

@@ -3,7 +3,6 @@ DeepSpeed fine-tuning followed by the evaluation task."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Any
@@ -13,94 +12,56 @@ from probe_dpo.config import set_dotted, to_dict
 from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.logs import setup as setup_logs
-from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.training.loop import TRAIN_METRICS, TRAIN_STEP
-from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig, sampler_values, target_role
+from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig, SharedInputs, target_role
 from probe_dpo.workflows.experiment.evaluate import eval_files, load_eval, run_eval
 from probe_dpo.workflows.experiment.results import flat_metrics, write_results
+from probe_dpo.workflows.experiment.space import sampler_values
 from probe_dpo.workflows.experiment.stages import cached, publish_json
 
 log = logging.getLogger(__name__)
 
 
-def train_config_dict(cfg: ExperimentConfig, ctx: dict, paths: dict, spec: dict) -> dict:
-    """The ``TrainConfig`` (as a dict) of one arm and seed: the experiment's training settings,
-    then the arm's own, then ``arm_settings``, then a search sample's overrides."""
-    arm = ARMS[spec["arm"]]
-    is_dpo = arm.data.startswith("pairs:")
-    data: dict[str, Any] = {}
-    if is_dpo:
-        data["pairs"] = paths["pairs"][arm.data.split(":", 1)[1]]
-    elif arm.data == "prompts":  # GRPO: the same training prompts the DPO pairs were sampled from
-        data["prompts"] = TestbedPaths(ctx["testbed"]).data("prompts_train")
-        data["max_prompts"] = cfg.grpo_prompts
-    elif arm.data == "control":
-        data["sft"] = paths["control_sft"]
-    else:
-        data["sft"] = TestbedPaths(ctx["testbed"]).data("sft")
-        data["max_sft"] = cfg.sft_rows
-    out = {"method": arm.method, "model": ctx["base_model"],
-           "out": storage.join(ctx["run"], "trials", spec["id"], "train"), "seed": spec["seed"], "judge": cfg.judge,
-           "testbed": ctx["testbed"], "data": data, "dpo": to_dict(cfg.dpo), "grpo": to_dict(cfg.grpo),
-           "train": to_dict(cfg.dpo_train if is_dpo or arm.data == "prompts" else cfg.sft_train),
-           "lora": to_dict(cfg.lora),
-           "distributed": {**to_dict(cfg.distributed), "address": None}}
-    if arm.probes is not None:
-        out["probes"] = paths[arm.probes]
-    if cfg.tracking.report_to:  # every trial's training steps into the run's one tracking folder
-        from probe_dpo.tracking import log_dir
-
-        out["tracking"] = {**to_dict(cfg.tracking), "dir": log_dir(cfg.tracking, ctx["run"]),
-                           "project": cfg.tracking.project}
-    from probe_dpo.training import TrainConfig
-
-    for dotted, value in [*arm.settings, *cfg.arm_settings.get(spec["arm"], {}).items(),
-                          *(spec.get("overrides") or {}).items()]:
-        set_dotted(TrainConfig, out, dotted, value, f"arm {spec['arm']}: training key {dotted!r}")
-    return out
-
-
 def check_arm_settings(cfg: ExperimentConfig) -> None:
     """Every arm's training config is valid (keys, types, ranges) before any compute; so are a
     search's keys (training keys of its arm, each sampler's values) and its metric."""
-    from probe_dpo.config import from_dict
     from probe_dpo.training import TrainConfig
     from probe_dpo.training.run import check_penalty
 
     for arm in cfg.arms:
-        tdict = train_config_dict(cfg, _CTX, _PATHS, {"id": arm, "arm": arm, "seed": 0})
-        check_penalty(from_dict(TrainConfig, tdict, f"arm {arm} (its settings and arm_settings.{arm})"), f"arm {arm}: ")
+        tcfg = ARMS[arm].train_config(cfg, PLACEHOLDER, arm, 0, where=f"arm {arm} (its settings and arm_settings.{arm})")
+        check_penalty(tcfg, f"arm {arm}: ")
     search = cfg.search
     if search.arm is None:
         return
     if not search.space:
         raise UserError(f"search.space: empty: name the training keys of arm {search.arm} to search, e.g. "
                         "{train.lr: {loguniform: [1.0e-6, 1.0e-4]}}")
-    base = search_base(cfg)
-    from_dict(TrainConfig, base, f"search arm {search.arm} (its settings and arm_settings.{search.arm})")
+    arm = ARMS[search.arm]
+    arm.train_config(cfg, PLACEHOLDER, arm.name, 0, where=f"search arm {arm.name} (its settings and "
+                                                          f"arm_settings.{arm.name})")
     for key, entry in search.space.items():
         where = f"search.space.{key}"
         set_dotted(TrainConfig, {}, key, None, f"{where} (a training key of arm {search.arm})")
         name = next(iter(entry))
         for value in sampler_values(entry):  # a range's bounds, or every value
-            tdict = copy.deepcopy(base)
-            set_dotted(TrainConfig, tdict, key, value, where)
-            check_penalty(from_dict(TrainConfig, tdict, f"{where} ({name} value {value!r})"),
+            check_penalty(arm.train_config(cfg, PLACEHOLDER, arm.name, 0, {key: value},
+                                           where=f"{where} ({name} value {value!r})"),
                           f"{where} ({name} value {value!r}): ")
     check_search_metric(cfg)
-    check_search_plan(cfg, base)
+    check_search_plan(cfg, search_base(cfg))
 
 
-# Placeholder run context and paths: an arm's training config checked before anything is built.
-_CTX = {"run": "r", "testbed": "t", "base_model": "m"}
-_PATHS = {"pairs": {"single": "p", "ensemble": "p", "classifier": "p"}, "control_sft": "c", "single": "s",
-          "ensemble": "e"}
+# Placeholder shared inputs: an arm's training config checked before anything is built (their
+# values are in the name of a search's Tune experiment: changing them would restart searches).
+PLACEHOLDER = SharedInputs(run="r", testbed="t", base_model="m", probes={"single": "s", "ensemble": "e"},
+                           pairs={"single": "p", "ensemble": "p", "classifier": "p"}, control_sft="c")
 
 
 def search_base(cfg: ExperimentConfig) -> dict:
-    """The searched arm's training config before a sample's overrides (placeholder paths)."""
+    """The searched arm's training settings before a sample's overrides (placeholder paths)."""
     arm = cfg.search.arm
-    return train_config_dict(cfg, _CTX, _PATHS, {"id": arm, "arm": arm, "seed": 0})
+    return ARMS[arm].train_settings(cfg, PLACEHOLDER, arm, 0)
 
 
 def check_search_plan(cfg: ExperimentConfig, base: dict) -> None:
@@ -210,8 +171,14 @@ def _train_progress_to_tune() -> Any:
     return TrainProgressToTune()
 
 
-def run_trial(config: dict) -> None:
+def run_trial(config: dict, *, experiment: ExperimentConfig, shared: SharedInputs, ctx: dict,
+              base_key: str) -> None:
     """A Tune function trainable: train one arm and seed on Ray Train, evaluate, report.
+
+    ``config`` is Tune's: the trial's ``spec`` (arm, seed, id, or a search sample's
+    ``overrides``) and ``progress``. The experiment's typed objects come as they are, through
+    ``tune.with_parameters`` (``run_tune``): Tune writes its ``config`` to params.json and the
+    trackers with ``str()`` for anything not JSON, so they stay out of it.
 
     The final report is the evaluation's flat metrics plus the training metrics at the end
     (``train.loss``, ``train.probe_penalty``, ... and ``train.step``). A search trial under ASHA
@@ -220,27 +187,26 @@ def run_trial(config: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from probe_dpo.config import from_dict
-    from probe_dpo.training import TrainConfig, train
+    from probe_dpo.training import train
     from probe_dpo.workflows.experiment.search import final_train_metrics
 
     setup_logs()  # a Tune trial runs in its own Ray worker process
-    spec, ctx, paths = config["spec"], config["ctx"], config["paths"]
-    cfg = from_dict(ExperimentConfig, config["experiment"], "experiment config")
-    if spec.get("overrides"):  # named by its whole training config: the same sample of another search
+    spec, cfg = config["spec"], experiment
+    arm, overrides = ARMS[spec["arm"]], spec.get("overrides")
+    if overrides:  # named by its whole training config: the same sample of another search
         # (other base settings) is another trial; one with the same config reuses its evaluation
-        sample = {k: v for k, v in trial_key_fields(train_config_dict(cfg, ctx, paths, {**spec, "id": "-"})).items()
-                  if k != "out"}
+        sample = {k: v for k, v in trial_key_fields(arm.train_settings(cfg, shared, "-", spec["seed"],
+                                                                       overrides)).items() if k != "out"}
         spec = {**spec, "id": f"search-{spec['arm']}-{json_digest(sample)[:8]}"}
-    tdict = train_config_dict(cfg, ctx, paths, spec)
-    key = json_digest([trial_key_fields(tdict), ctx["eval"], config["base_key"]])
-    eval_uri = storage.join(ctx["run"], "trials", spec["id"], "eval")
+    tdict = arm.train_settings(cfg, shared, spec["id"], spec["seed"], overrides)
+    key = json_digest([trial_key_fields(tdict), ctx["eval"], base_key])
+    eval_uri = storage.join(shared.run, "trials", spec["id"], "eval")
     if not cached(eval_uri, key, f"trial {spec['id']}"):
-        tcfg = from_dict(TrainConfig, tdict, f"trial {spec['id']}")
+        tcfg = arm.train_config(cfg, shared, spec["id"], spec["seed"], overrides)
         progress = config.get("progress")
         if progress:
             summary = train(tcfg, callbacks=[_train_progress_to_tune()], report_steps=progress)
-        elif spec.get("overrides"):  # a search's metric is in no Train report: Tune would refuse them
+        elif overrides:  # a search's metric is in no Train report: Tune would refuse them
             summary = train(tcfg)
         else:
             summary = train(tcfg, callbacks=[TuneReportCallback()])
@@ -271,7 +237,7 @@ def _report_callback(run: str):
     return ReportOnComplete()
 
 
-def run_tune(cfg: ExperimentConfig, run: str, ctx: dict, paths: dict, base_key: str, specs: list[dict],
+def run_tune(cfg: ExperimentConfig, shared: SharedInputs, ctx: dict, base_key: str, specs: list[dict],
              search: bool = False) -> dict | None:
     """Run the arms' trials (a grid over ``specs``), or the search, as one Tune experiment.
 
@@ -285,15 +251,15 @@ def run_tune(cfg: ExperimentConfig, run: str, ctx: dict, paths: dict, base_key: 
     from probe_dpo.ray_utils import fail_once_on_user_error, raise_user_errors
     from probe_dpo.tracking import tune_callbacks
 
+    run = shared.run
     fs, path = storage.pyarrow_filesystem(storage.join(run, "tune"))
-    common = {"ctx": ctx, "paths": paths, "experiment": to_dict(cfg), "base_key": base_key}
     s = cfg.search
     if search:
         from probe_dpo.workflows.experiment.search import search_algorithm, search_scheduler, tune_space
 
         base = search_base(cfg)
         max_t = asha_max_t(cfg, base) if s.scheduler == "asha" else 0
-        param_space = {**common, "spec": {"arm": s.arm, "seed": cfg.seeds[0], "overrides": tune_space(s)},
+        param_space = {"spec": {"arm": s.arm, "seed": cfg.seeds[0], "overrides": tune_space(s)},
                        "progress": s.asha.report_steps if s.scheduler == "asha" else None}
         single = len(s.metrics) == 1  # several: the searcher holds them (Tune's metric is one key)
         tune_config = tune.TuneConfig(num_samples=s.num_samples, metric=s.metric if single else None,
@@ -302,11 +268,13 @@ def run_tune(cfg: ExperimentConfig, run: str, ctx: dict, paths: dict, base_key: 
         name = f"search-{s.arm}-" + json_digest([to_dict(s), trial_key_fields(base), ctx["eval"], base_key])[:8]
         metric = s.metrics
     else:
-        param_space = {**common, "spec": tune.grid_search(specs)}
+        param_space = {"spec": tune.grid_search(specs)}
         tune_config = tune.TuneConfig(max_concurrent_trials=cfg.concurrent_trials, scheduler=FIFOScheduler())
         name = f"arms-{time.strftime('%Y%m%d-%H%M%S')}"
         metric = None
-    trainable = tune.with_resources(fail_once_on_user_error(run_trial, metric=metric), {"cpu": 1})  # no retries
+    trainable = tune.with_parameters(fail_once_on_user_error(run_trial, metric=metric),  # no retries
+                                     experiment=cfg, shared=shared, ctx=ctx, base_key=base_key)
+    trainable = tune.with_resources(trainable, {"cpu": 1})
     experiment = f"{path.rstrip('/')}/{name}"
     restored = search and tune.Tuner.can_restore(experiment, storage_filesystem=fs)
     if restored:
