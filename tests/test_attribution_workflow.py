@@ -248,6 +248,37 @@ def test_second_run_reuses_everything(study, testbed, probes, capsys):
     assert "gradient: reusing scores" in logs
 
 
+def test_similarity_matrix_clusters_in_the_study(testbed, probes, tmp_path, monkeypatch):
+    """The matrix's wiring: with the contrast's bank (a stand-in here: on the tiny model no scenario
+    passes the filter) the study clusters the test-prompt x pair matrix, writes it to
+    matrix_clusters.json, results.json, a scores column and the report."""
+    from probe_dpo import attribution as A
+    from probe_dpo.workflows.attribution_study import contrast
+
+    bank = [A.Direction(f"bank:{i}", 1, torch.randn(64, generator=torch.Generator().manual_seed(i)), "bank",
+                        {"scenario": i, "prompt": f"scenario {i}"}) for i in range(4)]
+    stand_in = A.Direction("behaviour-contrast", 1, bank[0].vector, "behaviour-contrast", {"read_seconds": 0.0})
+    monkeypatch.setattr(contrast, "behaviour_contrast_directions", lambda inp: (stand_in, bank))
+    out = str(tmp_path / "out")
+    rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", out, "--in-process",
+               "ranking.k_from_labels=true", "behaviour_examples=0", "behaviour_contrast.enabled=true",
+               "clusters.enabled=false", "clusters.k_max=4", "ranking.bootstrap=50", "mitigate=[]"])
+    assert rc == 0
+    results = json.loads(open(os.path.join(out, "results.json")).read())
+    cl = results["matrix_clusters"]
+    assert cl == json.loads(open(os.path.join(out, "matrix_clusters.json")).read())
+    pairs = read_records(os.path.join(out, "mix", "pairs.jsonl"))
+    scores = read_records(os.path.join(out, "scores.parquet"))
+    assert cl["prompts"] == 4 and cl["pairs"] == len(pairs) and 2 <= cl["k"] <= 4
+    assert sum(c["size"] for c in cl["clusters"]) == len(pairs) == len(scores)
+    assert sum(c["bad"] for c in cl["clusters"]) == sum(s["poisoned"] for s in scores) == cl["bad_match"]["behaviour_pairs"]
+    sizes = {c["cluster"]: c["size"] for c in cl["clusters"]}
+    assert all(sum(s["matrix_cluster"] == c for s in scores) == size for c, size in sizes.items())
+    assert cl["clusters"][0]["prompts"][0].startswith("bank:") and "scenario" in cl["clusters"][0]["prompts"][0]
+    report = open(os.path.join(out, "report.md")).read()
+    assert "## Clusters of the test-prompt x pair similarity matrix" in report and "top pairs: #" in report
+
+
 def _error(capsys, argv, needle):
     rc = main(argv)
     err = capsys.readouterr().err.strip()

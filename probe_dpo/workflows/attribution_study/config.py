@@ -66,6 +66,15 @@ class ClusterSettings:
     first and last checkpoints of that run). A fixed k, not the silhouette's: a behaviour carried
     by a few percent of the pairs cannot win a silhouette contest against the main split, so the
     pairs are over-clustered and each cluster is shown for a person to name."""
+    matrix: bool = True
+    """With behaviour_contrast.enabled and its bank: cluster the test-prompt x pair similarity matrix
+    (each kept scenario's contrast against each pair's vector; ``attribution.similarity``), the
+    paper's unsupervised discovery: a behaviour shows as a block of pairs aligned with a group of
+    prompts. Cheap (k-means on the cosines)."""
+    matrix_k: int | None = bounded(None, ge=2)
+    """Pair clusters of the matrix (None: by silhouette in [k_min, k_max])."""
+    matrix_prompt_k: int | None = bounded(None, ge=2)
+    """Prompt groups of the matrix (None: by silhouette; fewer than 3 prompts: one group each)."""
 
 
 @dataclass

@@ -120,6 +120,8 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
                  "Listed from the cluster that stands apart most (highest silhouette): a small one whose "
                  "examples share a pattern is a behaviour the run learned.")
         _clusters(rep, cl, inp, apart_first=True)
+    if result.get("matrix_clusters"):
+        _matrix_clusters(rep, result["matrix_clusters"], inp)
 
     rep.heading("Concept audit")
     rep.table(["direction", "scope", "pairs", "Δ [95% CI]", "d", "split-half", "p (Holm)", "push"],
@@ -199,3 +201,32 @@ def _clusters(rep: Any, cl: dict, inp: Inputs, *, apart_first: bool = False) -> 
             ex = c["examples"][0]
             rep.text(f"- cluster {c['cluster']} example ({ex['source']}): prompt `{ex['prompt'][:80]}` · "
                      f"chosen `{ex['chosen'][:70]}` · rejected `{ex['rejected'][:70]}`")
+
+
+def _matrix_clusters(rep: Any, cl: dict, inp: Inputs) -> None:
+    """The similarity matrix's clustering: each pair cluster with its prompt group, alignment,
+    sources and top pairs; the planted behaviour's and the poison's best matching cluster."""
+    from probe_dpo.report import fmt
+
+    rep.heading("Clusters of the test-prompt x pair similarity matrix")
+    rep.text(f"Rows: the {cl['prompts']} kept scenarios' behaviour contrasts (the vector bank); columns: the pairs; "
+             f"entries: cosines. {cl['prompt_k']} prompt group(s) by k-means on the rows, then k = {cl['k']} pair "
+             f"clusters by k-means on each pair's mean cosine per prompt group (silhouette {fmt(cl['silhouette'])}). "
+             "A cluster with high alignment is a block: pairs that push along those prompts' behaviour. The "
+             "clustering method is ours (the authors' public code has none); listed by alignment.")
+    for key, what in (("bad_match", "poisoned pairs"), ("planted_match", "planted, unlabelled behaviour")):
+        if cl.get(key):
+            m = cl[key]
+            rep.text(f"The {what} ({m['behaviour_pairs']} pairs): best cluster {m['cluster']}, precision "
+                     f"{fmt(m['precision'])}, recall {fmt(m['recall'])} ({m['size']} pairs).")
+    labelled = (["bad"] if inp.bad is not None else []) + (["planted"] if inp.planted is not None else [])
+    rep.table(["cluster", "size", "alignment", "mean cosine", "prompt group", "sources"] + labelled,
+              [[c["cluster"], c["size"], fmt(c["alignment"]), fmt(c["mean_cosine"]),
+                f"{c['prompt_group']} ({len(c['prompts'])} prompts)",
+                ", ".join(f"{k} {v}" for k, v in c["sources"].items())] + [c.get(x) for x in labelled]
+               for c in cl["clusters"]])
+    for c in cl["clusters"]:
+        tops = "; ".join(f"#{p['index']} {p['source']} cos {fmt(p['cosine'])} chosen `{p['chosen'][:50]}`"
+                         for p in c["top_pairs"])
+        rep.text(f"- cluster {c['cluster']}: prompts {', '.join(x[:60] for x in c['prompts'][:3])}"
+                 f"{' ...' if len(c['prompts']) > 3 else ''} · top pairs: {tops or '-'}")
