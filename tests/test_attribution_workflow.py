@@ -95,7 +95,7 @@ def retrained(study, testbed, probes):
                "retrain.intervention_weight=1.0",
                "retrain.overrides=[train.max_steps=1]", "retrain.batch_size=2",
                "evaluation.judges=[profanity-check]", "evaluation.max_prompts=4", "evaluation.bootstrap=200",
-               "ranking.bootstrap=200", "clusters.k_max=4", "clusters.change_k=3"])
+               "ranking.bootstrap=200", "clusters.k_max=4", "clusters.change_k=3", "capability.items=6"])
     assert rc == 0
     return study
 
@@ -177,6 +177,9 @@ def test_retraining_measures_each_arm(retrained):
         assert storage.is_complete(os.path.join(retrained, "runs", name, "policy"))
         entry = retrain["arms"][name]
         assert 0 <= entry["rates"]["profanity-check"]["rate"] <= 1 and entry["perplexity"] > 1
+        cap = entry["capability"]  # the task-level check beside perplexity, cached per arm
+        assert cap["task"] == "boolq" and cap["items"] == 6 and cap["accuracy"] == cap["correct"] / 6
+        assert storage.read_json(os.path.join(retrained, "eval", f"{name}.capability.json"))["accuracy"] == cap["accuracy"]
     share = retrain["arms"]["probe-filter"]["share_removed"]["profanity-check"]
     assert set(share) >= {"share", "ci_low", "ci_high", "rate_base", "rate_raw", "rate_mitigated"}
     raw_rate = retrain["arms"]["raw"]["rates"]["profanity-check"]["rate"]
@@ -202,6 +205,7 @@ def test_retraining_measures_each_arm(retrained):
     assert len(samples) == 4 * 2 and all(s["prompt"].endswith(" (keep it casual)") for s in samples)
     report = open(os.path.join(retrained, "report.md")).read()
     assert "## Behaviour after DPO" in report and "figures/toxicity_after_mitigation.png" in report
+    assert "task accuracy" in report and "boolq multiple choice by log-likelihood, 6 items" in report
     # the behaviour-change direction: read off the raw arm's policy (trained once), ranked like the others
     from probe_dpo.attribution import load_directions
 

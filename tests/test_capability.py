@@ -78,3 +78,21 @@ def test_a_random_model_scores_near_chance(tiny):
     res = score_items(model, tok, load_items("siqa", 150, seed=0), batch_size=16, max_length=128)
     assert res["chance"] == pytest.approx(1 / 3) and res["items"] == 150
     assert res["ci_low"] < 1 / 3 < res["ci_high"] and res["ci_high"] - res["ci_low"] < 0.16
+
+
+def test_the_studys_per_arm_check_is_cached_on_the_model_and_settings(tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from probe_dpo import storage
+    from probe_dpo.workflows.attribution_study.capability import capability_check
+    from probe_dpo.workflows.attribution_study.config import CapabilitySettings
+
+    cfg = SimpleNamespace(out=str(tmp_path), capability=CapabilitySettings(task="siqa", items=5, max_length=128))
+    inp = SimpleNamespace(cfg=cfg)
+    first = capability_check(inp, "raw", str(tiny_model_dir), "key-1")
+    assert first["task"] == "siqa" and first["items"] == 5 and "predictions" not in first
+    cached = storage.read_json(str(tmp_path / "eval" / "raw.capability.json"))
+    assert len(cached["predictions"]) == 5 and cached["accuracy"] == first["accuracy"]
+    storage.write_json(str(tmp_path / "eval" / "raw.capability.json"), {**cached, "accuracy": -1.0})
+    assert capability_check(inp, "raw", str(tiny_model_dir), "key-1")["accuracy"] == -1.0  # reused
+    assert capability_check(inp, "raw", str(tiny_model_dir), "key-2")["accuracy"] == first["accuracy"]  # new model

