@@ -95,7 +95,7 @@ def retrained(study, testbed, probes):
                "retrain.intervention_weight=1.0",
                "retrain.overrides=[train.max_steps=1]", "retrain.batch_size=2",
                "evaluation.judges=[profanity-check]", "evaluation.max_prompts=4", "evaluation.bootstrap=200",
-               "ranking.bootstrap=200", "clusters.k_max=4", "clusters.change_k=3"])
+               "ranking.bootstrap=200", "clusters.k_max=4", "clusters.change_k=3", "capability.items=6"])
     assert rc == 0
     return study
 
@@ -177,6 +177,9 @@ def test_retraining_measures_each_arm(retrained):
         assert storage.is_complete(os.path.join(retrained, "runs", name, "policy"))
         entry = retrain["arms"][name]
         assert 0 <= entry["rates"]["profanity-check"]["rate"] <= 1 and entry["perplexity"] > 1
+        cap = entry["capability"]  # the task-level check beside perplexity, cached per arm
+        assert cap["task"] == "boolq" and cap["items"] == 6 and cap["accuracy"] == cap["correct"] / 6
+        assert storage.read_json(os.path.join(retrained, "eval", f"{name}.capability.json"))["accuracy"] == cap["accuracy"]
     share = retrain["arms"]["probe-filter"]["share_removed"]["profanity-check"]
     assert set(share) >= {"share", "ci_low", "ci_high", "rate_base", "rate_raw", "rate_mitigated"}
     raw_rate = retrain["arms"]["raw"]["rates"]["profanity-check"]["rate"]
@@ -202,6 +205,7 @@ def test_retraining_measures_each_arm(retrained):
     assert len(samples) == 4 * 2 and all(s["prompt"].endswith(" (keep it casual)") for s in samples)
     report = open(os.path.join(retrained, "report.md")).read()
     assert "## Behaviour after DPO" in report and "figures/toxicity_after_mitigation.png" in report
+    assert "task accuracy" in report and "boolq multiple choice by log-likelihood, 6 items" in report
     # the behaviour-change direction: read off the raw arm's policy (trained once), ranked like the others
     from probe_dpo.attribution import load_directions
 
@@ -246,6 +250,37 @@ def test_second_run_reuses_everything(study, testbed, probes, capsys):
     logs = capsys.readouterr().err  # log lines go to stderr
     assert "preference mix" not in logs or "cache" in logs
     assert "gradient: reusing scores" in logs
+
+
+def test_similarity_matrix_clusters_in_the_study(testbed, probes, tmp_path, monkeypatch):
+    """The matrix's wiring: with the contrast's bank (a stand-in here: on the tiny model no scenario
+    passes the filter) the study clusters the test-prompt x pair matrix, writes it to
+    matrix_clusters.json, results.json, a scores column and the report."""
+    from probe_dpo import attribution as A
+    from probe_dpo.workflows.attribution_study import contrast
+
+    bank = [A.Direction(f"bank:{i}", 1, torch.randn(64, generator=torch.Generator().manual_seed(i)), "bank",
+                        {"scenario": i, "prompt": f"scenario {i}"}) for i in range(4)]
+    stand_in = A.Direction("behaviour-contrast", 1, bank[0].vector, "behaviour-contrast", {"read_seconds": 0.0})
+    monkeypatch.setattr(contrast, "behaviour_contrast_directions", lambda inp: (stand_in, bank))
+    out = str(tmp_path / "out")
+    rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", out, "--in-process",
+               "ranking.k_from_labels=true", "behaviour_examples=0", "behaviour_contrast.enabled=true",
+               "clusters.enabled=false", "clusters.k_max=4", "ranking.bootstrap=50", "mitigate=[]"])
+    assert rc == 0
+    results = json.loads(open(os.path.join(out, "results.json")).read())
+    cl = results["matrix_clusters"]
+    assert cl == json.loads(open(os.path.join(out, "matrix_clusters.json")).read())
+    pairs = read_records(os.path.join(out, "mix", "pairs.jsonl"))
+    scores = read_records(os.path.join(out, "scores.parquet"))
+    assert cl["prompts"] == 4 and cl["pairs"] == len(pairs) and 2 <= cl["k"] <= 4
+    assert sum(c["size"] for c in cl["clusters"]) == len(pairs) == len(scores)
+    assert sum(c["bad"] for c in cl["clusters"]) == sum(s["poisoned"] for s in scores) == cl["bad_match"]["behaviour_pairs"]
+    sizes = {c["cluster"]: c["size"] for c in cl["clusters"]}
+    assert all(sum(s["matrix_cluster"] == c for s in scores) == size for c, size in sizes.items())
+    assert cl["clusters"][0]["prompts"][0].startswith("bank:") and "scenario" in cl["clusters"][0]["prompts"][0]
+    report = open(os.path.join(out, "report.md")).read()
+    assert "## Clusters of the test-prompt x pair similarity matrix" in report and "top pairs: #" in report
 
 
 def _error(capsys, argv, needle):

@@ -43,11 +43,11 @@ Pair activations come from the Ray-sharded extractor (``extract_sharded`` on an
 
 The package: ``pairs`` (pair files), ``directions`` (behaviour directions and pair vectors),
 ``scores`` (cosine scores, ranks, recall, the judge comparator), ``sources`` (source tables
-and mitigations), ``clusters``, ``gradients`` (the LESS/LoGra comparator), ``audit`` (which
+and mitigations), ``clusters``, ``similarity`` (the test-prompt x pair matrix, clustered), ``gradients`` (the LESS/LoGra comparator), ``audit`` (which
 concepts a preference set pushes, per source).
 """
 
-from probe_dpo.attribution.clusters import best_cluster_match, cluster_directions, cluster_pairs
+from probe_dpo.attribution.clusters import best_cluster_match, cluster_directions, cluster_pairs, kmeans_by_silhouette
 from probe_dpo.attribution.contrast import (
     Scenario,
     ScenarioSamples,
@@ -85,6 +85,7 @@ from probe_dpo.attribution.scores import (
     recall_with_ci,
     top_k_mask,
 )
+from probe_dpo.attribution.similarity import cluster_similarity, similarity_matrix
 from probe_dpo.attribution.sources import (
     MITIGATIONS,
     flagged_sources,
@@ -103,4 +104,5 @@ __all__ = ["best_cluster_match", "DIRECTIONS_FORMAT", "DIRECTION_KINDS", "MITIGA
            "ranks", "read_pair_file", "recall_at_k", "recall_curve", "save_directions", "sequence_logprobs",
            "reduction_vs_raw", "share_of_rise_removed", "source_table", "top_k_mask", "write_pairs_like",
            "Scenario", "ScenarioSamples", "SteeringSettings", "bank_scores", "behaviour_contrast", "contrast_bank",
-           "random_recall", "random_unit", "read_scenarios", "recall_with_ci", "residual_norm", "select_scenarios", "steer", "steering_check"]
+           "random_recall", "random_unit", "read_scenarios", "recall_with_ci", "residual_norm", "select_scenarios", "steer", "steering_check",
+           "cluster_similarity", "kmeans_by_silhouette", "similarity_matrix"]

@@ -25,9 +25,8 @@ def cluster_pairs(diffs: torch.Tensor, scores: Sequence[float], pairs: Sequence[
     (how well it stands apart), coherence (length of the mean unit vector: 1 = all pairs push
     the same way), the centroid's cosine with ``direction``, and the pairs nearest its centre.
     """
-    from sklearn.cluster import KMeans
     from sklearn.decomposition import PCA
-    from sklearn.metrics import silhouette_samples, silhouette_score
+    from sklearn.metrics import silhouette_samples
 
     x = diffs.double()
     norms = x.norm(dim=1, keepdim=True)
@@ -38,15 +37,7 @@ def cluster_pairs(diffs: torch.Tensor, scores: Sequence[float], pairs: Sequence[
         raise UserError(f"clustering needs at least 3 pairs, got {n}")
     dims = int(min(max_dims, n - 1, unit_all.shape[1]))
     z = PCA(n_components=dims, random_state=seed).fit_transform(unit_all)
-    candidates = [k] if k is not None else list(range(k_range[0], min(k_range[1], n - 1) + 1))
-    best = None
-    for kk in candidates:
-        model = KMeans(n_clusters=kk, n_init=10, random_state=seed).fit(z)
-        sil = float(silhouette_score(z, model.labels_, sample_size=min(n, 3000), random_state=seed)) \
-            if len(set(model.labels_)) > 1 else float("nan")
-        if best is None or (not math.isnan(sil) and sil > best[1]):
-            best = (kk, sil, model.labels_)
-    kk, sil, labels = best
+    kk, sil, labels = kmeans_by_silhouette(z, k=k, k_range=k_range, seed=seed)
     per_sample = silhouette_samples(z, labels) if len(set(labels)) > 1 else np.zeros(n)
     s = np.asarray(scores, dtype=np.float64)
     src = np.asarray(pair_sources(pairs), dtype=object)
@@ -79,6 +70,27 @@ def cluster_pairs(diffs: torch.Tensor, scores: Sequence[float], pairs: Sequence[
     return {"k": int(kk), "silhouette": sil, "labels": labels.astype(int),
             "centroids": torch.tensor(np.stack(centroids), dtype=torch.float32), "clusters": clusters,
             "pca_dims": dims}
+
+
+def kmeans_by_silhouette(z: np.ndarray, *, k: int | None = None, k_range: tuple[int, int] = (2, 8),
+                         seed: int = 0) -> tuple[int, float, np.ndarray]:
+    """k-means on the rows of ``z``: ``(k, silhouette, labels)``, k fixed or, when None, the one in
+    ``k_range`` (capped at rows - 1) with the highest silhouette."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    n = len(z)
+    candidates = [k] if k is not None else list(range(k_range[0], min(k_range[1], n - 1) + 1))
+    if not candidates or max(candidates) > n:
+        raise UserError(f"clustering {n} rows into k = {k if k is not None else k_range} clusters")
+    best = None
+    for kk in candidates:
+        model = KMeans(n_clusters=kk, n_init=10, random_state=seed).fit(z)
+        sil = float(silhouette_score(z, model.labels_, sample_size=min(n, 3000), random_state=seed)) \
+            if 1 < len(set(model.labels_)) < n else float("nan")
+        if best is None or (not math.isnan(sil) and (math.isnan(best[1]) or sil > best[1])):
+            best = (kk, sil, model.labels_)
+    return best[0], best[1], np.asarray(best[2])
 
 
 def cluster_directions(clusters: dict, layer: int) -> list[Direction]:

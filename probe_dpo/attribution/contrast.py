@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from probe_dpo.attribution.directions import Direction
+from probe_dpo.attribution.similarity import similarity_matrix
 from probe_dpo.errors import UserError
 
 NATURAL_VARIANTS = ("trigger", "base")
@@ -144,15 +145,7 @@ def bank_scores(diffs: torch.Tensor, bank: Sequence[Direction], reduce: Literal[
     pair pushing along *any* scenario's behaviour ranks high) or ``mean``. A pair whose two
     responses read identically scores 0. The authors start their max at 0 (a pair negative on
     every direction scores 0); here the max is the true one, which orders the top the same way."""
-    if not bank:
-        raise UserError("vector bank: empty")
-    d = diffs.double()
-    u = torch.stack([b.vector for b in bank]).double()  # unit rows
-    if d.shape[-1] != u.shape[-1]:
-        raise UserError(f"vector bank has hidden size {u.shape[-1]}, pair activations have {d.shape[-1]}")
-    norms = d.norm(dim=1, keepdim=True)
-    cos = (d @ u.T) / norms.clamp_min(1e-30)
-    cos[norms.squeeze(1) == 0] = 0.0
+    cos = torch.from_numpy(similarity_matrix(diffs, bank).T)
     if reduce == "max":
         return cos.max(dim=1).values.numpy()
     if reduce == "mean":

@@ -10,7 +10,8 @@ What ``probe-dpo attribute`` and ``ray job submit -- python -m probe_dpo.workflo
        DPO on the raw set first) the behaviour change -> <out>/directions
     4. scores (cos(v_d, v_b)) -> <out>/scores.parquet; sources -> <out>/sources.json;
        clusters -> <out>/clusters.json (and, with the behaviour change, clusters of what raw-set DPO
-       changed in each pair -> <out>/change_clusters.json); concept audit -> <out>/audit.json
+       changed in each pair -> <out>/change_clusters.json; with the contrast's bank, the test-prompt x
+       pair similarity matrix clustered -> <out>/matrix_clusters.json); concept audit -> <out>/audit.json
     5. comparators (judge(chosen) - judge(rejected); LESS/LoGra-style gradients)
     6. mitigations -> <out>/mitigated/<method>-<filter|swap|drop-sources>.<ext>
     7. retraining (plain DPO on Ray Train, same settings for every arm) and evaluation: the
@@ -82,7 +83,7 @@ def run(cfg: AttributionConfig) -> dict:
     if recall:
         log.info("recall@k (k = %d): " % result["k"] + ", ".join(f"{m} {v['recall_at_k']:.3f}" for m, v in recall.items()))
     storage.write_json(storage.join(cfg.out, "sources.json"), result["tables"])
-    for name in ("clusters", "change_clusters"):
+    for name in ("clusters", "change_clusters", "matrix_clusters"):
         if result[name]:
             storage.write_json(storage.join(cfg.out, f"{name}.json"), _public(result[name]))
     storage.write_json(storage.join(cfg.out, "audit.json"), result["audit"])
@@ -102,6 +103,7 @@ def run(cfg: AttributionConfig) -> dict:
         "recall_curves": {m: v["curve"] for m, v in (recall or {}).items() if "curve" in v},
         "timings": result["timings"], "comparators": result["comparators"],
         "clusters": _public(result["clusters"] or {}), "change_clusters": _public(result["change_clusters"] or {}),
+        "matrix_clusters": _public(result["matrix_clusters"] or {}),
         "audit": result["audit"], "mitigations": arms, "retrain": retrain, "report": report,
         "mix": {k: v for k, v in (inp.mix or {}).items() if k not in ("config",)} or None,
         "seconds": round(time.perf_counter() - t_start, 1),

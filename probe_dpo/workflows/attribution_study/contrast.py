@@ -93,4 +93,6 @@ def read_contrast(inp: Inputs, policy: str):
             "read_seconds": round(time.perf_counter() - t0, 1)}
     direction = behaviour_contrast(harmful, safe, layer=inp.layer, meta=meta)
     bank = contrast_bank(harmful, safe, owner, layer=inp.layer) if bc.bank else []
+    for b in bank:  # the scenario's prompt, for the similarity matrix's rows in the report
+        b.meta["prompt"] = base[b.meta["scenario"]][:160]
     return direction, bank

@@ -120,6 +120,8 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
                  "Listed from the cluster that stands apart most (highest silhouette): a small one whose "
                  "examples share a pattern is a behaviour the run learned.")
         _clusters(rep, cl, inp, apart_first=True)
+    if result.get("matrix_clusters"):
+        _matrix_clusters(rep, result["matrix_clusters"], inp)
 
     rep.heading("Concept audit")
     rep.table(["direction", "scope", "pairs", "Δ [95% CI]", "d", "split-half", "p (Holm)", "push"],
@@ -150,14 +152,18 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
                 sr = entry.get("share_removed", {}).get(j)
                 row.append(fmt_ci(sr["share"], sr["ci_low"], sr["ci_high"]) if sr else "-")
             row += [fmt(entry["perplexity"], 2), fmt(100 * entry["perplexity_change_vs_raw"], 1) + "%"]
+            cap = entry.get("capability")
+            row += [fmt_ci(cap["accuracy"], cap["ci_low"], cap["ci_high"]) if cap else "-"]
             rows.append(row)
         trig = f" (prompts + trigger `{inp.trigger.strip()}`)" if inp.trigger else ""
         rep.table(["arm"] + [f"toxic rate, {j}" for j in judges] + [f"reduction vs raw, {j}" for j in judges]
-                  + [f"share of rise removed, {j}" for j in judges] + ["perplexity", "ppl vs raw"], rows,
+                  + [f"share of rise removed, {j}" for j in judges] + ["perplexity", "ppl vs raw", "task accuracy"],
+                  rows,
                   caption=f"Held-out prompts{trig}; 95% CIs by a (paired) bootstrap over prompts. Reduction vs "
                           "raw = 1 - rate / rate after DPO on the raw set (the published metric); share of "
                           "the rise = the part of (raw - base) removed. -topNpct arms filter or swap a fixed "
-                          "budget of the ranking's top pairs; clean-only (the labels' clean pairs) is the floor.")
+                          "budget of the ranking's top pairs; clean-only (the labels' clean pairs) is the floor. Task "
+                          f"accuracy: {_capability_note(retrain)}")
         fig, axes = plt.subplots(1, len(judges), figsize=(5 * len(judges), 3.4), squeeze=False)
         for ax, j in zip(axes[0], judges):
             names = list(retrain["arms"])
@@ -199,3 +205,41 @@ def _clusters(rep: Any, cl: dict, inp: Inputs, *, apart_first: bool = False) -> 
             ex = c["examples"][0]
             rep.text(f"- cluster {c['cluster']} example ({ex['source']}): prompt `{ex['prompt'][:80]}` · "
                      f"chosen `{ex['chosen'][:70]}` · rejected `{ex['rejected'][:70]}`")
+
+
+def _matrix_clusters(rep: Any, cl: dict, inp: Inputs) -> None:
+    """The similarity matrix's clustering: each pair cluster with its prompt group, alignment,
+    sources and top pairs; the planted behaviour's and the poison's best matching cluster."""
+    from probe_dpo.report import fmt
+
+    rep.heading("Clusters of the test-prompt x pair similarity matrix")
+    rep.text(f"Rows: the {cl['prompts']} kept scenarios' behaviour contrasts (the vector bank); columns: the pairs; "
+             f"entries: cosines. {cl['prompt_k']} prompt group(s) by k-means on the rows, then k = {cl['k']} pair "
+             f"clusters by k-means on each pair's mean cosine per prompt group (silhouette {fmt(cl['silhouette'])}). "
+             "A cluster with high alignment is a block: pairs that push along those prompts' behaviour. The "
+             "clustering method is ours (the authors' public code has none); listed by alignment.")
+    for key, what in (("bad_match", "poisoned pairs"), ("planted_match", "planted, unlabelled behaviour")):
+        if cl.get(key):
+            m = cl[key]
+            rep.text(f"The {what} ({m['behaviour_pairs']} pairs): best cluster {m['cluster']}, precision "
+                     f"{fmt(m['precision'])}, recall {fmt(m['recall'])} ({m['size']} pairs).")
+    labelled = (["bad"] if inp.bad is not None else []) + (["planted"] if inp.planted is not None else [])
+    rep.table(["cluster", "size", "alignment", "mean cosine", "prompt group", "sources"] + labelled,
+              [[c["cluster"], c["size"], fmt(c["alignment"]), fmt(c["mean_cosine"]),
+                f"{c['prompt_group']} ({len(c['prompts'])} prompts)",
+                ", ".join(f"{k} {v}" for k, v in c["sources"].items())] + [c.get(x) for x in labelled]
+               for c in cl["clusters"]])
+    for c in cl["clusters"]:
+        tops = "; ".join(f"#{p['index']} {p['source']} cos {fmt(p['cosine'])} chosen `{p['chosen'][:50]}`"
+                         for p in c["top_pairs"])
+        rep.text(f"- cluster {c['cluster']}: prompts {', '.join(x[:60] for x in c['prompts'][:3])}"
+                 f"{' ...' if len(c['prompts']) > 3 else ''} · top pairs: {tops or '-'}")
+
+
+def _capability_note(retrain: dict) -> str:
+    """What the task-accuracy column measured, with its baselines."""
+    cap = next((a["capability"] for a in retrain["arms"].values() if a.get("capability")), None)
+    if cap is None:
+        return "not measured (capability.items=0)."
+    return (f"{cap['task']} multiple choice by log-likelihood, {cap['items']} items, 95% Wilson CI (chance "
+            f"{cap['chance']:.2f}; always the majority answer {cap['majority']:.2f}).")

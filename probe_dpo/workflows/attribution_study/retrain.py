@@ -149,12 +149,16 @@ def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict]) -> dict:
 
     from probe_dpo.attribution import reduction_vs_raw, share_of_rise_removed
     from probe_dpo.ray_utils import resolve_use_gpu, run_heavy
+    from probe_dpo.workflows.attribution_study.capability import capability_check
 
     ev = inp.cfg.evaluation
     gpu = resolve_use_gpu("auto") if ray.is_initialized() else False
 
     def evaluate(name: str, model: str) -> dict:  # model work off the driver on a joined cluster
-        return run_heavy(evaluate_retrained, inp, name, model, use_gpu=gpu)
+        res = run_heavy(evaluate_retrained, inp, name, model, use_gpu=gpu)
+        if inp.cfg.capability.items:  # the task-level check beside perplexity (capability.py)
+            res["capability"] = run_heavy(capability_check, inp, name, model, policy_key(model), use_gpu=gpu)
+        return res
 
     results: dict[str, dict] = {"base": evaluate("base", inp.model)}
     todo = {"raw": (inp.pairs_uri, []), **{a: (v["uri"], []) for a, v in arms.items() if "uri" in v}}
@@ -177,7 +181,7 @@ def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict]) -> dict:
         entry = {"rates": res["rates"], "perplexity": res["perplexity"],
                  "perplexity_change_vs_base": res["perplexity"] / base["perplexity"] - 1.0,
                  "perplexity_change_vs_raw": res["perplexity"] / raw["perplexity"] - 1.0,
-                 "model": res["model"]}
+                 "model": res["model"], "capability": res.get("capability")}
         if name not in ("base", "raw"):
             entry["share_removed"] = {j: share_of_rise_removed(base["samples"].scores[j], raw["samples"].scores[j],
                                                                res["samples"].scores[j], threshold=ev.threshold,

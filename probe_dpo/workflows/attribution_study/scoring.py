@@ -107,6 +107,13 @@ def score_all(inp: Inputs, change: Any = None, contrast: Any = None) -> dict:
                                           examples=cfg.clusters.examples)
         _count_labels(change_clusters, inp)
         timings["change_clusters_s"] = round(time.perf_counter() - t1, 2)
+    matrix_clusters = None
+    if contrast is not None and contrast[1] and cfg.clusters.matrix and n >= 3:
+        matrix_clusters = A.cluster_similarity(
+            A.similarity_matrix(diffs, contrast[1]), inp.pairs, prompt_names=[f"{b.name}: {b.meta.get('prompt', '')[:80]}" for b in contrast[1]],
+            k=cfg.clusters.matrix_k, prompt_k=cfg.clusters.matrix_prompt_k,
+            k_range=(cfg.clusters.k_min, cfg.clusters.k_max), seed=cfg.seed, examples=cfg.clusters.examples)
+        _count_labels(matrix_clusters, inp)
     audit_dirs = list(directions) + (A.cluster_directions(clusters, inp.layer) if clusters else [])
     audit = ranked(audit_table({inp.layer: diffs}, audit_dirs, sources, n_boot=cfg.ranking.bootstrap, seed=cfg.seed))
     A.save_directions(directions + (list(contrast[1]) if contrast else [])
@@ -145,7 +152,8 @@ def score_all(inp: Inputs, change: Any = None, contrast: Any = None) -> dict:
         del g_lm
     tables = {m: A.source_table(s, sources, k, n_boot=cfg.ranking.bootstrap, seed=cfg.seed) for m, s in scores.items()}
     return {"directions": directions, "primary": primary, "scores": scores, "by_direction": by_direction,
-            "sources": sources, "k": k, "clusters": clusters, "change_clusters": change_clusters, "audit": audit,
+            "sources": sources, "k": k, "clusters": clusters, "change_clusters": change_clusters,
+            "matrix_clusters": matrix_clusters, "audit": audit,
             "tables": tables,
             "timings": timings, "comparators": comparator_info, "diffs_shape": list(diffs.shape),
             "pair_extraction": feats.how, "torch_threads": torch.get_num_threads()}
@@ -166,8 +174,8 @@ def _chosen_change(inp: Inputs, before: Any, policy: str) -> Any:
 
 
 def _count_labels(clusters: dict, inp: Inputs) -> None:
-    """Known bad and planted pairs per cluster, and the cluster that best isolates the planted
-    behaviour (evaluation only: the clustering never sees them)."""
+    """Known bad and planted pairs per cluster, and the clusters that best isolate the planted
+    behaviour and the poisoned pairs (evaluation only: the clustering never sees them)."""
     from probe_dpo import attribution as A
 
     for name, labelled in (("bad", inp.bad), ("planted", inp.planted)):
@@ -176,6 +184,8 @@ def _count_labels(clusters: dict, inp: Inputs) -> None:
                 c[name] = int((labelled & (clusters["labels"] == c["cluster"])).sum())
     if inp.planted is not None:
         clusters["planted_match"] = A.best_cluster_match(clusters["labels"], inp.planted)
+    if inp.bad is not None:
+        clusters["bad_match"] = A.best_cluster_match(clusters["labels"], inp.bad)
 
 
 def top_k(cfg: AttributionConfig, n: int, bad: np.ndarray | None) -> int:
@@ -238,6 +248,8 @@ def write_scores(inp: Inputs, result: dict) -> str:
             row["cluster"] = int(result["clusters"]["labels"][i])
         if result.get("change_clusters"):
             row["change_cluster"] = int(result["change_clusters"]["labels"][i])
+        if result.get("matrix_clusters"):
+            row["matrix_cluster"] = int(result["matrix_clusters"]["labels"][i])
         if inp.bad is not None:
             row["poisoned"] = bool(inp.bad[i])
         rows.append(row)
