@@ -44,7 +44,9 @@ def test_model_by_hub_id_from_the_cache_offline(hub_cache):
 
     model_id, snapshot = hub_cache
     assert os.path.samefile(model_dir(model_id), snapshot)
-    assert model_facts(model_id) == {"hidden_size": 64, "num_layers": 2}
+    facts = model_facts(model_id)
+    assert {k: facts[k] for k in ("hidden_size", "num_layers")} == {"hidden_size": 64, "num_layers": 2}
+    assert facts == model_facts(str(snapshot))  # the hub id reads the cached folder's config, arch_hash included
     lm, tok = load_model(model_id), load_tokenizer(model_id)
     assert lm.config.num_hidden_layers == 2 and tok("hello")["input_ids"]
     with pytest.raises(UserError) as info:
