@@ -33,10 +33,20 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/probe_dpo/torch_extensions"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every socket stays bound until all are chosen.
+
+    Binding and closing one socket at a time can hand the same port out twice (the kernel
+    reuses a just-released ephemeral port); a CI run lost the Ray-jobs test to exactly that.
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def has_gpu() -> bool:
@@ -68,7 +78,7 @@ def s3_server():
     except ModuleNotFoundError:  # a GPU box given only the runtime packages: Ray tests run, S3 ones cannot
         yield None
         return
-    port = _free_port()
+    (port,) = free_ports(1)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     url = f"http://127.0.0.1:{port}"

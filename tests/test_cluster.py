@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "cluster" / "ray-cluster.yaml"
@@ -296,9 +297,7 @@ def test_init_ray_never_puts_credentials_in_the_runtime_env(monkeypatch):
 def test_submit_real_submission_failure_prints_no_values(tmp_path):
     """A real `ray job submit` to an address where no cluster listens: fails, leaks nothing."""
     ray_cli = Path(sys.executable).parent / "ray"
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     done = _run_submit(["--", "probe-dpo", "--help"], {**FAKE, "RAY": str(ray_cli),
                                                        "RAY_ADDRESS": f"http://127.0.0.1:{port}"}, tmp_path)
     assert done.returncode != 0

@@ -45,15 +45,15 @@ from probe_dpo.training import TrainConfig, train
 model, pairs, root = sys.argv[1:4]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ports():  # another Ray on this machine holds the agents' fixed default ports
-    return {"dashboard_agent_listen_port": free_port(), "metrics_agent_port": free_port(),
-            "metrics_export_port": free_port(), "runtime_env_agent_port": free_port()}
+    names = ("dashboard_agent_listen_port", "metrics_agent_port", "metrics_export_port", "runtime_env_agent_port")
+    socks = [socket.socket() for _ in names]  # all bound at once, so no port is handed out twice
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    chosen = {name: s.getsockname()[1] for name, s in zip(names, socks)}
+    for s in socks:
+        s.close()
+    return chosen
 
 
 t0 = time.monotonic()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import submit_job
+from conftest import free_ports, submit_job
 from test_workflow_toxicity import tiny_config
 
 from probe_dpo import storage
@@ -34,16 +33,10 @@ ARMS = ["probe-dpo-single", "obfuscation-control", "probe-dpo-onpolicy", "random
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head(s3_server, tmp_path):
     """A real Ray head (dashboard + job server) on 127.0.0.1; stopped by ending its --block process."""
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent_http, agent_grpc, runtime_env, metrics = free_ports(6)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -52,9 +45,9 @@ def ray_head(s3_server, tmp_path):
                              "--disable-usage-stats",
                              # the agents' fixed default ports are taken by any other Ray on this machine
                              # (the test session's own cluster runs one): give this head free ones
-                             f"--dashboard-agent-listen-port={_free_port()}",
-                             f"--dashboard-agent-grpc-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-                             f"--metrics-export-port={_free_port()}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             f"--dashboard-agent-listen-port={agent_http}",
+                             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+                             f"--metrics-export-port={metrics}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
     # token authentication is on (conftest): the probe carries the session's token

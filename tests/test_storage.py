@@ -6,21 +6,15 @@ import hashlib
 import json
 import os
 import pickle
-import socket
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_ports
 
 from probe_dpo import storage
 from probe_dpo.errors import UserError
 from probe_dpo.storage import artifacts
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _make_tree(root: Path, files: dict[str, bytes]) -> Path:
@@ -262,7 +256,7 @@ def test_pyarrow_filesystem_round_trip(storage_root):
 def test_unreachable_endpoint_is_one_bounded_user_error(s3_bucket, tmp_path, monkeypatch):
     uri = storage.join(s3_bucket, "published")
     artifacts.publish_dir(_make_tree(tmp_path / "v1", V1), uri)
-    bad = f"http://127.0.0.1:{_closed_port()}"
+    bad = f"http://127.0.0.1:{free_ports(1)[0]}"
     with monkeypatch.context() as m:
         m.setenv("AWS_ENDPOINT_URL", bad)
         start = time.monotonic()
@@ -283,7 +277,7 @@ def test_unreachable_endpoint_is_one_bounded_user_error(s3_bucket, tmp_path, mon
 def test_configure_sets_endpoint_and_attempts(s3_server, monkeypatch):
     for var in ("AWS_ENDPOINT_URL", "PROBE_DPO_S3_MAX_ATTEMPTS", "PROBE_DPO_S3_CONNECT_TIMEOUT"):
         monkeypatch.setenv(var, os.environ.get(var, ""))  # restored after the test
-    bad = f"http://127.0.0.1:{_closed_port()}"
+    bad = f"http://127.0.0.1:{free_ports(1)[0]}"
     storage.configure(endpoint_url=bad, max_attempts=2, connect_timeout=1)
     for call in (lambda: storage.write_bytes("s3://some-bucket/x", b"1"),
                  lambda: storage.is_complete("s3://some-bucket/x")):  # never a silent False
