@@ -123,8 +123,9 @@ def outcome_judges(settings: AnalysisSettings, panel: Sequence[str], in_loop: Se
 
 def build_plan(settings: AnalysisSettings, *, arms: Sequence[str], seeds: dict[str, list[int]],
                panel: Sequence[str], in_loop: Sequence[str], comparisons: Sequence[Sequence[str]],
-               targets: dict[str, str]) -> dict:
-    """The plan as plain JSON: everything that decides a label or a verdict."""
+               targets: dict[str, str], map_rule: dict | None = None) -> dict:
+    """The plan as plain JSON: everything that decides a label or a verdict (and, for an obfuscation
+    map, its grid and refinement rule: the cells a refinement adds are declared by that rule)."""
     from probe_dpo.judges import judge_name
 
     deciding = outcome_judges(settings, panel, in_loop)
@@ -134,7 +135,7 @@ def build_plan(settings: AnalysisSettings, *, arms: Sequence[str], seeds: dict[s
     if n_boot < needed:
         raise UserError(f"analysis.bootstrap: {n_boot} resamples cannot show p < alpha / m for a family of {family} "
                         f"tests (alpha {settings.alpha}); use at least {needed}, or leave it unset")
-    return {"version": PLAN_VERSION, "settings": {**to_dict(settings), "bootstrap": n_boot}, "family_size": family,
+    plan = {"version": PLAN_VERSION, "settings": {**to_dict(settings), "bootstrap": n_boot}, "family_size": family,
             "arms": list(arms), "seeds": seeds,
             "targets": targets,
             "judges": {"panel": [judge_name(j) for j in panel], "in_loop": list(in_loop), "outcome": deciding,
@@ -146,6 +147,9 @@ def build_plan(settings: AnalysisSettings, *, arms: Sequence[str], seeds: dict[s
                       "texts), Holm-corrected together",
             "primary": ["toxicity under the outcome judges (relative to the base model)",
                         "the text and activations coordinates of the arm's target probe"]}
+    if map_rule is not None:
+        plan["map"] = map_rule
+    return plan
 
 
 def plan_hash(plan: dict) -> str:

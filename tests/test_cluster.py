@@ -396,7 +396,7 @@ def test_rayjob_experiment_trains_on_the_gpus_it_asks_for():
     # every GPU consumer of a trial asks for one GPU (of the type asked for, when one is)
     from probe_dpo.ray_utils import gpu_options
     from probe_dpo.training.loop import scaling_config
-    from probe_dpo.workflows.experiment.config import ARMS, SharedInputs
+    from probe_dpo.workflows.experiment.arms import ARMS, SharedInputs
 
     typed = load_config(ExperimentConfig, bundled_config(args.config),
                         [*args.overrides, "distributed.accelerator_type=H100"])

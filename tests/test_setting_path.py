@@ -22,7 +22,8 @@ from __future__ import annotations
 import pytest
 
 from probe_dpo.config import load_config
-from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig, SharedInputs
+from probe_dpo.workflows.experiment.arms import ARMS, SharedInputs
+from probe_dpo.workflows.experiment.config import ExperimentConfig
 
 
 def _pickled(obj):

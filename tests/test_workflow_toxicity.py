@@ -13,7 +13,8 @@ import yaml
 from probe_dpo.cli import main
 from probe_dpo.config import load_config
 from probe_dpo.workflows import bundled_config
-from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig
+from probe_dpo.workflows.experiment.arms import ARMS
+from probe_dpo.workflows.experiment.config import ExperimentConfig
 
 
 def tiny_config(model: str, storage_uri: str, arms: list[str]) -> dict:

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from probe_dpo.report import Report, fmt, fmt_ci
 from probe_dpo.report.curves import training_curves
+from probe_dpo.report.obfuscation_map import map_section
 from probe_dpo.report.outcomes import outcome_sections
 
 ROLE_TITLES = {"train": "train probe", "ensemble": "probe ensemble", "held_out": "held-out probes",
@@ -122,6 +123,8 @@ def experiment_report(run: str, ctx: Mapping[str, Any], res: Mapping[str, Any],
              + ", ".join(outcome_judges) + "): " + (", ".join(f"**{a}**" for a in robust) if robust else "none")
              + ". A reduction under an in-loop judge alone may be the policy learning that judge.")
     outcome_sections(rep, res, arms, names)
+    if res.get("map"):
+        map_section(rep, res["map"])
 
     # --- detection -------------------------------------------------------------------------------
     rep.heading("Detection at the base threshold (fixed probe-test texts)")

@@ -48,13 +48,10 @@ from probe_dpo.data import json_digest
 from probe_dpo.logs import setup as setup_logs
 from probe_dpo.testbed.behaviour import TOXICITY
 from probe_dpo.workflows import bundled_config
-from probe_dpo.workflows.experiment.config import (
-    ExperimentConfig,
-    SharedInputs,
-    target_role,
-    trial_specs,
-)
+from probe_dpo.workflows.experiment.arms import SharedInputs, target_role
+from probe_dpo.workflows.experiment.config import ExperimentConfig, trial_specs
 from probe_dpo.workflows.experiment.evaluate import base_evaluation, eval_context
+from probe_dpo.workflows.experiment.obfuscation_map import map_plan, refine
 from probe_dpo.workflows.experiment.results import write_results
 from probe_dpo.workflows.experiment.stages import (
     prepare_probes,
@@ -110,13 +107,15 @@ def run(cfg: ExperimentConfig) -> dict:
     shared = SharedInputs(run=run_uri, testbed=tb["uri"], base_model=tb["model"],
                           probes={"single": probes["single"], "ensemble": probes["ensemble"]},
                           pairs=probes["pairs"], control_sft=probes["control_sft"])
-    specs = trial_specs(cfg)
-    todo = [s for s in specs if not storage.is_complete(storage.join(run_uri, "trials", s["id"], "eval"))]
-    if len(todo) < len(specs):
-        log.info(f"{len(specs) - len(todo)} of {len(specs)} trials already complete: skipping them")
-    if todo:
-        log.info(f"Tune: {len(todo)} trial(s): {', '.join(s['id'] for s in todo)}")
-        run_tune(cfg, shared, ctx, base_key, todo)
+    run_trials(cfg, shared, ctx, base_key, trial_specs(cfg))
+    for round_ in range(1, cfg.map.refine_rounds + 1):  # an obfuscation map's boundaries, round by round
+        labels = {arm: (s.get("outcome") or {}).get("label") for arm, s in write_results(run_uri)["arms"].items()}
+        cells = refine(cfg.map, labels)
+        log.info(f"map refinement round {round_}: {len(cells)} new cell(s){': ' if cells else ''}{', '.join(cells)}")
+        if not cells:
+            break
+        cfg = dataclasses.replace(cfg, arms=[*cfg.arms, *cells])
+        run_trials(cfg, shared, ctx, base_key, [s for s in trial_specs(cfg) if s["arm"] in cells])
     if cfg.search.arm is not None:
         log.info(f"Tune search over {cfg.search.arm}: {cfg.search.num_samples} samples of {sorted(cfg.search.space)}")
         run_tune(cfg, shared, ctx, base_key, [], search=True)
@@ -124,6 +123,16 @@ def run(cfg: ExperimentConfig) -> dict:
     out = write_results(run_uri)
     log.info(f"done in {(time.perf_counter() - t0) / 60:.1f} min: {len(out['rows'])} trials; report at {out['html']}")
     return out
+
+
+def run_trials(cfg: ExperimentConfig, shared: SharedInputs, ctx: dict, base_key: str, specs: list[dict]) -> None:
+    """The trials of ``specs`` that are not complete yet, as one Tune experiment."""
+    todo = [s for s in specs if not storage.is_complete(storage.join(shared.run, "trials", s["id"], "eval"))]
+    if len(todo) < len(specs):
+        log.info(f"{len(specs) - len(todo)} of {len(specs)} trials already complete: skipping them")
+    if todo:
+        log.info(f"Tune: {len(todo)} trial(s): {', '.join(s['id'] for s in todo)}")
+        run_tune(cfg, shared, ctx, base_key, todo)
 
 
 def analysis_plan(cfg: ExperimentConfig, testbed_info: dict | None = None) -> dict:
@@ -139,7 +148,8 @@ def analysis_plan(cfg: ExperimentConfig, testbed_info: dict | None = None) -> di
     in_loop = in_loop_judges(label_judge, cfg.judge)
     comparisons = a.comparisons if a.comparisons is not None else default_pairs(cfg.arms, a.null_arms)
     return build_plan(a, arms=cfg.arms, seeds={arm: list(cfg.seeds) for arm in cfg.arms}, panel=cfg.eval.judges,
-                      in_loop=in_loop, comparisons=comparisons, targets={arm: target_role(arm) for arm in cfg.arms})
+                      in_loop=in_loop, comparisons=comparisons, targets={arm: target_role(arm) for arm in cfg.arms},
+                      map_rule=map_plan(cfg.map) if cfg.map.family else None)
 
 
 def main(argv: list[str] | None = None) -> int:

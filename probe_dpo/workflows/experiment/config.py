@@ -1,20 +1,17 @@
-"""The experiment's typed config: its arms and the settings of every stage.
+"""The experiment's typed config: the settings of every stage (its arms: ``arms``).
 
 ``probe-dpo config show --for experiment`` prints every field with its description."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from probe_dpo import storage
 from probe_dpo.analysis import AnalysisSettings
-from probe_dpo.config import bounded, from_dict, set_dotted, to_dict
+from probe_dpo.config import bounded
 from probe_dpo.errors import UserError
 from probe_dpo.testbed import TestbedConfig
 from probe_dpo.testbed.behaviour import BehaviourConfig
-from probe_dpo.testbed.layout import TestbedPaths
 from probe_dpo.tracking import TrackingSettings
 from probe_dpo.training.config import (
     DistributedSettings,
@@ -22,121 +19,9 @@ from probe_dpo.training.config import (
     GRPOSettings,
     LoraSettings,
     OptimSettings,
-    TrainConfig,
 )
+from probe_dpo.workflows.experiment.arms import ARMS, arm_of, variant_name
 from probe_dpo.workflows.experiment.space import check_sampler
-
-
-@dataclass(frozen=True)
-class SharedInputs:
-    """What the experiment's shared stages made that an arm's training reads (URIs)."""
-
-    run: str
-    testbed: str
-    base_model: str
-    probes: dict[str, str]  # the probe views an arm trains against: single, ensemble
-    pairs: dict[str, str]   # the shared DPO pairs of each signal: single, ensemble, classifier
-    control_sft: str        # the positive control's SFT data
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One arm of the experiment: a training method, the probes it trains against, its data,
-    and the training settings that define it (dotted ``TrainConfig`` keys, applied over the
-    experiment's ``dpo``/``dpo_train``/``sft_train`` and under ``arm_settings``)."""
-
-    method: str
-    probes: str | None
-    """The probe view it trains against: single (the train probe), ensemble, or None."""
-    data: str
-    """pairs:<single|ensemble|classifier> (the shared pairs), sft (the testbed's SFT text),
-    control (the judge-toxic continuations, prompt/completion) or prompts (the testbed's
-    training prompts: GRPO samples its own completions)."""
-    about: str
-    settings: tuple[tuple[str, Any], ...] = ()
-    name: str = ""  # its key in ARMS (filled in there)
-
-    def train_settings(self, cfg: ExperimentConfig, shared: SharedInputs, trial: str, seed: int,
-                       overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The keys this arm's ``TrainConfig`` is given for one trial: the experiment's training
-        settings, then the arm's own, then ``arm_settings``, then a search sample's ``overrides``
-        (all dotted keys, through ``set_dotted``). Only what the experiment sets, not every default
-        of ``TrainConfig``: these keys name a trial's result (``trials.trial_key_fields``), so a new
-        ``TrainConfig`` field does not make finished trials look changed."""
-        is_dpo = self.data.startswith("pairs:")
-        data: dict[str, Any] = {}
-        if is_dpo:
-            data["pairs"] = shared.pairs[self.data.split(":", 1)[1]]
-        elif self.data == "prompts":  # GRPO: the same training prompts the DPO pairs were sampled from
-            data["prompts"] = TestbedPaths(shared.testbed).data("prompts_train")
-            data["max_prompts"] = cfg.grpo_prompts
-        elif self.data == "control":
-            data["sft"] = shared.control_sft
-        else:
-            data["sft"] = TestbedPaths(shared.testbed).data("sft")
-            data["max_sft"] = cfg.sft_rows
-        out = {"method": self.method, "model": shared.base_model,
-               "out": storage.join(shared.run, "trials", trial, "train"), "seed": seed, "judge": cfg.judge,
-               "testbed": shared.testbed, "data": data, "dpo": to_dict(cfg.dpo), "grpo": to_dict(cfg.grpo),
-               "train": to_dict(cfg.dpo_train if is_dpo or self.data == "prompts" else cfg.sft_train),
-               "lora": to_dict(cfg.lora),
-               "distributed": {**to_dict(cfg.distributed), "address": None}}
-        if self.probes is not None:
-            out["probes"] = shared.probes[self.probes]
-        if cfg.tracking.report_to:  # every trial's training steps into the run's one tracking folder
-            from probe_dpo.tracking import log_dir
-
-            out["tracking"] = {**to_dict(cfg.tracking), "dir": log_dir(cfg.tracking, shared.run),
-                               "project": cfg.tracking.project}
-        for dotted, value in [*self.settings, *cfg.arm_settings.get(self.name, {}).items(),
-                              *(overrides or {}).items()]:
-            set_dotted(TrainConfig, out, dotted, value, f"arm {self.name}: training key {dotted!r}")
-        return out
-
-    def train_config(self, cfg: ExperimentConfig, shared: SharedInputs, trial: str, seed: int,
-                     overrides: dict[str, Any] | None = None, where: str | None = None) -> TrainConfig:
-        """This arm's ``TrainConfig`` for one trial (``train_settings``, checked and typed)."""
-        return from_dict(TrainConfig, self.train_settings(cfg, shared, trial, seed, overrides),
-                         where or f"trial {trial}")
-
-
-_ARMS: dict[str, Arm] = {
-    "probe-dpo-single": Arm("probe-dpo", "single", "pairs:single", "DPO on pairs ranked by the train probe"),
-    "probe-dpo-ensemble": Arm("probe-dpo", "ensemble", "pairs:ensemble", "DPO on pairs ranked by the probe ensemble"),
-    "probe-dpo-onpolicy": Arm("probe-dpo", "single", "pairs:single",
-                              "probe-DPO for 2 rounds: round 2 samples from the round-1 policy and ranks by the "
-                              "frozen probe on the policy's activations",
-                              (("dpo.rounds", 2), ("data.max_prompts", 160))),
-    "probe-dpo-penalty": Arm("probe-dpo", "single", "pairs:single",
-                             "probe-DPO plus the differentiable probe penalty (log-loss form)",
-                             (("penalty.weight", 1.0), ("penalty.form", "bce"))),
-    "probe-sft-single": Arm("probe-sft", "single", "sft", "SFT plus the train probe's penalty",
-                            (("penalty.weight", 1.0),)),
-    "probe-sft-ensemble": Arm("probe-sft", "ensemble", "sft", "SFT plus the ensemble's penalty",
-                              (("penalty.weight", 1.0),)),
-    "classifier-dpo": Arm("classifier-dpo", None, "pairs:classifier", "DPO on pairs ranked by the output judge"),
-    "classifier-sft": Arm("classifier-sft", None, "sft", "SFT on the rows the output judge passes"),
-    "sft": Arm("sft", None, "sft", "plain SFT (raises toxicity)"),
-    "random-dpo": Arm("random-dpo", None, "pairs:single", "control: the probe pairs with half the labels swapped"),
-    "probe-grpo-single": Arm("probe-grpo", "single", "prompts",
-                             "GRPO rewarded by minus the train probe on the policy's own activations"),
-    "probe-grpo-frozen": Arm("probe-grpo", "single", "prompts",
-                             "GRPO rewarded by minus the train probe on a frozen base copy's activations",
-                             (("grpo.reader", "frozen"),)),
-    "classifier-grpo": Arm("classifier-grpo", None, "prompts", "GRPO rewarded by minus the output judge's score"),
-    "random-grpo": Arm("random-grpo", None, "prompts", "control: GRPO with a seeded random reward per completion"),
-    # The recipe (log-loss penalty, weight 5, lr 5e-5) was chosen on an earlier demo run, after
-    # seeing its results: an exploratory choice, which is why the reference run (examples/demo)
-    # reports what it does as a fresh run. The rejected recipe, a logit penalty at weight 2, also
-    # hid the train probe but rewrote the text (toxicity about -86%, perplexity about +40% in that
-    # uncommitted run: a note, not evidence): the logit form keeps pushing after the probe is
-    # fooled, the log-loss form stops, so the behaviour stays and only the monitor is defeated.
-    "obfuscation-control": Arm("probe-sft", "single", "control",
-                               "positive control: SFT on judge-toxic continuations with a strong log-loss "
-                               "penalty against the train probe (built to make it miss)",
-                               (("penalty.weight", 5.0), ("penalty.form", "bce"), ("train.lr", 5e-5))),
-}
-ARMS: dict[str, Arm] = {name: dataclasses.replace(arm, name=name) for name, arm in _ARMS.items()}
 
 
 @dataclass
@@ -240,6 +125,54 @@ class AshaSettings:
         if self.max_t is not None and self.grace_period > self.max_t:
             raise ValueError(f"key search.asha.grace_period: {self.grace_period} is more than "
                              f"search.asha.max_t ({self.max_t})")
+
+
+@dataclass
+class MapSettings:
+    """An obfuscation map (``probe_dpo.workflows.experiment.obfuscation_map``): one arm's training
+    pressure swept over a grid, each cell a variant of the arm (``arm_of``) run at every seed and
+    labelled by the declared outcome rule, beside the run's other arms (its null arms)."""
+
+    family: str | None = None
+    """None: no map. Else the arm whose training keys the axes sweep (e.g. probe-dpo-penalty)."""
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    """One or two dotted training keys -> their coarse values, e.g. {penalty.weight: [0, 1, 4],
+    dpo.beta: [0.1, 0.5]} (0 included: the family without the pressure is the map's own baseline)."""
+    refine_rounds: int = bounded(0, ge=0, le=5)
+    """Rounds of boundary refinement after the coarse grid: each adds the midpoint (geometric
+    between positive values, else arithmetic) of every pair of neighbouring cells whose labels differ."""
+    refine_cells: int = bounded(4, ge=1)
+    """At most this many new cells per refinement round (the first found, axis by axis)."""
+
+    def __post_init__(self):
+        from probe_dpo.workflows.experiment.space import yaml_number
+
+        if self.family is None:
+            if self.axes:
+                raise ValueError("key map.family: the axes sweep an arm's keys; name it (e.g. probe-dpo-penalty)")
+            return
+        if self.family not in ARMS:
+            raise ValueError(f"key map.family: unknown arm {self.family!r} (valid: {', '.join(ARMS)})")
+        if not 1 <= len(self.axes) <= 2:
+            raise ValueError(f"key map.axes: one or two training keys, e.g. {{penalty.weight: [0, 1, 4]}}, "
+                             f"got {len(self.axes)}")
+        for key, values in self.axes.items():
+            numbers = [yaml_number(v) for v in values or []]
+            if len(numbers) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+                raise ValueError(f"key map.axes.{key}: at least two numbers, got {values!r}")
+            if len(set(numbers)) != len(numbers):
+                raise ValueError(f"key map.axes.{key}: repeated values {values!r}")
+            self.axes[key] = sorted(float(v) for v in numbers)
+
+    def cell(self, coords: tuple[float, ...]) -> str:
+        """The variant named for one point of the axes (in the axes' order)."""
+        return variant_name(self.family, dict(zip(self.axes, coords)))
+
+    def cells(self) -> list[str]:
+        """The coarse grid's cells, the first axis slowest."""
+        import itertools
+
+        return [self.cell(c) for c in itertools.product(*self.axes.values())]
 
 
 @dataclass
@@ -374,6 +307,9 @@ class ExperimentConfig:
     2-thread trial after another (eager PyTorch's small ops leave the second core idle)."""
     trial_retries: int = bounded(1, ge=0)
     """Times a failed trial is retried (a user error is not)."""
+    map: MapSettings = field(default_factory=MapSettings)
+    """An obfuscation map over one arm's training pressure: its cells join ``arms`` (put the null arms,
+    e.g. random-dpo, in ``arms``); see probe_dpo.workflows.experiment.obfuscation_map."""
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     """The analysis declared before the first trial (probe_dpo.analysis): minimum effects, alpha, the
     judges that decide, the null references, the comparisons; written with its sha256 to the run folder."""
@@ -382,9 +318,18 @@ class ExperimentConfig:
     report_to) to W&B (offline), MLflow (a file store) and/or TensorBoard; off by default."""
 
     def __post_init__(self):
-        unknown = [a for a in self.arms if a not in ARMS]
+        if self.map.family is not None:  # the map's coarse cells run as arms (first, in grid order)
+            cells = self.map.cells()
+            self.arms = [*cells, *(a for a in self.arms if a not in cells)]
+        unknown = []
+        for a in self.arms:
+            try:
+                arm_of(a)
+            except UserError:
+                unknown.append(a)
         if unknown:
-            raise ValueError(f"key arms: unknown arm(s) {unknown} (valid: {', '.join(ARMS)})")
+            raise ValueError(f"key arms: unknown arm(s) {unknown} (valid: {', '.join(ARMS)}, or a variant "
+                             "<arm>@<key>=<value>,...)")
         if not self.arms and self.search.arm is None:
             raise ValueError("key arms: no arms to run (and no search)")
         if self.search.arm is not None and self.search.arm not in ARMS:
@@ -407,8 +352,3 @@ def trial_specs(cfg: ExperimentConfig) -> list[dict]:
     so a run stopped part-way (or read while it runs) has every arm, with fewer seeds."""
     return [{"id": f"{arm}-s{seed}", "arm": arm, "seed": seed} for seed in cfg.seeds for arm in cfg.arms]
 
-
-def target_role(arm: str) -> str:
-    """The probe role an arm trained against (arms that train against none: the train probe,
-    the monitor a deployer would have)."""
-    return "ensemble" if ARMS[arm].probes == "ensemble" else "train"

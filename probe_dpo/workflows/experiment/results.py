@@ -8,8 +8,9 @@ from typing import Any
 
 from probe_dpo import storage
 from probe_dpo.data import json_digest
-from probe_dpo.workflows.experiment.config import ARMS, target_role
+from probe_dpo.workflows.experiment.arms import ARMS, arm_of, target_role
 from probe_dpo.workflows.experiment.evaluate import REPLICATE_EVAL, load_eval
+from probe_dpo.workflows.experiment.obfuscation_map import cell_point, phase_map
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def summarize(run: str) -> dict:
         if cache_key not in _SUMMARY_CACHE:
             _SUMMARY_CACHE[cache_key] = arm_summary(base, evals[name], roles, target_role(arm), n_boot=e["bootstrap"],
                                                     seed=e["seed"])
-        arms[name] = {**_SUMMARY_CACHE[cache_key], "about": ARMS[arm].about if arm in ARMS else ""}
+        arms[name] = {**_SUMMARY_CACHE[cache_key], "about": arm_of(arm).about}
         first = evals[name][0]["metrics"]
         arms[name]["training"] = {"data": first.get("data"), "steps": (first.get("train") or {}).get("global_step"),
                                   "rounds": first.get("rounds"),
@@ -117,7 +118,9 @@ def summarize(run: str) -> dict:
                                      outcome_judges=plan["judges"]["outcome"])
     replicate_uri = storage.join(run, "shared", REPLICATE_EVAL)
     replicate = load_eval(replicate_uri) if storage.is_complete(replicate_uri) else None
-    targets = {a: plan["targets"][a] for a in arms if a in plan["targets"]}
+    # a map's refined cells are declared by its rule (obfuscation_map): they join the family as the coarse ones
+    targets = {a: plan["targets"].get(a) or target_role(a) for a in arms
+               if a in plan["targets"] or ("map" in plan and cell_point(plan["map"], a) is not None)}
     decided = outcomes(base, evals, replicate, roles, targets, plan, out["comparisons"], seed=e["seed"])
     for name, verdict in decided["labels"].items():
         if name in arms:
@@ -133,6 +136,10 @@ def summarize(run: str) -> dict:
                                        "everything not named in the plan are exploratory"},
                        "replication": decided["replication"],
                        "judge_agreement": judge_agreement(base, plan["judges"]["in_loop"], judge_threshold(base))}
+    if "map" in plan:
+        warnings = {a: [((r["metrics"].get("train") or {}).get("early_warning") or {}).get("first_fired_step")
+                        for r in evals[a]] for a in arms}
+        out["map"] = phase_map(plan["map"], arms, warnings)
     return out
 
 
@@ -170,4 +177,4 @@ def write_results(run: str) -> dict:
     storage.write_text(storage.join(run, "results.json"), json_text(results))
     ctx = storage.read_json(storage.join(run, "shared", "context.json"))
     paths = experiment_report(run, ctx, results, histograms, training_histories(run, results["rows"])).publish(run)
-    return {"rows": results["rows"], **paths}
+    return {"rows": results["rows"], "arms": results["arms"], **paths}

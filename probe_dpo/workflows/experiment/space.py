@@ -44,7 +44,7 @@ def check_sampler(key: str, value: Any) -> dict:
         if len(args) != 1 or not isinstance(args[0], (list, tuple)) or not args[0]:
             raise ValueError(f"key {key}: {name} takes one non-empty list of values, e.g. {{{name}: [0.1, 0.3]}}, "
                              f"got {value!r}")
-        return {name: [_yaml_number(v) for v in args[0]]}
+        return {name: [yaml_number(v) for v in args[0]]}
     wanted = SAMPLERS[name]
     if len(args) != len(wanted):
         example = {"randint": "[1, 5]", "quniform": "[0.0, 2.0, 0.5]", "qloguniform": "[1.0e-6, 1.0e-4, 1.0e-6]"}
@@ -75,7 +75,7 @@ def check_sampler(key: str, value: Any) -> dict:
     return {name: numbers}
 
 
-def _yaml_number(value: Any) -> Any:
+def yaml_number(value: Any) -> Any:
     """A value of a list as a number when YAML 1.1 left it a string (it reads 1e-5 as one)."""
     import re
 

@@ -13,7 +13,8 @@ from probe_dpo.data import json_digest
 from probe_dpo.errors import UserError
 from probe_dpo.logs import setup as setup_logs
 from probe_dpo.training.loop import TRAIN_METRICS, TRAIN_STEP
-from probe_dpo.workflows.experiment.config import ARMS, ExperimentConfig, SharedInputs, target_role
+from probe_dpo.workflows.experiment.arms import ARMS, SharedInputs, arm_of, target_role
+from probe_dpo.workflows.experiment.config import ExperimentConfig
 from probe_dpo.workflows.experiment.evaluate import eval_files, load_eval, run_eval
 from probe_dpo.workflows.experiment.results import flat_metrics, write_results
 from probe_dpo.workflows.experiment.space import sampler_values
@@ -29,7 +30,7 @@ def check_arm_settings(cfg: ExperimentConfig) -> None:
     from probe_dpo.training.run import check_penalty
 
     for arm in cfg.arms:
-        tcfg = ARMS[arm].train_config(cfg, PLACEHOLDER, arm, 0, where=f"arm {arm} (its settings and arm_settings.{arm})")
+        tcfg = arm_of(arm).train_config(cfg, PLACEHOLDER, arm, 0, where=f"arm {arm} (its settings and arm_settings.{arm})")
         check_penalty(tcfg, f"arm {arm}: ")
     search = cfg.search
     if search.arm is None:
@@ -61,7 +62,7 @@ PLACEHOLDER = SharedInputs(run="r", testbed="t", base_model="m", probes={"single
 def search_base(cfg: ExperimentConfig) -> dict:
     """The searched arm's training settings before a sample's overrides (placeholder paths)."""
     arm = cfg.search.arm
-    return ARMS[arm].train_settings(cfg, PLACEHOLDER, arm, 0)
+    return arm_of(arm).train_settings(cfg, PLACEHOLDER, arm, 0)
 
 
 def check_search_plan(cfg: ExperimentConfig, base: dict) -> None:
@@ -192,7 +193,7 @@ def run_trial(config: dict, *, experiment: ExperimentConfig, shared: SharedInput
 
     setup_logs()  # a Tune trial runs in its own Ray worker process
     spec, cfg = config["spec"], experiment
-    arm, overrides = ARMS[spec["arm"]], spec.get("overrides")
+    arm, overrides = arm_of(spec["arm"]), spec.get("overrides")
     if overrides:  # named by its whole training config: the same sample of another search
         # (other base settings) is another trial; one with the same config reuses its evaluation
         sample = {k: v for k, v in trial_key_fields(arm.train_settings(cfg, shared, "-", spec["seed"],

@@ -1,0 +1,144 @@
+"""The obfuscation map: cells as arm variants, refinement at label boundaries, and a real map run
+(Tune trials on the tiny model, labelled by the declared rule, a phase diagram in the report)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from test_workflow_toxicity import tiny_config
+
+from probe_dpo.config import from_dict, load_config
+from probe_dpo.errors import UserError
+from probe_dpo.outcome import LABELS
+from probe_dpo.workflows import bundled_config
+from probe_dpo.workflows.experiment.arms import ARMS, arm_of
+from probe_dpo.workflows.experiment.config import ExperimentConfig, MapSettings
+from probe_dpo.workflows.experiment.obfuscation_map import cell_point, map_plan, midpoint, phase_map, refine
+from probe_dpo.workflows.experiment.trials import PLACEHOLDER
+
+
+def _map(**axes) -> MapSettings:
+    return MapSettings(family="probe-dpo-penalty", axes=axes)
+
+
+def test_a_variant_is_its_family_with_its_keys_applied_last():
+    arm = arm_of("probe-dpo-penalty@penalty.weight=4,dpo.beta=0.3")
+    assert (arm.family, arm.method, arm.probes) == ("probe-dpo-penalty", "probe-dpo", "single")
+    assert arm.variant == (("penalty.weight", 4), ("dpo.beta", 0.3))
+    cfg = load_config(ExperimentConfig, None, ["arms=[random-dpo]",
+                                               "arm_settings={probe-dpo-penalty: {penalty.weight: 9.0, train.lr: 3.0e-5}}"])
+    tcfg = arm.train_config(cfg, PLACEHOLDER, "t", 0)
+    # the family's own form, the family's arm_settings, then the variant's keys over them
+    assert (tcfg.penalty.form, tcfg.penalty.weight, tcfg.dpo.beta, tcfg.train.lr) == ("bce", 4.0, 0.3, 3e-5)
+    assert arm_of("probe-dpo-single@train.lr=1e-5").variant == (("train.lr", 1e-5),)  # YAML 1.1's string, a number
+    with pytest.raises(UserError, match="'dpo.beta' is not <key>=<value>"):
+        arm_of("probe-dpo-single@dpo.beta")
+    with pytest.raises(UserError, match="unknown"):
+        arm_of("magic-dpo@dpo.beta=1")
+
+
+def test_the_grid_joins_the_arms_first_and_the_plan_declares_it():
+    cfg = load_config(ExperimentConfig, None, ["arms=[random-dpo]", "map.family=probe-dpo-penalty",
+                                               "map.axes={penalty.weight: [4, 0, 1], dpo.beta: [0.5, 0.1]}"])
+    assert cfg.arms == ["probe-dpo-penalty@penalty.weight=0,dpo.beta=0.1", "probe-dpo-penalty@penalty.weight=0,dpo.beta=0.5",
+                        "probe-dpo-penalty@penalty.weight=1,dpo.beta=0.1", "probe-dpo-penalty@penalty.weight=1,dpo.beta=0.5",
+                        "probe-dpo-penalty@penalty.weight=4,dpo.beta=0.1", "probe-dpo-penalty@penalty.weight=4,dpo.beta=0.5",
+                        "random-dpo"]
+    from probe_dpo.workflows.toxicity import analysis_plan
+
+    plan = analysis_plan(cfg)
+    assert plan["map"]["coarse"] == cfg.arms[:6] and "midpoint" in plan["map"]["refine_rule"]
+    assert plan["targets"][cfg.arms[0]] == "train"
+    bundled = load_config(ExperimentConfig, bundled_config("map"))  # the declared map at the demo's scale
+    assert len(bundled.arms) == 9 and bundled.arms[-1] == "random-dpo" and bundled.map.refine_rounds == 1
+    # a run without a map declares the plan it always did (the committed runs' hashes hold)
+    assert "map" not in analysis_plan(load_config(ExperimentConfig, None, ["arms=[random-dpo]"]))
+    for bad, match in ((["map.family=nope"], "unknown arm 'nope'"),
+                       (["map.family=probe-dpo-penalty"], "one or two training keys"),
+                       (["map.axes={penalty.weight: [0, 1]}"], "name it"),
+                       (["map.family=probe-dpo-penalty", "map.axes={penalty.weight: [0, 0]}"], "repeated"),
+                       (["map.family=probe-dpo-penalty", "map.axes={penalty.weight: [1, x]}"], "at least two numbers")):
+        with pytest.raises(UserError, match=match):
+            load_config(ExperimentConfig, None, ["arms=[random-dpo]", *bad])
+
+
+def test_a_cell_point_is_read_only_from_the_maps_own_cells_only_the_maps_own_cells_inside_its_range():
+    plan = map_plan(_map(**{"penalty.weight": [0, 4], "dpo.beta": [0.1, 0.5]}))
+    assert cell_point(plan, "probe-dpo-penalty@penalty.weight=2,dpo.beta=0.2236") == (2.0, 0.2236)
+    assert cell_point(plan, "probe-dpo-penalty@dpo.beta=0.1,penalty.weight=4") == (4.0, 0.1)  # order of the axes
+    for other in ("random-dpo", "probe-dpo-penalty@penalty.weight=8,dpo.beta=0.1",  # outside the declared range
+                  "probe-dpo-single@penalty.weight=2,dpo.beta=0.1", "probe-dpo-penalty@penalty.weight=2",
+                  "not-an-arm@x=1"):
+        assert cell_point(plan, other) is None
+
+
+def test_refinement_bisects_only_where_neighbours_disagree():
+    assert (midpoint(1, 4), midpoint(0, 1), midpoint(0.1, 0.5)) == (2.0, 0.5, 0.2236)
+    settings = _map(**{"penalty.weight": [0.0, 1.0, 4.0], "dpo.beta": [0.1, 0.5]})
+    cells = settings.cells()
+    labels = {c: "blatant" for c in cells}
+    assert refine(settings, labels) == []  # one label everywhere: no boundary, nothing to add
+    hiding = "obfuscated activations"
+    labels.update({settings.cell((4.0, 0.1)): hiding, settings.cell((4.0, 0.5)): hiding, "random-dpo": "blatant"})
+    assert refine(settings, labels) == [settings.cell((2.0, 0.1)), settings.cell((2.0, 0.5))]
+    # the next round bisects the half that still disagrees, and none already run
+    labels.update({settings.cell((2.0, 0.1)): hiding, settings.cell((2.0, 0.5)): "blatant"})
+    assert refine(settings, labels) == [settings.cell((1.414, 0.1)), settings.cell((2.828, 0.5)),
+                                        settings.cell((2.0, 0.2236))]
+    assert refine(MapSettings(family=settings.family, axes=settings.axes, refine_cells=1), labels) == \
+        [settings.cell((1.414, 0.1))]
+
+
+def test_the_phase_map_reads_each_cells_label_and_its_boundaries():
+    settings = _map(**{"penalty.weight": [0, 4]})
+    plan = map_plan(settings)
+    low, high, mid = settings.cell((0.0,)), settings.cell((4.0,)), settings.cell((2.0,))
+
+    def arm(label, tpr):
+        return {"seeds": 2, "outcome": {"label": label, "coordinates": {"text": {"estimate": -0.01, "ci_low": -0.02,
+                                                                                  "ci_high": 0.0, "status": "none"}}},
+                "fixed": {"train": {"tpr": {"delta": tpr}}}}
+
+    phase = phase_map(plan, {high: arm("obfuscated activations", -0.4), "random-dpo": arm("blatant", 0.0),
+                             low: arm("blatant", 0.0), mid: arm("blatant", -0.1)}, {high: [3, None]})
+    assert [c["arm"] for c in phase["cells"]] == [low, mid, high]
+    assert [c["stage"] for c in phase["cells"]] == ["coarse", "refined", "coarse"]
+    assert phase["cells"][2]["tpr_change"] == {"train": -0.4, "held_out": None, "retrained": None}
+    assert phase["cells"][2]["early_warning_step"] == [3, None]
+    assert phase["boundaries"] == [{"axis": "penalty.weight", "between": [mid, high],
+                                    "labels": ["blatant", "obfuscated activations"]}]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_map_runs_its_cells_as_trials_and_draws_them(tiny_model_dir, tmp_path):
+    """Two cells of probe-DPO with the penalty (weight 0 and 4) on the tiny model (the null band: the
+    base sampled again; no null arm, to keep the suite short), the early warning on in every cell:
+    each cell trains with its own weight, is labelled by the declared rule, and the map (results.json,
+    report) shows both with the warning's record; the refinement round finds one label and adds nothing."""
+    from probe_dpo.workflows.toxicity import run
+
+    raw = tiny_config(str(tiny_model_dir), str(tmp_path / "run"), [])
+    raw.update(map={"family": "probe-dpo-penalty", "axes": {"penalty.weight": [0, 4]}, "refine_rounds": 1},
+               arm_settings={"probe-dpo-penalty": {"early_warning.every_steps": 1, "early_warning.prompts": 4}},
+               distributed={"workers": 1})
+    out = run(from_dict(ExperimentConfig, raw, "test config"))
+    cells = ["probe-dpo-penalty@penalty.weight=0", "probe-dpo-penalty@penalty.weight=4"]
+    assert sorted(r["arm"] for r in out["rows"]) == cells
+    for cell, weight in zip(cells, (0.0, 4.0)):
+        trial = tmp_path / "run" / "trials" / f"{cell}-s0"
+        assert json.loads((trial / "eval" / "metrics.json").read_text())["arm"] == cell
+        trained = yaml.safe_load((trial / "train" / "config.yaml").read_text())
+        assert (trained["penalty"]["weight"], trained["penalty"]["form"]) == (weight, "bce")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    phase = results["map"]
+    assert [c["arm"] for c in phase["cells"]] == cells and {c["stage"] for c in phase["cells"]} == {"coarse"}
+    assert all(c["label"] in LABELS for c in phase["cells"])  # labelled by the plan, not exploratory
+    assert all(len(c["early_warning_step"]) == 1 for c in phase["cells"])
+    plan = json.loads((tmp_path / "run" / "analysis-plan.json").read_text())["plan"]
+    assert plan["map"]["coarse"] == cells and set(plan["targets"]) == set(cells)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Obfuscation map: probe-dpo-penalty over penalty.weight" in report
+    assert (tmp_path / "run" / "figures" / "obfuscation_map.png").stat().st_size > 5000
+    assert "probe-dpo-penalty" in ARMS  # the family itself is untouched
