@@ -52,7 +52,7 @@ def test_the_grid_joins_the_arms_first_and_the_plan_declares_it():
     assert plan["map"]["coarse"] == cfg.arms[:6] and "midpoint" in plan["map"]["refine_rule"]
     assert plan["targets"][cfg.arms[0]] == "train"
     bundled = load_config(ExperimentConfig, bundled_config("map"))  # the declared map at the demo's scale
-    assert len(bundled.arms) == 9 and bundled.arms[-1] == "random-dpo" and bundled.map.refine_rounds == 1
+    assert len(bundled.arms) == 7 and bundled.arms[-1] == "random-dpo" and bundled.map.refine_rounds == 1
     # a run without a map declares the plan it always did (the committed runs' hashes hold)
     assert "map" not in analysis_plan(load_config(ExperimentConfig, None, ["arms=[random-dpo]"]))
     for bad, match in ((["map.family=nope"], "unknown arm 'nope'"),
