@@ -126,3 +126,34 @@ def test_a_train_job_reaches_the_worker_unchanged(tiny_model_dir):
     job = TrainJob(cfg=cfg, kind="dpo", data="d.jsonl", model=str(tiny_model_dir), reference=str(tiny_model_dir),
                    policy="p", round=0, config_hash="h", generation={"max_new_tokens": 20}, env={"HF_HOME": "x"})
     assert _pickled(job) == job and _pickled(job).cfg.trl == {"logging_steps": 3}
+
+
+def test_the_evaluation_context_is_one_typed_object_with_the_keys_it_had(tmp_path):
+    """``EvalContext`` reaches a trial and a Ray task as it is (pickled); ``shared/context.json`` gets
+    the same fields the dict form had, and the base evaluation's key is the digest the dict form gave
+    (computed with the code before the class, for the demo's config), so finished runs are reused."""
+    import dataclasses
+    import json
+
+    from probe_dpo.data import json_digest
+    from probe_dpo.workflows import bundled_config
+    from probe_dpo.workflows.experiment.evaluate import EvalContext, eval_context
+
+    testbed = tmp_path / "testbed"
+    testbed.mkdir()
+    (testbed / "testbed.json").write_text(json.dumps({"config": {"generation": {"max_new_tokens": 20,
+                                                                                "dtype": "auto"}}}))
+    cfg = load_config(ExperimentConfig, bundled_config("demo"), ["distributed.use_gpu=false"])
+    probes = {"ensemble": "/r/probes/ensemble", "best_layer": 18, "ensemble_layers": [18, 2, 8, 10],
+              "best_probe": "train-L18", "held_out": ["heldout-L4", "heldout-data-L18"]}
+    ctx = eval_context(cfg, "/r", {"uri": str(testbed), "model": "/r/model", "info": {}}, probes)
+    assert isinstance(ctx, EvalContext) and _pickled(ctx) == ctx
+    assert ctx.eval is cfg.eval and ctx.retrain_layers == (2, 8, 10, 18) and ctx.threshold == 0.5
+    as_json = json.loads(json.dumps(ctx.to_dict()))
+    assert set(as_json) == {"run", "testbed", "base_model", "probes", "retrain_layers", "best_probe", "best_layer",
+                            "held_out", "generation", "eval", "threads", "use_gpu", "accelerator_type", "behaviour",
+                            "threshold"}
+    assert as_json["eval"]["heldout_prompts"] == 200 and as_json["generation"]["max_new_tokens"] == 20
+    assert json_digest([probes["ensemble"], "c" * 64, *ctx.key()])[:12] == "b8a64320e8c6"
+    replicate = dataclasses.replace(ctx, eval=dataclasses.replace(ctx.eval, seed=ctx.eval.seed + 1), threads=None)
+    assert (replicate.eval.seed, ctx.eval.seed, replicate.threads) == (1235, 1234, None)

@@ -50,7 +50,7 @@ from probe_dpo.testbed.behaviour import TOXICITY
 from probe_dpo.workflows import bundled_config
 from probe_dpo.workflows.experiment.arms import SharedInputs, target_role
 from probe_dpo.workflows.experiment.config import ExperimentConfig, trial_specs
-from probe_dpo.workflows.experiment.evaluate import base_evaluation, eval_context
+from probe_dpo.workflows.experiment.evaluate import EvalContext, base_evaluation, eval_context
 from probe_dpo.workflows.experiment.obfuscation_map import map_plan, refine
 from probe_dpo.workflows.experiment.results import write_results
 from probe_dpo.workflows.experiment.stages import (
@@ -97,9 +97,9 @@ def run(cfg: ExperimentConfig) -> dict:
         record_timing(run_uri, "testbed", time.perf_counter() - t)
     probes = prepare_probes(cfg, run_uri, tb)  # each stage records its time when it runs
     ctx = eval_context(cfg, run_uri, tb, probes)
-    storage.write_json(storage.join(run_uri, "shared", "context.json"), {**ctx, "arms": cfg.arms, "seeds": cfg.seeds,
-                                                                         "probes_summary": probes})
-    base_key = json_digest([probes["ensemble"], tb["info"]["content_hash"], ctx["eval"], ctx["generation"]])
+    storage.write_json(storage.join(run_uri, "shared", "context.json"),
+                       {**ctx.to_dict(), "arms": cfg.arms, "seeds": cfg.seeds, "probes_summary": probes})
+    base_key = json_digest([probes["ensemble"], tb["info"]["content_hash"], *ctx.key()])
     base_evaluation(ctx, base_key)
     if cfg.analysis.base_replicate:
         base_evaluation(ctx, base_key, replicate_offset=cfg.analysis.replicate_seed_offset)
@@ -125,7 +125,7 @@ def run(cfg: ExperimentConfig) -> dict:
     return out
 
 
-def run_trials(cfg: ExperimentConfig, shared: SharedInputs, ctx: dict, base_key: str, specs: list[dict]) -> None:
+def run_trials(cfg: ExperimentConfig, shared: SharedInputs, ctx: EvalContext, base_key: str, specs: list[dict]) -> None:
     """The trials of ``specs`` that are not complete yet, as one Tune experiment."""
     todo = [s for s in specs if not storage.is_complete(storage.join(shared.run, "trials", s["id"], "eval"))]
     if len(todo) < len(specs):

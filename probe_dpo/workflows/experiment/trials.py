@@ -15,7 +15,7 @@ from probe_dpo.logs import setup as setup_logs
 from probe_dpo.training.loop import TRAIN_METRICS, TRAIN_STEP
 from probe_dpo.workflows.experiment.arms import ARMS, SharedInputs, arm_of, target_role
 from probe_dpo.workflows.experiment.config import ExperimentConfig
-from probe_dpo.workflows.experiment.evaluate import eval_files, load_eval, run_eval
+from probe_dpo.workflows.experiment.evaluate import EvalContext, eval_files, load_eval, run_eval
 from probe_dpo.workflows.experiment.results import flat_metrics, write_results
 from probe_dpo.workflows.experiment.space import sampler_values
 from probe_dpo.workflows.experiment.stages import cached, publish_json
@@ -172,7 +172,7 @@ def _train_progress_to_tune() -> Any:
     return TrainProgressToTune()
 
 
-def run_trial(config: dict, *, experiment: ExperimentConfig, shared: SharedInputs, ctx: dict,
+def run_trial(config: dict, *, experiment: ExperimentConfig, shared: SharedInputs, ctx: EvalContext,
               base_key: str) -> None:
     """A Tune function trainable: train one arm and seed on Ray Train, evaluate, report.
 
@@ -200,7 +200,7 @@ def run_trial(config: dict, *, experiment: ExperimentConfig, shared: SharedInput
                                                                        overrides)).items() if k != "out"}
         spec = {**spec, "id": f"search-{spec['arm']}-{json_digest(sample)[:8]}"}
     tdict = arm.train_settings(cfg, shared, spec["id"], spec["seed"], overrides)
-    key = json_digest([trial_key_fields(tdict), ctx["eval"], base_key])
+    key = json_digest([trial_key_fields(tdict), to_dict(ctx.eval), base_key])
     eval_uri = storage.join(shared.run, "trials", spec["id"], "eval")
     if not cached(eval_uri, key, f"trial {spec['id']}"):
         tcfg = arm.train_config(cfg, shared, spec["id"], spec["seed"], overrides)
@@ -211,7 +211,7 @@ def run_trial(config: dict, *, experiment: ExperimentConfig, shared: SharedInput
             summary = train(tcfg)
         else:
             summary = train(tcfg, callbacks=[TuneReportCallback()])
-        reference = load_eval(storage.join(ctx["run"], "shared", "base-eval"))
+        reference = load_eval(storage.join(ctx.run, "shared", "base-eval"))
         result = run_eval(summary["policy"], ctx, reference, target_role(spec["arm"]))
         last = summary["rounds"][-1]
         result["metrics"].update(arm=spec["arm"], seed=spec["seed"], trial=spec["id"],
@@ -238,7 +238,7 @@ def _report_callback(run: str):
     return ReportOnComplete()
 
 
-def run_tune(cfg: ExperimentConfig, shared: SharedInputs, ctx: dict, base_key: str, specs: list[dict],
+def run_tune(cfg: ExperimentConfig, shared: SharedInputs, ctx: EvalContext, base_key: str, specs: list[dict],
              search: bool = False) -> dict | None:
     """Run the arms' trials (a grid over ``specs``), or the search, as one Tune experiment.
 
@@ -266,7 +266,7 @@ def run_tune(cfg: ExperimentConfig, shared: SharedInputs, ctx: dict, base_key: s
         tune_config = tune.TuneConfig(num_samples=s.num_samples, metric=s.metric if single else None,
                                       mode=s.mode if single else None, scheduler=search_scheduler(s, max_t),
                                       search_alg=search_algorithm(s), max_concurrent_trials=cfg.concurrent_trials)
-        name = f"search-{s.arm}-" + json_digest([to_dict(s), trial_key_fields(base), ctx["eval"], base_key])[:8]
+        name = f"search-{s.arm}-" + json_digest([to_dict(s), trial_key_fields(base), to_dict(ctx.eval), base_key])[:8]
         metric = s.metrics
     else:
         param_space = {"spec": tune.grid_search(specs)}
