@@ -95,27 +95,27 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from probe_dpo.workflows import toxicity
+    from probe_dpo.workflows.experiment import driver
 
     args.config = "demo"
     args.address = None
-    return toxicity.run_from_args(args)
+    return driver.run_from_args(args)
 
 
 def _add_experiment(sub: argparse._SubParsersAction) -> None:
-    from probe_dpo.workflows import toxicity
+    from probe_dpo.workflows.experiment import driver
 
-    exp = sub.add_parser("experiment", help="the toxicity experiment: Tune driver over arms, Goodhart metrics, report",
-                         description="Runs probe_dpo/workflows/toxicity.py (what `ray job submit -- probe-dpo experiment` runs): "
+    exp = sub.add_parser("experiment", help="the experiment (toxicity, sentiment or your behaviour): Tune driver over arms, Goodhart metrics, report",
+                         description="Runs probe_dpo/workflows/experiment/driver.py (what `ray job submit -- probe-dpo experiment` runs): "
                                      "testbed, probes, one Ray Tune trial per arm and seed (Ray Train + DeepSpeed), "
                                      "evaluation, results.json and report.md/.html in the run folder. Re-running "
                                      "the same command skips complete trials and resumes interrupted ones.")
-    toxicity.add_arguments(exp)
+    driver.add_arguments(exp)
     config = next(a for a in exp._actions if a.dest == "config")
     names = sorted(bundled_configs("experiment"), key=lambda n: n != config.default)
     config.help = "YAML config file, or a bundled config by name: " + ", ".join(
         f"{n} (default)" if n == config.default else n for n in names)
-    exp.set_defaults(handler=lambda args: toxicity.run_from_args(args))
+    exp.set_defaults(handler=lambda args: driver.run_from_args(args))
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:

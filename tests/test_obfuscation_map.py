@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from test_workflow_toxicity import tiny_config
+from test_experiment_driver import tiny_config
 
 from probe_dpo.config import from_dict, load_config
 from probe_dpo.errors import UserError
@@ -46,7 +46,7 @@ def test_the_grid_joins_the_arms_first_and_the_plan_declares_it():
                         "probe-dpo-penalty@penalty.weight=1,dpo.beta=0.1", "probe-dpo-penalty@penalty.weight=1,dpo.beta=0.5",
                         "probe-dpo-penalty@penalty.weight=4,dpo.beta=0.1", "probe-dpo-penalty@penalty.weight=4,dpo.beta=0.5",
                         "random-dpo"]
-    from probe_dpo.workflows.toxicity import analysis_plan
+    from probe_dpo.workflows.experiment.driver import analysis_plan
 
     plan = analysis_plan(cfg)
     assert plan["map"]["coarse"] == cfg.arms[:6] and "midpoint" in plan["map"]["refine_rule"]
@@ -117,7 +117,7 @@ def test_a_map_runs_its_cells_as_trials_and_draws_them(tiny_model_dir, tmp_path)
     base sampled again; no null arm, to keep the suite short), the early warning on in every cell:
     each cell trains with its own weight, is labelled by the declared rule, and the map (results.json,
     report) shows both with the warning's record; the refinement round finds one label and adds nothing."""
-    from probe_dpo.workflows.toxicity import run
+    from probe_dpo.workflows.experiment.driver import run
 
     raw = tiny_config(str(tiny_model_dir), str(tmp_path / "run"), [])
     raw.update(map={"family": "probe-dpo-penalty", "axes": {"penalty.weight": [0, 4]}, "refine_rounds": 1},

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import free_ports, submit_job
-from test_workflow_toxicity import tiny_config
+from test_experiment_driver import tiny_config
 
 from probe_dpo import storage
 

@@ -2,7 +2,7 @@
 ASHA on a training metric reported while trials train, several objectives with the Pareto set
 in results.json, and a re-run that resumes the search's Tune experiment (``Tuner.restore``).
 
-The searches run the experiment on the tiny random model (tests/test_workflow_toxicity.py's
+The searches run the experiment on the tiny random model (tests/test_experiment_driver.py's
 ``tiny_config``) with no arms besides the search, sharing one run folder (the testbed, probes
 and base evaluation are built once)."""
 
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_workflow_toxicity import tiny_config
+from test_experiment_driver import tiny_config
 
 
 def test_pareto_front_keeps_the_non_dominated_points():
@@ -84,7 +84,7 @@ def _search(model: Path, run: Path, max_steps: int, **search) -> dict:
 def _run(raw: dict) -> tuple[dict, dict]:
     from probe_dpo.config import from_dict
     from probe_dpo.workflows.experiment.config import ExperimentConfig
-    from probe_dpo.workflows.toxicity import run
+    from probe_dpo.workflows.experiment.driver import run
 
     run(from_dict(ExperimentConfig, raw, "test config"))
     results = json.loads((Path(raw["storage"]) / "results.json").read_text())

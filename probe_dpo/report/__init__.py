@@ -9,7 +9,7 @@ previous report or the new one, never a half-written page. Workflows rebuild and
 their report as results come in.
 
 The workflow-specific reports are built from these blocks by their own modules
-(``probe_dpo.report.toxicity``; the attribution study's in its workflow), from data the
+(``probe_dpo.report.experiment``; the attribution study's in its workflow), from data the
 workflow hands them: a report never reads a run folder's layout.
 """
 

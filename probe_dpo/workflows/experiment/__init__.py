@@ -1,2 +1,2 @@
-"""The experiment behind ``probe-dpo experiment`` (``probe_dpo.workflows.toxicity`` runs it):
+"""The experiment behind ``probe-dpo experiment`` (``driver`` runs it):
 its config, shared stages, evaluation, Tune trials and results, one module each."""

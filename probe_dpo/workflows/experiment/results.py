@@ -158,7 +158,7 @@ def training_histories(run: str, rows: list[dict]) -> dict[str, list]:
 def write_results(run: str) -> dict:
     """results.json (per trial, per arm, comparisons, timings, each search's trials and Pareto
     set) and the report, from storage."""
-    from probe_dpo.report.toxicity import experiment_report
+    from probe_dpo.report.experiment import experiment_report
     from probe_dpo.storage import json_text
 
     results = summarize(run)

@@ -92,7 +92,7 @@ def test_on_a_joined_cluster_the_driver_runs_no_model_forward(ray_cluster, tiny_
     import torch
 
     from probe_dpo.config import from_dict
-    from probe_dpo.workflows.toxicity import run
+    from probe_dpo.workflows.experiment.driver import run
 
     calls: list[str] = []
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, _: calls.append(type(m).__name__))

@@ -1,4 +1,5 @@
-"""The toxicity experiment: train against probes, measure Goodhart, on a Ray Tune driver.
+"""The experiment (any behaviour: toxicity and sentiment are configs): train against probes,
+measure Goodhart, on a Ray Tune driver.
 
 ``probe-dpo experiment --config toxicity [--storage URI] [--address RAY]`` and
 ``ray job submit -- probe-dpo experiment ...`` run this module's ``run``. One run:
