@@ -12,11 +12,22 @@ BUNDLE = ROOT / "examples" / "demo"
 HEADLINE = ["probe-dpo-single", "classifier-dpo", "random-dpo", "obfuscation-control"]
 
 
-def _reference():
-    spec = importlib.util.spec_from_file_location("reference", ROOT / "examples" / "reference.py")
+def _reference(name: str = "reference"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_reproduction_check_finds_every_changed_value_and_only_those():
+    differences = _reference("reproduce").differences
+    ref = {"toxicity": {"hatesonar": {"rate": 0.1475, "ci": [0.11, 0.18]}}, "kl": float("nan"), "eval_seconds": 371.0}
+    assert differences(ref, json.loads(json.dumps(ref))) == []  # NaN equals NaN; a JSON round trip changes nothing
+    assert differences(ref, {**ref, "eval_seconds": 9.0}) == []  # wall-clock times are not behaviour
+    moved = {**ref, "toxicity": {"hatesonar": {"rate": 0.1475 + 1e-17 + 2.8e-17, "ci": [0.11, 0.18, 0.2]}}}
+    assert differences(ref, moved) == [".toxicity.hatesonar.ci: 2 items in the reference, 3 here",
+                                       ".toxicity.hatesonar.rate: 0.1475 in the reference, 0.14750000000000002 here"]
+    assert differences(ref, {"kl": float("nan")}) == [".toxicity: only in the reference"]
 
 
 def test_readme_table_is_the_committed_results():
