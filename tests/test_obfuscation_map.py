@@ -27,8 +27,8 @@ def test_a_variant_is_its_family_with_its_keys_applied_last():
     arm = arm_of("probe-dpo-penalty@penalty.weight=4,dpo.beta=0.3")
     assert (arm.family, arm.method, arm.probes) == ("probe-dpo-penalty", "probe-dpo", "single")
     assert arm.variant == (("penalty.weight", 4), ("dpo.beta", 0.3))
-    cfg = load_config(ExperimentConfig, None, ["arms=[random-dpo]",
-                                               "arm_settings={probe-dpo-penalty: {penalty.weight: 9.0, train.lr: 3.0e-5}}"])
+    family_keys = "arm_settings={probe-dpo-penalty: {penalty.weight: 9.0, train.lr: 3.0e-5}}"
+    cfg = load_config(ExperimentConfig, None, ["arms=[random-dpo]", family_keys])
     tcfg = arm.train_config(cfg, PLACEHOLDER, "t", 0)
     # the family's own form, the family's arm_settings, then the variant's keys over them
     assert (tcfg.penalty.form, tcfg.penalty.weight, tcfg.dpo.beta, tcfg.train.lr) == ("bce", 4.0, 0.3, 3e-5)
@@ -42,10 +42,8 @@ def test_a_variant_is_its_family_with_its_keys_applied_last():
 def test_the_grid_joins_the_arms_first_and_the_plan_declares_it():
     cfg = load_config(ExperimentConfig, None, ["arms=[random-dpo]", "map.family=probe-dpo-penalty",
                                                "map.axes={penalty.weight: [4, 0, 1], dpo.beta: [0.5, 0.1]}"])
-    assert cfg.arms == ["probe-dpo-penalty@penalty.weight=0,dpo.beta=0.1", "probe-dpo-penalty@penalty.weight=0,dpo.beta=0.5",
-                        "probe-dpo-penalty@penalty.weight=1,dpo.beta=0.1", "probe-dpo-penalty@penalty.weight=1,dpo.beta=0.5",
-                        "probe-dpo-penalty@penalty.weight=4,dpo.beta=0.1", "probe-dpo-penalty@penalty.weight=4,dpo.beta=0.5",
-                        "random-dpo"]
+    assert cfg.arms == [f"probe-dpo-penalty@penalty.weight={w},dpo.beta={b}" for w in (0, 1, 4) for b in (0.1, 0.5)] \
+        + ["random-dpo"]
     from probe_dpo.workflows.experiment.driver import analysis_plan
 
     plan = analysis_plan(cfg)
@@ -59,7 +57,7 @@ def test_the_grid_joins_the_arms_first_and_the_plan_declares_it():
                        (["map.family=probe-dpo-penalty"], "one or two training keys"),
                        (["map.axes={penalty.weight: [0, 1]}"], "name it"),
                        (["map.family=probe-dpo-penalty", "map.axes={penalty.weight: [0, 0]}"], "repeated"),
-                       (["map.family=probe-dpo-penalty", "map.axes={penalty.weight: [1, x]}"], "at least two numbers")):
+                       (["map.family=probe-dpo-penalty", "map.axes={penalty.weight: [1, x]}"], "numbers or all names")):
         with pytest.raises(UserError, match=match):
             load_config(ExperimentConfig, None, ["arms=[random-dpo]", *bad])
 
@@ -142,3 +140,34 @@ def test_a_map_runs_its_cells_as_trials_and_draws_them(tiny_model_dir, tmp_path)
     assert "Obfuscation map: probe-dpo-penalty over penalty.weight" in report
     assert (tmp_path / "run" / "figures" / "obfuscation_map.png").stat().st_size > 5000
     assert "probe-dpo-penalty" in ARMS  # the family itself is untouched
+
+
+def test_an_axis_of_names_is_a_category_drawn_side_by_side_and_never_refined(tmp_path):
+    """penalty.form x penalty.weight: the form's cells keep their declared order, a boundary along the
+    form is reported but not bisected (nothing lies between two names), the weight's is."""
+    from probe_dpo.report import Report
+    from probe_dpo.report.obfuscation_map import map_section
+
+    settings = MapSettings(family="probe-dpo-penalty", axes={"penalty.form": ["logit", "bce"],
+                                                             "penalty.weight": [1, 4]})
+    assert settings.axes == {"penalty.form": ["logit", "bce"], "penalty.weight": [1.0, 4.0]}
+    assert not settings.numeric("penalty.form") and settings.numeric("penalty.weight")
+    plan = map_plan(settings)
+    assert plan["coarse"][0] == "probe-dpo-penalty@penalty.form=logit,penalty.weight=1"
+    assert cell_point(plan, "probe-dpo-penalty@penalty.form=bce,penalty.weight=4") == ("bce", 4.0)
+    assert cell_point(plan, "probe-dpo-penalty@penalty.form=hinge,penalty.weight=4") is None  # not on its axis
+    labels = {c: "blatant" for c in plan["coarse"]}
+    labels[settings.cell(("bce", 4.0))] = "obfuscated activations"  # differs from logit@4 and from bce@1
+    assert refine(settings, labels) == [settings.cell(("bce", 2.0))]
+    arms = {c: {"seeds": 1, "outcome": {"label": lab}} for c, lab in labels.items()}
+    phase = phase_map(plan, arms, {})
+    assert [tuple(c["point"].values()) for c in phase["cells"]] == [("logit", 1.0), ("logit", 4.0), ("bce", 1.0),
+                                                                    ("bce", 4.0)]
+    assert sorted(b["axis"] for b in phase["boundaries"]) == ["penalty.form", "penalty.weight"]
+    rep = Report("map")
+    map_section(rep, phase)
+    paths = rep.publish(str(tmp_path))
+    assert "penalty.form=bce, penalty.weight=4" in (tmp_path / "report.md").read_text() and paths
+    assert (tmp_path / "figures" / "obfuscation_map.png").stat().st_size > 5000
+    with pytest.raises(ValueError, match="all numbers or all names"):
+        MapSettings(family="probe-dpo-penalty", axes={"penalty.weight": [1, "bce"]})

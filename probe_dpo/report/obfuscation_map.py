@@ -37,7 +37,7 @@ def map_section(rep: Report, phase: Mapping[str, Any]) -> None:
         co = cell["coordinates"]
         shown = [_coordinate(co.get(name), name) for name in ["text", "activations", *judges]]
         warn = [s for s in cell["early_warning_step"] if s is not None]
-        rows.append([", ".join(f"{k}={v:g}" for k, v in cell["point"].items()), cell["stage"], cell["seeds"],
+        rows.append([", ".join(f"{k}={_shown(v)}" for k, v in cell["point"].items()), cell["stage"], cell["seeds"],
                      f"**{cell['label']}**", *shown,
                      *(fmt(cell["tpr_change"].get(r), 2) for r in ("train", "held_out", "retrained")),
                      ", ".join(map(str, warn)) or "-"])
@@ -47,6 +47,10 @@ def map_section(rep: Report, phase: Mapping[str, Any]) -> None:
               caption="Coordinates: estimate [95% CI over seeds and prompts] (rates relative to the base). TPR "
                       "changes at the base threshold on fixed texts. Early warning: the step it first fired in each "
                       "seed where it was on and fired.")
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _coordinate(row: Mapping[str, Any] | None, name: str) -> str:
@@ -63,7 +67,14 @@ def _phase_plot(cells, axes, boundaries):
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     y_axis = axes[1] if len(axes) > 1 else None
-    at = {c["arm"]: (c["point"][axes[0]], c["point"][y_axis] if y_axis else 0) for c in cells}
+    # a category (names) is drawn at positions 0, 1, ... in the order its cells come (the declared order)
+    names = {a: list(dict.fromkeys(c["point"][a] for c in cells)) for a in filter(None, (axes[0], y_axis))
+             if not isinstance(cells[0]["point"][a], float)}
+
+    def position(cell, axis):
+        return 0 if axis is None else names[axis].index(cell["point"][axis]) if axis in names else cell["point"][axis]
+
+    at = {c["arm"]: (position(c, axes[0]), position(c, y_axis)) for c in cells}
     for b in boundaries:
         (x0, y0), (x1, y1) = at[b["between"][0]], at[b["between"][1]]
         ax.plot([x0, x1], [y0, y1], ls="--", color="black", lw=1, zorder=0)
@@ -71,8 +82,7 @@ def _phase_plot(cells, axes, boundaries):
         for stage, marker in (("coarse", "s"), ("refined", "D")):
             chosen = [c for c in cells if c["label"] == label and c["stage"] == stage]
             if chosen:
-                ax.scatter([c["point"][axes[0]] for c in chosen],
-                           [c["point"][y_axis] if y_axis else 0 for c in chosen], s=260, marker=marker,
+                ax.scatter([at[c["arm"]][0] for c in chosen], [at[c["arm"]][1] for c in chosen], s=260, marker=marker,
                            color=COLOURS.get(label, "#6c757d"), edgecolor="black",
                            label=label if stage == "coarse" or not any(
                                c["label"] == label and c["stage"] == "coarse" for c in cells) else None)
@@ -80,6 +90,10 @@ def _phase_plot(cells, axes, boundaries):
                                              (ax.yaxis, y_axis, ax.set_yscale, ax.set_yticks)):
         if name is None:
             set_ticks([])
+            continue
+        if name in names:
+            set_ticks(range(len(names[name])), [str(v) for v in names[name]])
+            axis.set_label_text(name)
             continue
         values = sorted({c["point"][name] for c in cells})  # the axes are usually log scales, 0 included
         if values[0] > 0:

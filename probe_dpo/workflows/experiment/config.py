@@ -137,7 +137,9 @@ class MapSettings:
     """None: no map. Else the arm whose training keys the axes sweep (e.g. probe-dpo-penalty)."""
     axes: dict[str, list[Any]] = field(default_factory=dict)
     """One or two dotted training keys -> their coarse values, e.g. {penalty.weight: [0, 1, 4],
-    dpo.beta: [0.1, 0.5]} (0 included: the family without the pressure is the map's own baseline)."""
+    dpo.beta: [0.1, 0.5]} (0 included: the family without the pressure is the map's own baseline).
+    An axis of names (penalty.form: [bce, logit], grpo.reader: [policy, frozen]) is a category:
+    its cells are drawn side by side and never refined (there is no value between two names)."""
     refine_rounds: int = bounded(0, ge=0, le=5)
     """Rounds of boundary refinement after the coarse grid: each adds the midpoint (geometric
     between positive values, else arithmetic) of every pair of neighbouring cells whose labels differ."""
@@ -157,14 +159,19 @@ class MapSettings:
             raise ValueError(f"key map.axes: one or two training keys, e.g. {{penalty.weight: [0, 1, 4]}}, "
                              f"got {len(self.axes)}")
         for key, values in self.axes.items():
-            numbers = [yaml_number(v) for v in values or []]
-            if len(numbers) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
-                raise ValueError(f"key map.axes.{key}: at least two numbers, got {values!r}")
-            if len(set(numbers)) != len(numbers):
+            given = [yaml_number(v) for v in values or []] if isinstance(values, list) else []
+            numbers = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in given]
+            if len(given) < 2 or (any(numbers) and not all(numbers)):
+                raise ValueError(f"key map.axes.{key}: at least two values, all numbers or all names, got {values!r}")
+            if len(set(given)) != len(given):
                 raise ValueError(f"key map.axes.{key}: repeated values {values!r}")
-            self.axes[key] = sorted(float(v) for v in numbers)
+            self.axes[key] = sorted(float(v) for v in given) if all(numbers) else given
 
-    def cell(self, coords: tuple[float, ...]) -> str:
+    def numeric(self, axis: str) -> bool:
+        """Whether an axis holds numbers (refined, drawn on a scale) rather than names (a category)."""
+        return isinstance(self.axes[axis][0], float)
+
+    def cell(self, coords: tuple[Any, ...]) -> str:
         """The variant named for one point of the axes (in the axes' order)."""
         return variant_name(self.family, dict(zip(self.axes, coords)))
 

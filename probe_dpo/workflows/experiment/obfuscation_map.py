@@ -37,9 +37,10 @@ def map_plan(settings: MapSettings) -> dict:
     return {**to_dict(settings), "coarse": settings.cells(), "refine_rule": REFINE_RULE}
 
 
-def cell_point(plan_map: Mapping[str, Any], name: str) -> tuple[float, ...] | None:
+def cell_point(plan_map: Mapping[str, Any], name: str) -> tuple[Any, ...] | None:
     """A cell's point on the map's axes; None for an arm that is not a cell of this map (another
-    arm, another family, other keys, or a value outside the axes' range: not declared by the rule)."""
+    arm, another family, other keys, a number outside its axis' range or a name not on its axis:
+    not declared by the rule)."""
     try:
         arm = arm_of(name)
     except UserError:
@@ -48,10 +49,16 @@ def cell_point(plan_map: Mapping[str, Any], name: str) -> tuple[float, ...] | No
     axes = plan_map["axes"]
     if arm.family != plan_map["family"] or set(keys) != set(axes):
         return None
-    point = tuple(float(keys[axis]) for axis in axes)
-    if not all(min(values) <= v <= max(values) for v, values in zip(point, axes.values())):
-        return None
-    return point
+    point = []
+    for axis, values in axes.items():
+        value = keys[axis]
+        if not isinstance(values[0], float):  # a category: one of its names
+            if value not in values:
+                return None
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not min(values) <= value <= max(values):
+            return None
+        point.append(value if not isinstance(values[0], float) else float(value))
+    return tuple(point)
 
 
 def midpoint(a: float, b: float) -> float:
@@ -65,8 +72,10 @@ def refine(settings: MapSettings, labels: Mapping[str, str]) -> list[str]:
     """The next round's cells: midpoints between labelled neighbours whose labels differ (see REFINE_RULE)."""
     plan_map = {"family": settings.family, "axes": settings.axes}
     points = {p: lab for name, lab in labels.items() if (p := cell_point(plan_map, name)) is not None}
-    new: list[tuple[float, ...]] = []
-    for i in range(len(settings.axes)):
+    new: list[tuple[Any, ...]] = []
+    for i, axis in enumerate(settings.axes):
+        if not settings.numeric(axis):  # no value lies between two names
+            continue
         lines: dict[tuple, list[tuple[float, ...]]] = defaultdict(list)
         for p in points:
             lines[p[:i] + p[i + 1:]].append(p)
@@ -105,21 +114,24 @@ def phase_map(plan_map: Mapping[str, Any], arms: Mapping[str, Mapping[str, Any]]
             "tpr_change": {role: (fixed.get(role) or {}).get("tpr", {}).get("delta")
                            for role in ("train", "held_out", "retrained")},
             "early_warning_step": list(first_warnings.get(name) or [])})
-    cells.sort(key=lambda c: tuple(c["point"].values()))
+    order = {axis: {v: k for k, v in enumerate(values)} for axis, values in plan_map["axes"].items()
+             if not isinstance(values[0], float)}  # a category in its declared order
+    cells.sort(key=lambda c: tuple(order[a][v] if a in order else v for a, v in c["point"].items()))
     return {"family": plan_map["family"], "axes": list(plan_map["axes"]), "cells": cells,
-            "boundaries": _boundaries(cells, list(plan_map["axes"]))}
+            "boundaries": _boundaries(cells, plan_map["axes"])}
 
 
-def _boundaries(cells: list[dict], axes: list[str]) -> list[dict]:
+def _boundaries(cells: list[dict], axes_values: Mapping[str, list]) -> list[dict]:
     """Neighbouring cells (along one axis, the others equal) with different labels: where a boundary
     lies, between the two points (its uncertainty is their distance)."""
     out = []
-    for axis in axes:
+    for axis in axes_values:
         lines: dict[tuple, list[dict]] = defaultdict(list)
         for c in cells:
             lines[tuple(v for k, v in c["point"].items() if k != axis)].append(c)
         for line in lines.values():
-            line.sort(key=lambda c: c["point"][axis])
+            line.sort(key=lambda c: c["point"][axis] if isinstance(c["point"][axis], float)
+                      else axes_values[axis].index(c["point"][axis]))
             out += [{"axis": axis, "between": [lo["arm"], hi["arm"]], "labels": [lo["label"], hi["label"]]}
                     for lo, hi in zip(line, line[1:]) if lo["label"] != hi["label"]]
     return out
