@@ -46,7 +46,8 @@ def cached(uri: str, key: str, what: str) -> bool:
     found = storage.read_manifest(uri).get("metadata", {}).get("key")
     if found != key:
         raise UserError(f"{uri} holds {what} of a different configuration (key {found}, this run {key}): "
-                        "use another --storage folder for a changed experiment")
+                        "use another --storage folder for a changed experiment (keys include the run's and "
+                        "testbed's absolute paths: a run folder moved, or given another path, is refused too)")
     return True
 
 
