@@ -50,7 +50,8 @@ def test_the_grid_joins_the_arms_first_and_the_plan_declares_it():
     assert plan["map"]["coarse"] == cfg.arms[:6] and "midpoint" in plan["map"]["refine_rule"]
     assert plan["targets"][cfg.arms[0]] == "train"
     bundled = load_config(ExperimentConfig, bundled_config("map"))  # the declared map at the demo's scale
-    assert len(bundled.arms) == 7 and bundled.arms[-1] == "random-dpo" and bundled.map.refine_rounds == 1
+    assert len(bundled.arms) == 13 and bundled.arms[-1] == "random-dpo" and bundled.map.refine_rounds == 1
+    assert "obfuscation-control@penalty.weight=5,sft.kl_weight=0" in bundled.arms  # the recipe is a cell
     # a run without a map declares the plan it always did (the committed runs' hashes hold)
     assert "map" not in analysis_plan(load_config(ExperimentConfig, None, ["arms=[random-dpo]"]))
     for bad, match in ((["map.family=nope"], "unknown arm 'nope'"),
@@ -111,24 +112,26 @@ def test_the_phase_map_reads_each_cells_label_and_its_boundaries():
 
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_map_runs_its_cells_as_trials_and_draws_them(tiny_model_dir, tmp_path):
-    """Two cells of probe-DPO with the penalty (weight 0 and 4) on the tiny model (the null band: the
-    base sampled again; no null arm, to keep the suite short), the early warning on in every cell:
-    each cell trains with its own weight, is labelled by the declared rule, and the map (results.json,
-    report) shows both with the warning's record; the refinement round finds one label and adds nothing."""
+    """Two cells of the positive control's probe-SFT (KL anchor 0 and 1) on the tiny model (the null
+    band: the base sampled again; no null arm, to keep the suite short), the early warning on in
+    every cell: each cell trains under Ray Train + DeepSpeed with its own anchor (the second loads
+    the reference model), is labelled by the declared rule, and the map (results.json, report) shows
+    both with the warning's record; the refinement round finds one label and adds nothing."""
     from probe_dpo.workflows.experiment.driver import run
 
     raw = tiny_config(str(tiny_model_dir), str(tmp_path / "run"), [])
-    raw.update(map={"family": "probe-dpo-penalty", "axes": {"penalty.weight": [0, 4]}, "refine_rounds": 1},
-               arm_settings={"probe-dpo-penalty": {"early_warning.every_steps": 1, "early_warning.prompts": 4}},
+    raw.update(map={"family": "obfuscation-control", "axes": {"sft.kl_weight": [0, 1]}, "refine_rounds": 1},
+               arm_settings={"obfuscation-control": {"early_warning.every_steps": 1, "early_warning.prompts": 4}},
                distributed={"workers": 1})
     out = run(from_dict(ExperimentConfig, raw, "test config"))
-    cells = ["probe-dpo-penalty@penalty.weight=0", "probe-dpo-penalty@penalty.weight=4"]
+    cells = ["obfuscation-control@sft.kl_weight=0", "obfuscation-control@sft.kl_weight=1"]
     assert sorted(r["arm"] for r in out["rows"]) == cells
-    for cell, weight in zip(cells, (0.0, 4.0)):
+    for cell, weight in zip(cells, (0.0, 1.0)):
         trial = tmp_path / "run" / "trials" / f"{cell}-s0"
         assert json.loads((trial / "eval" / "metrics.json").read_text())["arm"] == cell
         trained = yaml.safe_load((trial / "train" / "config.yaml").read_text())
-        assert (trained["penalty"]["weight"], trained["penalty"]["form"]) == (weight, "bce")
+        assert (trained["sft"]["kl_weight"], trained["penalty"]["weight"], trained["penalty"]["form"]) == \
+            (weight, 5.0, "bce")  # the cell's key over the family's recipe
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     phase = results["map"]
     assert [c["arm"] for c in phase["cells"]] == cells and {c["stage"] for c in phase["cells"]} == {"coarse"}
@@ -137,9 +140,9 @@ def test_a_map_runs_its_cells_as_trials_and_draws_them(tiny_model_dir, tmp_path)
     plan = json.loads((tmp_path / "run" / "analysis-plan.json").read_text())["plan"]
     assert plan["map"]["coarse"] == cells and set(plan["targets"]) == set(cells)
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "Obfuscation map: probe-dpo-penalty over penalty.weight" in report
+    assert "Obfuscation map: obfuscation-control over sft.kl_weight" in report
     assert (tmp_path / "run" / "figures" / "obfuscation_map.png").stat().st_size > 5000
-    assert "probe-dpo-penalty" in ARMS  # the family itself is untouched
+    assert ARMS["obfuscation-control"].variant == ()  # the family itself is untouched
 
 
 def test_an_axis_of_names_is_a_category_drawn_side_by_side_and_never_refined(tmp_path):

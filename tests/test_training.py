@@ -307,9 +307,64 @@ def test_probe_sft_on_prompt_completion_rows_penalises_the_completion_tokens(inp
     assert ((batch["labels"] != -100).long() == mask).all()  # the same tokens the LM loss reads
 
 
+def test_the_sft_kl_anchor_is_trls_loss_plus_weight_times_the_kl_to_the_reference(inputs, tmp_path):
+    """With kl_weight > 0 the loss is TRL's own (the same number as without the anchor, from the full
+    logits instead of the fused head) plus kl_weight x KL(policy || reference) over the target tokens:
+    0 while the policy is the reference, the hand-computed KL once it is not; and training with a
+    strong anchor stays nearer the reference than without (the control: the same steps, weight 0)."""
+    import torch
+
+    from probe_dpo.model import load_model, load_tokenizer
+    from probe_dpo.training.trainers import build_trainer
+
+    rows = [{"prompt": "She said you are a", "completion": " total idiot and a loser"},
+            {"prompt": "The river in spring is", "completion": " lovely and calm"}]
+    tok = load_tokenizer(inputs["model"])
+
+    def trainer_with(weight: float, name: str, steps: int = 1):
+        cfg = _cfg(inputs, str(tmp_path), "method=sft", f"sft.kl_weight={weight}", f"train.max_steps={steps}",
+                   "train.lr=5e-3", "train.batch_size=2")
+        return build_trainer("sft", load_model(inputs["model"]), tok, rows, cfg, output_dir=str(tmp_path / name),
+                             ref_model=load_model(inputs["model"]))
+
+    plain, anchored = trainer_with(0.0, "plain"), trainer_with(3.0, "anchored")
+    batch = plain._prepare_inputs(next(iter(plain.get_train_dataloader())))
+    plain.model.train(), anchored.model.train()
+    base_loss = plain.compute_loss(plain.model, dict(batch)).item()
+    assert anchored.compute_loss(anchored.model, dict(batch)).item() == pytest.approx(base_loss, rel=1e-5)
+    assert anchored._metrics["train"]["kl_anchor"][-1] == pytest.approx(0.0, abs=1e-6)  # policy == reference
+    with torch.no_grad():  # move the policy off the reference: the anchor is the KL, by hand
+        for p in anchored.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    loss = anchored.compute_loss(anchored.model, dict(batch))
+    kl = anchored._metrics["train"]["kl_anchor"][-1]
+    with torch.no_grad():
+        log_p = torch.log_softmax(anchored.model(input_ids=batch["input_ids"],
+                                                 attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
+        log_q = torch.log_softmax(anchored._ref_model(input_ids=batch["input_ids"],
+                                                      attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
+        mask = (batch["labels"][:, 1:] != -100).float()
+        want = ((log_p.exp() * (log_p - log_q)).sum(-1) * mask).sum() / mask.sum()
+    assert kl == pytest.approx(want.item(), rel=1e-4) and kl > 1e-3
+    assert loss.requires_grad  # the anchor trains: its graph reaches the policy's weights
+    drift, reference = {}, load_model(inputs["model"])
+    for weight in (0.0, 30.0):
+        trainer = trainer_with(weight, f"run-{weight}", steps=8)
+        trainer.train()
+        trainer.model.eval()
+        with torch.no_grad():
+            log_p = torch.log_softmax(trainer.model(input_ids=batch["input_ids"],
+                                                    attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
+            log_q = torch.log_softmax(reference(input_ids=batch["input_ids"],
+                                                attention_mask=batch["attention_mask"]).logits[:, :-1], -1)
+        drift[weight] = (((log_p.exp() * (log_p - log_q)).sum(-1) * mask).sum() / mask.sum()).item()
+    assert drift[30.0] < 0.5 * drift[0.0], drift
+
+
 def test_the_last_step_writes_no_checkpoint_when_finished_checkpoints_are_removed(inputs, tmp_path):
     from probe_dpo.model import load_model, load_tokenizer
-    from probe_dpo.training.trainers import SkipFinalCheckpoint, build_trainer
+    from probe_dpo.training.callbacks import SkipFinalCheckpoint
+    from probe_dpo.training.trainers import build_trainer
 
     rows = [{"text": "The river in spring is lovely and calm."}, {"text": "She said thanks a lot."}]
     cfg = _cfg(inputs, str(tmp_path), "method=sft", "train.max_steps=3", "train.batch_size=1")

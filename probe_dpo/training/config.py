@@ -124,6 +124,14 @@ class DPOSettings:
 
 
 @dataclass
+class SFTSettings:
+    kl_weight: float = bounded(0.0, ge=0.0)
+    """A KL anchor for the SFT methods: the loss adds kl_weight x the mean, over the tokens the loss
+    reads, of KL(policy || the model the run started from). SFT's counterpart of DPO's beta (how far
+    the policy may move), the KL axis of an obfuscation map over probe-SFT; 0 (the default): TRL's SFT."""
+
+
+@dataclass
 class GRPOSettings:
     """On-policy RL with TRL's GRPOTrainer (the ``*-grpo`` methods). Rollouts are TRL's HF
     generation with the sampling settings (``sampling.max_new_tokens``, temperature, top-p/k)."""
@@ -293,6 +301,8 @@ class TrainConfig:
     """K-candidate sampling of DPO rounds."""
     dpo: DPOSettings = field(default_factory=DPOSettings)
     """DPO settings."""
+    sft: SFTSettings = field(default_factory=SFTSettings)
+    """SFT settings (the KL anchor)."""
     grpo: GRPOSettings = field(default_factory=GRPOSettings)
     """GRPO settings (the ``*-grpo`` methods)."""
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)

@@ -173,7 +173,8 @@ def _train(job: TrainJob, scratch: Path) -> None:
     from probe_dpo.data import read_records
     from probe_dpo.model import apply_hub_env, load_model, load_tokenizer
     from probe_dpo.tracking import apply_env
-    from probe_dpo.training.trainers import CrashCallback, EMACallback, SkipFinalCheckpoint, build_trainer
+    from probe_dpo.training.callbacks import CrashCallback, EMACallback, SkipFinalCheckpoint
+    from probe_dpo.training.trainers import build_trainer
 
     cfg = job.cfg
     dist = cfg.distributed
@@ -199,8 +200,8 @@ def _train(job: TrainJob, scratch: Path) -> None:
     model = load_model(job.model, dtype=dtype)
     model.train()
     ref_model = None
-    if job.kind == "dpo" and not cfg.lora.enabled:
-        ref_model = load_model(job.reference, dtype=dtype)
+    if (job.kind == "dpo" or (job.kind == "sft" and cfg.sft.kl_weight > 0)) and not cfg.lora.enabled:
+        ref_model = load_model(job.reference, dtype=dtype)  # DPO's reference; SFT's KL anchor
     reader_model = None  # probe-grpo's frozen reader, where TRL builds no reference model to reuse
     if cfg.method == "probe-grpo" and cfg.grpo.reader == "frozen" and (cfg.grpo.beta == 0 or cfg.lora.enabled):
         reader_model = load_model(job.model, dtype=dtype)

@@ -249,13 +249,18 @@ def _sft_rows(plan: Plan) -> tuple[list[dict], dict]:
 
 
 def check_penalty(cfg: TrainConfig, where: str = "") -> None:
-    """The method and the probe penalty's weight agree (a config check, also run at an experiment's
-    load for every arm and search value)."""
+    """The method, the probe penalty's weight and the KL anchor agree (a config check, also run at an
+    experiment's load for every arm and search value). probe-sft at weight 0 is SFT with the penalty
+    off: an obfuscation map's zero-penalty column, its baseline."""
     if cfg.method == "sft" and cfg.penalty_weight > 0:
         raise UserError(f"{where}method sft is plain SFT (no probe penalty): use method=probe-sft for "
                         "penalty.weight > 0")
-    if cfg.method == "probe-sft" and cfg.penalty_weight <= 0:
-        raise UserError(f"{where}method probe-sft needs penalty.weight > 0 (λ of the probe penalty)")
+    if cfg.sft.kl_weight > 0 and (cfg.is_dpo or cfg.is_grpo):
+        raise UserError(f"{where}sft.kl_weight is the SFT methods' KL anchor; method {cfg.method} has its own "
+                        "(dpo.beta, grpo.beta)")
+    if cfg.sft.kl_weight > 0 and cfg.distributed.zero_stage == 3:
+        raise UserError(f"{where}sft.kl_weight needs distributed.zero_stage <= 2 (the reference model is not "
+                        "sharded)")
 
 
 def train(cfg: TrainConfig, *, callbacks: list | None = None, report_steps: int | None = None) -> dict:

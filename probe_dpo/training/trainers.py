@@ -1,4 +1,4 @@
-"""TRL trainers and configs with the probe penalty, the EMA of the weights, and the DeepSpeed config.
+"""TRL trainers and configs with the probe penalty (and SFT's KL anchor), and the DeepSpeed config.
 
 ``ProbeDPOTrainer`` / ``ProbeSFTTrainer`` are TRL's ``DPOTrainer`` / ``SFTTrainer`` with
 ``compute_loss`` overridden, configured by ``ProbeDPOConfig`` / ``ProbeSFTConfig``: TRL's
@@ -19,9 +19,13 @@ completion) or over every real token of a plain-text SFT sequence. The mean pena
 logged step is in the logs as ``probe_penalty``. With λ = 0 (the default) they ARE the TRL
 trainers (no probe is loaded, no hook is registered).
 
-``EMACallback`` keeps an exponential moving average of the trainable weights in parameter
-space (fp32, rank 0), writes it into every checkpoint (``ema.safetensors``) and restores it
-on resume, so the saved EMA is the EMA of the whole trajectory even across a restart.
+``ProbeSFTConfig.kl_weight`` > 0 adds a KL anchor to the SFT loss: kl_weight x the mean, over the
+target tokens, of KL(policy || reference), the reference a frozen copy of the starting model (or,
+with LoRA, the base weights under the adapters); logged as ``kl_anchor``. TRL's fused LM head
+builds no logits, so with the anchor the trainer's ``compute_loss_func`` computes TRL's loss from
+the full logits and keeps them.
+
+The callbacks of the Ray Train loop (the EMA of the weights, ...) are in ``callbacks``.
 
 ``build_trainer`` assembles either trainer from plain records and a ``TrainConfig`` (through
 ``training_arguments``, which makes the ``ProbeDPOConfig`` / ``ProbeSFTConfig``); the Ray
@@ -31,19 +35,15 @@ Train loop (``probe_dpo.training.loop``), the benchmark and the tests all go thr
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import torch
-from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from probe_dpo.errors import UserError
 from probe_dpo.objectives import PENALTY_FORMS, PenaltyRecorder, probe_penalty
 
-EMA_FILE = "ema.safetensors"
 log = logging.getLogger(__name__)
 
 PENALTY_REDUCES = ("pooled", "token")
@@ -105,7 +105,12 @@ class ProbeDPOConfig(_ProbePenaltyFields, DPOConfig):
 
 @dataclass
 class ProbeSFTConfig(_ProbePenaltyFields, SFTConfig):
-    """TRL's ``SFTConfig`` + the probe penalty (``probe_*`` fields) of ``ProbeSFTTrainer``."""
+    """TRL's ``SFTConfig`` + the probe penalty (``probe_*`` fields) and the KL anchor (``kl_weight``)
+    of ``ProbeSFTTrainer``."""
+
+    kl_weight: float = field(default=0.0, metadata={
+        "help": "The loss adds kl_weight x the mean, over the tokens the loss reads, of KL(policy || ref_model); "
+                "0 (the default): no anchor, no reference model."})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,18 +198,25 @@ class _ProbePenaltyMixin:
         hidden = {layer: h[:mask.shape[0]] for layer, h in store.items()}
         penalty = probe_penalty(hidden, mask.to(next(iter(hidden.values())).device), spec.recorder.probes,
                                 reduce=spec.reduce, aggregation=spec.aggregation, form=spec.form)
-        scale = 1.0
+        loss = loss + (spec.weight * self._added_term_scale(num_items_in_batch)) * penalty.to(loss.dtype)
+        self._log_term("probe_penalty", penalty)
+        return (loss, outputs) if return_outputs else loss
+
+    def _added_term_scale(self, num_items_in_batch: Any) -> float:
+        """What a term added to TRL's loss is multiplied by: 1/accumulation steps where Trainer will not
+        divide the loss by them (TRL scaled its own loss by the batch's token count already)."""
         scaled_for_ga = self.loss_is_scaled_for_ga
         if scaled_for_ga is None:
             scaled_for_ga = bool(getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
-        if scaled_for_ga:  # Trainer will not divide by the accumulation steps: do it for the penalty
-            scale = 1.0 / max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
-        loss = loss + (spec.weight * scale) * penalty.to(loss.dtype)
+        if scaled_for_ga:
+            return 1.0 / max(1, int(getattr(self, "current_gradient_accumulation_steps", 1) or 1))
+        return 1.0
+
+    def _log_term(self, name: str, value: torch.Tensor) -> None:
+        """Log an added term beside TRL's metrics (the mean over the processes, as TRL logs its own)."""
         mode = "train" if self.model.training else "eval"
-        if hasattr(self, "_metrics"):  # the mean over the processes, as TRL logs its own metrics
-            self._metrics[mode]["probe_penalty"].append(
-                self.accelerator.gather(penalty.detach().reshape(1)).mean().item())
-        return (loss, outputs) if return_outputs else loss
+        if hasattr(self, "_metrics"):
+            self._metrics[mode][name].append(self.accelerator.gather(value.detach().reshape(1)).mean().item())
 
 
 class ProbeDPOTrainer(_ProbePenaltyMixin, DPOTrainer):
@@ -234,121 +246,63 @@ class ProbeSFTTrainer(_ProbePenaltyMixin, SFTTrainer):
 
     _config_class = ProbeSFTConfig
 
+    def __init__(self, *args: Any, ref_model: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._ref_model, self._logits = None, None
+        if getattr(self.args, "kl_weight", 0.0) > 0:
+            if ref_model is None and not hasattr(self.model, "disable_adapter"):
+                raise UserError("kl_weight > 0 needs the reference model: pass ref_model= (or train LoRA adapters, "
+                                "whose base weights are the reference)")
+            if ref_model is not None:
+                self._ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
+            # TRL's fused LM head builds no logits; with a compute_loss_func TRL runs the model with them,
+            # and the anchor needs them (with their graph)
+            self.compute_loss_func = self._nll_keeping_logits
+
     def _penalty_mask(self, inputs: dict) -> torch.Tensor:
         if inputs.get("completion_mask") is not None:
             return inputs["completion_mask"]
         return (inputs["labels"] != -100).long()
 
+    def _nll_keeping_logits(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        """TRL's SFT loss (the mean negative log-likelihood of the target tokens) from full logits, kept
+        for the KL anchor."""
+        self._logits = outputs.logits
+        targets = labels[:, 1:]
+        mask = targets != -100
+        log_p = torch.log_softmax(outputs.logits[:, :-1].float(), dim=-1)
+        nll = -log_p.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        count = mask.sum() if num_items_in_batch is None else num_items_in_batch
+        return nll.sum() / torch.as_tensor(count, device=nll.device).clamp(min=1)
 
-# ---------------------------------------------------------------------------------------------
-# EMA of the weights
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weight = getattr(self.args, "kl_weight", 0.0)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch)
+        logits, self._logits = self._logits, None
+        if weight <= 0 or logits is None or not torch.is_grad_enabled():
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        kl = self._kl_to_reference(model, inputs, logits)
+        loss = loss + (weight * self._added_term_scale(num_items_in_batch)) * kl.to(loss.dtype)
+        self._log_term("kl_anchor", kl)
+        return (loss, outputs) if return_outputs else loss
 
-
-def _zero3_params(params: list) -> Any:
-    """A context gathering ZeRO-3 partitioned parameters (a no-op otherwise)."""
-    import contextlib
-
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-class EMACallback(TrainerCallback):
-    """``ema = decay · ema + (1 - decay) · w`` after every optimizer step, from the initial weights.
-
-    Tracks the trainable parameters (all of them for full fine-tuning, the adapter for LoRA)
-    in fp32 on CPU on the main process. ``resume_dir``: a checkpoint folder whose
-    ``ema.safetensors`` is loaded instead of starting from the current weights.
-    """
-
-    def __init__(self, decay: float, resume_dir: str | None = None):
-        self.decay = float(decay)
-        self.resume_dir = resume_dir
-        self.shadow: dict[str, torch.Tensor] | None = None
-        self.updates = 0
-
-    @staticmethod
-    def _named(model) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        named = self._named(model)
-        if self.resume_dir and os.path.exists(os.path.join(self.resume_dir, EMA_FILE)):
-            if state.is_world_process_zero:
-                from safetensors.torch import load_file
-
-                loaded = load_file(os.path.join(self.resume_dir, EMA_FILE))
-                missing = [n for n, _ in named if n not in loaded]
-                if missing:
-                    raise RuntimeError(f"{EMA_FILE} in {self.resume_dir} lacks {missing[:3]}")
-                self.shadow = {n: loaded[n].float() for n, _ in named}
-                self.updates = int(state.global_step)
-            return
-        params = [p for _, p in named]
-        with _zero3_params(params):
-            if state.is_world_process_zero:
-                self.shadow = {n: p.detach().to("cpu", torch.float32).clone() for n, p in named}
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        named = self._named(model)
-        with _zero3_params([p for _, p in named]), torch.no_grad():
-            if state.is_world_process_zero and self.shadow is not None:
-                d = self.decay
-                for n, p in named:
-                    self.shadow[n].mul_(d).add_(p.detach().to("cpu", torch.float32), alpha=1.0 - d)
-                self.updates += 1
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero and self.shadow is not None:
-            from safetensors.torch import save_file
-
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            save_file({n: t.contiguous() for n, t in self.shadow.items()}, os.path.join(folder, EMA_FILE),
-                      metadata={"decay": str(self.decay), "step": str(state.global_step)})
-
-
-class CrashCallback(TrainerCallback):
-    """Fault injection: the worker of ``rank`` exits hard after optimizer step ``step``, once.
-
-    Only on a run that did not resume from a checkpoint, so the restarted run gets past it.
-    It waits a moment first so the controller registers the checkpoint reported before.
-    """
-
-    def __init__(self, step: int, rank: int, world_rank: int, resumed: bool, wait_s: float = 2.0):
-        self.step, self.rank, self.world_rank, self.resumed, self.wait_s = step, rank, world_rank, resumed, wait_s
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if not self.resumed and self.world_rank == self.rank and state.global_step == self.step:
-            log.warning(f"fault injection: rank {self.rank} exits at step {self.step}")
-            time.sleep(self.wait_s)
-            os._exit(17)
-
-
-class SkipFinalCheckpoint(TrainerCallback):
-    """No checkpoint after the last optimizer step.
-
-    A checkpoint exists to resume the round; the one the last step would write is resumed by
-    nothing when the round's checkpoints are removed once its policy is published
-    (``distributed.keep_finished_checkpoints: false``): a re-run skips a published round.
-    Writing it cost a full-weight DPO round about 10 s of its 73 (the ZeRO weights and
-    optimizer state, then Ray's copy into storage). Earlier checkpoints (``checkpoint_steps``,
-    earlier epochs) are written as before.
-    """
-
-    @staticmethod
-    def _last(state) -> bool:
-        return state.max_steps > 0 and state.global_step >= state.max_steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._last(state):
-            control.should_save = False
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self._last(state):
-            control.should_save = False
+    def _kl_to_reference(self, model: Any, inputs: dict, logits: torch.Tensor) -> torch.Tensor:
+        """Mean over the target tokens of KL(policy || reference) of the next-token distributions
+        (position t predicts token t+1)."""
+        forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if inputs.get(k) is not None}
+        with torch.no_grad():
+            if self._ref_model is not None:
+                ref_logits = self._ref_model(**forward).logits
+            else:  # LoRA: the base weights under the adapters are the reference
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    ref_logits = model(**forward).logits
+        mask = (inputs["labels"][:, 1:] != -100).to(logits.device).float()
+        log_p = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        log_q = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+        per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
+        return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +400,8 @@ def training_arguments(kind: str, cfg: Any, *, output_dir: str, deepspeed: dict 
         return ProbeDPOConfig(**{**common, "beta": cfg.dpo.beta, "loss_type": [cfg.dpo.loss_type],
                                  "precompute_ref_log_probs": cfg.dpo.precompute_ref_log_probs, **extra})
     if kind == "sft":
-        return ProbeSFTConfig(**{**common, "dataset_text_field": "text", "packing": False, **extra})
+        return ProbeSFTConfig(**{**common, "dataset_text_field": "text", "packing": False,
+                                 "kl_weight": cfg.sft.kl_weight, **extra})
     raise ValueError(f"unknown trainer kind {kind!r}")
 
 
@@ -479,5 +434,6 @@ def build_trainer(kind: str, model: Any, tokenizer: Any, records: Sequence[dict]
         # text, messages (a conversation) or prompt/completion (loss and penalty on the completion)
         data = Dataset.from_list([trl_sft_row(r) for r in records])
         return ProbeSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                               callbacks=list(callbacks), peft_config=peft_config, probes=probes)
+                               callbacks=list(callbacks), peft_config=peft_config, probes=probes,
+                               ref_model=None if peft_config is not None else ref_model)
     raise ValueError(f"unknown trainer kind {kind!r}")
