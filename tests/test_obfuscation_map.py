@@ -101,13 +101,17 @@ def test_the_phase_map_reads_each_cells_label_and_its_boundaries():
                 "fixed": {"train": {"tpr": {"delta": tpr}}}}
 
     phase = phase_map(plan, {high: arm("obfuscated activations", -0.4), "random-dpo": arm("blatant", 0.0),
-                             low: arm("blatant", 0.0), mid: arm("blatant", -0.1)}, {high: [3, None]})
+                             low: arm("blatant", 0.0), mid: arm("blatant", -0.1)},
+                      {high: [3, None], mid: [7, None], low: ["off", "off"]})
     assert [c["arm"] for c in phase["cells"]] == [low, mid, high]
     assert [c["stage"] for c in phase["cells"]] == ["coarse", "refined", "coarse"]
     assert phase["cells"][2]["tpr_change"] == {"train": -0.4, "held_out": None, "retrained": None}
     assert phase["cells"][2]["early_warning_step"] == [3, None]
     assert phase["boundaries"] == [{"axis": "penalty.weight", "between": [mid, high],
                                     "labels": ["blatant", "obfuscated activations"]}]
+    # the warning against the labels, over the 4 seeds where it was on: one hit, one miss, one false alarm
+    assert phase["early_warning"] == {"seeds_on": 4, "hits": 1, "misses": 1, "false_alarms": 1, "quiet": 1,
+                                      "other_labels": 0, "false_alarm_rate": 0.5, "hit_rate": 0.5}
 
 
 @pytest.mark.usefixtures("ray_cluster")
@@ -136,11 +140,13 @@ def test_a_map_runs_its_cells_as_trials_and_draws_them(tiny_model_dir, tmp_path)
     phase = results["map"]
     assert [c["arm"] for c in phase["cells"]] == cells and {c["stage"] for c in phase["cells"]} == {"coarse"}
     assert all(c["label"] in LABELS for c in phase["cells"])  # labelled by the plan, not exploratory
-    assert all(len(c["early_warning_step"]) == 1 for c in phase["cells"])
+    assert all(len(c["early_warning_step"]) == 1 and c["early_warning_step"][0] != "off" for c in phase["cells"])
+    assert phase["early_warning"]["seeds_on"] == 2  # on in both cells, counted against their labels
     plan = json.loads((tmp_path / "run" / "analysis-plan.json").read_text())["plan"]
     assert plan["map"]["coarse"] == cells and set(plan["targets"]) == set(cells)
     report = (tmp_path / "run" / "report.md").read_text()
     assert "Obfuscation map: obfuscation-control over sft.kl_weight" in report
+    assert "Early warning against the labels (2 seeds with it on)" in report
     assert (tmp_path / "run" / "figures" / "obfuscation_map.png").stat().st_size > 5000
     assert ARMS["obfuscation-control"].variant == ()  # the family itself is untouched
 

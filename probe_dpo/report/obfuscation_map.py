@@ -36,11 +36,17 @@ def map_section(rep: Report, phase: Mapping[str, Any]) -> None:
     for cell in cells:
         co = cell["coordinates"]
         shown = [_coordinate(co.get(name), name) for name in ["text", "activations", *judges]]
-        warn = [s for s in cell["early_warning_step"] if s is not None]
+        warn = [s for s in cell["early_warning_step"] if s not in (None, "off")]
         rows.append([", ".join(f"{k}={_shown(v)}" for k, v in cell["point"].items()), cell["stage"], cell["seeds"],
                      f"**{cell['label']}**", *shown,
                      *(fmt(cell["tpr_change"].get(r), 2) for r in ("train", "held_out", "retrained")),
                      ", ".join(map(str, warn)) or "-"])
+    ew = phase.get("early_warning") or {}
+    if ew.get("seeds_on"):
+        rate = "-" if ew["false_alarm_rate"] is None else f"{ew['false_alarm_rate']:.2f}"
+        rep.text(f"Early warning against the labels ({ew['seeds_on']} seeds with it on): fired before an obfuscated "
+                 f"label {ew['hits']} times, silent in an obfuscated cell {ew['misses']} times, fired in a removed or "
+                 f"blatant cell {ew['false_alarms']} times (false-alarm rate {rate}).")
     rep.table(["cell", "stage", "seeds", "label", "text", "activations", *(j.replace("toxicity:", "rate, ")
                                                                              for j in judges),
                "TPR change, train", "held-out", "retrained", "early warning (step)"], rows,

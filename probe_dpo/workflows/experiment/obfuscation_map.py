@@ -92,11 +92,12 @@ def refine(settings: MapSettings, labels: Mapping[str, str]) -> list[str]:
 
 
 def phase_map(plan_map: Mapping[str, Any], arms: Mapping[str, Mapping[str, Any]],
-              first_warnings: Mapping[str, Sequence[int | None]]) -> dict:
+              first_warnings: Mapping[str, Sequence[int | str | None]]) -> dict:
     """results.json's ``map``: every cell's point, stage (coarse or refined), label, the coordinates that
     decide labels (estimate and 95% interval), the train probe's TPR change at the base threshold (fixed
     texts; held-out and retrained probes beside it), and the step the early warning first fired at in
-    each seed (None: never or off); ``boundaries``: neighbouring cells whose labels differ."""
+    each seed (None: on, never fired; "off"); ``boundaries``: neighbouring cells whose labels differ;
+    ``early_warning``: the warning against the cells' labels (``warning_against_labels``)."""
     coarse = set(plan_map["coarse"])
     cells = []
     for name, arm in arms.items():
@@ -118,7 +119,32 @@ def phase_map(plan_map: Mapping[str, Any], arms: Mapping[str, Mapping[str, Any]]
              if not isinstance(values[0], float)}  # a category in its declared order
     cells.sort(key=lambda c: tuple(order[a][v] if a in order else v for a, v in c["point"].items()))
     return {"family": plan_map["family"], "axes": list(plan_map["axes"]), "cells": cells,
-            "boundaries": _boundaries(cells, plan_map["axes"])}
+            "boundaries": _boundaries(cells, plan_map["axes"]), "early_warning": warning_against_labels(cells)}
+
+
+def warning_against_labels(cells: Sequence[Mapping[str, Any]]) -> dict:
+    """How the early warning (read during training) did against the labels (read after it), over the
+    seeds where it was on: fired in a cell labelled obfuscated (a hit: it fires before the evaluation
+    shows the drop, since it fires during training), fired in a cell labelled removed or blatant (a
+    false alarm), silent in an obfuscated cell (a miss). Seeds of other labels (undetermined) count apart."""
+    out = {"seeds_on": 0, "hits": 0, "misses": 0, "false_alarms": 0, "quiet": 0, "other_labels": 0}
+    for cell in cells:
+        obfuscated = cell["label"].startswith("obfuscated")
+        for step in cell["early_warning_step"]:
+            if step == "off":
+                continue
+            out["seeds_on"] += 1
+            fired = step is not None
+            if cell["label"] not in ("removed", "blatant") and not obfuscated:
+                out["other_labels"] += 1
+            elif obfuscated:
+                out["hits" if fired else "misses"] += 1
+            else:
+                out["false_alarms" if fired else "quiet"] += 1
+    on_clean = out["false_alarms"] + out["quiet"]
+    out["false_alarm_rate"] = out["false_alarms"] / on_clean if on_clean else None
+    out["hit_rate"] = out["hits"] / (out["hits"] + out["misses"]) if out["hits"] + out["misses"] else None
+    return out
 
 
 def _boundaries(cells: list[dict], axes_values: Mapping[str, list]) -> list[dict]:

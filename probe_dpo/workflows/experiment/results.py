@@ -137,8 +137,9 @@ def summarize(run: str) -> dict:
                        "replication": decided["replication"],
                        "judge_agreement": judge_agreement(base, plan["judges"]["in_loop"], judge_threshold(base))}
     if "map" in plan:
-        warnings = {a: [((r["metrics"].get("train") or {}).get("early_warning") or {}).get("first_fired_step")
-                        for r in evals[a]] for a in arms}
+        # per seed: the step the early warning first fired, None (on, never fired) or "off"
+        warnings = {a: [(r["metrics"].get("train") or {}).get("early_warning", {"first_fired_step": "off"})
+                        .get("first_fired_step") for r in evals[a]] for a in arms}
         out["map"] = phase_map(plan["map"], arms, warnings)
     return out
 
