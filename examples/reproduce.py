@@ -9,8 +9,9 @@ module) must change no behaviour, and only a rerun shows that. This runs the dem
 no base replicate) on the reference run's testbed, from scratch: probes refitted, pairs ranked
 again, the base model evaluated, the arm trained on Ray Train + DeepSpeed and evaluated. Then it
 compares, number by number, the base model's summary and the trial's row of ``results.json`` with
-the committed bundle (``examples/demo/results.json``): every value must be equal (floats
-exactly), except wall-clock times. The outcome goes to ``benchmarks/results/reproduction.json``.
+the committed bundle (``examples/demo/results.json``): every value the reference has must be
+equal here (floats exactly), except wall-clock times; keys the reference lacks (fields added
+since it ran) are listed apart. The outcome goes to ``benchmarks/results/reproduction.json``.
 
 The testbed is the reference run's own (``runs/demo/testbed``, git-ignored: weights); without it
 the demo's testbed is built first (deterministic by content hash, about 20 minutes more).
@@ -30,6 +31,11 @@ REFERENCE = ROOT / "examples" / "demo" / "results.json"
 OUT = ROOT / "benchmarks" / "results" / "reproduction.json"
 TRIAL = "probe-dpo-single-s0"
 CLOCK = ("seconds", "train_seconds", "eval_seconds", "timings")
+RUN_COMMIT = "reproduced-at-commit.txt"
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def differences(a, b, path: str = "") -> list[str]:
@@ -60,6 +66,8 @@ def main() -> int:
                      f"storage={args.run}", "concurrent_trials=1"]
         if Path(args.testbed, "testbed.json").exists():
             overrides.append(f"testbed_dir={args.testbed}")
+        Path(args.run).mkdir(parents=True, exist_ok=True)
+        Path(args.run, RUN_COMMIT).write_text(_commit() + "\n")  # the code the rerun ran (the comparer may be newer)
         subprocess.run([sys.executable, "-m", "probe_dpo.cli", "experiment", "--config", "demo", *overrides],
                        check=True)
     ref, now = json.loads(REFERENCE.read_text()), json.loads(Path(args.run, "results.json").read_text())
@@ -67,12 +75,17 @@ def main() -> int:
     row_ref = {k: v for k, v in next(r for r in ref["rows"] if r["trial"] == TRIAL).items() if k != "outcome"}
     row_now = {k: v for k, v in next(r for r in now["rows"] if r["trial"] == TRIAL).items() if k != "outcome"}
     found = {"base": differences(ref["base"], now["base"]), TRIAL: differences(row_ref, row_now)}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    # a key the reference lacks is a field added since it ran (reported, not a changed behaviour)
+    added = {k: [d for d in v if d.endswith("only in this run")] for k, v in found.items()}
+    found = {k: [d for d in v if not d.endswith("only in this run")] for k, v in found.items()}
+    ran = Path(args.run, RUN_COMMIT)
     out = {"what": "the demo's base evaluation and its first trial rerun from scratch on the reference testbed, "
                    "compared with examples/demo/results.json value by value (floats exactly; times skipped)",
-           "commit": commit, "reference_bundled_at": json.loads((REFERENCE.parent / "provenance.json").read_text())
-           .get("bundled_at_commit"), "compared": {k: {"values_differing": len(v), "first": v[:20]}
-                                                   for k, v in found.items()},
+           "run_at_commit": ran.read_text().strip() if ran.exists() else None, "compared_at_commit": _commit(),
+           "reference_bundled_at": json.loads((REFERENCE.parent / "provenance.json").read_text())
+           .get("bundled_at_commit"),
+           "compared": {k: {"values_differing_or_missing": len(v), "first": v[:20], "added_since": added[k]}
+                        for k, v in found.items()},
            "identical": not any(found.values())}
     OUT.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
