@@ -52,13 +52,37 @@ def cell_point(plan_map: Mapping[str, Any], name: str) -> tuple[Any, ...] | None
     point = []
     for axis, values in axes.items():
         value = keys[axis]
-        if not isinstance(values[0], float):  # a category: one of its names
+        if not _numeric(values):  # a category: one of its names
             if value not in values:
                 return None
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not min(values) <= value <= max(values):
             return None
-        point.append(value if not isinstance(values[0], float) else float(value))
+        point.append(float(value) if _numeric(values) else value)
     return tuple(point)
+
+
+def _numeric(values: Sequence[Any]) -> bool:
+    """An axis of numbers (refined, drawn on a scale), not of names (a category)."""
+    return isinstance(values[0], float)
+
+
+def _rank(values: Sequence[Any], value: Any) -> Any:
+    """Where a value sits on its axis: a number by itself, a name by its declared place."""
+    return value if _numeric(values) else values.index(value)
+
+
+def _disagreeing_neighbours(labels: Mapping[tuple, str], axes: Mapping[str, list]) -> list[tuple[int, tuple, tuple]]:
+    """``(axis index, lower point, upper point)`` of every two cells next to each other along one axis
+    (the other axes equal) whose labels differ: axis by axis, in grid order (the axes' declared order)."""
+    out = []
+    for i, values in enumerate(axes.values()):
+        lines: dict[tuple, list[tuple]] = defaultdict(list)
+        for p in labels:
+            lines[tuple(_rank(on, x) for j, (on, x) in enumerate(zip(axes.values(), p)) if j != i)].append(p)
+        for _, line in sorted(lines.items()):
+            line.sort(key=lambda p: _rank(values, p[i]))
+            out += [(i, lo, hi) for lo, hi in zip(line, line[1:]) if labels[lo] != labels[hi]]
+    return out
 
 
 def midpoint(a: float, b: float) -> float:
@@ -72,22 +96,15 @@ def refine(settings: MapSettings, labels: Mapping[str, str]) -> list[str]:
     """The next round's cells: midpoints between labelled neighbours whose labels differ (see REFINE_RULE)."""
     plan_map = {"family": settings.family, "axes": settings.axes}
     points = {p: lab for name, lab in labels.items() if (p := cell_point(plan_map, name)) is not None}
+    axes = list(settings.axes)
     new: list[tuple[Any, ...]] = []
-    for i, axis in enumerate(settings.axes):
-        if not settings.numeric(axis):  # no value lies between two names
+    for i, lo, hi in _disagreeing_neighbours(points, settings.axes):
+        if not settings.numeric(axes[i]):  # no value lies between two names
             continue
-        lines: dict[tuple, list[tuple[float, ...]]] = defaultdict(list)
-        for p in points:
-            lines[p[:i] + p[i + 1:]].append(p)
-        for _, line in sorted(lines.items()):
-            line.sort(key=lambda p: p[i])
-            for lo, hi in zip(line, line[1:]):
-                if points[lo] == points[hi]:
-                    continue
-                m = midpoint(lo[i], hi[i])
-                candidate = lo[:i] + (m,) + lo[i + 1:]
-                if m not in (lo[i], hi[i]) and candidate not in points and candidate not in new:
-                    new.append(candidate)
+        m = midpoint(lo[i], hi[i])
+        candidate = lo[:i] + (m,) + lo[i + 1:]
+        if m not in (lo[i], hi[i]) and candidate not in points and candidate not in new:
+            new.append(candidate)
     return [settings.cell(p) for p in new[:settings.refine_cells]]
 
 
@@ -115,9 +132,7 @@ def phase_map(plan_map: Mapping[str, Any], arms: Mapping[str, Mapping[str, Any]]
             "tpr_change": {role: (fixed.get(role) or {}).get("tpr", {}).get("delta")
                            for role in ("train", "held_out", "retrained")},
             "early_warning_step": list(first_warnings.get(name) or [])})
-    order = {axis: {v: k for k, v in enumerate(values)} for axis, values in plan_map["axes"].items()
-             if not isinstance(values[0], float)}  # a category in its declared order
-    cells.sort(key=lambda c: tuple(order[a][v] if a in order else v for a, v in c["point"].items()))
+    cells.sort(key=lambda c: tuple(_rank(plan_map["axes"][a], v) for a, v in c["point"].items()))
     return {"family": plan_map["family"], "axes": list(plan_map["axes"]), "cells": cells,
             "boundaries": _boundaries(cells, plan_map["axes"]), "early_warning": warning_against_labels(cells)}
 
@@ -129,18 +144,17 @@ def warning_against_labels(cells: Sequence[Mapping[str, Any]]) -> dict:
     false alarm), silent in an obfuscated cell (a miss). Seeds of other labels (undetermined) count apart."""
     out = {"seeds_on": 0, "hits": 0, "misses": 0, "false_alarms": 0, "quiet": 0, "other_labels": 0}
     for cell in cells:
-        obfuscated = cell["label"].startswith("obfuscated")
         for step in cell["early_warning_step"]:
             if step == "off":
                 continue
             out["seeds_on"] += 1
             fired = step is not None
-            if cell["label"] not in ("removed", "blatant") and not obfuscated:
-                out["other_labels"] += 1
-            elif obfuscated:
+            if cell["label"].startswith("obfuscated"):
                 out["hits" if fired else "misses"] += 1
-            else:
+            elif cell["label"] in ("removed", "blatant"):
                 out["false_alarms" if fired else "quiet"] += 1
+            else:
+                out["other_labels"] += 1
     on_clean = out["false_alarms"] + out["quiet"]
     out["false_alarm_rate"] = out["false_alarms"] / on_clean if on_clean else None
     out["hit_rate"] = out["hits"] / (out["hits"] + out["misses"]) if out["hits"] + out["misses"] else None
@@ -150,14 +164,7 @@ def warning_against_labels(cells: Sequence[Mapping[str, Any]]) -> dict:
 def _boundaries(cells: list[dict], axes_values: Mapping[str, list]) -> list[dict]:
     """Neighbouring cells (along one axis, the others equal) with different labels: where a boundary
     lies, between the two points (its uncertainty is their distance)."""
-    out = []
-    for axis in axes_values:
-        lines: dict[tuple, list[dict]] = defaultdict(list)
-        for c in cells:
-            lines[tuple(v for k, v in c["point"].items() if k != axis)].append(c)
-        for line in lines.values():
-            line.sort(key=lambda c: c["point"][axis] if isinstance(c["point"][axis], float)
-                      else axes_values[axis].index(c["point"][axis]))
-            out += [{"axis": axis, "between": [lo["arm"], hi["arm"]], "labels": [lo["label"], hi["label"]]}
-                    for lo, hi in zip(line, line[1:]) if lo["label"] != hi["label"]]
-    return out
+    at = {tuple(c["point"].values()): c for c in cells}
+    axes = list(axes_values)
+    return [{"axis": axes[i], "between": [at[lo]["arm"], at[hi]["arm"]], "labels": [at[lo]["label"], at[hi]["label"]]}
+            for i, lo, hi in _disagreeing_neighbours({p: c["label"] for p, c in at.items()}, axes_values)]
