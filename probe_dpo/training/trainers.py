@@ -23,7 +23,7 @@ trainers (no probe is loaded, no hook is registered).
 target tokens, of KL(policy || reference), the reference a frozen copy of the starting model (or,
 with LoRA, the base weights under the adapters); logged as ``kl_anchor``. TRL's fused LM head
 builds no logits, so with the anchor the trainer's ``compute_loss_func`` computes TRL's loss from
-the full logits and keeps them.
+the full logits and keeps their log-softmax.
 
 The callbacks of the Ray Train loop (the EMA of the weights, ...) are in ``callbacks``.
 
@@ -248,7 +248,7 @@ class ProbeSFTTrainer(_ProbePenaltyMixin, SFTTrainer):
 
     def __init__(self, *args: Any, ref_model: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._ref_model, self._logits = None, None
+        self._ref_model, self._log_p = None, None
         if getattr(self.args, "kl_weight", 0.0) > 0:
             if ref_model is None and not hasattr(self.model, "disable_adapter"):
                 raise UserError("kl_weight > 0 needs the reference model: pass ref_model= (or train LoRA adapters, "
@@ -257,20 +257,19 @@ class ProbeSFTTrainer(_ProbePenaltyMixin, SFTTrainer):
                 self._ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
             # TRL's fused LM head builds no logits; with a compute_loss_func TRL runs the model with them,
             # and the anchor needs them (with their graph)
-            self.compute_loss_func = self._nll_keeping_logits
+            self.compute_loss_func = self._nll_keeping_log_probs
 
     def _penalty_mask(self, inputs: dict) -> torch.Tensor:
         if inputs.get("completion_mask") is not None:
             return inputs["completion_mask"]
         return (inputs["labels"] != -100).long()
 
-    def _nll_keeping_logits(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        """TRL's SFT loss (the mean negative log-likelihood of the target tokens) from full logits, kept
-        for the KL anchor."""
-        self._logits = outputs.logits
+    def _nll_keeping_log_probs(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        """TRL's SFT loss (the mean negative log-likelihood of the target tokens) from full logits; their
+        log-softmax is kept for the KL anchor."""
         targets = labels[:, 1:]
         mask = targets != -100
-        log_p = torch.log_softmax(outputs.logits[:, :-1].float(), dim=-1)
+        log_p = self._log_p = torch.log_softmax(outputs.logits[:, :-1].float(), dim=-1)
         nll = -log_p.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
         count = mask.sum() if num_items_in_batch is None else num_items_in_batch
         return nll.sum() / torch.as_tensor(count, device=nll.device).clamp(min=1)
@@ -279,18 +278,18 @@ class ProbeSFTTrainer(_ProbePenaltyMixin, SFTTrainer):
         weight = getattr(self.args, "kl_weight", 0.0)
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
-        logits, self._logits = self._logits, None
-        if weight <= 0 or logits is None or not torch.is_grad_enabled():
+        log_p, self._log_p = self._log_p, None
+        if weight <= 0 or log_p is None or not torch.is_grad_enabled():
             return result
         loss, outputs = result if return_outputs else (result, None)
-        kl = self._kl_to_reference(model, inputs, logits)
+        kl = self._kl_to_reference(model, inputs, log_p)
         loss = loss + (weight * self._added_term_scale(num_items_in_batch)) * kl.to(loss.dtype)
         self._log_term("kl_anchor", kl)
         return (loss, outputs) if return_outputs else loss
 
-    def _kl_to_reference(self, model: Any, inputs: dict, logits: torch.Tensor) -> torch.Tensor:
+    def _kl_to_reference(self, model: Any, inputs: dict, log_p: torch.Tensor) -> torch.Tensor:
         """Mean over the target tokens of KL(policy || reference) of the next-token distributions
-        (position t predicts token t+1)."""
+        (position t predicts token t+1; ``log_p``: the policy's log-softmax at positions 0..T-2)."""
         forward = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if inputs.get(k) is not None}
         with torch.no_grad():
             if self._ref_model is not None:
@@ -298,8 +297,7 @@ class ProbeSFTTrainer(_ProbePenaltyMixin, SFTTrainer):
             else:  # LoRA: the base weights under the adapters are the reference
                 with self.accelerator.unwrap_model(model).disable_adapter():
                     ref_logits = model(**forward).logits
-        mask = (inputs["labels"][:, 1:] != -100).to(logits.device).float()
-        log_p = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        mask = (inputs["labels"][:, 1:] != -100).to(log_p.device).float()
         log_q = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
         per_token = (log_p.exp() * (log_p - log_q)).sum(-1)
         return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
