@@ -11,7 +11,7 @@ from probe_dpo.config import bounded
 from probe_dpo.preference_mix import PreferenceMixConfig
 
 METHODS = ("probe", "probe-weights", "behaviour-contrast", "bank-max", "bank-mean", "behaviour-change", "judge", "gradient",
-           "gradient-factorized", "gradient-less")
+           "gradient-factorized", "gradient-less", "random")
 CONTRAST_METHODS = ("behaviour-contrast", "bank-max", "bank-mean")
 COMPARATORS = ("judge", "gradient", "gradient-factorized", "gradient-less")
 GRADIENT_MODES = {"gradient": "dense", "gradient-factorized": "factorized", "gradient-less": "lora-adam"}
@@ -136,8 +136,9 @@ class RetrainSettings:
     """Retrain on each mitigated set and measure the behaviour."""
     methods: list[str] = field(default_factory=lambda: ["probe"])
     """Rankings whose filter/swap sets are retrained (probe, probe-weights, behaviour-contrast,
-    bank-max, bank-mean, behaviour-change, judge, gradient, gradient-factorized, gradient-less); drop-sources too, once per distinct set of
-    flagged sources."""
+    bank-max, bank-mean, behaviour-change, judge, gradient, gradient-factorized, gradient-less, random); drop-sources too,
+    once per distinct set of flagged sources. ``random`` ranks the pairs in a seeded random order (the study's
+    seed): the control whose filter removes pairs without regard to the behaviour, so a reduction must beat it."""
     lr: float = bounded(1e-5, gt=0.0)
     """Learning rate of the retraining."""
     epochs: float = bounded(2.0, gt=0.0)

@@ -23,6 +23,8 @@ def method_labels(inp: Inputs, result: dict) -> dict[str, str]:
         out["bank-mean"] = "vector bank, mean cosine"
     if "behaviour-change" in result["scores"]:
         out["behaviour-change"] = "behaviour change (raw-set DPO's activation drift; no labels)"
+    if "random" in result["scores"]:
+        out["random"] = "random order (seeded; the control filter)"
     return out
 
 
@@ -164,6 +166,14 @@ def build_report(inp: Inputs, result: dict, recall: dict | None, arms: dict, ret
                           "the rise = the part of (raw - base) removed. -topNpct arms filter or swap a fixed "
                           "budget of the ranking's top pairs; clean-only (the labels' clean pairs) is the floor. Task "
                           f"accuracy: {_capability_note(retrain)}")
+        against = {a: e["vs_random"] for a, e in retrain["arms"].items() if e.get("vs_random")}
+        if against:
+            rep.table(["arm", "random arm"] + [f"{j}: rate - random's [95% CI], p (Holm)" for j in judges],
+                      [[a, c["control"], *[f"{fmt_ci(c[j]['delta'], c[j]['delta_ci_low'], c[j]['delta_ci_high'])}, "
+                                           f"{fmt(c[j]['p_holm'], 3)}" for j in judges]] for a, c in against.items()],
+                      caption="Each ranking's filter against removing as many pairs in a random order (the same "
+                              "budget): a ranking that finds the behaviour leaves less of it. Paired bootstrap "
+                              "over prompts; one training seed per arm, so run-to-run variance is in no interval")
         fig, axes = plt.subplots(1, len(judges), figsize=(5 * len(judges), 3.4), squeeze=False)
         for ax, j in zip(axes[0], judges):
             names = list(retrain["arms"])

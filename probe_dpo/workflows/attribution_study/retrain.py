@@ -59,9 +59,8 @@ def write_mitigations(inp: Inputs, result: dict) -> dict[str, dict]:
                 dropped[tuple(sources)] = f"{method}-{how}"
                 write(f"{method}-{how}", scores, how, sources=sources)
         for budget, how in itertools.product(cfg.retrain.budgets, cfg.retrain.budget_mitigations):
-            # no % or @ in the name: object-store keys
-            write(f"{method}-{how}-top{100 * budget:g}pct", scores, how, k=max(1, int(round(budget * len(inp.pairs)))),
-                  budget=budget)
+            write(budget_arm(method, how, budget), scores, how, k=max(1, int(round(budget * len(inp.pairs)))),
+                  budget=budget, ranking=method)
     if cfg.retrain.clean_floor:
         records = [dict(p) for p, b in zip(inp.pairs, inp.bad) if not b]
         arms["clean-only"] = {"uri": write_pairs_like(records, storage.join(cfg.out, "mitigated", "clean-only"),
@@ -70,6 +69,38 @@ def write_mitigations(inp: Inputs, result: dict) -> dict[str, dict]:
                               "pairs_out": len(records), "affected": len(inp.pairs) - len(records),
                               "bad_affected": int(inp.bad.sum())}
     return arms
+
+
+def budget_arm(method: str, how: str, budget: float) -> str:
+    """The arm that filters (or swaps) ``method``'s top ``budget`` of the pairs; no % or @ in the
+    name: object-store keys."""
+    return f"{method}-{how}-top{100 * budget:g}pct"
+
+
+def compare_with_random(results: dict[str, dict], arms: dict[str, dict], judges: Sequence[str], *, threshold: float,
+                        n_boot: int, seed: int) -> dict[str, dict]:
+    """Each budget arm's toxic rate against the random ranking's arm at the same budget and
+    mitigation (``retrain.methods`` includes ``random``): the paired change over the same
+    prompts, and its p-value Holm-adjusted per judge over every such comparison. A ranking that
+    finds the behaviour removes more of it than removing as many pairs at random; the random arm
+    is the control a reduction vs raw has to beat (dropping any pairs moves the rate a little)."""
+    from probe_dpo.evaluation import paired_relative_change
+    from probe_dpo.stats import holm
+
+    out: dict[str, dict] = {}
+    for name, info in arms.items():
+        if info.get("ranking") in (None, "random") or name not in results:
+            continue
+        control = budget_arm("random", info["mitigation"], info["budget"])
+        if control in results:
+            out[name] = {"control": control, **{j: paired_relative_change(
+                results[control]["samples"].scores[j], results[name]["samples"].scores[j], threshold=threshold,
+                n_boot=n_boot, seed=seed) for j in judges}}
+    for j in judges:
+        names = list(out)
+        for name, p in zip(names, holm([out[n][j]["p_value"] for n in names])):
+            out[name][j]["p_holm"] = p
+    return out
 
 
 def train_arm(inp: Inputs, name: str, pairs_uri: str, extra: Sequence[str] = ()) -> str:
@@ -192,6 +223,9 @@ def retrain_and_evaluate(inp: Inputs, arms: dict[str, dict]) -> dict:
                                   for j in ev.judges}
             entry.update({k: v for k, v in arms[name].items() if k != "uri"})
         summary["arms"][name] = entry
+    for name, comparison in compare_with_random(results, arms, ev.judges, threshold=ev.threshold,
+                                                n_boot=ev.bootstrap, seed=ev.seed).items():
+        summary["arms"][name]["vs_random"] = comparison
     for j in ev.judges:
         rise = share_of_rise_removed(base["samples"].scores[j], raw["samples"].scores[j], base["samples"].scores[j],
                                      threshold=ev.threshold, n_boot=ev.bootstrap, seed=ev.seed)

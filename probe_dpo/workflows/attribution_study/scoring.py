@@ -90,6 +90,8 @@ def score_all(inp: Inputs, change: Any = None, contrast: Any = None) -> dict:
             scores["bank-mean"] = A.bank_scores(diffs, contrast[1], "mean")
     if change is not None:
         scores["behaviour-change"] = by_direction[change.name]
+    if cfg.retrain.enabled and "random" in cfg.retrain.methods:  # the filter that ignores the behaviour
+        scores["random"] = np.random.default_rng(cfg.seed).random(len(inp.pairs))
     sources = A.pair_sources(inp.pairs)
     n = len(inp.pairs)
     k = top_k(cfg, n, inp.bad)
