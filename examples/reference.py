@@ -5,6 +5,8 @@
     python examples/reference.py --check         # does README.md's table match the committed bundle?
     python examples/reference.py --skip-run --run runs/demo-grpo --bundle examples/demo-grpo
                                                  # bundle another run (no README table)
+    python examples/reference.py --skip-run --run runs/attribution-lean --bundle examples/attribution-lean \
+        --declared attribution-lean              # bundle an attribution study against its declared config
 
 Why: every scientific figure the README states must come from a file a clone has. The run folder
 (``runs/demo``) is git-ignored (it holds model weights); this script copies its small, readable
@@ -114,14 +116,69 @@ def bundle(run: Path, dest: Path = BUNDLE) -> dict:
     return provenance
 
 
+STUDY_FILES = ["results.json", "report.md", "report.html", "sources.json", "audit.json"]
+PATH_KEYS = ("testbed", "probes", "out", "model", "pairs", "poison_labels", "behaviour_data")
+"""The attribution study's keys a command line gives (where things are), not what the study does."""
+
+
+def undeclared(declared: str, ran: dict) -> list[str]:
+    """The settings where the study in ``ran`` (its results' config) differs from the bundled
+    config ``declared`` (e.g. attribution-lean, committed before the run), paths aside."""
+    from probe_dpo.config import load_config, to_dict
+    from probe_dpo.workflows import bundled_config
+    from probe_dpo.workflows.attribution_study.config import AttributionConfig
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        return {k: v for key, value in d.items() if key not in PATH_KEYS or prefix
+                for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+
+    want, got = flat(to_dict(load_config(AttributionConfig, bundled_config(declared), []))), flat(ran)
+    return sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+
+
+def bundle_study(run: Path, dest: Path, declared: str) -> dict:
+    """Copy an attribution study's readable part (results, report, figures, sources, audit; not
+    the pairs or the scores: those hold the packages' texts) into ``dest`` with its provenance and
+    the check that it ran the declared config."""
+    from importlib.metadata import version
+
+    from probe_dpo.workflows import bundled_config
+
+    results = json.loads((run / "results.json").read_text())
+    differs = undeclared(declared, results["config"])
+    if differs:
+        raise SystemExit(f"{run}: the study's config differs from the declared {declared} in {', '.join(differs)}")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for rel in STUDY_FILES:
+        shutil.copy2(run / rel, dest / rel)
+    shutil.copytree(run / "figures", dest / "figures")
+    git = ["git", "-C", str(ROOT)]
+    source = Path(bundled_config(declared)).resolve().relative_to(ROOT).as_posix()
+    declared_at = subprocess.run([*git, "log", "--diff-filter=A", "--format=%H", "-1", "--", source],
+                                 capture_output=True, text=True).stdout.strip()
+    provenance = {"bundled_at_commit": subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True,
+                                                      text=True).stdout.strip(),
+                  "declared_config": source, "declared_at_commit": declared_at,
+                  "python": sys.version.split()[0], "packages": {p: version(p) for p in PACKAGES}}
+    (dest / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return provenance
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", default=str(ROOT / "runs" / "demo"), help="the demo's run folder")
     parser.add_argument("--skip-run", action="store_true", help="bundle the run folder as it is")
     parser.add_argument("--check", action="store_true", help="only check README.md against the bundle")
     parser.add_argument("--bundle", default=str(BUNDLE), help="where to bundle it (README's table: examples/demo only)")
+    parser.add_argument("--declared", help="the run is an attribution study of this bundled config: bundle it")
     args = parser.parse_args(argv)
     dest = Path(args.bundle).resolve()
+    if args.declared:
+        bundle_study(Path(args.run), dest, args.declared)
+        print(f"bundled the {args.declared} study {args.run} into {dest}")
+        return 0
     if not args.check:
         if not args.skip_run:
             subprocess.run([sys.executable, "-m", "probe_dpo.cli", "demo", "--storage", args.run], check=True)

@@ -59,3 +59,30 @@ def test_the_bundle_declares_its_plan_and_has_the_seeds():
     assert plan["sha256"][:16] in report and "Outcome labels (declared before the runs)" in report
     for figure in (BUNDLE / "figures").iterdir():
         assert f"figures/{figure.name}" in report
+
+
+def test_a_study_bundles_only_when_it_ran_its_declared_config(tmp_path):
+    import pytest
+
+    from probe_dpo.config import load_config, to_dict
+    from probe_dpo.workflows import bundled_config
+    from probe_dpo.workflows.attribution_study.config import AttributionConfig
+
+    ref = _reference()
+    config = to_dict(load_config(AttributionConfig, bundled_config("attribution-lean"), []))
+    run = tmp_path / "study"
+    (run / "figures").mkdir(parents=True)
+    (run / "figures" / "recall_at_k.png").write_bytes(b"png")
+    for name in ref.STUDY_FILES:
+        (run / name).write_text("{}")
+    ran = {**config, "testbed": "/elsewhere/testbed", "out": str(run)}  # where things are is not what it does
+    (run / "results.json").write_text(json.dumps({"config": ran}))
+    provenance = ref.bundle_study(run, tmp_path / "bundle", "attribution-lean")
+    assert provenance["declared_config"] == "probe_dpo/workflows/attribution-lean.yaml"
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == sorted(
+        [*ref.STUDY_FILES, "figures", "provenance.json"])
+    assert ref.undeclared("attribution-lean", {**ran, "retrain": {**ran["retrain"], "seed": 1}}) == ["retrain.seed"]
+    (run / "results.json").write_text(json.dumps({"config": {**ran, "retrain": {**ran["retrain"], "budgets": [0.1]}}}))
+    with pytest.raises(SystemExit, match="differs from the declared attribution-lean in retrain.budgets"):
+        ref.bundle_study(run, tmp_path / "other", "attribution-lean")
+    assert not (tmp_path / "other").exists()
