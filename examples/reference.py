@@ -5,6 +5,8 @@
     python examples/reference.py --check         # does README.md's table match the committed bundle?
     python examples/reference.py --skip-run --run runs/demo-grpo --bundle examples/demo-grpo
                                                  # bundle another run (no README table)
+    python examples/reference.py --skip-run --run runs/map --bundle examples/map
+                                                 # the map, and README's map table (between its markers)
     python examples/reference.py --skip-run --run runs/attribution-lean --bundle examples/attribution-lean \
         --declared attribution-lean              # bundle an attribution study against its declared config
 
@@ -29,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "examples" / "demo"
 README = ROOT / "README.md"
 START, END = "<!-- example-table:start -->", "<!-- example-table:end -->"
+MAP_BUNDLE = ROOT / "examples" / "map"
+MAP_START, MAP_END = "<!-- map-table:start -->", "<!-- map-table:end -->"
 FILES = ["results.json", "report.md", "report.html", "analysis-plan.json", "config.yaml", "shared/timings.json"]
 PACKAGES = ["torch", "transformers", "trl", "ray", "deepspeed", "peft", "accelerate", "datasets", "numpy", "scipy"]
 
@@ -68,13 +72,56 @@ def readme_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_with_table(readme: str, table: str) -> str:
+def map_table(results: dict, source: str) -> str:
+    """The README's table of a map (``results.json``'s ``map``, 1 or 2 axes): a row per value of
+    the first axis, a column per value of the second; each cell its label (* refined), the train
+    probe's TPR change on fixed texts, and the step the early warning first fired at per seed."""
+    m = results["map"]
+    first, second = (m["axes"] + [None])[:2]
+
+    def values(axis: str | None) -> list:
+        seen = list(dict.fromkeys(c["point"][axis] for c in m["cells"])) if axis else [None]
+        return sorted(seen) if all(isinstance(v, (int, float)) for v in seen) else seen
+
+    def text(cell: dict | None) -> str:
+        if cell is None:
+            return "-"
+        tpr = cell["tpr_change"].get("train")
+        steps = "/".join("-" if s is None else str(s) for s in cell["early_warning_step"])
+        return (f"{cell['label']}{'*' if cell['stage'] == 'refined' else ''}"
+                + ("" if tpr is None else f", TPR {tpr:+.2f}") + (f", warned at {steps}" if steps else ""))
+
+    at = {(c["point"][first], c["point"].get(second) if second else None): c for c in m["cells"]}
+    cols = values(second)
+    head = [f"{first} \\ {second}", *map(str, cols)] if second else [first, "cell"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for v in values(first):
+        lines.append("| " + " | ".join([str(v), *[text(at.get((v, c))) for c in cols]]) + " |")
+    point = {c["arm"]: c["point"] for c in m["cells"]}
+
+    def boundary(b: dict) -> str:
+        lo, hi = (point[a] for a in b["between"])
+        rest = ", ".join(f"{k}={v}" for k, v in lo.items() if k != b["axis"])
+        return (f"{b['axis']} {lo[b['axis']]} ({b['labels'][0]}) to {hi[b['axis']]} ({b['labels'][1]})"
+                + (f" at {rest}" if rest else ""))
+
+    w = m["early_warning"]
+    rate = "-" if w["false_alarm_rate"] is None else f"{w['false_alarm_rate']:.2f}"
+    lines += ["", f"Family {m['family']}; * refined after the coarse grid. Early warning over the {w['seeds_on']} "
+              f"seeds where it ran: fired in {w['hits']} of {w['hits'] + w['misses']} obfuscated seeds, false alarms "
+              f"in {w['false_alarms']} of {w['false_alarms'] + w['quiet']} removed or blatant seeds (rate {rate}). "
+              f"Boundaries: {'; '.join(map(boundary, m['boundaries'])) or 'none'}. "
+              f"Source: [`{source}`]({source})."]
+    return "\n".join(lines)
+
+
+def readme_with_table(readme: str, table: str, start: str = START, end: str = END) -> str:
     """README text with the block between the markers replaced by ``table``."""
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {START} ... {END} block")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table}\n{END}{tail}"
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md has no {start} ... {end} block")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{table}\n{end}{tail}"
 
 
 def screenshot(page: Path, png: Path) -> None:
@@ -183,17 +230,19 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_run:
             subprocess.run([sys.executable, "-m", "probe_dpo.cli", "demo", "--storage", args.run], check=True)
         bundle(Path(args.run), dest)
-        if dest != BUNDLE:
+        if dest not in (BUNDLE, MAP_BUNDLE):
             print(f"bundled {args.run} into {dest}")
             return 0
-    table = readme_table(json.loads((BUNDLE / "results.json").read_text()))
-    text = README.read_text()
+    wanted = readme_with_table(README.read_text(), readme_table(json.loads((BUNDLE / "results.json").read_text())))
+    if MAP_BUNDLE.exists():  # the map's table too, once its run is bundled
+        wanted = readme_with_table(wanted, map_table(json.loads((MAP_BUNDLE / "results.json").read_text()),
+                                                     "examples/map/results.json"), MAP_START, MAP_END)
     if args.check:
-        ok = readme_with_table(text, table) == text
-        print("README.md matches examples/demo/results.json" if ok else "README.md differs from the bundle")
+        ok = wanted == README.read_text()
+        print("README.md matches the bundles" if ok else "README.md differs from the bundles")
         return 0 if ok else 1
-    README.write_text(readme_with_table(text, table))
-    print(f"bundled {args.run} into {BUNDLE.relative_to(ROOT)} and wrote README.md's table")
+    README.write_text(wanted)
+    print(f"bundled {args.run} into {dest.relative_to(ROOT)} and wrote README.md's tables")
     return 0
 
 

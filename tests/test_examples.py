@@ -86,3 +86,28 @@ def test_a_study_bundles_only_when_it_ran_its_declared_config(tmp_path):
     with pytest.raises(SystemExit, match="differs from the declared attribution-lean in retrain.budgets"):
         ref.bundle_study(run, tmp_path / "other", "attribution-lean")
     assert not (tmp_path / "other").exists()
+
+
+def test_the_readme_map_table_puts_each_cell_at_its_point():
+    from probe_dpo.workflows.experiment.config import MapSettings
+    from probe_dpo.workflows.experiment.obfuscation_map import map_plan, phase_map
+
+    settings = MapSettings(family="obfuscation-control", axes={"penalty.weight": [0, 4], "sft.kl_weight": [0, 1]})
+    plan = map_plan(settings)
+
+    def arm(label, tpr):
+        return {"seeds": 2, "outcome": {"label": label}, "fixed": {"train": {"tpr": {"delta": tpr}}}}
+
+    cells = {settings.cell((0.0, 0.0)): arm("removed", 0.0), settings.cell((4.0, 0.0)): arm("obfuscated activations", -0.4),
+             settings.cell((0.0, 1.0)): arm("removed", 0.01), settings.cell((4.0, 1.0)): arm("removed", -0.02),
+             settings.cell((2.0, 0.0)): arm("removed", -0.1)}
+    phase = phase_map(plan, cells, {settings.cell((4.0, 0.0)): [20, None], settings.cell((0.0, 0.0)): [None, None]})
+    table = _reference().map_table({"map": phase}, "examples/map/results.json").splitlines()
+    assert table[:5] == ["| penalty.weight \\ sft.kl_weight | 0.0 | 1.0 |", "| --- | --- | --- |",
+                         "| 0.0 | removed, TPR +0.00, warned at -/- | removed, TPR +0.01 |",
+                         "| 2.0 | removed*, TPR -0.10 | - |",
+                         "| 4.0 | obfuscated activations, TPR -0.40, warned at 20/- | removed, TPR -0.02 |"]
+    assert ("fired in 1 of 2 obfuscated seeds, false alarms in 0 of 2 removed or blatant seeds (rate 0.00)"
+            in table[-1])
+    assert ("penalty.weight 2.0 (removed) to 4.0 (obfuscated activations) at sft.kl_weight=0.0; sft.kl_weight 0.0 "
+            "(obfuscated activations) to 1.0 (removed) at penalty.weight=4.0") in table[-1]
