@@ -32,7 +32,7 @@ BUNDLE = ROOT / "examples" / "demo"
 README = ROOT / "README.md"
 START, END = "<!-- example-table:start -->", "<!-- example-table:end -->"
 MAP_BUNDLE = ROOT / "examples" / "map"
-MAP_START, MAP_END = "<!-- map-table:start -->", "<!-- map-table:end -->"
+STUDY_BUNDLE = ROOT / "examples" / "attribution-lean"
 FILES = ["results.json", "report.md", "report.html", "analysis-plan.json", "config.yaml", "shared/timings.json"]
 PACKAGES = ["torch", "transformers", "trl", "ray", "deepspeed", "peft", "accelerate", "datasets", "numpy", "scipy"]
 
@@ -115,6 +115,43 @@ def map_table(results: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+def study_table(results: dict, source: str) -> str:
+    """The README's table of an attribution study with retraining: for each retrained ranking and
+    budget, its recall of the bad pairs, what the filter removed, the primary judge's toxic rate
+    after DPO on what is left, its reduction vs DPO on the raw set and its difference from the
+    random filter at the same budget (Holm), and the task accuracy."""
+    retrain, judge = results["retrain"], results["retrain"]["judges"][0]
+    arms, k = retrain["arms"], results["k"]
+
+    def ci(x: dict, key: str, lo: str = "ci_low", hi: str = "ci_high", pct: bool = False) -> str:
+        f = (lambda v: f"{100 * v:+.0f}%") if pct else (lambda v: f"{v:.3f}")
+        return f"{f(x[key])} [{f(x[lo])}, {f(x[hi])}]"
+
+    head = ["ranking", f"recall@{k} [95% CI]", "filter", "removed (poisoned)", f"toxic rate, {judge}",
+            "reduction vs raw DPO", "rate minus random's, Holm p", "BoolQ accuracy"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, arm in arms.items():
+        if "budget" not in arm:
+            continue
+        m, vs = arm["ranking"], arm.get("vs_random")
+        recall = results["recall"].get(m)
+        lo, hi = results["recall_ci"].get(m, [None, None])
+        cap = arm.get("capability")
+        lines.append("| " + " | ".join([
+            m, "-" if recall is None else f"{recall:.3f} [{lo:.3f}, {hi:.3f}]", f"top {100 * arm['budget']:g}%",
+            f"{arm['k']} ({arm.get('bad_affected', '-')})", ci(arm["rates"][judge], "rate"),
+            ci(arm["reduction"][judge], "reduction", pct=True),
+            "control" if vs is None else f"{ci(vs[judge], 'delta', 'delta_ci_low', 'delta_ci_high')}, "
+                                         f"{vs[judge]['p_holm']:.3f}",
+            "-" if not cap else ci(cap, "accuracy")]) + " |")
+    base, raw = arms["base"]["rates"][judge], arms["raw"]["rates"][judge]
+    chance = results["recall"].get("chance")
+    lines += ["", f"Toxic rate under {judge}: base model {ci(base, 'rate')}, DPO on the raw set {ci(raw, 'rate')}; "
+              f"a random ranking's expected recall@{k} {'-' if chance is None else f'{chance:.3f}'}. One training seed per arm; 95% intervals by a "
+              f"paired bootstrap over prompts. Source: [`{source}`]({source})."]
+    return "\n".join(lines)
+
+
 def readme_with_table(readme: str, table: str, start: str = START, end: str = END) -> str:
     """README text with the block between the markers replaced by ``table``."""
     if start not in readme or end not in readme:
@@ -163,7 +200,7 @@ def bundle(run: Path, dest: Path = BUNDLE) -> dict:
     return provenance
 
 
-STUDY_FILES = ["results.json", "report.md", "report.html", "sources.json", "audit.json"]
+STUDY_FILES = ["results.json", "report.md", "report.html", "sources.json", "audit.json", "directions/directions.json"]
 PATH_KEYS = ("testbed", "probes", "out", "model", "pairs", "poison_labels", "behaviour_data")
 """The attribution study's keys a command line gives (where things are), not what the study does."""
 
@@ -184,8 +221,8 @@ def undeclared(declared: str, ran: dict) -> list[str]:
 
 
 def bundle_study(run: Path, dest: Path, declared: str) -> dict:
-    """Copy an attribution study's readable part (results, report, figures, sources, audit; not
-    the pairs or the scores: those hold the packages' texts) into ``dest`` with its provenance and
+    """Copy an attribution study's readable part (results, report, figures, sources, audit, the
+    directions' metadata; not the pairs or the scores: those hold the packages' texts) into ``dest`` with its provenance and
     the check that it ran the declared config."""
     from importlib.metadata import version
 
@@ -198,7 +235,8 @@ def bundle_study(run: Path, dest: Path, declared: str) -> dict:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for rel in STUDY_FILES:
+    for rel in STUDY_FILES:  # directions.json: each direction's provenance (the bank's scenarios), no tensor
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(run / rel, dest / rel)
     shutil.copytree(run / "figures", dest / "figures")
     git = ["git", "-C", str(ROOT)]
@@ -224,19 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     dest = Path(args.bundle).resolve()
     if args.declared:
         bundle_study(Path(args.run), dest, args.declared)
-        print(f"bundled the {args.declared} study {args.run} into {dest}")
-        return 0
-    if not args.check:
+    elif not args.check:
         if not args.skip_run:
             subprocess.run([sys.executable, "-m", "probe_dpo.cli", "demo", "--storage", args.run], check=True)
         bundle(Path(args.run), dest)
-        if dest not in (BUNDLE, MAP_BUNDLE):
-            print(f"bundled {args.run} into {dest}")
-            return 0
-    wanted = readme_with_table(README.read_text(), readme_table(json.loads((BUNDLE / "results.json").read_text())))
-    if MAP_BUNDLE.exists():  # the map's table too, once its run is bundled
-        wanted = readme_with_table(wanted, map_table(json.loads((MAP_BUNDLE / "results.json").read_text()),
-                                                     "examples/map/results.json"), MAP_START, MAP_END)
+    if not args.check and dest not in (BUNDLE, MAP_BUNDLE, STUDY_BUNDLE):
+        print(f"bundled {args.run} into {dest}")
+        return 0
+    wanted = readme_tables(README.read_text())
     if args.check:
         ok = wanted == README.read_text()
         print("README.md matches the bundles" if ok else "README.md differs from the bundles")
@@ -244,6 +277,22 @@ def main(argv: list[str] | None = None) -> int:
     README.write_text(wanted)
     print(f"bundled {args.run} into {dest.relative_to(ROOT)} and wrote README.md's tables")
     return 0
+
+
+def readme_tables(readme: str) -> str:
+    """README text with every bundled run's table written between its markers: the demo's, and
+    the map's and the attribution study's once they are bundled."""
+    def results(bundle: Path) -> dict:
+        return json.loads((bundle / "results.json").read_text())
+
+    text = readme_with_table(readme, readme_table(results(BUNDLE)))
+    if MAP_BUNDLE.exists():
+        text = readme_with_table(text, map_table(results(MAP_BUNDLE), "examples/map/results.json"),
+                                 "<!-- map-table:start -->", "<!-- map-table:end -->")
+    if STUDY_BUNDLE.exists():
+        text = readme_with_table(text, study_table(results(STUDY_BUNDLE), "examples/attribution-lean/results.json"),
+                                 "<!-- attribution-table:start -->", "<!-- attribution-table:end -->")
+    return text
 
 
 if __name__ == "__main__":

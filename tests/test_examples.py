@@ -73,14 +73,15 @@ def test_a_study_bundles_only_when_it_ran_its_declared_config(tmp_path):
     run = tmp_path / "study"
     (run / "figures").mkdir(parents=True)
     (run / "figures" / "recall_at_k.png").write_bytes(b"png")
+    (run / "directions").mkdir()
     for name in ref.STUDY_FILES:
         (run / name).write_text("{}")
     ran = {**config, "testbed": "/elsewhere/testbed", "out": str(run)}  # where things are is not what it does
     (run / "results.json").write_text(json.dumps({"config": ran}))
     provenance = ref.bundle_study(run, tmp_path / "bundle", "attribution-lean")
     assert provenance["declared_config"] == "probe_dpo/workflows/attribution-lean.yaml"
-    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == sorted(
-        [*ref.STUDY_FILES, "figures", "provenance.json"])
+    assert sorted(p.relative_to(tmp_path / "bundle").as_posix() for p in (tmp_path / "bundle").rglob("*.*")) == sorted(
+        [*ref.STUDY_FILES, "figures/recall_at_k.png", "provenance.json"])
     assert ref.undeclared("attribution-lean", {**ran, "retrain": {**ran["retrain"], "seed": 1}}) == ["retrain.seed"]
     (run / "results.json").write_text(json.dumps({"config": {**ran, "retrain": {**ran["retrain"], "budgets": [0.1]}}}))
     with pytest.raises(SystemExit, match="differs from the declared attribution-lean in retrain.budgets"):
@@ -111,3 +112,30 @@ def test_the_readme_map_table_puts_each_cell_at_its_point():
             in table[-1])
     assert ("penalty.weight 2.0 (removed) to 4.0 (obfuscated activations) at sft.kl_weight=0.0; sft.kl_weight 0.0 "
             "(obfuscated activations) to 1.0 (removed) at penalty.weight=4.0") in table[-1]
+
+
+def test_the_readme_study_table_reads_each_budget_arm_against_the_random_one():
+    def rate(r):
+        return {"tcc": {"rate": r, "ci_low": r - 0.02, "ci_high": r + 0.02}}
+
+    arms = {"base": {"rates": rate(0.125)}, "raw": {"rates": rate(0.2)},
+            "probe-filter-top8pct": {"ranking": "probe", "budget": 0.08, "k": 11, "bad_affected": 10,
+                                     "rates": rate(0.15), "reduction": {"tcc": {"reduction": 0.25, "ci_low": 0.05,
+                                                                                 "ci_high": 0.4}},
+                                     "vs_random": {"control": "random-filter-top8pct",
+                                                   "tcc": {"delta": -0.04, "delta_ci_low": -0.07,
+                                                           "delta_ci_high": -0.01, "p_holm": 0.012}},
+                                     "capability": {"accuracy": 0.6, "ci_low": 0.53, "ci_high": 0.67}},
+            "random-filter-top8pct": {"ranking": "random", "budget": 0.08, "k": 11, "bad_affected": 7,
+                                      "rates": rate(0.19), "reduction": {"tcc": {"reduction": 0.05, "ci_low": -0.1,
+                                                                                  "ci_high": 0.2}}}}
+    results = {"k": 82, "retrain": {"judges": ["tcc"], "arms": arms},
+               "recall": {"probe": 0.817, "random": 0.6, "chance": 0.612},
+               "recall_ci": {"probe": [0.72, 0.886], "random": [0.5, 0.7]}}
+    table = _reference().study_table(results, "examples/attribution-lean/results.json").splitlines()
+    assert table[2:4] == [
+        "| probe | 0.817 [0.720, 0.886] | top 8% | 11 (10) | 0.150 [0.130, 0.170] | +25% [+5%, +40%] "
+        "| -0.040 [-0.070, -0.010], 0.012 | 0.600 [0.530, 0.670] |",
+        "| random | 0.600 [0.500, 0.700] | top 8% | 11 (7) | 0.190 [0.170, 0.210] | +5% [-10%, +20%] | control | - |"]
+    assert "base model 0.125 [0.105, 0.145], DPO on the raw set 0.200 [0.180, 0.220]" in table[-1]
+    assert "expected recall@82 0.612" in table[-1]
