@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "examples" / "demo"
@@ -138,7 +139,7 @@ def study_table(results: dict, source: str) -> str:
         lo, hi = results["recall_ci"].get(m, [None, None])
         cap = arm.get("capability")
         lines.append("| " + " | ".join([
-            m, "-" if recall is None else f"{recall:.3f} [{lo:.3f}, {hi:.3f}]", f"top {100 * arm['budget']:g}%",
+            f"probe ({results.get('direction')})" if m == "probe" else m, "-" if recall is None else f"{recall:.3f} [{lo:.3f}, {hi:.3f}]", f"top {100 * arm['budget']:g}%",
             f"{arm['k']} ({arm.get('bad_affected', '-')})", ci(arm["rates"][judge], "rate"),
             ci(arm["reduction"][judge], "reduction", pct=True),
             "control" if vs is None else f"{ci(vs[judge], 'delta', 'delta_ci_low', 'delta_ci_high')}, "
@@ -200,7 +201,20 @@ def bundle(run: Path, dest: Path = BUNDLE) -> dict:
     return provenance
 
 
-STUDY_FILES = ["results.json", "report.md", "report.html", "sources.json", "audit.json", "directions/directions.json"]
+STUDY_FILES = ["results.json", "sources.json", "audit.json", "directions/directions.json"]
+TEXTS = ("prompt", "chosen", "rejected", "completion", "text", "prompts", "examples", "top_pairs")
+"""Keys whose values are the testbed's texts (prompts and responses read from packages): withheld."""
+
+
+def without_texts(value: Any) -> Any:
+    """``value`` (parsed JSON) with every text of the testbed's data withheld: a clone reads the
+    numbers, and the texts stay in the packages they come from."""
+    if isinstance(value, dict):
+        return {k: (f"(withheld: {len(v) if isinstance(v, list) else 1} from the testbed's data)" if k in TEXTS
+                    else without_texts(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_texts(v) for v in value]
+    return value
 PATH_KEYS = ("testbed", "probes", "out", "model", "pairs", "poison_labels", "behaviour_data")
 """The attribution study's keys a command line gives (where things are), not what the study does."""
 
@@ -221,9 +235,10 @@ def undeclared(declared: str, ran: dict) -> list[str]:
 
 
 def bundle_study(run: Path, dest: Path, declared: str) -> dict:
-    """Copy an attribution study's readable part (results, report, figures, sources, audit, the
-    directions' metadata; not the pairs or the scores: those hold the packages' texts) into ``dest`` with its provenance and
-    the check that it ran the declared config."""
+    """Copy an attribution study's numbers (results, sources, audit, the directions' metadata,
+    every text of the testbed's data withheld; its figures) into ``dest`` with its provenance and
+    the check that it ran the declared config. Not its report, the pairs or the scores: they
+    quote the packages' texts (cluster examples), which stay in the packages."""
     from importlib.metadata import version
 
     from probe_dpo.workflows import bundled_config
@@ -237,7 +252,10 @@ def bundle_study(run: Path, dest: Path, declared: str) -> dict:
     dest.mkdir(parents=True)
     for rel in STUDY_FILES:  # directions.json: each direction's provenance (the bank's scenarios), no tensor
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(run / rel, dest / rel)
+        data = without_texts(json.loads((run / rel).read_text()))
+        if rel == "results.json":  # its config holds paths, no text
+            data["config"] = json.loads((run / rel).read_text())["config"]
+        (dest / rel).write_text(json.dumps(data, indent=1) + "\n")
     shutil.copytree(run / "figures", dest / "figures")
     git = ["git", "-C", str(ROOT)]
     source = Path(bundled_config(declared)).resolve().relative_to(ROOT).as_posix()

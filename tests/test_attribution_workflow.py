@@ -83,15 +83,15 @@ def study(testbed, probes, ray_cluster, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def retrained(study, testbed, probes):
-    """The same study with retraining of the raw set and the probe-, behaviour-change- and
-    randomly filtered sets (plain DPO, 1 step); the behaviour-change direction comes from the raw set's policy, and
+    """The same study with retraining of the raw set and the probe- and randomly filtered sets
+    (plain DPO, 1 step; every ranking's filter is the same code path); the behaviour-change direction comes from the raw set's policy, and
     the change clusters read the pairs with Ray actors of that policy."""
     prompts = os.path.join(testbed, "data", "prompts_heldout.jsonl")
     rc = main(["attribute", "--testbed", testbed, "--probes", probes, "--out", study,
                "--mitigate", "filter", "--retrain", "ranking.k_from_labels=true", "behaviour_examples=0",
                "behaviour_change.enabled=true", f"behaviour_change.prompts={prompts}",
                "behaviour_change.max_prompts=4", "behaviour_change.contrast=true",
-               "retrain.methods=[probe,behaviour-change,random]", "retrain.budgets=[0.1]", "retrain.clean_floor=true",
+               "retrain.methods=[probe,random]", "retrain.budgets=[0.1]", "retrain.clean_floor=true",
                "retrain.intervention_weight=1.0",
                "retrain.overrides=[train.max_steps=1]", "retrain.batch_size=2",
                "evaluation.judges=[profanity-check]", "evaluation.max_prompts=4", "evaluation.bootstrap=200",
@@ -170,10 +170,10 @@ def test_study_mitigations(study):
 def test_retraining_measures_each_arm(retrained):
     results = json.loads(open(os.path.join(retrained, "results.json")).read())
     retrain = results["retrain"]
-    budget_arms = {"probe-filter-top10pct", "behaviour-change-filter-top10pct", "random-filter-top10pct"}
-    assert set(retrain["arms"]) == {"base", "raw", "probe-filter", "behaviour-change-filter", "random-filter",
+    budget_arms = {"probe-filter-top10pct", "random-filter-top10pct"}
+    assert set(retrain["arms"]) == {"base", "raw", "probe-filter", "random-filter",
                                     "clean-only", "raw-penalty-logit", *budget_arms}
-    for name in ("raw", "probe-filter", "behaviour-change-filter", "clean-only", "raw-penalty-logit", *budget_arms):
+    for name in ("raw", "probe-filter", "random-filter", "clean-only", "raw-penalty-logit", *budget_arms):
         assert storage.is_complete(os.path.join(retrained, "runs", name, "policy"))
         entry = retrain["arms"][name]
         assert 0 <= entry["rates"]["profanity-check"]["rate"] <= 1 and entry["perplexity"] > 1
@@ -200,14 +200,13 @@ def test_retraining_measures_each_arm(retrained):
     kept = read_records(os.path.join(retrained, "mitigated", "random-filter-top10pct.jsonl"))
     assert {p["pair_id"] for p in kept} == {p["pair_id"] for p, r in zip(pairs, drawn) if r < np.sort(drawn)[-budget]}
     assert "random order (seeded" in open(os.path.join(retrained, "report.md")).read()
-    # every other ranking's budget arm against the random one's: the same prompts, paired, Holm over both
+    # every other ranking's budget arm against the random one's: the same prompts, paired
     rate = {a: retrain["arms"][a]["rates"]["profanity-check"]["rate"] for a in budget_arms}
-    for name in ("probe-filter-top10pct", "behaviour-change-filter-top10pct"):
-        vs = retrain["arms"][name]["vs_random"]
-        assert vs["control"] == "random-filter-top10pct"
-        c = vs["profanity-check"]
-        assert c["delta"] == pytest.approx(rate[name] - rate["random-filter-top10pct"])
-        assert c["p_value"] <= c["p_holm"] <= 1 and c["delta_ci_low"] <= c["delta"] <= c["delta_ci_high"]
+    vs = retrain["arms"]["probe-filter-top10pct"]["vs_random"]
+    assert vs["control"] == "random-filter-top10pct"
+    c = vs["profanity-check"]
+    assert c["delta"] == pytest.approx(rate["probe-filter-top10pct"] - rate["random-filter-top10pct"])
+    assert c["p_value"] == c["p_holm"] and c["delta_ci_low"] <= c["delta"] <= c["delta_ci_high"]  # a family of one
     assert all("vs_random" not in retrain["arms"][a] for a in ("random-filter-top10pct", "probe-filter", "raw"))
     assert "against removing as many pairs in a random order" in open(os.path.join(retrained, "report.md")).read()
     # the feature intervention: the raw set with the probe penalty; plain raw DPO has none

@@ -77,8 +77,12 @@ def test_a_study_bundles_only_when_it_ran_its_declared_config(tmp_path):
     for name in ref.STUDY_FILES:
         (run / name).write_text("{}")
     ran = {**config, "testbed": "/elsewhere/testbed", "out": str(run)}  # where things are is not what it does
-    (run / "results.json").write_text(json.dumps({"config": ran}))
+    clusters = {"clusters": [{"size": 3, "examples": [{"prompt": "a testbed prompt", "chosen": "a response"}]}]}
+    (run / "results.json").write_text(json.dumps({"config": ran, "clusters": clusters}))
     provenance = ref.bundle_study(run, tmp_path / "bundle", "attribution-lean")
+    bundled = json.loads((tmp_path / "bundle" / "results.json").read_text())
+    assert bundled == {"config": ran, "clusters": {"clusters": [
+        {"size": 3, "examples": "(withheld: 1 from the testbed's data)"}]}}  # the numbers, not the packages' texts
     assert provenance["declared_config"] == "probe_dpo/workflows/attribution-lean.yaml"
     assert sorted(p.relative_to(tmp_path / "bundle").as_posix() for p in (tmp_path / "bundle").rglob("*.*")) == sorted(
         [*ref.STUDY_FILES, "figures/recall_at_k.png", "provenance.json"])
@@ -129,12 +133,12 @@ def test_the_readme_study_table_reads_each_budget_arm_against_the_random_one():
             "random-filter-top8pct": {"ranking": "random", "budget": 0.08, "k": 11, "bad_affected": 7,
                                       "rates": rate(0.19), "reduction": {"tcc": {"reduction": 0.05, "ci_low": -0.1,
                                                                                   "ci_high": 0.2}}}}
-    results = {"k": 82, "retrain": {"judges": ["tcc"], "arms": arms},
+    results = {"k": 82, "direction": "diff-of-means", "retrain": {"judges": ["tcc"], "arms": arms},
                "recall": {"probe": 0.817, "random": 0.6, "chance": 0.612},
                "recall_ci": {"probe": [0.72, 0.886], "random": [0.5, 0.7]}}
     table = _reference().study_table(results, "examples/attribution-lean/results.json").splitlines()
     assert table[2:4] == [
-        "| probe | 0.817 [0.720, 0.886] | top 8% | 11 (10) | 0.150 [0.130, 0.170] | +25% [+5%, +40%] "
+        "| probe (diff-of-means) | 0.817 [0.720, 0.886] | top 8% | 11 (10) | 0.150 [0.130, 0.170] | +25% [+5%, +40%] "
         "| -0.040 [-0.070, -0.010], 0.012 | 0.600 [0.530, 0.670] |",
         "| random | 0.600 [0.500, 0.700] | top 8% | 11 (7) | 0.190 [0.170, 0.210] | +5% [-10%, +20%] | control | - |"]
     assert "base model 0.125 [0.105, 0.145], DPO on the raw set 0.200 [0.180, 0.220]" in table[-1]
