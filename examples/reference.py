@@ -254,7 +254,7 @@ def bundle_study(run: Path, dest: Path, declared: str) -> dict:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         data = without_texts(json.loads((run / rel).read_text()))
         if rel == "results.json":  # its config holds paths, no text
-            data["config"] = json.loads((run / rel).read_text())["config"]
+            data["config"] = results["config"]
         (dest / rel).write_text(json.dumps(data, indent=1) + "\n")
     shutil.copytree(run / "figures", dest / "figures")
     git = ["git", "-C", str(ROOT)]
