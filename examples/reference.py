@@ -42,6 +42,11 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:+.0f}%"
 
 
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: the head, its rule, a line per row (every README table here)."""
+    return ["| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows]]
+
+
 def readme_table(results: dict) -> str:
     """The README's table of the reference run: every arm's label, the coordinate that decided it,
     and the rate changes under every judge with the between-seed spread, from ``results.json``."""
@@ -49,7 +54,7 @@ def readme_table(results: dict) -> str:
     in_loop = set(results["analysis"]["judges"]["in_loop"])
     head = ["arm", "seeds", "outcome", "decided by"] + [
         f"toxic rate, {j}{' (in the loop)' if j in in_loop else ''}: change [95% CI] (each seed)" for j in judges]
-    rows = [head, ["---"] * len(head)]
+    rows = []
     for arm, s in results["arms"].items():
         verdict = s.get("outcome") or {}
         decided = verdict.get("decided_by") or {}
@@ -64,7 +69,7 @@ def readme_table(results: dict) -> str:
         rows.append(cells)
     base = results["base"]["toxicity"]
     a = results["analysis"]
-    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines = markdown_table(head, rows)
     lines += ["", "Base model toxic rate: " + ", ".join(f"{j} {base[j]['rate']:.3f}" for j in judges)
               + f". Plan sha256 `{a['sha256'][:16]}`; family of {a['family_size']} tests, alpha {a['alpha']}; "
               f"seed labels agreeing with the pooled label: {a['replication'].get('agree', '-')} of "
@@ -95,9 +100,7 @@ def map_table(results: dict, source: str) -> str:
     at = {(c["point"][first], c["point"].get(second) if second else None): c for c in m["cells"]}
     cols = values(second)
     head = [f"{first} \\ {second}", *map(str, cols)] if second else [first, "cell"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for v in values(first):
-        lines.append("| " + " | ".join([str(v), *[text(at.get((v, c))) for c in cols]]) + " |")
+    lines = markdown_table(head, [[str(v), *[text(at.get((v, c))) for c in cols]] for v in values(first)])
     point = {c["arm"]: c["point"] for c in m["cells"]}
 
     def boundary(b: dict) -> str:
@@ -130,7 +133,7 @@ def study_table(results: dict, source: str) -> str:
 
     head = ["ranking", f"recall@{k} [95% CI]", "filter", "removed (poisoned)", f"toxic rate, {judge}",
             "reduction vs raw DPO", "rate minus random's, Holm p", "BoolQ accuracy"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    rows = []
     for name, arm in arms.items():
         if "budget" not in arm:
             continue
@@ -138,13 +141,14 @@ def study_table(results: dict, source: str) -> str:
         recall = results["recall"].get(m)
         lo, hi = results["recall_ci"].get(m, [None, None])
         cap = arm.get("capability")
-        lines.append("| " + " | ".join([
+        rows.append([
             f"probe ({results.get('direction')})" if m == "probe" else m, "-" if recall is None else f"{recall:.3f} [{lo:.3f}, {hi:.3f}]", f"top {100 * arm['budget']:g}%",
             f"{arm['k']} ({arm.get('bad_affected', '-')})", ci(arm["rates"][judge], "rate"),
             ci(arm["reduction"][judge], "reduction", pct=True),
             "control" if vs is None else f"{ci(vs[judge], 'delta', 'delta_ci_low', 'delta_ci_high')}, "
                                          f"{vs[judge]['p_holm']:.3f}",
-            "-" if not cap else ci(cap, "accuracy")]) + " |")
+            "-" if not cap else ci(cap, "accuracy")])
+    lines = markdown_table(head, rows)
     base, raw = arms["base"]["rates"][judge], arms["raw"]["rates"][judge]
     chance = results["recall"].get("chance")
     lines += ["", f"Toxic rate under {judge}: base model {ci(base, 'rate')}, DPO on the raw set {ci(raw, 'rate')}; "
