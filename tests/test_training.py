@@ -455,3 +455,21 @@ def test_stale_jit_build_locks_are_cleared_fresh_ones_kept(tmp_path):
     os.utime(stale, (old, old))
     assert clear_stale_build_locks(str(tmp_path), max_age_s=900) == [str(stale)]
     assert not stale.exists() and fresh.exists()
+
+
+def test_a_killed_workers_scratch_folder_is_swept_a_live_or_foreign_one_kept(tmp_path):
+    import socket
+
+    from probe_dpo.training.loop import SCRATCH_PREFIX, sweep_stale_scratch
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no live process now
+    host = socket.gethostname()
+    killed, live = tmp_path / f"{SCRATCH_PREFIX}{dead.pid}@{host}@abc", tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}@{host}@def"
+    foreign = tmp_path / f"{SCRATCH_PREFIX}{dead.pid}@{host}-2@ghi"  # another host whose name starts with this one's
+    legacy = tmp_path / f"{SCRATCH_PREFIX}jkl"
+    for folder in (killed, live, foreign, legacy):
+        (folder / "checkpoint").mkdir(parents=True)
+        (folder / "checkpoint" / "model.safetensors").write_bytes(b"0" * 1024)
+    assert sweep_stale_scratch(str(tmp_path)) == [str(killed)]
+    assert not killed.exists() and live.exists() and foreign.exists() and legacy.exists()
