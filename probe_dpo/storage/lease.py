@@ -67,7 +67,8 @@ def _owner() -> dict:
             "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine has that pid (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -90,7 +91,7 @@ def _abandoned(info: dict) -> bool:
         return False
     if pid == os.getpid():
         return info.get("owner") not in _HELD
-    return not _pid_alive(pid)
+    return not pid_alive(pid)
 
 
 def _held_message(uri: str, info: dict, waited: float, detail: str = "") -> str:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from probe_dpo.storage.lease import pid_alive
 from probe_dpo.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -130,21 +131,11 @@ def sweep_stale_scratch(root: str | None = None) -> list[str]:
     removed = []
     for folder in Path(root or tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*@{socket.gethostname()}@*"):
         pid = folder.name[len(SCRATCH_PREFIX):].split("@", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or pid_alive(int(pid)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(str(folder))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def train_worker(job: TrainJob) -> None:
