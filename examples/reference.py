@@ -219,6 +219,8 @@ def without_texts(value: Any) -> Any:
     if isinstance(value, list):
         return [without_texts(v) for v in value]
     return value
+
+
 PATH_KEYS = ("testbed", "probes", "out", "model", "pairs", "poison_labels", "behaviour_data")
 """The attribution study's keys a command line gives (where things are), not what the study does."""
 
@@ -256,7 +258,8 @@ def bundle_study(run: Path, dest: Path, declared: str) -> dict:
     dest.mkdir(parents=True)
     for rel in STUDY_FILES:  # directions.json: each direction's provenance (the bank's scenarios), no tensor
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        data = without_texts(json.loads((run / rel).read_text()))
+        parsed = results if rel == "results.json" else json.loads((run / rel).read_text())
+        data = without_texts(parsed)
         if rel == "results.json":  # its config holds paths, no text
             data["config"] = results["config"]
         (dest / rel).write_text(json.dumps(data, indent=1) + "\n")
